@@ -1,0 +1,40 @@
+"""`hes`: the head-end's command-line interface."""
+
+from __future__ import annotations
+
+import typer
+
+from cli.common import setup_logging
+from cli.hes_demo import register as register_demo
+from cli.hes_link import register_link_commands
+from cli.hes_token import token_app
+
+app = typer.Typer(
+    name="hes",
+    help="Head-end system for prepaid smart meters.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More logging (-vv: debug)."
+    ),
+) -> None:
+    setup_logging(verbose)
+
+
+# sub-apps
+app.add_typer(token_app, name="token")
+register_link_commands(app)
+register_demo(app)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

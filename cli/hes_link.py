@@ -1,0 +1,153 @@
+"""`hes read`, `hes disconnect`, `hes reconnect`, `hes credit`: one meter, given an endpoint.
+
+An endpoint is ``tcp://host:port/unit`` or ``rtu:///dev/ttyUSB0?baud=9600&unit=3`` (see
+:mod:`headend.links.endpoint`). A command is sent with the sequence number after the meter's
+last one and the confirmed result is printed; a refused command exits with status 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.table import Table
+
+from cli.common import console, fail, handle_errors, print_json
+from headend.links.base import MeterLink, send_command
+from headend.links.endpoint import LinkOptions, open_link
+from headend.links.modbus import ModbusLink
+from meter_sim.describe import snapshot_rows
+from protocols.commands import Command, CommandResult
+from protocols.errors import ConfigError
+
+T = TypeVar("T")
+
+EndpointArg = Annotated[
+    str,
+    typer.Argument(
+        help="tcp://host:port/unit or rtu:///dev/ttyUSB0?baud=9600&unit=3", show_default=False
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+TimeoutOpt = Annotated[
+    float, typer.Option("--timeout", min=0.01, help="Seconds to wait for each answer.")
+]
+KeyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        help="The meter's command key in hex (omit for a meter configured without one).",
+        show_default=False,
+    ),
+]
+
+
+async def _with_link(endpoint: str, timeout: float, work: Callable[[MeterLink], Awaitable[T]]) -> T:
+    link = await open_link(endpoint, LinkOptions(timeout=timeout))
+    try:
+        return await work(link)
+    finally:
+        await link.close()
+
+
+def _key_bytes(key: str | None) -> bytes | None:
+    if key is None:
+        return None
+    try:
+        return bytes.fromhex(key)
+    except ValueError as exc:
+        raise ConfigError(f"--key is hex, got {key!r}") from exc
+
+
+def read(endpoint: EndpointArg, as_json: JsonOpt = False, timeout: TimeoutOpt = 2.0) -> None:
+    """Read one meter's standard registers."""
+
+    async def work(link: MeterLink) -> tuple[Any, int]:
+        snapshot = await link.read_snapshot()
+        exponent = 2
+        if isinstance(link, ModbusLink):
+            exponent = -int((await link.read_settings())["currency_scale"])
+        return snapshot, exponent
+
+    snapshot, exponent = asyncio.run(_with_link(endpoint, timeout, work))
+    if as_json:
+        print_json(snapshot)
+        return
+    table = Table(title=f"{snapshot.meter_id} at {endpoint}", show_header=False)
+    table.add_column("reading")
+    table.add_column("value", justify="right")
+    for label, value in snapshot_rows(snapshot, exponent):
+        table.add_row(label, value)
+    console.print(table)
+
+
+def _command(
+    endpoint: str, command: Command, key: str | None, as_json: bool, timeout: float
+) -> None:
+    secret = _key_bytes(key)
+
+    async def work(link: MeterLink) -> tuple[str, CommandResult]:
+        result = await send_command(link, command, secret, timeout=max(timeout * 4, 5.0))
+        return link.meter_id, result
+
+    meter_id, result = asyncio.run(_with_link(endpoint, timeout, work))
+    if as_json:
+        print_json({"meter_id": meter_id, "command": command.code.name.lower(), "result": result})
+    else:
+        table = Table(title=f"{command.code.name.lower()} on {meter_id}", show_header=False)
+        table.add_column("field")
+        table.add_column("value")
+        table.add_row("sequence", str(result.sequence))
+        table.add_row("result", f"{result.code.name.lower()} ({int(result.code)})")
+        table.add_row("last transfer", str(result.last_transfer))
+        console.print(table)
+    if not result.accepted:
+        raise fail(
+            f"meter {meter_id} refused {command.code.name.lower()}: {result.code.name.lower()}"
+        )
+
+
+def disconnect(
+    endpoint: EndpointArg,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 2.0,
+) -> None:
+    """Open the meter's relay (remote disconnect) and print the confirmed result."""
+    _command(endpoint, Command.remote_disconnect(), key, as_json, timeout)
+
+
+def reconnect(
+    endpoint: EndpointArg,
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 2.0,
+) -> None:
+    """Reconnect the meter's relay remotely (or make it ready for the customer's button, as the
+    control mode says) and print the confirmed result."""
+    _command(endpoint, Command.remote_reconnect(), key, as_json, timeout)
+
+
+def credit(
+    endpoint: EndpointArg,
+    transfer: Annotated[
+        int, typer.Option("--transfer", min=1, help="Transfer number, one more than the last.")
+    ],
+    amount: Annotated[
+        int,
+        typer.Option("--amount", min=1, help="Credit in the account's unit (minor units or Wh)."),
+    ],
+    key: KeyOpt = None,
+    as_json: JsonOpt = False,
+    timeout: TimeoutOpt = 2.0,
+) -> None:
+    """Transfer credit to the meter (applied once per transfer number) and print the result."""
+    _command(endpoint, Command.credit_transfer(transfer, amount), key, as_json, timeout)
+
+
+def register_link_commands(app: typer.Typer) -> None:
+    """Add `read`, `disconnect`, `reconnect` and `credit` to the `hes` app."""
+    for func in (read, disconnect, reconnect, credit):
+        app.command(func.__name__)(handle_errors(func))

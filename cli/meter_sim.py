@@ -1,0 +1,473 @@
+"""`meter-sim`: the prepaid meter simulator's command-line interface."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+import typer
+from rich.table import Table
+
+from cli.common import (
+    console,
+    fail,
+    handle_errors,
+    jsonable,
+    parse_duration,
+    print_json,
+    setup_logging,
+)
+from meter_sim.clock import AcceleratedClock, ManualClock
+from meter_sim.config import (
+    FleetConfig,
+    MeterConfig,
+    default_fleet,
+    fleet_from_mapping,
+    load_fleet,
+)
+from meter_sim.console import serve_console
+from meter_sim.describe import (
+    conservation,
+    event_dict,
+    event_text,
+    iso_time,
+    snapshot_rows,
+    status_names,
+)
+from meter_sim.fleet import Fleet, resume_time
+from meter_sim.lock import StateDirLock
+from meter_sim.runtime import MeterRuntime
+from meter_sim.serve import Endpoints, SerialLine, ServeOptions, serve_fleet
+from meter_sim.simulate import run_batch
+from protocols import registermap
+from protocols.errors import ConfigError
+from protocols.mqtt import DEFAULT_PREFIX, BrokerSettings
+
+app = typer.Typer(
+    name="meter-sim",
+    help="Simulated prepaid electricity meters.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+DEFAULT_CONFIG = Path("meter-sim.toml")
+ConfigOption = typer.Option(
+    DEFAULT_CONFIG,
+    "--config",
+    "-c",
+    help="Fleet file (TOML). Without one, three meters with every default.",
+)
+StateDirOption = typer.Option(
+    None, "--state-dir", help="Where meters keep their state (default: simulation.state_dir)."
+)
+JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
+
+
+@app.callback()
+def _root(
+    verbose: int = typer.Option(
+        0, "--verbose", "-v", count=True, help="More logging (-vv: debug)."
+    ),
+) -> None:
+    setup_logging(verbose)
+
+
+def _fleet_config(path: Path) -> FleetConfig:
+    if path == DEFAULT_CONFIG and not path.exists():
+        return default_fleet()
+    return load_fleet(path)
+
+
+def _state_dir(config: FleetConfig, state_dir: Path | None) -> Path:
+    return state_dir if state_dir is not None else Path(config.simulation.state_dir)
+
+
+def _meter(config: FleetConfig, meter_id: str | None) -> MeterConfig:
+    if meter_id is None:
+        if not config.meters:
+            raise ConfigError("the fleet file has no meters")
+        return config.meters[0]
+    for meter in config.meters:
+        if meter.meter_id == meter_id:
+            return meter
+    raise ConfigError(f"no meter {meter_id!r} in the fleet file")
+
+
+# -- init -----------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def init(
+    path: Path = typer.Argument(DEFAULT_CONFIG, help="Where to write the fleet file."),
+    count: int = typer.Option(3, "--count", "-n", min=1, max=100_000, help="How many meters."),
+    credit_unit: str = typer.Option("money", help="money (minor currency units) or energy (Wh)."),
+    currency: str = typer.Option("KES", help="ISO 4217 currency of monetary accounts."),
+    initial_credit: int = typer.Option(20_000, min=0, help="Credit each meter starts with."),
+    speed: float = typer.Option(60.0, help="Simulated seconds per real second."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
+) -> None:
+    """Write a fleet file with sensible defaults (every key documented in docs/configuration.md)."""
+    if path.exists() and not force:
+        raise fail(f"{path} exists (use --force to overwrite)")
+    document: dict[str, Any] = {
+        "simulation": {"speed": speed, "state_dir": "var/meters", "tick_seconds": 1.0},
+        "defaults": {
+            "credit_unit": credit_unit,
+            "currency": currency,
+            "initial_credit": initial_credit,
+            "load": {"model": "residential", "mean_watts": 450},
+        },
+        "meters": [{"id_prefix": "MTR-", "count": count, "modbus_unit": 1}],
+    }
+    fleet_from_mapping(document)  # refuse to write what could not be read back
+    path.write_text(tomli_w.dumps(document))
+    console.print(f"wrote {path}: {count} meter(s)")
+
+
+# -- run ------------------------------------------------------------------------------------------
+
+
+@app.command()
+@handle_errors
+def run(
+    config_path: Path = ConfigOption,
+    duration: str | None = typer.Option(
+        None, "--for", help="Stop after this much simulated time (e.g. 30d, 12h)."
+    ),
+    speed: float | None = typer.Option(None, help="Simulated seconds per real second."),
+    batch: bool = typer.Option(
+        False, "--batch", help="Run --for as fast as possible instead of at --speed."
+    ),
+    state_dir: Path | None = StateDirOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Run the fleet under the accelerated clock; print every meter at the end."""
+    config = _fleet_config(config_path)
+    directory = _state_dir(config, state_dir)
+    seconds = parse_duration(duration) if duration is not None else None
+    if batch and seconds is None:
+        raise fail("--batch needs --for")
+    with StateDirLock(directory):
+        start = resume_time(config, directory)
+        if batch:
+            assert seconds is not None
+            clock = ManualClock(start)
+            fleet = Fleet.from_config(config, clock, directory)
+            run_batch(fleet, clock, seconds)
+        else:
+            sim_speed = config.simulation.speed if speed is None else speed
+            accelerated = AcceleratedClock(sim_speed, start)
+            fleet = Fleet.from_config(config, accelerated, directory)
+            asyncio.run(_run_realtime(fleet, None if seconds is None else seconds / sim_speed))
+    _print_fleet(fleet, as_json)
+
+
+async def _run_realtime(fleet: Fleet, real_seconds: float | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if real_seconds is not None:
+        loop.call_later(real_seconds, stop.set)
+    try:
+        await fleet.run(stop)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def _print_fleet(fleet: Fleet, as_json: bool) -> None:
+    snapshots = [runtime.meter.snapshot() for runtime in fleet.runtimes.values()]
+    if as_json:
+        print_json([_snapshot_json(s) for s in snapshots])
+        return
+    table = Table(title=f"{len(snapshots)} meter(s)")
+    for column in ("meter", "energy kWh", "power W", "credit", "debt", "relay", "status"):
+        table.add_column(column)
+    for snap in snapshots:
+        rows = dict(snapshot_rows(snap))
+        table.add_row(
+            snap.meter_id,
+            rows["energy import"].removesuffix(" kWh"),
+            str(snap.power_w),
+            rows["credit"],
+            rows["debt"],
+            rows["relay"],
+            rows["status"],
+        )
+    console.print(table)
+
+
+def _snapshot_json(snapshot: Any) -> dict[str, Any]:
+    data: dict[str, Any] = jsonable(snapshot)
+    data["control_state"] = snapshot.control_state.name.lower()
+    data["status"] = status_names(snapshot.status)
+    return data
+
+
+# -- inspecting and operating a stopped meter -----------------------------------------------
+
+
+def _open_stopped(config_path: Path, meter_id: str | None, state_dir: Path | None) -> MeterRuntime:
+    config = _fleet_config(config_path)
+    return MeterRuntime.open_stopped(_meter(config, meter_id), _state_dir(config, state_dir))
+
+
+@contextlib.contextmanager
+def _locked(config_path: Path, state_dir: Path | None) -> Any:
+    config = _fleet_config(config_path)
+    with StateDirLock(_state_dir(config, state_dir)):
+        yield
+
+
+@app.command()
+@handle_errors
+def show(
+    meter_ids: list[str] = typer.Argument(None, help="Meters to show (default: all)."),
+    config_path: Path = ConfigOption,
+    state_dir: Path | None = StateDirOption,
+    events: int = typer.Option(5, help="How many recent events to list per meter."),
+    as_json: bool = JsonOption,
+) -> None:
+    """Registers, credit, relay state and recent events of stopped meters, as last saved."""
+    config = _fleet_config(config_path)
+    ids = meter_ids or [m.meter_id for m in config.meters]
+    directory = _state_dir(config, state_dir)
+    runtimes = [MeterRuntime.open_stopped(_meter(config, i), directory) for i in ids]
+    if as_json:
+        out = []
+        for runtime in runtimes:
+            data = _snapshot_json(runtime.meter.snapshot())
+            data["events"] = [event_dict(e) for e in runtime.meter.events_since(0, 10**9)[-events:]]
+            expected, net = conservation(runtime.meter)
+            data["conservation_ok"] = expected == net
+            out.append(data)
+        print_json(out)
+        return
+    for runtime in runtimes:
+        snap = runtime.meter.snapshot()
+        table = Table(title=f"meter {snap.meter_id}", show_header=False)
+        table.add_column("what")
+        table.add_column("value")
+        for label, value in snapshot_rows(snap, runtime.config.currency_exponent):
+            table.add_row(label, value)
+        console.print(table)
+        recent = runtime.meter.events_since(0, 10**9)[-events:]
+        if recent:
+            _print_events(recent)
+
+
+def _print_events(events: list[Any]) -> None:
+    table = Table()
+    for column in ("seq", "time", "event", "detail"):
+        table.add_column(column)
+    for event in events:
+        data = event_dict(event)
+        table.add_row(str(event.seq), iso_time(event.time), data["code"], event_text(event))
+    console.print(table)
+
+
+@app.command("events")
+@handle_errors
+def events_cmd(
+    meter_id: str = typer.Argument(..., help="The meter."),
+    since: int = typer.Option(0, help="Events after this sequence number."),
+    limit: int = typer.Option(100, min=1, help="At most this many."),
+    config_path: Path = ConfigOption,
+    state_dir: Path | None = StateDirOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """A stopped meter's event log."""
+    runtime = _open_stopped(config_path, meter_id, state_dir)
+    events = runtime.meter.events_since(since, limit)
+    if as_json:
+        print_json([event_dict(e) for e in events])
+    else:
+        _print_events(events)
+
+
+@app.command()
+@handle_errors
+def token(
+    entry: str = typer.Argument(..., help="The 20-digit token, as typed on the keypad."),
+    meter_id: str | None = typer.Option(None, "--meter", "-m", help="Default: the first meter."),
+    config_path: Path = ConfigOption,
+    state_dir: Path | None = StateDirOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Type an STS token on a stopped meter's keypad."""
+    with _locked(config_path, state_dir):
+        runtime = _open_stopped(config_path, meter_id, state_dir)
+        outcome = runtime.enter_token(entry.replace(" ", "").replace("-", ""))
+    if as_json:
+        print_json(
+            {
+                "result": outcome.result.name.lower(),
+                "status": outcome.status.name.lower(),
+                "reason": outcome.reason,
+                "detail": outcome.detail,
+            }
+        )
+    else:
+        console.print(
+            f"{runtime.meter_id}: {outcome.status.name.lower()} ({outcome.result.name.lower()})"
+            + (f": {outcome.detail}" if outcome.detail else "")
+        )
+    if not outcome.result.accepted:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handle_errors
+def button(
+    meter_id: str | None = typer.Option(None, "--meter", "-m", help="Default: the first meter."),
+    config_path: Path = ConfigOption,
+    state_dir: Path | None = StateDirOption,
+) -> None:
+    """Press a stopped meter's button (reconnect from ready-for-reconnection)."""
+    with _locked(config_path, state_dir):
+        runtime = _open_stopped(config_path, meter_id, state_dir)
+        result = runtime.press_button()
+    console.print(f"{runtime.meter_id}: {result.name.lower()}")
+    if not result.accepted:
+        raise typer.Exit(1)
+
+
+@app.command("console")
+@handle_errors
+def console_cmd(
+    meter_id: str | None = typer.Argument(None, help="Default: the first meter."),
+    config_path: Path = ConfigOption,
+    state_dir: Path | None = StateDirOption,
+    speed: float | None = typer.Option(None, help="Clock speed (default: simulation.speed)."),
+) -> None:
+    """A meter's service console on stdin/stdout: one command per line, one JSON answer per line
+    (topup TRANSFER AMOUNT | token DIGITS | button | tamper | show | events [SINCE] | quit)."""
+    config = _fleet_config(config_path)
+    directory = _state_dir(config, state_dir)
+    meter = _meter(config, meter_id)
+    with StateDirLock(directory):
+        clock = AcceleratedClock(
+            config.simulation.speed if speed is None else speed, resume_time(config, directory)
+        )
+        runtime = MeterRuntime.open(meter, clock, directory, config.simulation.step_seconds)
+        sys.stdout.write('{"ready": true}\n')
+        sys.stdout.flush()
+        serve_console(runtime, sys.stdin, sys.stdout)
+        runtime.save()
+
+
+@app.command()
+@handle_errors
+def serve(
+    config_path: Path = ConfigOption,
+    state_dir: Path | None = StateDirOption,
+    speed: float | None = typer.Option(None, help="Simulated seconds per real second."),
+    modbus_host: str = typer.Option("127.0.0.1", help="Address the Modbus TCP listeners bind."),
+    modbus_port: int = typer.Option(
+        5020, help="Modbus TCP port for every meter by unit id (0: a free port)."
+    ),
+    no_modbus_tcp: bool = typer.Option(False, "--no-modbus-tcp", help="No shared TCP listener."),
+    port_per_meter: int | None = typer.Option(
+        None, help="Also one listener per meter from this port (0: free ports), for > 247 meters."
+    ),
+    serial: list[str] = typer.Option(
+        [], "--serial", help="Modbus RTU on this serial device or pyserial URL (repeatable)."
+    ),
+    baud: int = typer.Option(9600, help="Serial baud rate."),
+    parity: str = typer.Option("N", help="Serial parity: N, E or O."),
+    stopbits: int = typer.Option(1, help="Serial stop bits: 1 or 2."),
+    pace: bool = typer.Option(False, "--pace", help="Answer at the pace of a real serial line."),
+    mqtt: str | None = typer.Option(
+        None,
+        help="MQTT broker URL (mqtt://host:port, mqtts://...?ca=FILE); meters log in as "
+        "themselves.",
+    ),
+    mqtt_prefix: str = typer.Option(DEFAULT_PREFIX, help="MQTT topic prefix."),
+    telemetry_interval: float = typer.Option(60.0, help="Real seconds between telemetry messages."),
+    ready_json: bool = typer.Option(
+        False, "--ready-json", help="Print one JSON line with the endpoints once serving."
+    ),
+) -> None:
+    """Run the fleet and serve it over Modbus TCP, Modbus RTU and MQTT until Ctrl-C."""
+    config = _fleet_config(config_path)
+    directory = _state_dir(config, state_dir)
+    options = ServeOptions(
+        modbus_host=modbus_host,
+        modbus_port=None if no_modbus_tcp else modbus_port,
+        port_per_meter=port_per_meter,
+        serial=tuple(SerialLine(url, baud, parity, stopbits, pace) for url in serial),
+        broker=BrokerSettings.parse_url(mqtt) if mqtt else None,
+        mqtt_prefix=mqtt_prefix,
+        telemetry_interval=telemetry_interval,
+    )
+
+    def ready(endpoints: Endpoints) -> None:
+        if ready_json:
+            sys.stdout.write(json.dumps(endpoints.as_dict()) + "\n")
+            sys.stdout.flush()
+            return
+        where = [f"Modbus TCP {endpoints.modbus_tcp}"] if endpoints.modbus_tcp else []
+        where += [f"Modbus RTU {url}" for url in endpoints.serial]
+        if endpoints.modbus_ports:
+            where.append(f"{len(endpoints.modbus_ports)} per-meter Modbus ports")
+        if endpoints.mqtt:
+            where.append(f"MQTT {endpoints.mqtt}")
+        console.print(
+            f"serving {len(endpoints.meters)} meter(s): {'; '.join(where)} (Ctrl-C stops)"
+        )
+
+    with StateDirLock(directory):
+        sim_speed = config.simulation.speed if speed is None else speed
+        fleet = Fleet.from_config(
+            config, AcceleratedClock(sim_speed, resume_time(config, directory)), directory
+        )
+        asyncio.run(_serve(fleet, options, ready))
+
+
+async def _serve(fleet: Fleet, options: ServeOptions, ready: Callable[[Endpoints], None]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await serve_fleet(fleet, options, stop, ready)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+@app.command("register-map")
+def register_map(as_json: bool = JsonOption) -> None:
+    """The Modbus register map: every value's table, address, type, scaler, unit and OBIS code
+    (the same table docs/register-map.md is generated from)."""
+    rows = registermap.table_as_json()
+    if as_json:
+        print_json(rows)
+        return
+    table = Table(title="Modbus register map (docs/register-map.md)")
+    columns = ["name", "table", "address", "registers", "type", "scaler", "unit", "access", "obis"]
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[column]) if row[column] is not None else "" for column in columns))
+    console.print(table)
+
+
+# sub-apps
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

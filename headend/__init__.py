@@ -1,0 +1,1 @@
+"""The head-end system: registry, polls, readings, payments, credit delivery, policies."""

@@ -1,0 +1,337 @@
+"""The MQTT ingest: every meter's telemetry, events and state into the head-end's sink.
+
+One persistent MQTT session (optionally a shared subscription ``$share/<group>/…``, so several
+workers split the load) receives the meters' messages. Each is checked (topic, schema version,
+payload schema, meter id in the payload = meter id in the topic), de-duplicated by its schema
+key (telemetry ``(meter, boot, n)``, events ``(meter, seq)``) and handed to an
+:class:`IngestSink`; only then is it acknowledged to the broker, so a message is never lost
+between the broker and the sink, and the broker's in-flight window paces a slow sink.
+
+A message that cannot be accepted is counted, logged and republished unchanged to
+``<prefix>/v1/deadletter`` with the reason in a user property; a sink that keeps failing on a
+message sends it there too after a few tries. Nothing a meter sends crashes the ingest.
+
+De-duplication state is in memory: after a restart of the ingest, a message the broker
+re-delivers may reach the sink a second time, so a storage sink enforces the same keys as
+unique (the in-memory sink here counts such repeats).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol, TypeVar
+
+from headend.links.mqtt import Incoming, MqttConnection, publish_properties
+from protocols.errors import DecodeError, LinkError
+from protocols.mqtt import (
+    SCHEMA_PROPERTY,
+    SCHEMA_PROPERTY_VALUE,
+    BrokerSettings,
+    EventMessage,
+    StateMessage,
+    Telemetry,
+    TopicKind,
+    TopicScheme,
+    decode_event,
+    decode_state,
+    decode_telemetry,
+)
+from protocols.readings import MeterSnapshot
+
+log = logging.getLogger(__name__)
+P = TypeVar("P")
+
+INGEST_KINDS = (TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.STATE)
+_BOOTS_REMEMBERED = 4
+_LOGGED_MALFORMED = 20
+
+
+class IngestSink(Protocol):
+    """Where the ingest hands accepted messages. Raise to refuse one (it is retried)."""
+
+    async def telemetry(self, message: Telemetry) -> None: ...
+
+    async def event(self, message: EventMessage) -> None: ...
+
+    async def state(self, message: StateMessage) -> None: ...
+
+
+class MemorySink:
+    """An in-memory :class:`IngestSink` (until the storage sink exists, and for tests).
+
+    Keeps every message in arrival order, the latest snapshot and state per meter, and counts
+    messages whose de-duplication key it had seen already.
+    """
+
+    def __init__(self) -> None:
+        self.telemetry_messages: list[Telemetry] = []
+        self.event_messages: list[EventMessage] = []
+        self.state_messages: list[StateMessage] = []
+        self.latest: dict[str, MeterSnapshot] = {}
+        self.online: dict[str, bool] = {}
+        self.repeats = 0
+        self._keys: set[tuple[str, int] | tuple[str, int, int]] = set()
+        self._changed = asyncio.Event()
+
+    def _remember(self, key: tuple[str, int] | tuple[str, int, int]) -> None:
+        if key in self._keys:
+            self.repeats += 1
+        self._keys.add(key)
+        self._changed.set()
+
+    async def telemetry(self, message: Telemetry) -> None:
+        self.telemetry_messages.append(message)
+        self.latest[message.meter_id] = message.snapshot()
+        self._remember(message.key)
+
+    async def event(self, message: EventMessage) -> None:
+        self.event_messages.append(message)
+        self._remember(message.key)
+
+    async def state(self, message: StateMessage) -> None:
+        self.state_messages.append(message)
+        self.online[message.meter_id] = message.online
+        self._changed.set()
+
+    async def wait_until(self, predicate: Callable[[MemorySink], bool], timeout: float) -> None:
+        """Return once ``predicate(self)`` holds; TimeoutError after ``timeout`` seconds."""
+        async with asyncio.timeout(timeout):
+            while not predicate(self):
+                self._changed.clear()
+                await self._changed.wait()
+
+
+@dataclass(slots=True)
+class IngestStats:
+    received: int = 0
+    telemetry: int = 0
+    events: int = 0
+    states: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    dead_lettered: int = 0
+    sink_failures: int = 0  # sink calls that raised
+    undeliverable: int = 0  # messages dead-lettered because the sink kept failing
+
+    @property
+    def handled(self) -> int:
+        """Messages finished with: handed to the sink, dropped as duplicates or dead-lettered."""
+        return (
+            self.telemetry
+            + self.events
+            + self.states
+            + self.duplicates
+            + self.malformed
+            + self.undeliverable
+        )
+
+
+class Ingest:
+    """Subscribe to the meters' ``kinds`` and feed ``sink``; use ``async with`` or start/close.
+
+    ``group`` makes the subscriptions shared (``$share/<group>/…``); give each worker of a
+    group its own ``client_id``. (MQTT 5 sends no retained messages to a shared subscription:
+    a worker of a group learns a meter's state from its next state message.) The session is
+    persistent (``session_expiry`` seconds), so messages published while the ingest is away
+    wait for it on the broker.
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        sink: IngestSink,
+        topics: TopicScheme | None = None,
+        *,
+        group: str | None = None,
+        client_id: str = "hes-ingest",
+        session_expiry: int = 3600,
+        receive_maximum: int = 1000,
+        kinds: Iterable[TopicKind] = INGEST_KINDS,
+        sink_retries: int = 3,
+    ) -> None:
+        self.topics = topics or TopicScheme()
+        self.sink = sink
+        self.sink_retries = sink_retries
+        self.stats = IngestStats()
+        self.connection = MqttConnection(
+            settings,
+            client_id=client_id,
+            subscriptions=[self.topics.shared(kind, group) for kind in kinds],
+            on_message=self._on_message,
+            clean_start="never",
+            session_expiry=session_expiry,
+            receive_maximum=receive_maximum,
+            manual_ack=True,
+        )
+        self._inbox: collections.deque[Incoming] = collections.deque()
+        self._wake = asyncio.Event()
+        self._consumer: asyncio.Task[None] | None = None
+        self._telemetry_seen: dict[str, dict[int, int]] = {}
+        self._event_seen: dict[str, int] = {}
+
+    async def start(self) -> None:
+        self._consumer = asyncio.get_running_loop().create_task(self._consume(), name="mqtt ingest")
+        try:
+            await self.connection.start()
+        except BaseException:
+            await self.close()
+            raise
+
+    async def close(self) -> None:
+        await self.connection.close()
+        if self._consumer is not None:
+            self._consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer
+            self._consumer = None
+
+    async def __aenter__(self) -> Ingest:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def backlog(self) -> int:
+        """Messages received and not yet handled."""
+        return len(self._inbox)
+
+    # -- the pipeline -----------------------------------------------------------------------------
+
+    def _on_message(self, message: Incoming) -> None:
+        self._inbox.append(message)
+        if not self._wake.is_set():
+            self._wake.set()
+
+    async def _consume(self) -> None:
+        inbox = self._inbox
+        while True:
+            if not inbox:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            message = inbox.popleft()
+            try:
+                await self._handle(message)
+            except Exception:  # the ingest never dies of one message
+                log.exception("ingest: unexpected failure on %s", message.topic)
+                self._dead_letter(message, "internal error")
+            self.connection.ack(message)
+
+    async def _handle(self, message: Incoming) -> None:
+        self.stats.received += 1
+        try:
+            meter_id, kind = self.topics.parse(message.topic)
+            for schema in message.user_properties(SCHEMA_PROPERTY):
+                if schema != SCHEMA_PROPERTY_VALUE:
+                    raise DecodeError(
+                        f"schema {schema!r}; this ingest reads {SCHEMA_PROPERTY_VALUE}"
+                    )
+            if kind is TopicKind.TELEMETRY:
+                await self._telemetry(meter_id, decode_telemetry(message.payload), message)
+            elif kind is TopicKind.EVENTS:
+                await self._event(meter_id, decode_event(message.payload), message)
+            elif kind is TopicKind.STATE:
+                await self._state(meter_id, decode_state(message.payload), message)
+            else:
+                raise DecodeError(f"the ingest does not take {kind.value} messages")
+        except DecodeError as exc:
+            self.stats.malformed += 1
+            if self.stats.malformed <= _LOGGED_MALFORMED or self.stats.malformed % 1000 == 0:
+                log.warning(
+                    "ingest: malformed message #%d on %s: %s",
+                    self.stats.malformed,
+                    message.topic,
+                    exc,
+                )
+            self._dead_letter(message, str(exc))
+
+    @staticmethod
+    def _check_owner(meter_id: str, payload_meter_id: str) -> None:
+        if payload_meter_id != meter_id:
+            raise DecodeError(f"payload of meter {payload_meter_id!r} on {meter_id!r}'s topic")
+
+    async def _telemetry(self, meter_id: str, payload: Telemetry, message: Incoming) -> None:
+        self._check_owner(meter_id, payload.meter_id)
+        boots = self._telemetry_seen.setdefault(meter_id, {})
+        if payload.n <= boots.get(payload.boot, 0):
+            self.stats.duplicates += 1
+            return
+        if await self._deliver(self.sink.telemetry, payload, message):
+            self.stats.telemetry += 1
+        boots[payload.boot] = payload.n
+        if len(boots) > _BOOTS_REMEMBERED:
+            del boots[next(iter(boots))]
+
+    async def _event(self, meter_id: str, payload: EventMessage, message: Incoming) -> None:
+        self._check_owner(meter_id, payload.meter_id)
+        if payload.event.seq <= self._event_seen.get(meter_id, 0):
+            self.stats.duplicates += 1
+            return
+        if await self._deliver(self.sink.event, payload, message):
+            self.stats.events += 1
+        self._event_seen[meter_id] = payload.event.seq
+
+    async def _state(self, meter_id: str, payload: StateMessage, message: Incoming) -> None:
+        self._check_owner(meter_id, payload.meter_id)
+        if await self._deliver(self.sink.state, payload, message):
+            self.stats.states += 1
+
+    async def _deliver(
+        self, handler: Callable[[P], Awaitable[None]], payload: P, message: Incoming
+    ) -> bool:
+        """Hand ``payload`` to the sink, retrying; after the last failure dead-letter it."""
+        for attempt in range(1, self.sink_retries + 1):
+            try:
+                await handler(payload)
+            except Exception as exc:
+                self.stats.sink_failures += 1
+                if attempt >= self.sink_retries:
+                    log.error(
+                        "ingest: the sink failed %d times on a message from %s: %s",
+                        attempt,
+                        message.topic,
+                        exc,
+                    )
+                    self.stats.undeliverable += 1
+                    self._dead_letter(message, f"sink failed: {exc}")
+                    return False
+                log.warning("ingest: the sink failed on %s (%s); retrying", message.topic, exc)
+                await asyncio.sleep(0.05 * 2**attempt)
+            else:
+                return True
+        return False
+
+    def _dead_letter(self, message: Incoming, reason: str) -> None:
+        properties = publish_properties(
+            user=[("original-topic", message.topic), ("reason", reason[:256])]
+        )
+        try:
+            published = self.connection.publish(
+                self.topics.deadletter, message.payload, qos=1, properties=properties
+            )
+        except LinkError as exc:
+            log.warning("ingest: cannot dead-letter a message from %s: %s", message.topic, exc)
+            return
+        published.add_done_callback(self._dead_lettered)
+
+    def _dead_lettered(self, published: asyncio.Future[None]) -> None:
+        if published.cancelled():
+            return
+        error = published.exception()
+        if error is None:
+            self.stats.dead_lettered += 1
+        else:
+            log.warning("ingest: the broker refused a dead letter: %s", error)

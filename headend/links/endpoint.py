@@ -1,0 +1,209 @@
+"""Endpoint strings, and opening a :class:`~headend.links.base.MeterLink` from one.
+
+* ``tcp://host:port/unit`` — Modbus TCP (port 502 and unit 1 by default);
+* ``rtu:///dev/ttyUSB0?baud=9600&unit=3&parity=N&stopbits=1&bytesize=8`` — Modbus RTU on a
+  serial device; ``rtu://socket://127.0.0.1:5020?unit=3`` or ``rtu://loop://?unit=1`` take a
+  pyserial URL instead of a device path (the part before the last ``?``);
+* every scheme also takes ``timeout`` (seconds per request) and ``retries``.
+
+A transport registers its scheme with one entry in :data:`SCHEMES`: a coroutine function that
+takes the parsed :class:`Endpoint` and the :class:`LinkOptions` and returns an open link::
+
+    SCHEMES["mqtt"] = open_mqtt_link
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import parse_qsl, urlsplit
+
+from headend.links.base import MeterLink
+from headend.links.modbus import (
+    DEFAULT_RETRIES,
+    DEFAULT_TIMEOUT,
+    LinkSettings,
+    ModbusLink,
+    ModbusRtuLink,
+    ModbusTcpLink,
+    SerialLine,
+)
+from headend.links.mqtt import open_mqtt_link
+from protocols.errors import ConfigError, HesError
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A parsed endpoint. ``device`` is the serial device or pyserial URL of an ``rtu`` endpoint;
+    ``params`` are the query parameters in order."""
+
+    text: str
+    scheme: str
+    host: str = ""
+    port: int | None = None
+    path: str = ""
+    device: str = ""
+    params: tuple[tuple[str, str], ...] = ()
+
+    def param(self, name: str) -> str | None:
+        for key, value in self.params:
+            if key == name:
+                return value
+        return None
+
+    def int_param(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        raw = self.param(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{self.text}: {name} is an integer, got {raw!r}") from exc
+        if not minimum <= value <= maximum:
+            raise ConfigError(f"{self.text}: {name} is {minimum}..{maximum}, got {value}")
+        return value
+
+    def float_param(self, name: str, default: float) -> float:
+        raw = self.param(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{self.text}: {name} is a number, got {raw!r}") from exc
+        if not value > 0:
+            raise ConfigError(f"{self.text}: {name} must be positive, got {raw!r}")
+        return value
+
+    def check_params(self, allowed: set[str]) -> None:
+        unknown = sorted({key for key, _ in self.params} - allowed - COMMON_PARAMS)
+        if unknown:
+            raise ConfigError(f"{self.text}: unknown parameter(s) {', '.join(unknown)}")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkOptions:
+    """What a caller may say about every link; an endpoint's own parameters take precedence."""
+
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    meter_id: str | None = None  # the meter expected at the endpoint
+
+    def settings_for(self, endpoint: Endpoint) -> LinkSettings:
+        return LinkSettings(
+            timeout=endpoint.float_param("timeout", self.timeout),
+            retries=endpoint.int_param("retries", self.retries, 0, 100),
+        )
+
+
+COMMON_PARAMS: Final = frozenset({"timeout", "retries"})
+LinkFactory = Callable[[Endpoint, LinkOptions], Awaitable[MeterLink]]
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """Parse ``scheme://...``; ConfigError for anything malformed."""
+    if not isinstance(text, str):
+        raise ConfigError(f"an endpoint is text, got {text!r}")
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or not scheme:
+        raise ConfigError(f"an endpoint looks like tcp://host:port/unit, got {text!r}")
+    if scheme == "rtu":
+        device, _, query = rest.rpartition("?") if "?" in rest else (rest, "", "")
+        if not device:
+            raise ConfigError(f"{text}: no serial device")
+        return Endpoint(text, scheme, device=device, params=_params(text, query))
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"{text}: {exc}") from exc
+    if not parts.hostname:
+        raise ConfigError(f"{text}: no host")
+    return Endpoint(
+        text,
+        scheme,
+        host=parts.hostname,
+        port=port,
+        path=parts.path,
+        params=_params(text, parts.query),
+    )
+
+
+def _params(text: str, query: str) -> tuple[tuple[str, str], ...]:
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    except ValueError as exc:
+        raise ConfigError(f"{text}: malformed parameters {query!r}") from exc
+    keys = [key for key, _ in pairs]
+    if len(keys) != len(set(keys)):
+        raise ConfigError(f"{text}: a parameter appears twice")
+    return tuple(pairs)
+
+
+def _tcp_unit(endpoint: Endpoint) -> int:
+    path = endpoint.path.strip("/")
+    if not path:
+        return 1
+    if not path.isdigit():
+        raise ConfigError(f"{endpoint.text}: the path is the unit id, got {endpoint.path!r}")
+    unit = int(path)
+    if not 1 <= unit <= 247:
+        raise ConfigError(f"{endpoint.text}: a unit id is 1..247, got {unit}")
+    return unit
+
+
+async def _connected(link: ModbusLink) -> ModbusLink:
+    try:
+        await link.connect()
+    except HesError:
+        await link.close()
+        raise
+    return link
+
+
+async def open_tcp(endpoint: Endpoint, options: LinkOptions) -> MeterLink:
+    endpoint.check_params(set())
+    link = ModbusTcpLink(
+        endpoint.host,
+        endpoint.port if endpoint.port is not None else 502,
+        _tcp_unit(endpoint),
+        meter_id=options.meter_id,
+        settings=options.settings_for(endpoint),
+    )
+    return await _connected(link)
+
+
+async def open_rtu(endpoint: Endpoint, options: LinkOptions) -> MeterLink:
+    endpoint.check_params({"baud", "unit", "parity", "stopbits", "bytesize"})
+    parity = (endpoint.param("parity") or "N").upper()
+    line = SerialLine.shared(
+        endpoint.device,
+        baudrate=endpoint.int_param("baud", 9600, 50, 4_000_000),
+        parity=parity,
+        stopbits=endpoint.int_param("stopbits", 1, 1, 2),
+        bytesize=endpoint.int_param("bytesize", 8, 7, 8),
+    )
+    link = ModbusRtuLink(
+        line,
+        endpoint.int_param("unit", 1, 1, 247),
+        meter_id=options.meter_id,
+        settings=options.settings_for(endpoint),
+    )
+    return await _connected(link)
+
+
+#: scheme -> opener; a transport adds its own entry
+SCHEMES: dict[str, LinkFactory] = {"tcp": open_tcp, "rtu": open_rtu}
+SCHEMES["mqtt"] = SCHEMES["mqtts"] = open_mqtt_link
+
+
+async def open_link(endpoint: str | Endpoint, options: LinkOptions | None = None) -> MeterLink:
+    """Open a link to the meter at ``endpoint`` and identify it (``link.meter_id`` is set)."""
+    parsed = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
+    opener = SCHEMES.get(parsed.scheme)
+    if opener is None:
+        known = ", ".join(sorted(SCHEMES))
+        raise ConfigError(f"{parsed.text}: unknown scheme {parsed.scheme!r} (known: {known})")
+    return await opener(parsed, options or LinkOptions())

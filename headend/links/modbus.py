@@ -1,0 +1,543 @@
+"""Modbus TCP and Modbus RTU implementations of :class:`~headend.links.base.MeterLink`.
+
+Both run on pymodbus' async clients and the register map (:mod:`protocols.registermap`):
+
+* a **channel** owns one pymodbus client (one TCP connection, or one serial port) and a lock,
+  so one request at a time goes through it; several RTU links on one multi-drop line share the
+  line's channel (:class:`SerialLine`);
+* every request has a time-out; a failed request drops the connection (a late answer can then
+  never be taken for the next one) and the next request reconnects;
+* reads are retried with exponential back-off; a command is never re-sent blindly:
+  :meth:`ModbusLink.execute` writes the command block and reads the result block in one request
+  (function 23), and after a failure first reads the result block: if the meter already has
+  this sequence number, that is the answer; only otherwise is the block sent again (and the
+  meter itself answers a repeated sequence with its stored result, executing it zero times);
+* pymodbus and pyserial exceptions become :class:`~protocols.errors.LinkTimeout`,
+  :class:`~protocols.errors.LinkClosed` or :class:`~protocols.errors.DeviceException` (with the
+  Modbus exception code); nothing foreign leaks out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Final, TypeVar
+
+import serial
+from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+
+from protocols import registermap as rm
+from protocols.commands import CommandEnvelope, CommandResult
+from protocols.errors import (
+    ConfigError,
+    DecodeError,
+    DeviceException,
+    LinkClosed,
+    LinkError,
+    LinkTimeout,
+    ValidationError,
+)
+from protocols.readings import Event, MeterSnapshot, ProfileRow
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT: Final = 2.0
+DEFAULT_RETRIES: Final = 3
+DEFAULT_BACKOFF: Final = 0.05
+MAX_BACKOFF: Final = 2.0
+_MAX_PAGES: Final = 100_000  # bound on window pages in one range read
+_FOREVER: Final = 2**64 - 2
+_IDENT = rm.BLOCKS[rm.Block.IDENTIFICATION]
+_PROFILE = rm.BLOCKS[rm.Block.PROFILE_WINDOW]
+_EVENTS = rm.BLOCKS[rm.Block.EVENT_WINDOW]
+
+
+@dataclass(frozen=True, slots=True)
+class LinkSettings:
+    """Time-outs and retries of a link.
+
+    ``timeout`` bounds one request (and the connection attempt); ``retries`` is how many more
+    times a failed request is tried, waiting ``backoff``, then twice as long each time, up to
+    :data:`MAX_BACKOFF`.
+    """
+
+    timeout: float = DEFAULT_TIMEOUT
+    retries: int = DEFAULT_RETRIES
+    backoff: float = DEFAULT_BACKOFF
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ConfigError(f"a link time-out is positive, got {self.timeout!r}")
+        if self.retries < 0 or self.backoff < 0:
+            raise ConfigError("retries and back-off are not negative")
+
+    def delay(self, attempt: int) -> float:
+        return float(min(MAX_BACKOFF, self.backoff * 2**attempt))
+
+
+ClientFactory = Callable[[float], Any]
+
+#: Modbus exception codes a meter (or the gateway in front of it) may answer
+EXCEPTION_NAMES: Final[dict[int, str]] = {
+    0x01: "illegal function",
+    0x02: "illegal data address: unmapped or read-only",
+    0x03: "illegal data value",
+    0x04: "device failure",
+    0x06: "device busy",
+    0x0A: "gateway path unavailable",
+    0x0B: "no meter answers this unit id",
+}
+
+
+class Channel:
+    """One pymodbus client (one connection or one serial port) used one request at a time."""
+
+    def __init__(self, name: str, make_client: ClientFactory) -> None:
+        self.name = name
+        self._make_client = make_client
+        self._client: Any = None
+        self.lock = asyncio.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and bool(self._client.connected)
+
+    async def request(self, timeout: float, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        """Call the pymodbus client's ``method(*args, **kwargs)`` once, connecting first if
+        need be; its exception response becomes DeviceException."""
+        async with self.lock:
+            client = self._client
+            if client is None or not client.connected:
+                client = await self._connect(timeout)
+            try:
+                response = await getattr(client, method)(*args, **kwargs)
+            except ModbusIOException as exc:
+                self._drop()
+                raise LinkTimeout(f"{self.name}: no answer within {timeout} s") from exc
+            except ConnectionException as exc:
+                self._drop()
+                raise LinkClosed(f"{self.name}: connection lost") from exc
+            except TimeoutError as exc:
+                self._drop()
+                raise LinkTimeout(f"{self.name}: no answer within {timeout} s") from exc
+            except (OSError, serial.SerialException) as exc:
+                self._drop()
+                raise LinkClosed(f"{self.name}: {exc}") from exc
+            except ModbusException as exc:
+                self._drop()
+                raise LinkError(f"{self.name}: {exc}") from exc
+        if response.isError():
+            code = int(getattr(response, "exception_code", 0))
+            meaning = EXCEPTION_NAMES.get(code, "unknown")
+            raise DeviceException(f"{self.name}: Modbus exception {code:02X} ({meaning})", code)
+        return response
+
+    async def _connect(self, timeout: float) -> Any:
+        if self.connected:
+            return self._client
+        self._drop()
+        client = self._make_client(timeout)
+        try:
+            ok = await client.connect()
+        except (OSError, serial.SerialException, ModbusException) as exc:
+            client.close()
+            raise LinkClosed(f"cannot connect to {self.name}: {exc}") from exc
+        if not ok:
+            client.close()
+            raise LinkClosed(f"cannot connect to {self.name}")
+        self._client = client
+        log.debug("connected to %s", self.name)
+        return client
+
+    def _drop(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def close(self) -> None:
+        self._drop()
+
+
+class SerialLine:
+    """One serial port (a device path or a pyserial URL) shared by the meters on its bus.
+
+    Every link to a meter on the line uses the line's one channel, so one request at a time is
+    on the wire. ``SerialLine.shared(...)`` returns the line already open for a port (with the
+    same settings) or opens it; each link releases it on close and the last one closes the port.
+    """
+
+    _open: dict[str, SerialLine] = {}
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        baudrate: int = 9600,
+        parity: str = "N",
+        stopbits: int = 1,
+        bytesize: int = 8,
+    ) -> None:
+        if parity.upper() not in ("N", "E", "O"):
+            raise ConfigError(f"parity is N, E or O, got {parity!r}")
+        if stopbits not in (1, 2) or bytesize not in (7, 8) or baudrate <= 0:
+            raise ConfigError("stop bits are 1 or 2, byte size 7 or 8, baud rate positive")
+        self.port = port
+        self.settings = (baudrate, parity.upper(), stopbits, bytesize)
+        self.users = 0
+
+        def make_client(timeout: float) -> Any:
+            return AsyncModbusSerialClient(
+                port,
+                baudrate=baudrate,
+                parity=parity.upper(),
+                stopbits=stopbits,
+                bytesize=bytesize,
+                timeout=timeout,
+                retries=0,
+                reconnect_delay=0,
+            )
+
+        self.channel = Channel(f"rtu:{port}", make_client)
+
+    @classmethod
+    def shared(
+        cls,
+        port: str,
+        *,
+        baudrate: int = 9600,
+        parity: str = "N",
+        stopbits: int = 1,
+        bytesize: int = 8,
+    ) -> SerialLine:
+        line = cls._open.get(port)
+        if line is None:
+            line = cls(port, baudrate=baudrate, parity=parity, stopbits=stopbits, bytesize=bytesize)
+            cls._open[port] = line
+        elif line.settings != (baudrate, parity.upper(), stopbits, bytesize):
+            raise ConfigError(f"{port} is already open with other settings {line.settings}")
+        return line
+
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users = max(self.users - 1, 0)
+        if self.users == 0:
+            self.channel.close()
+            if SerialLine._open.get(self.port) is self:
+                del SerialLine._open[self.port]
+
+
+class ModbusLink:
+    """A :class:`~headend.links.base.MeterLink` to one meter (one unit id) over a channel.
+
+    ``meter_id`` is read from the meter's identification block on the first request (or
+    :meth:`connect`); when the caller names the meter it expects, another meter at the endpoint
+    is an error.
+    """
+
+    def __init__(
+        self,
+        channel: Channel,
+        unit: int,
+        *,
+        meter_id: str | None = None,
+        settings: LinkSettings | None = None,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        if not 1 <= unit <= 247:
+            raise ConfigError(f"a Modbus unit id is 1..247, got {unit}")
+        self.channel = channel
+        self.unit = unit
+        self.settings = settings or LinkSettings()
+        self.meter_id = meter_id or ""
+        self._expected = meter_id
+        self.identification: rm.Identification | None = None
+        self.word_order: rm.WordOrder = "big"
+        self._on_close = on_close
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.channel.name}, unit={self.unit})"
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    async def _once(self, method: str, /, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise LinkClosed(f"{self!r} is closed")
+        return await self.channel.request(self.settings.timeout, method, *args, **kwargs)
+
+    async def _retried(
+        self, attempt_once: Callable[[], Awaitable[T]], failed: LinkError | None = None
+    ) -> T:
+        """``attempt_once()`` retried with back-off after time-outs and dropped connections
+        (``failed``: the error of a first attempt already made). A device exception (the meter
+        answered) is not retried."""
+        attempt = 0
+        error = failed
+        while True:
+            if error is not None:
+                if self._closed or attempt >= self.settings.retries:
+                    raise error
+                delay = self.settings.delay(attempt)
+                log.info("%r: %s; retrying in %.2f s", self, error, delay)
+                attempt += 1
+                await asyncio.sleep(delay)
+            try:
+                return await attempt_once()
+            except DeviceException:
+                raise
+            except LinkError as exc:
+                error = exc
+
+    async def read_registers(self, table: rm.Table, address: int, count: int) -> list[int]:
+        """``count`` registers of ``table`` from ``address`` (one request, retried)."""
+        method = "read_input_registers" if table is rm.Table.INPUT else "read_holding_registers"
+        try:  # the common case without the retry machinery: polls are the hot path
+            response = await self._once(method, address, count=count, device_id=self.unit)
+        except DeviceException:
+            raise
+        except LinkError as exc:
+            response = await self._retried(
+                partial(self._once, method, address, count=count, device_id=self.unit), exc
+            )
+        return _registers(response, count)
+
+    async def _write_read(
+        self, write_address: int, values: Sequence[int], read_address: int, read_count: int
+    ) -> list[int]:
+        """One function-23 request: write, then read (one attempt)."""
+        response = await self._once(
+            "readwrite_registers",
+            read_address=read_address,
+            read_count=read_count,
+            write_address=write_address,
+            values=list(values),
+            device_id=self.unit,
+        )
+        return _registers(response, read_count)
+
+    # -- identification ---------------------------------------------------------------------------
+
+    async def connect(self) -> rm.Identification:
+        """Read the identification block (once): the meter id and its word order."""
+        if self.identification is not None:
+            return self.identification
+        registers = await self.read_registers(rm.Table.INPUT, _IDENT.start, _IDENT.size)
+        try:
+            ident = rm.decode_identification(registers)
+        except DecodeError as exc:
+            raise LinkError(f"{self!r}: unreadable identification block: {exc}") from exc
+        if ident.map_version != rm.MAP_VERSION:
+            raise LinkError(
+                f"{self!r}: register map version {ident.map_version}, "
+                f"this head-end reads version {rm.MAP_VERSION}"
+            )
+        if self._expected and ident.meter_id != self._expected:
+            raise LinkError(f"{self!r}: expected meter {self._expected}, found {ident.meter_id}")
+        self.identification = ident
+        self.meter_id = ident.meter_id
+        self.word_order = ident.word_order
+        return ident
+
+    # -- MeterLink --------------------------------------------------------------------------------
+
+    async def read_snapshot(self) -> MeterSnapshot:
+        if self.identification is None:
+            await self.connect()
+        registers = await self.read_registers(rm.Table.INPUT, rm.SNAPSHOT_START, rm.SNAPSHOT_SIZE)
+        try:
+            return rm.decode_snapshot(registers, self.meter_id, self.word_order)
+        except DecodeError as exc:
+            raise LinkError(f"{self!r}: unreadable snapshot: {exc}") from exc
+
+    async def read_profile(self, start: int, end: int) -> list[ProfileRow]:
+        """Rows with ``start <= time <= end``, page by page through the profile window."""
+        await self.connect()
+        if start > end:
+            return []
+        order = self.word_order
+        rows: list[ProfileRow] = []
+        position = max(start, 0)
+        for _ in range(_MAX_PAGES):
+            values = rm.encode_value(rm.ROW["profile_start"], min(position, _FOREVER), order)
+            registers = await self._retried(
+                partial(self._write_read, _PROFILE.start, values, _PROFILE.start, _PROFILE.size)
+            )
+            try:
+                shown, page = rm.decode_profile_window(registers, order)
+            except DecodeError as exc:
+                raise LinkError(f"{self!r}: unreadable profile window: {exc}") from exc
+            if shown != min(position, _FOREVER):
+                raise LinkError(f"{self!r}: the profile window moved (another master?)")
+            rows += [row for row in page if row.time <= end]
+            if len(page) < rm.PROFILE_WINDOW_ROWS or page[-1].time >= end:
+                return rows
+            position = page[-1].time + 1
+        raise LinkError(f"{self!r}: more than {_MAX_PAGES} profile pages")
+
+    async def read_events(self, since_seq: int, limit: int = 100) -> list[Event]:
+        """Events with ``seq > since_seq``, oldest first, at most ``limit``."""
+        await self.connect()
+        order = self.word_order
+        events: list[Event] = []
+        position = max(since_seq, 0)
+        for _ in range(_MAX_PAGES):
+            if len(events) >= limit:
+                break
+            values = rm.encode_value(rm.ROW["event_since"], position, order)
+            registers = await self._retried(
+                partial(self._write_read, _EVENTS.start, values, _EVENTS.start, _EVENTS.size)
+            )
+            try:
+                shown, page = rm.decode_event_window(registers, order)
+            except DecodeError as exc:
+                raise LinkError(f"{self!r}: unreadable event window: {exc}") from exc
+            if shown != position:
+                raise LinkError(f"{self!r}: the event window moved (another master?)")
+            events += page
+            if len(page) < rm.EVENT_WINDOW_ROWS:
+                break
+            position = page[-1].seq
+        return events[:limit]
+
+    async def read_settings(self) -> dict[str, Any]:
+        """The settings block by row name (currency scale, limits, prices, ...)."""
+        await self.connect()
+        spec = rm.BLOCKS[rm.Block.SETTINGS]
+        registers = await self.read_registers(rm.Table.HOLDING, spec.start, spec.size)
+        try:
+            return rm.decode_block(rm.Block.SETTINGS, registers, self.word_order)
+        except DecodeError as exc:
+            raise LinkError(f"{self!r}: unreadable settings block: {exc}") from exc
+
+    async def read_result(self) -> CommandResult:
+        """The result block: the meter's last command sequence and its result."""
+        await self.connect()
+        registers = await self.read_registers(rm.Table.HOLDING, rm.RESULT_START, rm.RESULT_SIZE)
+        return self._decode_result(registers)
+
+    def _decode_result(self, registers: list[int]) -> CommandResult:
+        try:
+            return rm.decode_result(registers, self.word_order)
+        except DecodeError as exc:
+            raise LinkError(f"{self!r}: unreadable result block: {exc}") from exc
+
+    async def execute(self, envelope: CommandEnvelope, timeout: float = 5.0) -> CommandResult:
+        """Send the command once and return the meter's result for its sequence number.
+
+        Raises DeviceException when the meter refuses the block itself (exception 03: not a
+        well-formed command), LinkTimeout when no confirmation arrives within ``timeout``."""
+        await self.connect()
+        if envelope.meter_id != self.meter_id:
+            raise ValidationError(
+                f"the envelope is for meter {envelope.meter_id}, this link reaches {self.meter_id}"
+            )
+        try:
+            block = rm.encode_command(envelope, self.word_order)
+        except ValidationError as exc:
+            raise ValidationError(f"the command does not fit the command block: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        attempt = 0
+        sent = False
+        while True:
+            try:
+                if sent:
+                    # The block may have been executed and only the answer lost: ask first.
+                    result = await self._once_result()
+                    if result.sequence == envelope.sequence:
+                        log.info("%r: sequence %d was executed before", self, envelope.sequence)
+                        return result
+                sent = True
+                registers = await self._write_read(
+                    rm.COMMAND_START, block, rm.RESULT_START, rm.RESULT_SIZE
+                )
+                result = self._decode_result(registers)
+                if result.sequence == envelope.sequence:
+                    return result
+                raise LinkError(
+                    f"{self!r}: the result block shows sequence {result.sequence}, "
+                    f"not {envelope.sequence} (another master?)"
+                )
+            except DeviceException:
+                raise
+            except LinkError as exc:
+                delay = self.settings.delay(attempt)
+                attempt += 1
+                if self._closed or loop.time() + delay >= deadline:
+                    raise LinkTimeout(
+                        f"{self!r}: no confirmation of sequence {envelope.sequence} "
+                        f"within {timeout} s: {exc}"
+                    ) from exc
+                log.info("%r: command %d: %s; retrying", self, envelope.sequence, exc)
+                await asyncio.sleep(delay)
+
+    async def _once_result(self) -> CommandResult:
+        response = await self._once(
+            "read_holding_registers", rm.RESULT_START, count=rm.RESULT_SIZE, device_id=self.unit
+        )
+        return self._decode_result(_registers(response, rm.RESULT_SIZE))
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._on_close is not None:
+            self._on_close()
+
+
+class ModbusTcpLink(ModbusLink):
+    """A meter over Modbus TCP: ``host``, ``port`` and the meter's unit id."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int = 502,
+        unit: int = 1,
+        *,
+        meter_id: str | None = None,
+        settings: LinkSettings | None = None,
+    ) -> None:
+        def make_client(timeout: float) -> Any:
+            return AsyncModbusTcpClient(
+                host, port=port, timeout=timeout, retries=0, reconnect_delay=0
+            )
+
+        channel = Channel(f"tcp://{host}:{port}/{unit}", make_client)
+        super().__init__(
+            channel, unit, meter_id=meter_id, settings=settings, on_close=channel.close
+        )
+        self.host = host
+        self.port = port
+
+
+class ModbusRtuLink(ModbusLink):
+    """A meter with unit id ``unit`` on a serial line shared with the other meters of its bus."""
+
+    def __init__(
+        self,
+        line: SerialLine,
+        unit: int,
+        *,
+        meter_id: str | None = None,
+        settings: LinkSettings | None = None,
+    ) -> None:
+        line.acquire()
+        super().__init__(
+            line.channel, unit, meter_id=meter_id, settings=settings, on_close=line.release
+        )
+        self.line = line
+
+
+def _registers(response: Any, count: int) -> list[int]:
+    registers = getattr(response, "registers", None)
+    if not isinstance(registers, list) or len(registers) != count:
+        raise LinkError(f"expected {count} registers, the answer has {registers!r}")
+    return registers

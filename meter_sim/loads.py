@@ -1,0 +1,169 @@
+"""Load models: the power a household draws at a moment, in whole watts.
+
+A model is a pure function of time (the same moment always gives the same demand), so a meter's
+consumption does not depend on how often it is advanced.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import math
+import zlib
+from bisect import bisect_right
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from meter_sim.config import LoadConfig
+from protocols.errors import ConfigError
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(value: int) -> int:
+    """splitmix64 finaliser: a fast, well-spread integer hash."""
+    value = (value + 0x9E3779B97F4A7C15) & _MASK64
+    value = ((value ^ (value >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    value = ((value ^ (value >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return value ^ (value >> 31)
+
+
+def unit_noise(seed: int, slot: int) -> float:
+    """A deterministic number in [0, 1) for (seed, slot)."""
+    return _mix(seed * 0x100000001B3 ^ slot) / 2**64
+
+
+class LoadModel(Protocol):
+    def demand(self, t: float) -> int:
+        """Watts drawn at ``t`` (epoch seconds)."""
+        ...
+
+
+class ConstantLoad:
+    def __init__(self, watts: int) -> None:
+        if watts < 0:
+            raise ConfigError("a constant load is at least 0 W")
+        self.watts = watts
+
+    def demand(self, t: float) -> int:
+        return self.watts
+
+
+# Relative demand by hour of the day (mean 1.0): night base, morning and evening peaks.
+_WEEKDAY_SHAPE = (
+    0.45, 0.40, 0.38, 0.37, 0.38, 0.50, 0.95, 1.45, 1.30, 0.90, 0.80, 0.80,
+    0.85, 0.80, 0.75, 0.80, 0.95, 1.30, 1.95, 2.20, 2.00, 1.60, 1.10, 0.70,
+)  # fmt: skip
+_WEEKEND_SHAPE = (
+    0.50, 0.45, 0.40, 0.38, 0.38, 0.42, 0.55, 0.80, 1.20, 1.45, 1.40, 1.30,
+    1.30, 1.20, 1.10, 1.10, 1.20, 1.45, 1.85, 2.00, 1.85, 1.50, 1.10, 0.75,
+)  # fmt: skip
+_SHAPE_MEAN = (sum(_WEEKDAY_SHAPE) * 5 + sum(_WEEKEND_SHAPE) * 2) / (24 * 7)
+_SPIKE_CHANCE = 0.04
+_SPIKE_SIZE = 3.0  # an appliance draws 3 to 6 times the mean
+_BASE_SHARE = 1 - _SPIKE_CHANCE * _SPIKE_SIZE * 1.5  # so that the long-run mean is mean_watts
+
+
+class ResidentialLoad:
+    """A seeded synthetic household: daily and weekly shape, interpolated, with noise per
+    five-minute slot and occasional appliance spikes (kettle, iron) lasting a few minutes."""
+
+    SLOT = 300
+
+    def __init__(self, mean_watts: int, seed: int, timezone_minutes: int = 0) -> None:
+        if mean_watts < 0:
+            raise ConfigError("a residential load's mean is at least 0 W")
+        self.mean_watts = mean_watts
+        self.seed = seed
+        self.offset = timezone_minutes * 60
+
+    def demand(self, t: float) -> int:
+        local = t + self.offset
+        day = math.floor(local / 86400)
+        weekday = (day + 3) % 7  # 1970-01-01 was a Thursday; 0 = Monday
+        shape = _WEEKEND_SHAPE if weekday >= 5 else _WEEKDAY_SHAPE
+        hour_f = (local - day * 86400) / 3600
+        hour = int(hour_f)
+        frac = hour_f - hour
+        base = shape[hour] * (1 - frac) + shape[(hour + 1) % 24] * frac
+        slot = math.floor(local / self.SLOT)
+        noise = 0.75 + 0.5 * unit_noise(self.seed, slot)
+        watts = self.mean_watts * _BASE_SHARE * base / _SHAPE_MEAN * noise
+        if unit_noise(self.seed ^ 0x5A5A, slot) < _SPIKE_CHANCE:  # an appliance for this slot
+            watts += self.mean_watts * _SPIKE_SIZE * (1 + unit_noise(self.seed ^ 0xA5A5, slot))
+        return max(0, round(watts))
+
+
+class CsvLoad:
+    """Replay of a CSV of ``timestamp,watts`` rows (ISO-8601 or epoch seconds), held step-wise.
+    Moments past the last row wrap around to the first, so a day's recording repeats."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        times: list[float] = []
+        watts: list[int] = []
+        try:
+            with path.open(newline="") as handle:
+                for number, row in enumerate(csv.reader(handle), start=1):
+                    if not row or row[0].startswith("#"):
+                        continue
+                    if number == 1 and not _looks_numeric_time(row[0]):
+                        continue  # a header
+                    if len(row) < 2:
+                        raise ConfigError(f"{path}:{number}: expected timestamp,watts")
+                    times.append(_parse_timestamp(row[0], path, number))
+                    try:
+                        value = int(row[1])
+                    except ValueError as exc:
+                        raise ConfigError(
+                            f"{path}:{number}: watts {row[1]!r} is not an integer"
+                        ) from exc
+                    if value < 0:
+                        raise ConfigError(f"{path}:{number}: watts must be >= 0")
+                    watts.append(value)
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from exc
+        if len(times) < 2:
+            raise ConfigError(f"{path}: a load CSV needs at least two rows")
+        if any(b <= a for a, b in itertools.pairwise(times)):
+            raise ConfigError(f"{path}: timestamps must increase")
+        self.times = times
+        self.watts = watts
+        self.span = times[-1] - times[0] + (times[-1] - times[-2])
+
+    def demand(self, t: float) -> int:
+        start = self.times[0]
+        offset = (t - start) % self.span
+        index = bisect_right(self.times, start + offset) - 1
+        return self.watts[max(index, 0)]
+
+
+def _looks_numeric_time(text: str) -> bool:
+    return text.strip()[:1].isdigit()
+
+
+def _parse_timestamp(text: str, path: Path, number: int) -> float:
+    text = text.strip()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ConfigError(f"{path}:{number}: not a timestamp: {text!r}") from exc
+    return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def make_load(config: LoadConfig, meter_id: str, timezone_minutes: int = 0) -> LoadModel:
+    if config.model == "constant":
+        return ConstantLoad(config.watts)
+    if config.model == "residential":
+        seed = config.seed if config.seed is not None else zlib.crc32(meter_id.encode())
+        return ResidentialLoad(config.mean_watts, seed, timezone_minutes)
+    if config.model == "csv":
+        if not config.csv_path:
+            raise ConfigError("load.model = 'csv' needs load.csv_path")
+        return CsvLoad(Path(config.csv_path))
+    raise ConfigError(f"unknown load model {config.model!r}")

@@ -1,0 +1,462 @@
+"""Modbus TCP and Modbus RTU servers whose datastore is the live meter.
+
+The seam is pymodbus 3.16's ``SimDevice`` with an ``action``: pymodbus calls the action for
+every request with the request's function code, address and count, and the action fills the
+registers from :class:`MeterRegisters`, which reads the meter (``MeterRuntime``) through the
+register map at that moment. pymodbus' own register list for the device is only a scratch buffer
+for the reply; nothing is copied from it. (``ModbusServerContext``/``ModbusDeviceContext`` are
+deprecated in 3.16 and not used.)
+
+The only state kept here is what a master writes: the command block, the window starts and the
+token registers, i.e. the transport's input buffers, and the result of the last token entered
+through the token block. Everything read comes from the meter.
+
+Unit ids: every server also holds a catch-all device (id 0, which pymodbus uses for any unit id
+without a device of its own) that raises ``NoSuchIdException``: over TCP pymodbus answers it
+with exception 0B, on a serial line (``ignore_missing_devices``) with silence, so only the
+addressed meter answers on a multi-drop line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from pymodbus.constants import ExcCodes
+from pymodbus.exceptions import NoSuchIdException
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.simulator import DataType as SimType
+from pymodbus.simulator import SimData, SimDevice
+
+from meter_sim.runtime import MeterRuntime
+from protocols import registermap as rm
+from protocols.commands import ResultCode
+from protocols.cosem import OBIS_SERIAL, OBIS_TOKEN_GATEWAY
+from protocols.errors import ConfigError, HesError, LinkClosed, ValidationError
+from protocols.readings import MeterSnapshot
+
+log = logging.getLogger(__name__)
+
+#: registers each device spans in pymodbus (both tables share the span; addresses beyond it are
+#: answered with exception 02 by pymodbus itself)
+SPAN = max(rm.table_size(rm.Table.INPUT), rm.table_size(rm.Table.HOLDING))
+_FOREVER = 2**64 - 2
+_BIT_FUNCTIONS = frozenset({1, 2, 5, 15})
+_SNAPSHOT_BLOCKS = frozenset({rm.Block.MEASUREMENTS, rm.Block.ACCOUNT, rm.Block.STATUS})
+
+
+class RegisterRefused(HesError):
+    """A request the register map refuses; ``code`` is the Modbus exception code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _illegal_address(message: str) -> RegisterRefused:
+    return RegisterRefused(message, int(ExcCodes.ILLEGAL_ADDRESS))
+
+
+def _illegal_value(message: str) -> RegisterRefused:
+    return RegisterRefused(message, int(ExcCodes.ILLEGAL_VALUE))
+
+
+def _block_index(table: rm.Table) -> tuple[rm.BlockSpec, ...]:
+    return tuple(sorted((s for s in rm.BLOCKS.values() if s.table is table), key=lambda s: s.start))
+
+
+_BLOCKS_BY_TABLE = {table: _block_index(table) for table in rm.Table}
+_WRITABLE: dict[int, rm.Row] = {
+    address: row for row in rm.ROWS if row.writable for address in range(row.address, row.end)
+}
+
+
+@dataclass(slots=True)
+class _Reading:
+    """What one request has read from the meter so far (one snapshot per request)."""
+
+    snapshot: MeterSnapshot | None = None
+    blocks: dict[rm.Block, tuple[int, list[int]]] = field(default_factory=dict)
+
+
+class MeterRegisters:
+    """The registers of one meter: reads and writes go through the register map to the runtime."""
+
+    def __init__(self, runtime: MeterRuntime) -> None:
+        self.runtime = runtime
+        self.order: rm.WordOrder = runtime.config.word_order
+        self.written: dict[int, int] = dict.fromkeys(_WRITABLE, 0)
+        self.token_result = ResultCode.NONE
+
+    @property
+    def meter_id(self) -> str:
+        return self.runtime.meter_id
+
+    # -- reading ----------------------------------------------------------------------------------
+
+    def read(self, table: rm.Table, address: int, count: int) -> list[int]:
+        """``count`` registers of ``table`` from ``address``, or RegisterRefused (02)."""
+        end = address + count
+        out: list[int] = []
+        reading = _Reading()
+        covered = address
+        for spec in _BLOCKS_BY_TABLE[table]:
+            if spec.end <= address or spec.start >= end:
+                continue
+            if spec.start > covered:
+                break
+            start, registers = self._block(spec, reading)
+            low, high = max(address, spec.start), min(end, spec.end)
+            out += registers[low - start : high - start]
+            covered = high
+        if covered < end:
+            raise _illegal_address(f"{table} register {covered} is not mapped")
+        return out
+
+    def _block(self, spec: rm.BlockSpec, reading: _Reading) -> tuple[int, list[int]]:
+        """(first address, registers) of the group that holds ``spec``."""
+        cached = reading.blocks.get(spec.block)
+        if cached is not None:
+            return cached
+        block = spec.block
+        order = self.order
+        if block in _SNAPSHOT_BLOCKS:
+            found = (rm.SNAPSHOT_START, rm.encode_snapshot(self._snapshot(reading), order))
+            for name in _SNAPSHOT_BLOCKS:
+                reading.blocks[name] = found
+            return found
+        registers: list[int]
+        if block is rm.Block.IDENTIFICATION:
+            config = self.runtime.config
+            ident = rm.Identification(
+                meter_id=self.meter_id,
+                manufacturer=config.manufacturer,
+                model=config.model,
+                firmware=config.firmware,
+                serial=str(self.runtime.read(OBIS_SERIAL, 2)),
+                word_order=order,
+            )
+            registers = rm.encode_identification(ident)
+        elif block is rm.Block.FLOATS:
+            registers = rm.encode_block(block, rm.float_values(self._snapshot(reading)), order)
+        elif block is rm.Block.SETTINGS:
+            values = rm.cosem_values(spec.rows, self.runtime.read)
+            registers = rm.encode_block(block, values, order)
+        elif block is rm.Block.RESULT:
+            registers = rm.encode_result(self.runtime.last_result(), order)
+        elif block is rm.Block.PROFILE_WINDOW:
+            start = self._value("profile_start")
+            rows = self.runtime.profile_between(start, _FOREVER)[: rm.PROFILE_WINDOW_ROWS]
+            registers = rm.encode_profile_window(start, rows, order)
+        elif block is rm.Block.EVENT_WINDOW:
+            since = self._value("event_since")
+            events = self.runtime.events_since(since, rm.EVENT_WINDOW_ROWS)
+            registers = rm.encode_event_window(since, events, order)
+        elif block is rm.Block.TOKEN_GATEWAY:
+            registers = self._token_block(spec)
+        else:  # the command block reads back what was written
+            registers = [self.written[a] for a in range(spec.start, spec.end)]
+        found = (spec.start, registers)
+        reading.blocks[block] = found
+        return found
+
+    def _snapshot(self, reading: _Reading) -> MeterSnapshot:
+        if reading.snapshot is None:
+            reading.snapshot = self.runtime.snapshot()
+        return reading.snapshot
+
+    def _token_block(self, spec: rm.BlockSpec) -> list[int]:
+        keypad = self.runtime.config.sts is not None
+        values: dict[str, Any] = {
+            "token": self._value("token"),
+            "token_enter": self.written[rm.ROW["token_enter"].address],
+            "token_status": self.runtime.read(OBIS_TOKEN_GATEWAY, 6) if keypad else None,
+            "token_time": self.runtime.read(OBIS_TOKEN_GATEWAY, 3) if keypad else None,
+            "token_result": self.token_result,
+        }
+        return rm.encode_block(spec.block, values, self.order)
+
+    def _registers_of(self, row: rm.Row, written: dict[int, int] | None = None) -> list[int]:
+        source = self.written if written is None else written
+        return [source[a] for a in range(row.address, row.end)]
+
+    def _value(self, name: str, written: dict[int, int] | None = None) -> Any:
+        row = rm.ROW[name]
+        return rm.decode_value(row, self._registers_of(row, written), self.order)
+
+    # -- writing ----------------------------------------------------------------------------------
+
+    def write(self, address: int, values: Sequence[int]) -> None:
+        """Write holding registers; executes the command block or enters the token when the
+        write sets ``cmd_go`` or ``token_enter`` to 1. All or nothing: RegisterRefused (02 or 03)
+        leaves every register and the meter as they were."""
+        end = address + len(values)
+        for target in range(address, end):
+            if target not in _WRITABLE:
+                raise _illegal_address(f"holding register {target} is not writable")
+        staged = dict(self.written)
+        staged.update(zip(range(address, end), values, strict=True))
+        touched = {_WRITABLE[target] for target in range(address, end)}
+        for row in sorted(touched, key=lambda r: r.address):
+            registers = self._registers_of(row, staged)
+            if row.dtype is rm.DataType.DEC20:
+                bad = [r for r in registers if r > 9999]
+                if bad:
+                    raise _illegal_value(f"{row.name}: a digit group is 0..9999, got {bad[0]}")
+            elif row.address >= address and row.end <= end:
+                try:
+                    rm.check_written(row, registers, self.order)
+                except ValidationError as exc:
+                    raise _illegal_value(str(exc)) from exc
+        go = rm.ROW["cmd_go"]
+        if go in touched and staged[go.address] == 1:
+            self._execute(staged)
+        enter = rm.ROW["token_enter"]
+        if enter in touched and staged[enter.address] == 1:
+            self._enter_token(staged)
+        self.written = staged
+
+    def _execute(self, staged: dict[int, int]) -> None:
+        spec = rm.BLOCKS[rm.Block.COMMAND]
+        registers = [staged[a] for a in range(spec.start, spec.end)]
+        try:
+            envelope = rm.decode_command(registers, self.meter_id, self.order)
+        except ValidationError as exc:
+            raise _illegal_value(f"command block: {exc}") from exc
+        result = self.runtime.execute(envelope)
+        log.debug(
+            "meter %s executed sequence %d: %s", self.meter_id, result.sequence, result.code.name
+        )
+
+    def _enter_token(self, staged: dict[int, int]) -> None:
+        digits = rm.token_digits(self._value("token", staged))
+        outcome = self.runtime.enter_token(digits, method=0)
+        self.token_result = outcome.result
+
+
+class _Pacer:
+    """Delays each answer by the time a real line at the configured speed would take: the
+    request, the answer and the two 3.5-character silences; one request at a time per line."""
+
+    def __init__(self, baudrate: int, bytesize: int, parity: str, stopbits: int) -> None:
+        bits = 1 + bytesize + (0 if parity.upper() == "N" else 1) + stopbits
+        self.char_seconds = bits / baudrate
+        self.lock = asyncio.Lock()
+
+    @staticmethod
+    def frame_chars(function_code: int, count: int) -> int:
+        if function_code in (3, 4):
+            return 8 + 5 + 2 * count
+        if function_code == 16:
+            return 9 + 2 * count + 8
+        if function_code == 23:
+            return 13 + 5 + 2 * count
+        return 8 + 8
+
+    async def pace(self, function_code: int, count: int) -> None:
+        chars = self.frame_chars(function_code, count) + 7
+        async with self.lock:
+            await asyncio.sleep(chars * self.char_seconds)
+
+
+class _Device:
+    """pymodbus' view of one meter: the SimDevice action that serves it."""
+
+    def __init__(self, registers: MeterRegisters, pacer: _Pacer | None) -> None:
+        self.registers = registers
+        self.pacer = pacer
+
+    async def action(  # noqa: PLR0917 - the signature pymodbus calls
+        self,
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        current_registers: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        meter_id = self.registers.meter_id
+        try:
+            if function_code in _BIT_FUNCTIONS:
+                raise _illegal_address("this meter has no coils or discrete inputs")
+            table = rm.Table.INPUT if function_code == 4 else rm.Table.HOLDING
+            if set_values is None:
+                if self.pacer is not None:
+                    await self.pacer.pace(function_code, count)
+                values = self.registers.read(table, address, count)
+                offset = address - start_address
+                current_registers[offset : offset + count] = values
+                return None
+            if table is not rm.Table.HOLDING:  # pragma: no cover - pymodbus sends no such write
+                raise _illegal_address("input registers are read-only")
+            self.registers.write(address, [int(v) for v in set_values])
+            if self.pacer is not None and function_code == 16:
+                await self.pacer.pace(function_code, count)
+            return None
+        except RegisterRefused as exc:
+            log.info(
+                "meter %s: function %d at %d (+%d) refused with exception %02d: %s",
+                meter_id,
+                function_code,
+                address,
+                count,
+                exc.code,
+                exc,
+            )
+            return ExcCodes(exc.code)
+        except HesError as exc:
+            log.error(
+                "meter %s: function %d at %d failed: %s", meter_id, function_code, address, exc
+            )
+            return ExcCodes.DEVICE_FAILURE
+
+
+async def _no_such_device(  # noqa: PLR0917 - the signature pymodbus calls
+    function_code: int,
+    start_address: int,
+    address: int,
+    count: int,
+    current_registers: list[int],
+    set_values: list[int] | list[bool] | None,
+) -> ExcCodes | None:
+    raise NoSuchIdException("no meter has this unit id")
+
+
+def _devices(
+    runtimes: Sequence[MeterRuntime], pacer: _Pacer | None = None
+) -> tuple[list[SimDevice], dict[int, MeterRegisters]]:
+    by_unit: dict[int, MeterRegisters] = {}
+    for runtime in runtimes:
+        unit = runtime.config.modbus_unit
+        if unit in by_unit:
+            raise ConfigError(
+                f"meters {by_unit[unit].meter_id} and {runtime.meter_id} share unit id {unit} "
+                "on one server; give them distinct modbus_unit values or one port each"
+            )
+        by_unit[unit] = MeterRegisters(runtime)
+    devices = [
+        SimDevice(
+            unit,
+            simdata=[SimData(0, count=SPAN, datatype=SimType.REGISTERS)],
+            action=_Device(registers, pacer).action,
+        )
+        for unit, registers in by_unit.items()
+    ]
+    devices.append(
+        SimDevice(
+            0,
+            simdata=[SimData(0, count=SPAN, datatype=SimType.REGISTERS)],
+            action=_no_such_device,
+        )
+    )
+    return devices, by_unit
+
+
+@dataclass(slots=True)
+class ModbusService:
+    """A running server: where it listens and the meters it serves by unit id."""
+
+    meters: dict[int, MeterRegisters]
+    host: str = ""
+    port: int = 0
+    url: str = ""
+
+    @property
+    def meter_ids(self) -> list[str]:
+        return [registers.meter_id for registers in self.meters.values()]
+
+
+async def _start(server: Any, where: str) -> None:
+    try:
+        await server.serve_forever(background=True)
+    except (RuntimeError, OSError) as exc:
+        await _stop(server)
+        raise LinkClosed(f"cannot serve Modbus on {where}: {exc}") from exc
+
+
+async def _stop(server: Any) -> None:
+    await server.shutdown()
+
+
+def _bound_port(server: Any) -> int:
+    sockets = getattr(server.transport, "sockets", None) or ()
+    for sock in sockets:
+        return int(sock.getsockname()[1])
+    raise LinkClosed("the Modbus TCP listener has no socket")
+
+
+@asynccontextmanager
+async def serve_tcp(
+    runtimes: Sequence[MeterRuntime], host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[ModbusService]:
+    """One Modbus TCP listener for many meters, each by its unit id (``modbus_unit``).
+
+    ``port=0`` binds a free port; ``service.port`` is the bound one. The listener accepts
+    connections when the context is entered."""
+    devices, meters = _devices(runtimes)
+    server = ModbusTcpServer(devices, address=(host, port), ignore_missing_devices=False)
+    await _start(server, f"{host}:{port}")
+    try:
+        service = ModbusService(meters, host, _bound_port(server))
+        log.info("Modbus TCP on %s:%d for %d meter(s)", host, service.port, len(meters))
+        yield service
+    finally:
+        await _stop(server)
+
+
+@asynccontextmanager
+async def serve_tcp_per_meter(
+    runtimes: Sequence[MeterRuntime], host: str = "127.0.0.1", first_port: int = 0
+) -> AsyncIterator[list[ModbusService]]:
+    """One Modbus TCP listener per meter on ports ``first_port``, ``first_port + 1``, ...
+    (``first_port=0``: a free port each), for fleets beyond 247 unit ids. Each meter answers its
+    own unit id on its port. Yields one service per meter, in the order of ``runtimes``."""
+    async with AsyncExitStack() as stack:
+        services: list[ModbusService] = []
+        for index, runtime in enumerate(runtimes):
+            port = first_port + index if first_port else 0
+            services.append(await stack.enter_async_context(serve_tcp([runtime], host, port)))
+        yield services
+
+
+@asynccontextmanager
+async def serve_rtu(
+    runtimes: Sequence[MeterRuntime],
+    url: str,
+    *,
+    baudrate: int = 9600,
+    parity: str = "N",
+    stopbits: int = 1,
+    bytesize: int = 8,
+    pace: bool = False,
+) -> AsyncIterator[ModbusService]:
+    """Modbus RTU on one serial line (a device path or a pyserial URL) for one or more meters
+    with distinct unit ids; a request to another unit id gets no answer.
+
+    ``pace=True`` delays every answer by the time the exchange takes on a real line at
+    ``baudrate`` (a pty or a socket transmits instantly otherwise)."""
+    if parity.upper() not in ("N", "E", "O"):
+        raise ConfigError(f"parity is N, E or O, got {parity!r}")
+    if stopbits not in (1, 2) or bytesize not in (7, 8) or baudrate <= 0:
+        raise ConfigError("stop bits are 1 or 2, byte size 7 or 8, baud rate positive")
+    pacer = _Pacer(baudrate, bytesize, parity, stopbits) if pace else None
+    devices, meters = _devices(runtimes, pacer)
+    server = ModbusSerialServer(
+        devices,
+        port=url,
+        baudrate=baudrate,
+        parity=parity.upper(),
+        stopbits=stopbits,
+        bytesize=bytesize,
+        ignore_missing_devices=True,
+    )
+    await _start(server, url)
+    try:
+        log.info("Modbus RTU on %s at %d baud for %d meter(s)", url, baudrate, len(meters))
+        yield ModbusService(meters, url=url)
+    finally:
+        await _stop(server)

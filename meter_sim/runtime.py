@@ -1,0 +1,155 @@
+"""A live meter: the sans-IO firmware, the clock that drives it and its state file.
+
+Adapters (Modbus datastore, MQTT agent, CLI) call this, never the firmware's state directly:
+every read first advances the meter to the clock's now, and every command is persisted before
+it is acknowledged, so a kill -9 never loses an acknowledged top-up.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from meter_sim.clock import Clock, ManualClock
+from meter_sim.config import MeterConfig
+from meter_sim.firmware import Meter, TokenEntryResult
+from meter_sim.nvm import StateStore
+from protocols.commands import CommandEnvelope, CommandResult
+from protocols.errors import StateFileError, ValidationError
+from protocols.obis import Obis
+from protocols.readings import Event, MeterSnapshot, ProfileRow
+
+log = logging.getLogger(__name__)
+
+
+class MeterRuntime:
+    def __init__(
+        self,
+        config: MeterConfig,
+        clock: Clock,
+        meter: Meter,
+        store: StateStore | None = None,
+        step_seconds: int = 60,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.meter = meter
+        self.store = store
+        self.step_seconds = step_seconds
+
+    @classmethod
+    def open(
+        cls,
+        config: MeterConfig,
+        clock: Clock,
+        state_dir: Path | None = None,
+        step_seconds: int = 60,
+    ) -> MeterRuntime:
+        """Restore the meter from its state file in ``state_dir``, or create it there.
+
+        A corrupt or unreadable state file raises StateFileError: the meter does not start.
+        Without ``state_dir`` the meter keeps its state in memory only.
+        """
+        now = clock.now()
+        store = StateStore.for_meter(state_dir, config.meter_id) if state_dir else None
+        if store is not None and store.exists():
+            state = store.load()
+            try:
+                meter = Meter.from_state(config, state, now)
+            except (KeyError, TypeError, ValueError, ValidationError) as exc:
+                raise StateFileError(f"{store.path}: state does not fit this meter: {exc}") from exc
+            log.info("meter %s restored from %s", config.meter_id, store.path)
+        else:
+            meter = Meter(config, now)
+        runtime = cls(config, clock, meter, store, step_seconds)
+        runtime.save()
+        return runtime
+
+    @classmethod
+    def open_stopped(cls, config: MeterConfig, state_dir: Path) -> MeterRuntime:
+        """A meter that is not running, as saved: its clock stands at the moment of the save,
+        so an offline command (a token typed on a stopped meter, a look at its registers)
+        neither power-cycles it nor lets time pass."""
+        store = StateStore.for_meter(state_dir, config.meter_id)
+        if not store.exists():
+            raise StateFileError(
+                f"meter {config.meter_id} has no state in {state_dir}: run the fleet first"
+            )
+        state = store.load()
+        try:
+            meter = Meter.from_state(config, state, None)
+        except (KeyError, TypeError, ValueError, ValidationError) as exc:
+            raise StateFileError(f"{store.path}: state does not fit this meter: {exc}") from exc
+        return cls(config, ManualClock(meter.true_time), meter, store)
+
+    @property
+    def meter_id(self) -> str:
+        return self.config.meter_id
+
+    def now(self) -> int:
+        return int(self.meter.meter_time)
+
+    def sync(self) -> None:
+        self.meter.advance(self.clock.now(), self.step_seconds)
+
+    def snapshot(self) -> MeterSnapshot:
+        self.sync()
+        return self.meter.snapshot()
+
+    def read(self, obis: Obis, attribute: int = 2) -> Any:
+        self.sync()
+        return self.meter.read(obis, attribute)
+
+    def execute(self, envelope: CommandEnvelope) -> CommandResult:
+        self.sync()
+        result = self.meter.execute(envelope)
+        self.save()
+        log.info(
+            "meter %s command %s seq %d: %s",
+            self.meter_id,
+            envelope.command.code.name,
+            envelope.sequence,
+            result.code.name,
+        )
+        return result
+
+    def last_result(self) -> CommandResult:
+        return self.meter.last_result
+
+    def enter_token(self, digits: str, method: int = 1) -> TokenEntryResult:
+        self.sync()
+        outcome = self.meter.enter_token(digits, method)
+        self.save()
+        return outcome
+
+    def press_button(self) -> Any:
+        result = self.meter.press_button(self.clock.now())
+        self.save()
+        return result
+
+    def events_since(self, seq: int, limit: int = 100) -> list[Event]:
+        self.sync()
+        return self.meter.events_since(seq, limit)
+
+    def events_between(self, start: int, end: int) -> list[Event]:
+        self.sync()
+        return self.meter.events_between(start, end)
+
+    def profile_between(self, start: int, end: int) -> list[ProfileRow]:
+        self.sync()
+        return self.meter.profile_between(start, end)
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        self.meter.listeners.append(callback)
+
+        def unsubscribe() -> None:
+            if callback in self.meter.listeners:
+                self.meter.listeners.remove(callback)
+
+        return unsubscribe
+
+    def save(self) -> None:
+        if self.store is not None:
+            self.store.save(self.meter.to_state())

@@ -1,0 +1,205 @@
+"""Commands a head-end sends to a meter, and the meter's results. Transport independent.
+
+A command is a frozen value: a code and its integer arguments. It travels inside a
+:class:`CommandEnvelope` that adds the meter id, a per-meter strictly increasing sequence number
+and an authentication tag: HMAC-SHA256 over the meter id, sequence, code and arguments with the
+meter's key, truncated to :data:`TAG_BYTES`. Modbus (the command block) and MQTT (the ``cmd``
+topic) carry the very same envelope, so a meter refuses the same things with the same
+:class:`ResultCode` whichever way a command arrives.
+
+Sequence numbers: a meter remembers the last sequence it executed and its result. The same
+sequence with the same content is acknowledged again with the stored result and executed zero
+times (a retry after a lost answer); an older sequence, or the same one with other content, is
+refused as ``REPLAYED``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from dataclasses import dataclass
+from enum import IntEnum
+
+from protocols.errors import ValidationError
+
+TAG_BYTES = 16
+U32_MAX = 2**32 - 1
+U64_MAX = 2**64 - 1
+
+
+class CommandCode(IntEnum):
+    REMOTE_DISCONNECT = 1
+    REMOTE_RECONNECT = 2
+    CREDIT_TRANSFER = 3
+    SET_CLOCK = 4
+    SET_LOW_CREDIT_THRESHOLD = 5
+    SET_CONTROL_MODE = 6
+    INVOKE_EMERGENCY_CREDIT = 7
+    CLEAR_TAMPER = 8
+    ENTER_TOKEN = 9
+
+
+class ResultCode(IntEnum):
+    """What a meter answers to a command. 0 and 1 mean the command is in effect."""
+
+    OK = 0
+    DUPLICATE = 1  # this credit transfer (or command sequence) was applied before; applied 0 times
+    REFUSED_BY_MODE = 2  # the control mode does not allow it
+    REFUSED_BY_STATE = 3  # nothing to do from the current state (e.g. already disconnected)
+    OLD_TRANSFER = 4  # a credit transfer number older than the last one applied
+    AMOUNT_OUT_OF_BOUNDS = 5  # below the minimum, above the maximum or over the credit limit
+    BAD_ARGUMENT = 6
+    AUTH_FAILED = 7  # the authentication tag does not match
+    REPLAYED = 8  # a sequence number already used
+    UNKNOWN_COMMAND = 9
+    NOT_SUPPORTED = 10  # e.g. a token on a meter without a keypad decoder
+    TOKEN_REFUSED = 11  # the token gateway refused the token; its status says why
+    BUSY = 12
+    NONE = 255  # no command executed yet
+
+    @property
+    def accepted(self) -> bool:
+        return self in (ResultCode.OK, ResultCode.DUPLICATE)
+
+
+@dataclass(frozen=True, slots=True)
+class ArgSpec:
+    name: str
+    minimum: int
+    maximum: int
+    doc: str
+
+
+#: the arguments each command takes, in order; all are non-negative integers
+COMMAND_ARGS: dict[CommandCode, tuple[ArgSpec, ...]] = {
+    CommandCode.REMOTE_DISCONNECT: (),
+    CommandCode.REMOTE_RECONNECT: (),
+    CommandCode.CREDIT_TRANSFER: (
+        ArgSpec("transfer", 1, U32_MAX, "per-meter, strictly increasing transfer number"),
+        ArgSpec("amount", 1, U32_MAX, "credit in the account's unit (minor currency units or Wh)"),
+    ),
+    CommandCode.SET_CLOCK: (ArgSpec("time", 0, U64_MAX, "seconds since 1970-01-01 UTC"),),
+    CommandCode.SET_LOW_CREDIT_THRESHOLD: (
+        ArgSpec("threshold", 0, U32_MAX, "in the account's unit"),
+    ),
+    CommandCode.SET_CONTROL_MODE: (ArgSpec("mode", 0, 6, "disconnect control mode 0..6"),),
+    CommandCode.INVOKE_EMERGENCY_CREDIT: (),
+    CommandCode.CLEAR_TAMPER: (),
+    CommandCode.ENTER_TOKEN: (ArgSpec("token", 0, 10**20 - 1, "20-digit STS token as a number"),),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Command:
+    """A command code and its arguments, validated against :data:`COMMAND_ARGS`."""
+
+    code: CommandCode
+    args: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            code = CommandCode(self.code)
+        except ValueError as exc:
+            raise ValidationError(f"unknown command code {self.code!r}") from exc
+        object.__setattr__(self, "code", code)
+        specs = COMMAND_ARGS[code]
+        if len(self.args) != len(specs):
+            raise ValidationError(
+                f"{code.name.lower()} takes {len(specs)} argument(s), got {len(self.args)}"
+            )
+        for spec, value in zip(specs, self.args, strict=True):
+            if type(value) is not int or not spec.minimum <= value <= spec.maximum:
+                raise ValidationError(
+                    f"{code.name.lower()} {spec.name} must be an integer "
+                    f"{spec.minimum}..{spec.maximum}, got {value!r}"
+                )
+
+    def arg(self, name: str) -> int:
+        for spec, value in zip(COMMAND_ARGS[self.code], self.args, strict=True):
+            if spec.name == name:
+                return value
+        raise KeyError(name)
+
+    # convenience constructors
+    @classmethod
+    def credit_transfer(cls, transfer: int, amount: int) -> Command:
+        return cls(CommandCode.CREDIT_TRANSFER, (transfer, amount))
+
+    @classmethod
+    def remote_disconnect(cls) -> Command:
+        return cls(CommandCode.REMOTE_DISCONNECT)
+
+    @classmethod
+    def remote_reconnect(cls) -> Command:
+        return cls(CommandCode.REMOTE_RECONNECT)
+
+    @classmethod
+    def set_clock(cls, time: int) -> Command:
+        return cls(CommandCode.SET_CLOCK, (time,))
+
+    @classmethod
+    def enter_token(cls, token: str) -> Command:
+        if len(token) != 20 or not token.isdigit():
+            raise ValidationError(f"an STS token is 20 digits, got {token!r}")
+        return cls(CommandCode.ENTER_TOKEN, (int(token),))
+
+
+def auth_tag(key: bytes, meter_id: str, sequence: int, command: Command) -> bytes:
+    """HMAC-SHA256 over ``meter_id NUL sequence(u32) code(u16) args(16 bytes each)``, truncated."""
+    message = bytearray(meter_id.encode("utf-8"))
+    message.append(0)
+    message += sequence.to_bytes(4, "big")
+    message += int(command.code).to_bytes(2, "big")
+    for value in command.args:
+        message += value.to_bytes(16, "big")
+    return hmac.new(key, bytes(message), hashlib.sha256).digest()[:TAG_BYTES]
+
+
+@dataclass(frozen=True, slots=True)
+class CommandEnvelope:
+    """A command addressed to one meter with its sequence number and authentication tag.
+
+    ``tag`` is empty for an unauthenticated command (accepted only by a meter without a key).
+    """
+
+    meter_id: str
+    sequence: int
+    command: Command
+    tag: bytes = b""
+
+    def __post_init__(self) -> None:
+        if type(self.sequence) is not int or not 1 <= self.sequence <= U32_MAX:
+            raise ValidationError(f"a command sequence is 1..{U32_MAX}, got {self.sequence!r}")
+        if self.tag and len(self.tag) != TAG_BYTES:
+            raise ValidationError(f"an authentication tag has {TAG_BYTES} bytes")
+
+    @classmethod
+    def signed(
+        cls, meter_id: str, sequence: int, command: Command, key: bytes | None
+    ) -> CommandEnvelope:
+        tag = auth_tag(key, meter_id, sequence, command) if key else b""
+        return cls(meter_id, sequence, command, tag)
+
+    def verify(self, key: bytes | None) -> bool:
+        """True when the tag matches ``key``; a meter without a key accepts any envelope."""
+        if not key:
+            return True
+        if not self.tag:
+            return False
+        return hmac.compare_digest(
+            self.tag, auth_tag(key, self.meter_id, self.sequence, self.command)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """A meter's answer: the sequence it answers, the result, and what a master needs to confirm."""
+
+    sequence: int
+    code: ResultCode
+    last_transfer: int = 0  # the last credit transfer number the meter has applied
+    detail: str = ""
+
+    @property
+    def accepted(self) -> bool:
+        return self.code.accepted

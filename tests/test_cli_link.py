@@ -1,0 +1,173 @@
+"""`hes read`, `hes credit`, `hes disconnect`, `hes reconnect` against simulated meters served
+over Modbus TCP by another process (the CLI runs its own event loop)."""
+
+from __future__ import annotations
+
+import json
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from cli.hes_link import register_link_commands
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "00112233445566778899aabbccddeeff"
+
+# Two meters on one listener; the process prints {"port": N} when it listens and stops when
+# its stdin closes.
+SERVER = """
+import asyncio, json, sys
+from meter_sim.clock import ManualClock
+from meter_sim.config import MeterConfig
+from meter_sim.modbus_server import serve_tcp
+from meter_sim.runtime import MeterRuntime
+
+async def main() -> None:
+    clock = ManualClock(1_767_225_600.0)
+    meters = [
+        MeterRuntime.open(MeterConfig("CLI-0001", modbus_unit=1, initial_credit=100_000), clock),
+        MeterRuntime.open(
+            MeterConfig("CLI-0002", modbus_unit=2, auth_key=sys.argv[1], control_mode=4), clock
+        ),
+    ]
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    async with serve_tcp(meters) as service:
+        print(json.dumps({"port": service.port}), flush=True)
+        await stdin.read()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    process = subprocess.Popen(
+        [sys.executable, "-c", SERVER, KEY],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdin is not None
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready, "the simulator did not start"
+        line = process.stdout.readline()
+        assert line, f"the simulator exited with {process.wait()}"
+        yield int(json.loads(line)["port"])
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    hes = typer.Typer()
+    register_link_commands(hes)
+    return hes
+
+
+def run(app: typer.Typer, *args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def read_json(app: typer.Typer, endpoint: str) -> dict[str, object]:
+    code, out, err = run(app, "read", endpoint, "--json")
+    assert code == 0, err
+    data = json.loads(out)
+    assert isinstance(data, dict)
+    return data
+
+
+def test_read_prints_a_table_and_json(app: typer.Typer, port: int) -> None:
+    endpoint = f"tcp://127.0.0.1:{port}/1"
+    code, out, err = run(app, "read", endpoint)
+    assert code == 0, err
+    assert "CLI-0001" in out
+    assert "1000.00 KES" in out  # 100,000 minor units with the meter's currency scale
+    data = read_json(app, endpoint)
+    assert data["meter_id"] == "CLI-0001"
+    assert data["credit"] == 100_000
+    assert data["currency"] == "KES"
+    assert read_json(app, f"tcp://127.0.0.1:{port}/2")["meter_id"] == "CLI-0002"
+
+
+def test_credit_is_confirmed_and_applied_once(app: typer.Typer, port: int) -> None:
+    endpoint = f"tcp://127.0.0.1:{port}/1"
+    before = read_json(app, endpoint)
+    code, out, err = run(app, "credit", endpoint, "--transfer", "1", "--amount", "2500")
+    assert code == 0, err
+    assert "ok (0)" in out
+    after = read_json(app, endpoint)
+    assert after["credit"] == before["credit"] + 2500  # type: ignore[operator]
+    assert after["last_transfer"] == 1
+    assert after["last_command_seq"] == before["last_command_seq"] + 1  # type: ignore[operator]
+    code, out, err = run(app, "credit", endpoint, "--transfer", "1", "--amount", "2500", "--json")
+    assert code == 0, err  # the same transfer again: acknowledged, applied zero times
+    assert json.loads(out)["result"]["code"] == 1  # duplicate
+    assert read_json(app, endpoint)["credit"] == after["credit"]
+
+
+def test_disconnect_and_reconnect_need_the_key_of_a_keyed_meter(
+    app: typer.Typer, port: int
+) -> None:
+    endpoint = f"tcp://127.0.0.1:{port}/2"
+    code, out, err = run(app, "disconnect", endpoint)
+    assert code == 1
+    assert "auth_failed" in out
+    assert err.strip() == "error: meter CLI-0002 refused remote_disconnect: auth_failed"
+    assert read_json(app, endpoint)["control_state"] == 1
+    code, out, err = run(app, "disconnect", endpoint, "--key", KEY)
+    assert code == 0, err
+    assert read_json(app, endpoint)["control_state"] == 0
+    code, out, err = run(app, "reconnect", endpoint, "--key", KEY, "--json")
+    assert code == 0, err
+    assert json.loads(out) == {
+        "meter_id": "CLI-0002",
+        "command": "remote_reconnect",
+        "result": {"sequence": 2, "code": 0, "last_transfer": 0, "detail": ""},
+    }
+    assert read_json(app, endpoint)["control_state"] == 1  # mode 4: straight back on
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("read", "tcp://127.0.0.1:1"), "cannot connect"),
+        (("read", "ftp://127.0.0.1/1"), "unknown scheme"),
+        (("read", "127.0.0.1:502"), "an endpoint looks like"),
+        (("disconnect", "tcp://127.0.0.1:1/1", "--key", "zz"), "--key is hex"),
+    ],
+)
+def test_errors_are_one_line_on_stderr(
+    app: typer.Typer, port: int, args: tuple[str, ...], message: str
+) -> None:
+    code, out, err = run(app, *args)
+    assert code == 1
+    assert out == ""
+    assert message in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_an_unreachable_meter_is_one_line_and_quick(app: typer.Typer, port: int) -> None:
+    started = time.monotonic()
+    code, _, err = run(app, "read", "tcp://127.0.0.1:1/1", "--timeout", "0.2")
+    assert code == 1
+    assert "cannot connect" in err
+    assert time.monotonic() - started < 10

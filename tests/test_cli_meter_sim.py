@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.meter_sim import app
+from meter_sim.lock import StateDirLock
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_init_run_show_events(workdir: Path) -> None:
+    result = runner.invoke(app, ["init", "-n", "2", "--initial-credit", "5000"])
+    assert result.exit_code == 0, result.output
+    assert (workdir / "meter-sim.toml").exists()
+    again = runner.invoke(app, ["init"])
+    assert again.exit_code == 1
+    assert "exists" in again.output
+
+    result = runner.invoke(app, ["run", "--for", "2d", "--batch", "--json"])
+    assert result.exit_code == 0, result.output
+    meters = json.loads(result.output)
+    assert [m["meter_id"] for m in meters] == ["MTR-0001", "MTR-0002"]
+    assert all(m["energy_import_wh"] > 0 for m in meters)
+    for meter in meters:
+        assert sum(meter["energy_rates_wh"]) == meter["energy_import_wh"]
+
+    result = runner.invoke(app, ["show", "MTR-0001", "--json"])
+    assert result.exit_code == 0, result.output
+    (shown,) = json.loads(result.output)
+    assert shown["energy_import_wh"] == meters[0]["energy_import_wh"]
+    assert shown["conservation_ok"] is True
+
+    result = runner.invoke(app, ["show", "MTR-0002"])
+    assert result.exit_code == 0
+    assert "energy import" in result.output
+
+    result = runner.invoke(app, ["events", "MTR-0001", "--json"])
+    assert result.exit_code == 0
+    codes = [e["code"] for e in json.loads(result.output)]
+    assert "low_credit" in codes
+    assert "credit_exhausted" in codes
+
+
+def test_errors_are_one_line_and_exit_1(workdir: Path) -> None:
+    result = runner.invoke(app, ["show", "MTR-0001"])
+    assert result.exit_code == 1
+    assert "has no state" in result.output
+
+    (workdir / "bad.toml").write_text("[[meters]]\nid = 'X'\ncolour = 'red'\n")
+    result = runner.invoke(app, ["run", "-c", "bad.toml", "--for", "1h", "--batch"])
+    assert result.exit_code == 1
+    assert "unknown key" in result.output
+
+    result = runner.invoke(app, ["run", "--batch"])
+    assert result.exit_code == 1
+    assert "--batch needs --for" in result.output
+
+    result = runner.invoke(app, ["run", "--for", "soon", "--batch"])
+    assert result.exit_code == 2
+
+
+def test_offline_commands_refuse_a_running_fleet(workdir: Path) -> None:
+    assert runner.invoke(app, ["run", "--for", "1h", "--batch"]).exit_code == 0
+    with StateDirLock(workdir / "var" / "meters"):
+        result = runner.invoke(app, ["button", "-m", "MTR-0001"])
+    assert result.exit_code == 1
+    assert "in use by process" in result.output
+
+
+def test_button_needs_credit(workdir: Path) -> None:
+    (workdir / "fleet.toml").write_text(
+        "[[meters]]\nid = 'B-1'\ninitial_credit = 10\nfriendly_hours = []\nfriendly_days = []\n"
+        "load = { model = 'constant', watts = 2000 }\n"
+    )
+    assert runner.invoke(app, ["run", "-c", "fleet.toml", "--for", "2h", "--batch"]).exit_code == 0
+    result = runner.invoke(app, ["button", "-c", "fleet.toml"])
+    assert result.exit_code == 1
+    assert "refused_by_state" in result.output
+
+
+@pytest.mark.parametrize("speed", ["0", "-5"])
+def test_a_speed_that_is_not_positive_is_refused(workdir: Path, speed: str) -> None:
+    result = runner.invoke(app, ["run", "--for", "1h", "--speed", speed])
+    assert result.exit_code == 1
+    assert "speed must be positive" in result.output
+    assert not (workdir / "var" / "meters" / "MTR-0001.json").exists()

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+
+from meter_sim.config import LoadConfig
+from meter_sim.loads import ConstantLoad, CsvLoad, ResidentialLoad, make_load
+from protocols.errors import ConfigError
+
+T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a Thursday
+
+
+def test_constant() -> None:
+    assert ConstantLoad(1500).demand(T0) == 1500
+    with pytest.raises(ConfigError):
+        ConstantLoad(-1)
+
+
+def test_residential_is_deterministic_and_shaped() -> None:
+    load = ResidentialLoad(450, seed=42)
+    again = ResidentialLoad(450, seed=42)
+    other = ResidentialLoad(450, seed=43)
+    week = [T0 + i * 60 for i in range(7 * 1440)]
+    values = [load.demand(t) for t in week]
+    assert values == [again.demand(t) for t in week]
+    assert values != [other.demand(t) for t in week]
+    assert all(v >= 0 for v in values)
+    assert 350 < statistics.mean(values) < 560
+    night = statistics.mean(load.demand(T0 + h * 3600 + 1800) for h in range(2, 5))
+    evening = statistics.mean(load.demand(T0 + h * 3600 + 1800) for h in range(18, 21))
+    assert evening > night
+
+
+def test_residential_timezone_shifts_the_shape() -> None:
+    utc = ResidentialLoad(450, seed=1)
+    east = ResidentialLoad(450, seed=1, timezone_minutes=180)
+    assert east.demand(T0 + 3600) == utc.demand(T0 + 3600 + 180 * 60)
+
+
+def test_csv_replay(tmp_path: Path) -> None:
+    path = tmp_path / "load.csv"
+    path.write_text(
+        "timestamp,watts\n2026-01-01T00:00:00Z,100\n2026-01-01T00:10:00Z,900\n"
+        "2026-01-01T00:20:00Z,300\n"
+    )
+    load = CsvLoad(path)
+    assert load.demand(T0) == 100
+    assert load.demand(T0 + 599) == 100
+    assert load.demand(T0 + 600) == 900
+    assert load.demand(T0 + 1500) == 300
+    assert load.demand(T0 + 1800) == 100  # wraps: the recording spans 30 minutes
+    assert make_load(LoadConfig(model="csv", csv_path=str(path)), "M").demand(T0) == 100
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("1767225600,100\n", "at least two rows"),
+        ("1767225600,100\n1767225500,100\n", "increase"),
+        ("1767225600,100\n1767225660,lots\n", ":2: watts"),
+        ("1767225600,100\nyesterday,100\n", ":2: not a timestamp"),
+        ("1767225600,100\n1767225660,-5\n", ">= 0"),
+        ("1767225600,100\n1767225660\n", "timestamp,watts"),
+    ],
+)
+def test_csv_errors_name_the_line(tmp_path: Path, body: str, message: str) -> None:
+    path = tmp_path / "bad.csv"
+    path.write_text(body)
+    with pytest.raises(ConfigError, match=message):
+        CsvLoad(path)
+
+
+def test_csv_model_needs_a_path() -> None:
+    with pytest.raises(ConfigError, match="csv_path"):
+        make_load(LoadConfig(model="csv"), "M")
+    with pytest.raises(ConfigError, match="No such file"):
+        make_load(LoadConfig(model="csv", csv_path="/nonexistent/load.csv"), "M")

@@ -1,0 +1,242 @@
+"""The local Mosquitto (headend.broker): passwords, the ACL, TLS, restarts, choosing a broker."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from pathlib import Path
+
+import aiomqtt
+import pytest
+
+from headend import broker as broker_module
+from headend.broker import (
+    BrokerError,
+    LocalBroker,
+    choose_broker,
+    free_port,
+    hash_password,
+    probe,
+)
+from headend.links.mqtt import Incoming, MqttConnection
+from protocols.errors import LinkClosed
+from protocols.mqtt import BrokerSettings, TopicKind, TopicScheme
+from tests.mqtt_broker import TEST_METERS, BrokerFactory
+
+pytestmark = pytest.mark.mqtt
+TOPICS = TopicScheme()
+M1, M2 = TEST_METERS[0], TEST_METERS[1]
+
+
+def _client(settings: BrokerSettings, identifier: str | None = None) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        settings.host,
+        settings.port,
+        username=settings.username,
+        password=settings.password,
+        identifier=identifier or settings.username,
+        protocol=aiomqtt.ProtocolVersion.V5,
+    )
+
+
+async def _next_message(client: aiomqtt.Client, timeout: float = 5.0) -> aiomqtt.Message:
+    async with asyncio.timeout(timeout):
+        return await anext(aiter(client.messages))
+
+
+def test_password_hashes_match_mosquitto_passwd(tmp_path: Path) -> None:
+    tool = shutil.which("mosquitto_passwd")
+    if tool is None:
+        pytest.skip("mosquitto_passwd is not installed")
+    path = tmp_path / "passwd"
+    path.touch()
+    subprocess.run([tool, "-b", str(path), "alice", "s3cret"], check=True)
+    written = path.read_text().strip().split(":", 1)[1]
+    _, seven, iterations, salt, _ = written.split("$")
+    import base64
+
+    assert seven == "7"
+    assert hash_password("s3cret", base64.b64decode(salt), int(iterations)) == written
+
+
+async def test_a_wrong_password_cannot_connect(broker: LocalBroker) -> None:
+    wrong = broker.meter_settings(M1).login(M1, "not-the-password")
+    result = await probe(wrong)
+    assert result.answered
+    assert not result.accepted
+    with pytest.raises(LinkClosed, match="refused"):
+        async with MqttConnection(wrong, client_id=M1):
+            pass
+    unknown = broker.settings("nobody", "whatever")
+    assert not (await probe(unknown)).accepted
+    assert (await probe(broker.meter_settings(M1))).accepted
+    assert (await probe(broker.settings())).accepted
+
+
+async def test_a_meter_cannot_publish_to_another_meters_topics(broker: LocalBroker) -> None:
+    async with (
+        _client(broker.settings(), "hes-watch") as hes,
+        _client(broker.meter_settings(M1)) as meter,
+    ):
+        await hes.subscribe(f"{TOPICS.base}/#", qos=1)
+        await hes.subscribe(TOPICS.deadletter, qos=1)
+        await meter.publish(TOPICS.telemetry(M2), b"forged telemetry", qos=1)
+        await meter.publish(TOPICS.cmd_result(M2), b"forged result", qos=1)
+        await meter.publish(TOPICS.deadletter, b"forged dead letter", qos=1)
+        await meter.publish(TOPICS.telemetry(M1), b"own telemetry", qos=1)
+        # the broker keeps one publisher's messages in order: the forged ones would come first
+        message = await _next_message(hes)
+    assert message.topic.value == TOPICS.telemetry(M1)
+    assert message.payload == b"own telemetry"
+
+
+async def test_a_meter_cannot_read_another_meters_commands(broker: LocalBroker) -> None:
+    async with (
+        _client(broker.settings(), "hes-send") as hes,
+        _client(broker.meter_settings(M1)) as meter,
+    ):
+        await meter.subscribe(TOPICS.cmd(M2), qos=1)
+        await meter.subscribe(TOPICS.all_meters(TopicKind.CMD), qos=1)
+        await meter.subscribe(TOPICS.cmd(M1), qos=1)
+        await hes.publish(TOPICS.cmd(M2), b"for M2", qos=1)
+        await hes.publish(TOPICS.cmd(M1), b"for M1", qos=1)
+        message = await _next_message(meter)
+    assert (message.topic.value, message.payload) == (TOPICS.cmd(M1), b"for M1")
+
+
+async def test_tls_with_the_generated_ca(broker_factory: BrokerFactory) -> None:
+    broker = broker_factory(tls=True)
+    settings = broker.tls_settings()
+    assert settings.tls
+    assert (await probe(settings)).accepted
+    received: list[Incoming] = []
+    arrived = asyncio.Event()
+
+    def on_message(message: Incoming) -> None:
+        received.append(message)
+        arrived.set()
+
+    async with MqttConnection(
+        settings, client_id="hes-tls", subscriptions=[TOPICS.deadletter], on_message=on_message
+    ) as connection:
+        await connection.publish(TOPICS.deadletter, b"over TLS")
+        async with asyncio.timeout(5):
+            await arrived.wait()
+    assert received[0].payload == b"over TLS"
+    # without the CA the broker's certificate is not trusted
+    untrusted = BrokerSettings(settings.host, settings.port, "hes", settings.password, tls=True)
+    assert not (await probe(untrusted)).answered
+    with pytest.raises(LinkClosed, match=r"CERTIFICATE_VERIFY_FAILED|certificate verify"):
+        async with MqttConnection(untrusted, client_id="hes-untrusted"):
+            pass
+
+
+async def test_a_restart_keeps_the_port_and_the_persistent_sessions(broker: LocalBroker) -> None:
+    received: list[Incoming] = []
+    arrived = asyncio.Event()
+
+    def on_message(message: Incoming) -> None:
+        received.append(message)
+        arrived.set()
+
+    def persistent() -> MqttConnection:
+        return MqttConnection(
+            broker.settings(),
+            client_id="hes-persistent",
+            subscriptions=[TOPICS.all_meters(TopicKind.EVENTS)],
+            on_message=on_message,
+            clean_start="never",
+            session_expiry=600,
+        )
+
+    async with persistent():
+        pass  # the session and its subscription now exist on the broker
+    async with _client(broker.meter_settings(M1)) as meter:
+        await meter.publish(TOPICS.events(M1), b"queued while away", qos=1)
+    port = broker.port
+    await asyncio.to_thread(broker.restart)
+    assert broker.port == port
+    async with persistent():
+        async with asyncio.timeout(5):
+            await arrived.wait()
+    assert [m.payload for m in received] == [b"queued while away"]
+    assert "Saving in-memory database" in broker.log_text()
+
+
+async def test_choosing_a_broker(tmp_path: Path, broker: LocalBroker) -> None:
+    given = broker.settings().url(with_password=True)
+    plan = await choose_broker(given, tmp_path / "unused")
+    assert plan.local is None
+    assert plan.settings == broker.settings()
+    assert "using the broker" in plan.note
+
+    silent = f"mqtt://127.0.0.1:{free_port()}"
+    with pytest.raises(BrokerError, match="did not accept us"):
+        await choose_broker(silent, tmp_path / "never", [M1])
+    assert not (tmp_path / "never").exists(), "a named broker is never silently replaced"
+
+    plan = await choose_broker(None, tmp_path / "local", [M1], default_url=silent)
+    try:
+        assert plan.local is not None
+        assert plan.settings is not None
+        assert plan.settings.port == plan.local.port != broker.port
+        assert "none at" in plan.note
+        assert (await probe(plan.local.meter_settings(M1))).accepted
+    finally:
+        plan.close()
+
+    plan = await choose_broker("local", tmp_path / "local-2", default_url=given)
+    try:
+        assert plan.local is not None
+        assert "asked for" in plan.note
+    finally:
+        plan.close()
+
+
+async def test_without_a_url_a_broker_that_accepts_the_fleet_is_used(
+    tmp_path: Path, broker: LocalBroker
+) -> None:
+    plan = await choose_broker(None, tmp_path, [M1], default_url=broker.settings().url(True))
+    assert plan.local is None
+    assert plan.settings is not None
+    assert plan.settings.port == broker.port
+    assert "answers at" in plan.note
+    stranger = await choose_broker(
+        None, tmp_path / "other", ["NOT-PROVISIONED"], default_url=broker.settings().url(True)
+    )
+    try:
+        assert stranger.local is not None, "a broker that refuses the fleet's meters is not used"
+    finally:
+        stranger.close()
+
+
+async def test_without_mosquitto_the_fleet_runs_on_modbus_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(broker_module, "find_mosquitto", lambda: None)
+    plan = await choose_broker(None, tmp_path, default_url=f"mqtt://127.0.0.1:{free_port()}")
+    assert (plan.settings, plan.local) == (None, None)
+    assert "Modbus only" in plan.note
+
+
+async def test_a_server_that_never_accepts_the_connection_is_given_up() -> None:
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)  # reads nothing, answers nothing
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        settings = BrokerSettings("127.0.0.1", port, "hes", "x")
+        with pytest.raises(LinkClosed, match="no CONNACK"):
+            async with MqttConnection(settings, client_id="hes-patient", connect_timeout=0.3):
+                pass
+        assert not (await probe(settings, timeout=0.3)).answered
+    finally:
+        for writer in accepted:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+

@@ -1,0 +1,197 @@
+"""MeterRuntime: the live meter with its clock and its state file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from meter_sim.clock import ManualClock
+from meter_sim.config import LoadConfig, MeterConfig
+from meter_sim.nvm import StateStore
+from meter_sim.runtime import MeterRuntime
+from protocols.commands import Command, CommandEnvelope, ResultCode
+from protocols.cosem import OBIS_CLOCK, OBIS_ENERGY_IMPORT
+from protocols.errors import StateFileError
+from protocols.readings import EventCode
+
+THU_10 = 1_767_225_600.0 + 10 * 3600
+
+
+def config(**overrides: object) -> MeterConfig:
+    base: dict[str, object] = {
+        "meter_id": "RT1",
+        "load": LoadConfig(model="constant", watts=1000),
+        "friendly_hours": (),
+        "friendly_days": (),
+        "initial_credit": 100_000,
+    }
+    base.update(overrides)
+    return MeterConfig(**base)  # type: ignore[arg-type]
+
+
+def topup(runtime: MeterRuntime, sequence: int, transfer: int, amount: int) -> ResultCode:
+    envelope = CommandEnvelope("RT1", sequence, Command.credit_transfer(transfer, amount))
+    return runtime.execute(envelope).code
+
+
+def test_a_new_meter_is_saved_at_once(tmp_path: Path) -> None:
+    MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+    assert (tmp_path / "RT1.json").exists()
+    state = StateStore.for_meter(tmp_path, "RT1").load()
+    assert state["meter_id"] == "RT1"
+
+
+def test_a_command_is_persisted_before_execute_returns(tmp_path: Path) -> None:
+    clock = ManualClock(THU_10)
+    runtime = MeterRuntime.open(config(), clock, tmp_path)
+    clock.advance(1800)
+    assert topup(runtime, 1, 1, 5000) is ResultCode.OK
+    # a second process opening the same directory (as after a kill -9) sees the top-up
+    other = MeterRuntime.open(config(), ManualClock(THU_10 + 1800), tmp_path)
+    snap = other.meter.snapshot()
+    assert snap.last_transfer == 1
+    assert snap.last_command_seq == 1
+    assert other.meter.balances.credit == 100_000 - 1250 + 5000
+    assert topup(other, 2, 1, 5000) is ResultCode.DUPLICATE
+    assert other.meter.balances.credit == 100_000 - 1250 + 5000
+
+
+def test_reads_advance_the_meter_to_the_clock(tmp_path: Path) -> None:
+    clock = ManualClock(THU_10)
+    runtime = MeterRuntime.open(config(), clock, tmp_path)
+    clock.advance(3600)
+    assert runtime.read(OBIS_ENERGY_IMPORT) == 1000
+    assert runtime.snapshot().time == int(THU_10) + 3600
+    assert runtime.now() == int(THU_10) + 3600
+
+
+def test_restore_logs_the_power_down_and_power_up(tmp_path: Path) -> None:
+    clock = ManualClock(THU_10)
+    runtime = MeterRuntime.open(config(), clock, tmp_path)
+    clock.advance(3600)
+    topup(runtime, 1, 1, 100)  # syncs and saves at THU_10 + 1 h
+    seq = runtime.meter.event_seq
+    later = ManualClock(THU_10 + 5 * 3600)  # off for four hours
+    restored = MeterRuntime.open(config(), later, tmp_path)
+    tail = restored.events_since(seq)
+    assert [e.code for e in tail] == [EventCode.POWER_DOWN, EventCode.POWER_UP]
+    assert tail[0].time == int(THU_10) + 3600
+    assert tail[1].time == int(THU_10) + 5 * 3600
+    assert tail[1].a == 4 * 3600
+    assert restored.read(OBIS_ENERGY_IMPORT) == 1000  # nothing while it was off
+    # and the restore itself was saved: a third open logs a new pair, not the same one again
+    again = MeterRuntime.open(config(), ManualClock(THU_10 + 5 * 3600), tmp_path)
+    codes = [e.code for e in again.events_since(seq)]
+    assert codes == [EventCode.POWER_DOWN, EventCode.POWER_UP] * 2
+
+
+def test_open_stopped_neither_power_cycles_nor_lets_time_pass(tmp_path: Path) -> None:
+    clock = ManualClock(THU_10)
+    runtime = MeterRuntime.open(config(), clock, tmp_path)
+    clock.advance(3600)
+    topup(runtime, 1, 1, 100)
+    seq = runtime.meter.event_seq
+    stopped = MeterRuntime.open_stopped(config(), tmp_path)
+    assert stopped.meter.event_seq == seq
+    assert stopped.events_since(0) == runtime.events_since(0)
+    assert stopped.read(OBIS_ENERGY_IMPORT) == 1000
+    assert stopped.snapshot().energy_import_wh == 1000
+    assert stopped.now() == int(THU_10) + 3600
+    assert topup(stopped, 2, 2, 200) is ResultCode.OK  # an offline command, saved
+    reopened = MeterRuntime.open_stopped(config(), tmp_path)
+    assert reopened.meter.last_transfer == 2
+    assert reopened.read(OBIS_ENERGY_IMPORT) == 1000
+
+
+def test_open_stopped_shows_the_clock_the_head_end_set(tmp_path: Path) -> None:
+    runtime = MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+    envelope = CommandEnvelope("RT1", 1, Command.set_clock(int(THU_10) + 7200))
+    assert runtime.execute(envelope).code is ResultCode.OK
+    stopped = MeterRuntime.open_stopped(config(), tmp_path)
+    assert stopped.read(OBIS_CLOCK) == int(THU_10) + 7200
+
+
+def test_open_stopped_without_state(tmp_path: Path) -> None:
+    with pytest.raises(StateFileError):
+        MeterRuntime.open_stopped(config(), tmp_path)
+
+
+def _saved(tmp_path: Path) -> Path:
+    MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+    return tmp_path / "RT1.json"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["truncate", "garbage", "checksum", "format", "no_state", "empty"],
+)
+def test_a_corrupt_state_file_raises_state_file_error(tmp_path: Path, damage: str) -> None:
+    path = _saved(tmp_path)
+    raw = path.read_bytes()
+    document = json.loads(raw)
+    if damage == "truncate":
+        path.write_bytes(raw[: len(raw) // 2])
+    elif damage == "garbage":
+        path.write_bytes(b"\xff\xfe not json")
+    elif damage == "checksum":
+        document["state"]["credit"] += 1
+        path.write_text(json.dumps(document))
+    elif damage == "format":
+        document["format"] = 2
+        path.write_text(json.dumps(document))
+    elif damage == "no_state":
+        del document["state"]
+        path.write_text(json.dumps(document))
+    else:
+        path.write_bytes(b"")
+    with pytest.raises(StateFileError):
+        MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+    with pytest.raises(StateFileError):
+        MeterRuntime.open_stopped(config(), tmp_path)
+
+
+def test_a_state_that_does_not_fit_raises_state_file_error(tmp_path: Path) -> None:
+    path = _saved(tmp_path)
+    store = StateStore(path)
+    state = store.load()
+    del state["credit"]
+    store.save(state)  # a well-formed file with a valid checksum, but a key missing
+    with pytest.raises(StateFileError):
+        MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+    state = StateStore(path).load()
+    state["meter_id"] = "OTHER"
+    state["credit"] = 1
+    store.save(state)
+    with pytest.raises(StateFileError):
+        MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+
+
+def test_memory_only_runtime(tmp_path: Path) -> None:
+    clock = ManualClock(THU_10)
+    runtime = MeterRuntime.open(config(), clock)
+    assert runtime.store is None
+    clock.advance(3600)
+    assert topup(runtime, 1, 1, 100) is ResultCode.OK
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_subscribers_see_events(tmp_path: Path) -> None:
+    clock = ManualClock(THU_10)
+    runtime = MeterRuntime.open(config(), clock, tmp_path)
+    seen: list[EventCode] = []
+    unsubscribe = runtime.subscribe(lambda event: seen.append(event.code))
+    topup(runtime, 1, 1, 100)
+    assert seen == [EventCode.TOPUP_ACCEPTED]
+    unsubscribe()
+    topup(runtime, 2, 2, 100)
+    assert seen == [EventCode.TOPUP_ACCEPTED]
+
+
+def test_button_is_saved(tmp_path: Path) -> None:
+    clock = ManualClock(THU_10)
+    runtime = MeterRuntime.open(config(control_mode=5), clock, tmp_path)
+    assert runtime.press_button() is ResultCode.OK
+    reopened = MeterRuntime.open_stopped(config(control_mode=5), tmp_path)
+    assert not reopened.meter.disconnect.output_state
