@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import shutil
 import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import aiomqtt
@@ -240,3 +243,46 @@ async def test_a_server_that_never_accepts_the_connection_is_given_up() -> None:
         server.close()
         await server.wait_closed()
 
+
+def test_a_connection_collected_after_its_loop_closed_stays_quiet(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """paho closes its socket again when its client is collected; that may happen in another
+    thread after the event loop has closed, and must not reach the closed loop."""
+    kept: list[MqttConnection] = []
+
+    async def give_up() -> None:
+        accepted: list[asyncio.StreamWriter] = []
+
+        async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted.append(writer)
+
+        server = await asyncio.start_server(silent, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        try:
+            connection = MqttConnection(
+                BrokerSettings("127.0.0.1", port, "hes", "x"),
+                client_id="hes-collected",
+                connect_timeout=0.2,
+            )
+            kept.append(connection)
+            with pytest.raises(LinkClosed, match="no CONNACK"):
+                await connection.start()
+        finally:
+            for writer in accepted:
+                writer.close()
+            server.close()
+            await server.wait_closed()
+
+    asyncio.run(give_up())
+    unraisable: list[object] = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+
+    def collect() -> None:
+        kept.clear()
+        gc.collect()
+
+    worker = threading.Thread(target=collect)
+    worker.start()
+    worker.join()
+    assert [u.exc_value for u in unraisable] == []  # type: ignore[attr-defined]

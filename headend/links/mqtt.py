@@ -94,6 +94,13 @@ _CLEAN_START: dict[CleanStart, Any] = {
 }
 R = TypeVar("R")
 _READ_BURST = 64
+# paho's socket callbacks, each wired to the method of the same name with a leading underscore
+_SOCKET_CALLBACKS = (
+    "on_socket_open",
+    "on_socket_close",
+    "on_socket_register_write",
+    "on_socket_unregister_write",
+)
 
 
 def _properties(packet_type: int) -> Properties:
@@ -277,6 +284,11 @@ class MqttConnection:
         self._drop_socket()  # when closed while connecting, or the broker never answered
         self._fail_pending(LinkClosed("the MQTT connection was closed"))
         self.connected.clear()
+        if client is not None:
+            # paho closes its socket again when the client is collected, possibly after the
+            # loop is gone and in another thread: from now on that is none of this object's
+            for name in _SOCKET_CALLBACKS:
+                setattr(client, name, None)
 
     async def __aenter__(self) -> MqttConnection:
         await self.start()
@@ -322,10 +334,8 @@ class MqttConnection:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
-        client.on_socket_open = self._on_socket_open
-        client.on_socket_close = self._on_socket_close
-        client.on_socket_register_write = self._on_socket_register_write
-        client.on_socket_unregister_write = self._on_socket_unregister_write
+        for name in _SOCKET_CALLBACKS:
+            setattr(client, name, getattr(self, f"_{name}"))
         return client
 
     def _connect_properties(self) -> Properties:
@@ -560,11 +570,15 @@ class MqttConnection:
             log.exception("MQTT %s: the message handler failed on %s", self.client_id, topic)
 
     def _in_loop(self, func: Callable[..., object], *args: Any) -> None:
-        assert self._loop is not None
+        loop = self._loop
+        assert loop is not None
+        if loop.is_closed():
+            return  # paho closing a socket late (its __del__, in any thread): nothing to watch
         if threading.get_ident() == self._loop_thread:
             func(*args)
         else:
-            self._loop.call_soon_threadsafe(func, *args)
+            with contextlib.suppress(RuntimeError):  # the loop closed between check and call
+                loop.call_soon_threadsafe(func, *args)
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
         self._in_loop(self._watch_socket, sock.fileno())
