@@ -4,7 +4,12 @@ I/O; nothing imports the CLI."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 IO_MODULES = {"asyncio", "serial", "paho", "aiomqtt", "pymodbus", "sqlalchemy", "socket", "typer"}
@@ -38,3 +43,16 @@ def test_nothing_imports_the_cli() -> None:
 def test_simulator_and_head_end_are_separate() -> None:
     for path, names in _imports("meter_sim").items():
         assert "headend" not in names or path.name == "bench.py", path
+
+
+@pytest.mark.parametrize("module", ["protocols", "protocols.mqtt", "protocols.sts"])
+def test_importing_the_protocols_loads_no_io_library(module: str) -> None:
+    """What an import pulls in at run time, transitively, beyond the static check above."""
+    watched = IO_MODULES | {"ssl"}
+    code = f"import sys, {module}; print(sorted({watched!r} & set(sys.modules)))"
+    # without the coverage hook, which would load I/O modules of its own into the child
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COVERAGE_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from datetime import UTC, datetime
 
 import pytest
@@ -649,14 +647,3 @@ def test_with_a_wrong_key_tokens_fail_the_crc_or_decode_to_something_else(rnd_ti
     except TokenDecodeError:
         return
     assert other != token
-
-
-def test_protocols_sts_imports_no_io_library() -> None:
-    code = (
-        "import sys, protocols.sts;"
-        "bad = {'asyncio', 'serial', 'paho', 'pymodbus', 'sqlalchemy', 'socket'};"
-        "bad &= set(sys.modules);"
-        "print(sorted(bad))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
