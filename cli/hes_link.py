@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 import typer
 from rich.table import Table
@@ -17,10 +17,10 @@ from rich.table import Table
 from cli.common import console, fail, handle_errors, print_json
 from headend.links.base import MeterLink, send_command
 from headend.links.endpoint import LinkOptions, open_link
-from headend.links.modbus import ModbusLink
 from meter_sim.describe import snapshot_rows
 from protocols.commands import Command, CommandResult
 from protocols.errors import ConfigError
+from protocols.readings import MeterSnapshot
 
 T = TypeVar("T")
 
@@ -64,21 +64,17 @@ def _key_bytes(key: str | None) -> bytes | None:
 def read(endpoint: EndpointArg, as_json: JsonOpt = False, timeout: TimeoutOpt = 2.0) -> None:
     """Read one meter's standard registers."""
 
-    async def work(link: MeterLink) -> tuple[Any, int]:
-        snapshot = await link.read_snapshot()
-        exponent = 2
-        if isinstance(link, ModbusLink):
-            exponent = -int((await link.read_settings())["currency_scale"])
-        return snapshot, exponent
+    async def work(link: MeterLink) -> MeterSnapshot:
+        return await link.read_snapshot()
 
-    snapshot, exponent = asyncio.run(_with_link(endpoint, timeout, work))
+    snapshot = asyncio.run(_with_link(endpoint, timeout, work))
     if as_json:
         print_json(snapshot)
         return
     table = Table(title=f"{snapshot.meter_id} at {endpoint}", show_header=False)
     table.add_column("reading")
     table.add_column("value", justify="right")
-    for label, value in snapshot_rows(snapshot, exponent):
+    for label, value in snapshot_rows(snapshot):
         table.add_row(label, value)
     console.print(table)
 

@@ -257,7 +257,7 @@ def show(
         table = Table(title=f"meter {snap.meter_id}", show_header=False)
         table.add_column("what")
         table.add_column("value")
-        for label, value in snapshot_rows(snap, runtime.config.currency_exponent):
+        for label, value in snapshot_rows(snap):
             table.add_row(label, value)
         console.print(table)
         recent = runtime.meter.events_since(0, 10**9)[-events:]

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 from protocols.errors import ConfigError, ValidationError
+from protocols.units import Money
 
 CreditUnitName = Literal["money", "energy"]
 LoadModelName = Literal["residential", "constant", "csv"]
@@ -152,6 +153,10 @@ class MeterConfig:
             raise ConfigError(f"modbus_unit is 1..247, got {self.modbus_unit!r}")
         if self.word_order not in get_args(WordOrder):
             raise ConfigError(f"word_order is big or little, got {self.word_order!r}")
+        try:
+            Money(0, self.currency, self.currency_exponent)
+        except ValidationError as exc:
+            raise ConfigError(f"meter {self.meter_id}: {exc}") from exc
         for name in (
             "initial_credit",
             "low_credit_threshold",

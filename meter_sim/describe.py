@@ -10,18 +10,18 @@ from protocols.readings import Event, EventCode, MeterSnapshot, RelayCause, Stat
 from protocols.units import decimal_text
 
 
-def amount_text(snapshot: MeterSnapshot, amount: int, exponent: int = 2) -> str:
-    """An amount in the account's unit: ``12.50 KES`` or ``3.250 kWh``."""
+def amount_text(snapshot: MeterSnapshot, amount: int) -> str:
+    """An amount in the account's unit: ``12.50 KES``, ``500 JPY`` or ``3.250 kWh``."""
     if snapshot.credit_unit == 1:
         return f"{decimal_text(amount, -3)} kWh"
-    return f"{decimal_text(amount, -exponent)} {snapshot.currency}"
+    return f"{decimal_text(amount, snapshot.currency_scale)} {snapshot.currency}"
 
 
 def status_names(flags: StatusFlag) -> list[str]:
     return [flag.name.lower() for flag in StatusFlag if flag in flags and flag.name]
 
 
-def snapshot_rows(snapshot: MeterSnapshot, exponent: int = 2) -> list[tuple[str, str]]:
+def snapshot_rows(snapshot: MeterSnapshot) -> list[tuple[str, str]]:
     """(label, value) rows of a meter's standard readings."""
     rates = ", ".join(f"{decimal_text(wh, -3)}" for wh in snapshot.energy_rates_wh)
     return [
@@ -34,10 +34,10 @@ def snapshot_rows(snapshot: MeterSnapshot, exponent: int = 2) -> list[tuple[str,
         ("current", f"{decimal_text(snapshot.current_ma, -3)} A"),
         ("power factor", decimal_text(snapshot.power_factor_milli, -3)),
         ("frequency", f"{decimal_text(snapshot.frequency_chz, -2)} Hz"),
-        ("credit", amount_text(snapshot, snapshot.credit, exponent)),
-        ("emergency credit", amount_text(snapshot, snapshot.emergency_credit, exponent)),
-        ("debt", amount_text(snapshot, snapshot.debt, exponent)),
-        ("low-credit threshold", amount_text(snapshot, snapshot.low_credit_threshold, exponent)),
+        ("credit", amount_text(snapshot, snapshot.credit)),
+        ("emergency credit", amount_text(snapshot, snapshot.emergency_credit)),
+        ("debt", amount_text(snapshot, snapshot.debt)),
+        ("low-credit threshold", amount_text(snapshot, snapshot.low_credit_threshold)),
         ("relay", snapshot.control_state.name.lower().replace("_", " ")),
         ("control mode", str(snapshot.control_mode)),
         ("status", ", ".join(status_names(snapshot.status)) or "-"),

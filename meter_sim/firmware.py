@@ -847,6 +847,7 @@ class Meter:
             debt=balances.debt + max(balances.emergency_owed - balances.emergency_balance, 0),
             credit_unit=int(self.account.currency_unit),
             currency=self.config.currency if money else "Wh",
+            currency_scale=self.account.currency_scale,
             low_credit_threshold=self.account.low_credit_threshold,
             control_state=self.disconnect.control_state,
             control_mode=self.disconnect.control_mode,

@@ -220,6 +220,7 @@ class Reading(Struct, frozen=True, kw_only=True):
     debt: I64
     credit_unit: Literal[1, 2]
     currency: Annotated[str, Meta(min_length=1, max_length=8)]
+    currency_scale: Annotated[int, Meta(ge=-4, le=0)]  # -2: amounts are in cents; 0 for Wh
     low_credit_threshold: I64
     control_state: ControlState
     control_mode: Annotated[int, Meta(ge=0, le=6)]
@@ -244,6 +245,7 @@ class Reading(Struct, frozen=True, kw_only=True):
             debt=snapshot.debt,
             credit_unit=_credit_unit(snapshot.credit_unit),
             currency=snapshot.currency,
+            currency_scale=snapshot.currency_scale,
             low_credit_threshold=snapshot.low_credit_threshold,
             control_state=ControlState(snapshot.control_state),
             control_mode=snapshot.control_mode,
@@ -269,6 +271,7 @@ class Reading(Struct, frozen=True, kw_only=True):
             debt=self.debt,
             credit_unit=self.credit_unit,
             currency=self.currency,
+            currency_scale=self.currency_scale,
             low_credit_threshold=self.low_credit_threshold,
             control_state=self.control_state,
             control_mode=self.control_mode,
@@ -849,6 +852,7 @@ _EXAMPLE_SNAPSHOT = MeterSnapshot(
     debt=0,
     credit_unit=2,
     currency="KES",
+    currency_scale=-2,
     low_credit_threshold=5000,
     control_state=ControlState.CONNECTED,
     control_mode=6,

@@ -129,6 +129,7 @@ class MeterSnapshot:
     debt: int  # owed: friendly-period consumption and overshoot, repaid by the next top-up
     credit_unit: int  # CurrencyUnit: 1 consumption (Wh), 2 monetary (minor units)
     currency: str  # ISO 4217 for a monetary account, "Wh" for a consumption account
+    currency_scale: int  # power of ten of the account unit: -2 for cents, 0 for Wh
     low_credit_threshold: int
     control_state: ControlState
     control_mode: int

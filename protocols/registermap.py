@@ -83,7 +83,7 @@ from protocols.obis import Obis
 from protocols.readings import Event, EventCode, MeterSnapshot, ProfileRow, StatusFlag
 
 #: bumped whenever an address, type or meaning in the table changes
-MAP_VERSION: Final = 1
+MAP_VERSION: Final = 2
 #: the constant in the ``order_probe`` register pair
 ORDER_PROBE: Final = 0x0102_0304
 
@@ -543,6 +543,16 @@ def _snapshot() -> list[Row]:
         element=0,
     )
     lay.add(
+        "currency_scale",
+        i16,
+        "power of ten of the account unit: -2 when credit is in cents, 0 for Wh",
+        obis=OBIS_ACCOUNT,
+        attribute=11,
+        element=1,
+        minimum=-4,
+        maximum=0,
+    )
+    lay.add(
         "low_credit_threshold",
         u64,
         "low-credit warning threshold",
@@ -617,14 +627,6 @@ def _settings() -> list[Row]:
     lay = _Layout(Block.SETTINGS, _T_HOLD, 1000)
     u16, u32, u64, i16 = DataType.U16, DataType.U32, DataType.U64, DataType.I16
     account_unit = "account unit"
-    lay.add(
-        "currency_scale",
-        i16,
-        "power of ten of the account unit (-2: credit is in cents)",
-        obis=OBIS_ACCOUNT,
-        attribute=11,
-        element=1,
-    )
     lay.add(
         "max_credit",
         u64,
@@ -1212,6 +1214,8 @@ def decode_snapshot(
         )
     if values["control_mode"] > 6:
         raise DecodeError(f"control mode is 0..6, got {values['control_mode']}")
+    if not -4 <= values["currency_scale"] <= 0:
+        raise DecodeError(f"currency scale is -4..0, got {values['currency_scale']}")
     try:
         return MeterSnapshot(
             meter_id=meter_id,
@@ -1233,6 +1237,7 @@ def decode_snapshot(
             debt=values["debt"],
             credit_unit=int(values["credit_unit"]),
             currency=values["currency"],
+            currency_scale=values["currency_scale"],
             low_credit_threshold=values["low_credit_threshold"],
             control_state=control_state,
             control_mode=values["control_mode"],

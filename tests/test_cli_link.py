@@ -36,6 +36,12 @@ async def main() -> None:
         MeterRuntime.open(
             MeterConfig("CLI-0002", modbus_unit=2, auth_key=sys.argv[1], control_mode=4), clock
         ),
+        MeterRuntime.open(
+            MeterConfig(
+                "CLI-0003", modbus_unit=3, currency="BHD", currency_exponent=3, initial_credit=1500
+            ),
+            clock,
+        ),
     ]
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader()
@@ -106,6 +112,14 @@ def test_read_prints_a_table_and_json(app: typer.Typer, port: int) -> None:
     assert data["credit"] == 100_000
     assert data["currency"] == "KES"
     assert read_json(app, f"tcp://127.0.0.1:{port}/2")["meter_id"] == "CLI-0002"
+
+
+def test_read_shows_amounts_with_the_meters_own_decimals(app: typer.Typer, port: int) -> None:
+    code, out, err = run(app, "read", f"tcp://127.0.0.1:{port}/3")
+    assert code == 0, err
+    assert "1.500 BHD" in out  # 1,500 fils: the Bahraini dinar has three decimals
+    data = read_json(app, f"tcp://127.0.0.1:{port}/3")
+    assert (data["credit"], data["currency"], data["currency_scale"]) == (1500, "BHD", -3)
 
 
 def test_credit_is_confirmed_and_applied_once(app: typer.Typer, port: int) -> None:

@@ -81,6 +81,8 @@ def test_tariff_rate_lookup() -> None:
         ({"meters": [{"id": "A", "modbus_unit": 0}]}, "modbus_unit"),
         ({"meters": [{"id": "A", "credit_unit": "gold"}]}, "credit_unit"),
         ({"meters": [{"id": "A", "initial_credit": -1}]}, "initial_credit"),
+        ({"meters": [{"id": "A", "currency": "kes"}]}, "ISO 4217"),
+        ({"meters": [{"id": "A", "currency_exponent": 5}]}, "exponent is 0..4"),
         ({"meters": [{"id": "A", "auth_key": "xyz"}]}, "not hex"),
         ({"meters": [{"id": "A", "friendly_hours": [["10:00", "09:00"]]}]}, "friendly_hours"),
         (

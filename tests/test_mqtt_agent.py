@@ -19,6 +19,7 @@ from headend.links.base import MeterLink, send_command
 from headend.links.endpoint import open_link
 from headend.links.mqtt import MqttLinkHub, MqttMeterLink, publish_properties
 from meter_sim.clock import ManualClock
+from meter_sim.describe import snapshot_rows
 from meter_sim.mqtt_agent import AgentOptions, MeterAgent, run_agents
 from protocols import mqtt
 from protocols.commands import Command, CommandEnvelope, ResultCode
@@ -131,6 +132,17 @@ async def test_commands_and_reads_through_the_link(
         assert rows == runtime.profile_between(start, start + 3 * 3600)
         assert (await hub.link(M1).last_result()).sequence == 3
     assert runtime.snapshot().credit == 105_000
+
+
+async def test_a_snapshot_carries_the_currency_scale(
+    broker: LocalBroker, make_runtime: RuntimeFactory, hub: MqttLinkHub
+) -> None:
+    runtime = make_runtime(M2, currency="JPY", currency_exponent=0, initial_credit=500)
+    async with run_agents([runtime], broker.settings(), telemetry_interval=60) as group:
+        await group.wait_connected(5)
+        snapshot = await hub.link(M2).read_snapshot()
+    assert (snapshot.credit, snapshot.currency, snapshot.currency_scale) == (500, "JPY", 0)
+    assert dict(snapshot_rows(snapshot))["credit"] == "500 JPY"
 
 
 async def test_unreadable_commands_are_answered_not_executed(

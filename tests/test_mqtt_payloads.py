@@ -50,6 +50,7 @@ SNAPSHOT = MeterSnapshot(
     debt=0,
     credit_unit=2,
     currency="KES",
+    currency_scale=-2,
     low_credit_threshold=5000,
     control_state=ControlState.CONNECTED,
     control_mode=6,
@@ -64,7 +65,8 @@ TELEMETRY_VECTOR = (
     b'"energy_import_wh":1234,"energy_rates_wh":[1000,234,0,0],"power_w":450,'
     b'"voltage_dv":2301,"current_ma":1960,"power_factor_milli":998,"frequency_chz":5000,'
     b'"credit":9950,"emergency_credit":0,"debt":0,"credit_unit":2,"currency":"KES",'
-    b'"low_credit_threshold":5000,"control_state":1,"control_mode":6,"status":17,'
+    b'"currency_scale":-2,"low_credit_threshold":5000,"control_state":1,"control_mode":6,'
+    b'"status":17,'
     b'"last_event_seq":3,"last_transfer":2,"last_command_seq":5}}'
 )
 KEY = bytes(range(16))
@@ -220,6 +222,7 @@ snapshots = st.builds(
     debt=i63,
     credit_unit=st.sampled_from([1, 2]),
     currency=st.sampled_from(["KES", "Wh", "USD"]),
+    currency_scale=st.integers(-4, 0),
     low_credit_threshold=i63,
     control_state=st.sampled_from(ControlState),
     control_mode=st.integers(0, 6),

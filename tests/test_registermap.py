@@ -338,6 +338,7 @@ def snapshots(draw: st.DrawFn) -> MeterSnapshot:
         debt=draw(U64),
         credit_unit=draw(st.sampled_from([1, 2])),
         currency=draw(st.sampled_from(["KES", "Wh", "USD"])),
+        currency_scale=draw(st.integers(-4, 0)),
         low_credit_threshold=draw(U64),
         control_state=state,
         control_mode=draw(st.integers(0, 6)),
@@ -371,6 +372,7 @@ def test_snapshot_with_a_contradicting_relay_is_refused() -> None:
         0,
         2,
         "KES",
+        -2,
         50,
         ControlState.CONNECTED,
         4,
@@ -521,15 +523,12 @@ def test_cosem_values_reads_attributes_and_elements() -> None:
         calls.append((str(obis), attribute))
         if (str(obis), attribute) == ("0.0.19.20.0.255", 5):
             return (2500, 1200)
-        if (str(obis), attribute) == ("0.0.19.0.0.255", 11):
-            return ("KES", -2, 2)
         return 1
 
     values = rm.cosem_values(rows, read)
     assert values["unit_charge_rate1"] == 2500
     assert values["unit_charge_rate2"] == 1200
     assert values["unit_charge_rate3"] is None  # not implemented: the tariff has two rates
-    assert values["currency_scale"] == -2
     registers = rm.encode_block(rm.Block.SETTINGS, values)
     assert rm.decode_block(rm.Block.SETTINGS, registers) == values
     assert ("0.0.17.0.0.255", 3) in calls  # the threshold in force (threshold_active)
