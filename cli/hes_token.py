@@ -8,6 +8,7 @@ Every input can be given, so a token is reproducible: the meter's key data (``--
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -23,6 +24,8 @@ from headend.vending import (
     vend_clear_tamper,
     vend_credit,
     vend_key_change,
+    vend_meter_test,
+    vend_phase_unbalance_limit,
     vend_power_limit,
 )
 from protocols.errors import ValidationError
@@ -161,34 +164,47 @@ def credit(
         )
 
 
-@token_app.command("power-limit")
-@handle_errors
-def power_limit(
-    value: Annotated[
-        int,
-        typer.Option(
-            "--value",
-            help="Maximum power in W (rounded up to a step the token carries, like amounts).",
-            show_default=False,
-        ),
-    ],
-    vending_key: VendingKeyOpt,
-    pan: PanOpt,
-    sgc: SgcOpt = 123456,
-    ti: TiOpt = 1,
-    krn: KrnOpt = 1,
-    kt: KtOpt = 2,
-    base_date: BaseDateOpt = 2014,
-    issued_at: IssuedAtOpt = None,
-    random: RandomOpt = None,
-    last_tid: LastTidOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Issue a set-maximum-power-limit token (class 2, subclass 0)."""
-    key = _key(vending_key, pan, sgc, ti, krn, kt, base_date)
-    _print(
-        vend_power_limit(key, value, _issued_at(issued_at), rnd=random, last_tid=last_tid), as_json
+def _limit_command(vend: Callable[..., VendedToken], doc: str) -> Callable[..., None]:
+    """A command that issues a limit token (power limit, phase unbalance limit) with ``vend``."""
+
+    @handle_errors
+    def command(
+        value: Annotated[
+            int,
+            typer.Option(
+                "--value",
+                help="The limit in W (rounded up to a step the token carries, like amounts).",
+                show_default=False,
+            ),
+        ],
+        vending_key: VendingKeyOpt,
+        pan: PanOpt,
+        sgc: SgcOpt = 123456,
+        ti: TiOpt = 1,
+        krn: KrnOpt = 1,
+        kt: KtOpt = 2,
+        base_date: BaseDateOpt = 2014,
+        issued_at: IssuedAtOpt = None,
+        random: RandomOpt = None,
+        last_tid: LastTidOpt = None,
+        as_json: JsonOpt = False,
+    ) -> None:
+        key = _key(vending_key, pan, sgc, ti, krn, kt, base_date)
+        _print(vend(key, value, _issued_at(issued_at), rnd=random, last_tid=last_tid), as_json)
+
+    command.__doc__ = doc
+    return command
+
+
+token_app.command("power-limit")(
+    _limit_command(vend_power_limit, "Issue a set-maximum-power-limit token (class 2, subclass 0).")
+)
+token_app.command("phase-unbalance-limit")(
+    _limit_command(
+        vend_phase_unbalance_limit,
+        "Issue a set-maximum-phase-power-unbalance-limit token (class 2, subclass 6).",
     )
+)
 
 
 @token_app.command("clear-credit")
@@ -240,6 +256,40 @@ def clear_tamper(
     """Issue a clear-tamper token (class 2, subclass 5)."""
     key = _key(vending_key, pan, sgc, ti, krn, kt, base_date)
     _print(vend_clear_tamper(key, _issued_at(issued_at), rnd=random, last_tid=last_tid), as_json)
+
+
+@token_app.command("test")
+@handle_errors
+def meter_test(
+    control: Annotated[
+        str,
+        typer.Option(
+            "--control",
+            help="The tests or displays asked for, a bit field, decimal or 0x hex "
+            "(36 bits; 28 with --four-digit-manufacturer).",
+            show_default=False,
+        ),
+    ],
+    manufacturer: Annotated[
+        int, typer.Option("--manufacturer", min=0, help="Manufacturer code the token is for.")
+    ] = 0,
+    four_digit_manufacturer: Annotated[
+        bool,
+        typer.Option(
+            "--four-digit-manufacturer",
+            help="A 4-digit manufacturer code (subclass 1) instead of a 2-digit one (subclass 0).",
+        ),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Issue a test/display token (class 1). It is not encrypted and fits every meter of the
+    manufacturer, so it needs no key data."""
+    try:
+        bits = int(control, 0)
+    except ValueError as exc:
+        raise ValidationError(f"--control is a bit field, got {control!r}") from exc
+    vended = vend_meter_test(bits, manufacturer, four_digit_manufacturer=four_digit_manufacturer)
+    _print(vended, as_json)
 
 
 @token_app.command("key-change")

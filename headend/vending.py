@@ -38,6 +38,7 @@ from protocols.sts import (
     KeyChangeToken1,
     KeyChangeToken2,
     KeyData,
+    MeterTestSubclass,
     MeterTestToken,
     NewKey,
     SetPhaseUnbalanceLimitToken,
@@ -73,7 +74,7 @@ class VendedToken:
     token: Token
     tid: int | None  # None for key change and test tokens, which carry no TID
     issued_at: datetime | None  # the minute the TID stands for (UTC)
-    base_date: int
+    base_date: int | None  # of the key it was made with; None for a test token, made with none
 
     @property
     def formatted(self) -> str:
@@ -114,7 +115,7 @@ def _kind(token: Token) -> str:
     raise ValidationError(f"not a token: {token!r}")  # pragma: no cover
 
 
-def token_fields(token: Token, digits: str, base_date: int) -> dict[str, Any]:
+def token_fields(token: Token, digits: str, base_date: int | None) -> dict[str, Any]:
     """The token's digits, class, subclass, kind and every field, JSON-ready."""
     out: dict[str, Any] = {
         "token": digits,
@@ -137,6 +138,8 @@ def token_fields(token: Token, digits: str, base_date: int) -> dict[str, Any]:
         case MeterTestToken():
             out |= {"control": token.control, "manufacturer": token.manufacturer}
         case _:
+            if base_date is None:
+                raise ValidationError("a token with a TID needs the base date of its key")
             issued = datetime.fromtimestamp(time_from_tid(token.tid, base_date), UTC)
             out |= {
                 "tid": token.tid,
@@ -295,6 +298,21 @@ def vend_clear_tamper(
     nibble = _random(rnd)
     tid = next_tid(key, issued_at, last_tid)
     return _issue(key, ClearTamperToken(tid, nibble))
+
+
+def vend_meter_test(
+    control: int, manufacturer: int = 0, *, four_digit_manufacturer: bool = False
+) -> VendedToken:
+    """A class 1 test/display token: not encrypted and not meter specific, so it needs no key.
+    ``control`` holds the tests or displays asked for (36 bits, or 28 with a 4-digit
+    manufacturer code)."""
+    subclass = (
+        MeterTestSubclass.MANUFACTURER_4_DIGIT
+        if four_digit_manufacturer
+        else MeterTestSubclass.MANUFACTURER_2_DIGIT
+    )
+    token = MeterTestToken(subclass, control, manufacturer)
+    return VendedToken(encode_token(token, None), token, None, None, None)
 
 
 def vend_key_change(old: VendingKeyData, new: VendingKeyData) -> tuple[VendedToken, VendedToken]:

@@ -94,12 +94,31 @@ def test_a_rounded_amount_is_reported_on_stderr() -> None:
         ("clear-credit", [], "2004-03-28T09:15Z", "29511990995826640868"),
         ("clear-credit", ["--value", "65535"], "2004-03-28T09:15Z", "29511990995826640868"),
         ("clear-tamper", [], "2004-03-28T10:00Z", "37037300014464855694"),
+        ("phase-unbalance-limit", ["--value", "10"], "2004-03-28T10:20Z", "30220533115430798647"),
     ],
 )
 def test_management_tokens(command: str, extra: list[str], issued: str, expected: str) -> None:
     code, out, err = run(command, *extra, *KEY_A, "--issued-at", issued, "--random", "5")
     assert code == 0, err
     assert out.strip() == expected
+
+
+@pytest.mark.parametrize(
+    ("args", "expected", "subclass"),
+    [
+        (["--control", str((1 << 36) - 1)], "56493153725450313471", 0),
+        (["--control", "0xFFFFFFF", "--four-digit-manufacturer"], "02305843005052951967", 1),
+    ],
+)
+def test_test_tokens_need_no_key(args: list[str], expected: str, subclass: int) -> None:
+    code, out, err = run("test", *args)
+    assert (code, out, err) == (0, f"{expected}\n", "")  # no TID: a test token carries none
+    code, out, _ = run("test", *args, "--json")
+    assert code == 0
+    fields = json.loads(out)
+    assert (fields["kind"], fields["class"], fields["subclass"]) == ("test", 1, subclass)
+    assert fields["manufacturer"] == 0
+    assert "tid" not in fields
 
 
 def test_key_change_prints_both_tokens() -> None:
@@ -167,6 +186,10 @@ def test_decode_round_trips_what_credit_issued() -> None:
         (["credit", "--amount", "1", *KEY_A[:2], "--pan", "600727000000000008"], "not a PAN"),
         (["clear-credit", *KEY_A, "--value", "all"], "register mask"),
         (["key-change", *KEY_A, "--new-base-date", "2035"], "rollover"),
+        (["test", "--control", "lamp"], "bit field"),
+        (["test", "--control", str(1 << 36)], "control is an integer 0..68719476735"),
+        (["test", "--control", str(1 << 28), "--four-digit-manufacturer"], "0..268435455"),
+        (["test", "--control", "1", "--manufacturer", "256"], "manufacturer is an integer 0..255"),
     ],
 )
 def test_errors_are_one_line_on_stderr_and_exit_1(args: list[str], message: str) -> None:
