@@ -189,7 +189,7 @@ async def test_a_command_to_an_offline_meter_times_out(hub: MqttLinkHub) -> None
     started = time.monotonic()
     with pytest.raises(LinkTimeout, match="no result"):
         await hub.link(M1).execute(_envelope(1, Command.remote_disconnect()), 0.5)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 2.0  # the time-out, not a hang
     with pytest.raises(LinkTimeout):
         await hub.link(M1, timeout=0.3).read_snapshot()
 
