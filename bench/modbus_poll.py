@@ -39,10 +39,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 async def serve(count: int) -> None:
     """The simulator's side: ``count`` meters, one port each, until stdin closes."""
-    from meter_sim.clock import AcceleratedClock
     from meter_sim.config import default_fleet
     from meter_sim.modbus_server import serve_tcp_per_meter
     from meter_sim.runtime import MeterRuntime
+    from protocols.clock import AcceleratedClock
 
     fleet = default_fleet(count, initial_credit=1_000_000)
     clock = AcceleratedClock(fleet.simulation.speed)

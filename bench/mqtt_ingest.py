@@ -43,10 +43,10 @@ from paho.mqtt.subscribeoptions import SubscribeOptions  # noqa: E402
 
 from headend.broker import LocalBroker  # noqa: E402
 from headend.ingest import Ingest  # noqa: E402
-from meter_sim.clock import ManualClock  # noqa: E402
 from meter_sim.config import MeterConfig  # noqa: E402
 from meter_sim.mqtt_agent import AgentOptions, run_agents  # noqa: E402
 from meter_sim.runtime import MeterRuntime  # noqa: E402
+from protocols.clock import ManualClock  # noqa: E402
 from protocols.mqtt import (  # noqa: E402
     BrokerSettings,
     EventMessage,

@@ -24,7 +24,6 @@ from cli.common import (
     print_json,
     setup_logging,
 )
-from meter_sim.clock import AcceleratedClock, ManualClock
 from meter_sim.config import (
     FleetConfig,
     MeterConfig,
@@ -47,6 +46,7 @@ from meter_sim.runtime import MeterRuntime
 from meter_sim.serve import Endpoints, SerialLine, ServeOptions, serve_fleet
 from meter_sim.simulate import run_batch
 from protocols import registermap
+from protocols.clock import AcceleratedClock, ManualClock
 from protocols.errors import ConfigError
 from protocols.mqtt import DEFAULT_PREFIX, BrokerSettings
 

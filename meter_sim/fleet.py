@@ -9,9 +9,9 @@ import logging
 import time
 from pathlib import Path
 
-from meter_sim.clock import AcceleratedClock, Clock
 from meter_sim.config import FleetConfig
 from meter_sim.runtime import MeterRuntime
+from protocols.clock import AcceleratedClock, Clock
 
 log = logging.getLogger(__name__)
 CLOCK_FILE = "clock.json"

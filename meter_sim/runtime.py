@@ -12,10 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from meter_sim.clock import Clock, ManualClock
 from meter_sim.config import MeterConfig
 from meter_sim.firmware import Meter, TokenEntryResult
 from meter_sim.nvm import StateStore
+from protocols.clock import Clock, ManualClock
 from protocols.commands import CommandEnvelope, CommandResult
 from protocols.errors import StateFileError, ValidationError
 from protocols.obis import Obis

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from meter_sim.clock import ManualClock
 from meter_sim.fleet import Fleet
+from protocols.clock import ManualClock
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from headend.broker import LocalBroker, find_mosquitto
-from meter_sim.clock import ManualClock
 from meter_sim.config import MeterConfig
 from meter_sim.runtime import MeterRuntime
+from protocols.clock import ManualClock
 from protocols.mqtt import TopicScheme
 
 #: meters every test broker knows (default derived passwords)

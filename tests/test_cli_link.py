@@ -24,7 +24,7 @@ KEY = "00112233445566778899aabbccddeeff"
 # its stdin closes.
 SERVER = """
 import asyncio, json, sys
-from meter_sim.clock import ManualClock
+from protocols.clock import ManualClock
 from meter_sim.config import MeterConfig
 from meter_sim.modbus_server import serve_tcp
 from meter_sim.runtime import MeterRuntime

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from meter_sim.clock import ManualClock
 from meter_sim.config import LoadConfig, MeterConfig
 from meter_sim.console import handle_line, serve_console
 from meter_sim.runtime import MeterRuntime
+from protocols.clock import ManualClock
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from typing import Any
 
 import pytest
 
-from meter_sim.clock import ManualClock
 from meter_sim.config import LoadConfig, MeterConfig
 from meter_sim.firmware import Meter
+from protocols.clock import ManualClock
 from protocols.commands import Command, CommandCode, CommandEnvelope, ResultCode
 from protocols.cosem import (
     OBIS_ACCOUNT,

@@ -17,10 +17,10 @@ from pymodbus.client import AsyncModbusSerialClient
 
 from headend.links.endpoint import open_link
 from headend.links.modbus import LinkSettings, ModbusRtuLink, SerialLine
-from meter_sim.clock import ManualClock
 from meter_sim.modbus_server import serve_rtu
 from meter_sim.runtime import MeterRuntime
 from protocols import registermap as rm
+from protocols.clock import ManualClock
 from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.disconnect import ControlState
 from protocols.errors import ConfigError, LinkClosed, LinkTimeout

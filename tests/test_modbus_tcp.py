@@ -20,12 +20,12 @@ from headend.links.base import send_command
 from headend.links.endpoint import LinkOptions, open_link, parse_endpoint
 from headend.links.modbus import LinkSettings, ModbusLink, ModbusTcpLink
 from headend.vending import vend_credit
-from meter_sim.clock import ManualClock
 from meter_sim.config import MeterConfig, StsConfig
 from meter_sim.keypad import key_data_from_config
 from meter_sim.modbus_server import serve_tcp, serve_tcp_per_meter
 from meter_sim.runtime import MeterRuntime
 from protocols import registermap as rm
+from protocols.clock import ManualClock
 from protocols.commands import Command, CommandCode, CommandEnvelope, ResultCode
 from protocols.cosem import OBIS_SERIAL, OBIS_TOKEN_GATEWAY, TokenStatus
 from protocols.disconnect import ControlState

@@ -18,10 +18,10 @@ from headend.ingest import Ingest, MemorySink
 from headend.links.base import MeterLink, send_command
 from headend.links.endpoint import open_link
 from headend.links.mqtt import MqttLinkHub, MqttMeterLink, publish_properties
-from meter_sim.clock import ManualClock
 from meter_sim.describe import snapshot_rows
 from meter_sim.mqtt_agent import AgentOptions, MeterAgent, run_agents
 from protocols import mqtt
+from protocols.clock import ManualClock
 from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.errors import ConfigError, LinkTimeout
 from protocols.mqtt import TopicScheme
@@ -227,7 +227,7 @@ async def test_commands_queued_while_offline_arrive_once_unless_expired(
 AGENT_SCRIPT = """
 import asyncio, sys
 from pathlib import Path
-from meter_sim.clock import ManualClock
+from protocols.clock import ManualClock
 from meter_sim.config import MeterConfig
 from meter_sim.mqtt_agent import MeterAgent
 from meter_sim.runtime import MeterRuntime

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from meter_sim.clock import ManualClock
 from meter_sim.config import LoadConfig, MeterConfig
 from meter_sim.nvm import StateStore
 from meter_sim.runtime import MeterRuntime
+from protocols.clock import ManualClock
 from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.cosem import OBIS_CLOCK, OBIS_ENERGY_IMPORT
 from protocols.errors import StateFileError

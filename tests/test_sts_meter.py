@@ -14,10 +14,10 @@ from headend.vending import (
     vend_key_change,
     vend_power_limit,
 )
-from meter_sim.clock import ManualClock
 from meter_sim.config import MeterConfig, StsConfig
 from meter_sim.keypad import KeypadRefusal, key_data_from_config
 from meter_sim.runtime import MeterRuntime
+from protocols.clock import ManualClock
 from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.cosem import OBIS_LIMITER, OBIS_TOKEN_GATEWAY, TokenStatus
 from protocols.readings import EventCode

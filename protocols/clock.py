@@ -1,7 +1,8 @@
 """Injected time: a real clock, an accelerated simulated clock, and a manual clock for tests.
 
-All return seconds since the Unix epoch (UTC) as a float. The firmware never reads the time
-itself; it is told the time by whoever drives it.
+All return seconds since the Unix epoch (UTC) as a float. No I/O: the simulator and the
+head-end both take a :class:`Clock`, so neither the firmware nor a head-end service reads the
+time itself; it is told the time by whoever drives it.
 """
 
 from __future__ import annotations
