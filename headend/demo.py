@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -43,6 +44,7 @@ VENDING_KEY = "abababababababab"
 STS_DRN = "47123456783"
 LOW_METER = "LOW-1"
 STS_METER = "STS-1"
+STATE_DIR = "meters"  # the fleet's saved state, under the work directory
 
 FLEET = """\
 # Written by `hes demo`: the simulated fleet of the demo.
@@ -126,6 +128,7 @@ class _HeadEnd:
     links: dict[str, MeterLink] = field(default_factory=dict)
     key: bytes = bytes.fromhex(AUTH_KEY)
     confirmed: dict[str, int] = field(default_factory=dict)  # credit confirmed per meter
+    first_event: dict[str, int] = field(default_factory=dict)  # last event seq before the run
 
     def check(self, what: str, passed: bool) -> None:
         self.result.checks.append((what, passed))
@@ -147,6 +150,11 @@ async def run_demo(options: DemoOptions, reporter: Reporter) -> DemoResult:
         else:
             workdir = options.workdir
             workdir.mkdir(parents=True, exist_ok=True)
+            if (workdir / STATE_DIR).exists():
+                # every run tells the same story from the same start: the previous run's meters
+                # (credit spent, top-ups, events) would make its checks about another fleet
+                shutil.rmtree(workdir / STATE_DIR)
+                reporter.note(f"a fresh fleet: the previous run's meters in {workdir} replaced")
         meter_ids = [f"MTR-{n:04d}" for n in range(1, options.meters + 1)]
         meter_ids += [LOW_METER, STS_METER]
 
@@ -164,7 +172,7 @@ async def run_demo(options: DemoOptions, reporter: Reporter) -> DemoResult:
         fleet_file.write_text(
             FLEET.format(
                 speed=options.speed,
-                state_dir=workdir / "meters",
+                state_dir=workdir / STATE_DIR,
                 auth_key=AUTH_KEY,
                 count=options.meters,
                 low=LOW_METER,
@@ -247,6 +255,7 @@ async def _read_fleet(head_end: _HeadEnd) -> None:
     rows = []
     for meter_id, link in head_end.links.items():
         snap = await link.read_snapshot()
+        head_end.first_event[meter_id] = snap.last_event_seq
         rows.append(
             [
                 meter_id,
@@ -381,7 +390,8 @@ async def _reconcile(head_end: _HeadEnd) -> None:
     head_end.reporter.section("Reconciliation: confirmed money = credit the meters received")
     rows = []
     for meter_id, confirmed in head_end.confirmed.items():
-        events = await head_end.links[meter_id].read_events(0, 1000)
+        since = head_end.first_event.get(meter_id, 0)  # this run's events only
+        events = await head_end.links[meter_id].read_events(since, 1000)
         received = sum(e.b for e in events if e.code is EventCode.TOPUP_ACCEPTED)
         rows.append([meter_id, str(confirmed), str(received)])
         head_end.check(

@@ -51,3 +51,18 @@ def test_demo_runs_on_modbus_alone(tmp_path: Path) -> None:
     assert not failed, "\n".join(reporter.lines)
     assert "## Remote disconnect and reconnect (Modbus)" in reporter.lines
     assert any(line.startswith("## Reconciliation") for line in reporter.lines)
+
+
+@pytest.mark.slow
+def test_demo_runs_again_on_its_kept_workdir(tmp_path: Path) -> None:
+    """A second run on the same work directory tells the same story and holds every check,
+    in about the time of the first (the old meters' spent credit and top-ups do not carry)."""
+    options = DemoOptions(meters=1, mqtt=False, workdir=tmp_path)
+    first = asyncio.run(run_demo(options, ListReporter()))
+    assert first.ok
+    reporter = ListReporter()
+    second = asyncio.run(run_demo(options, reporter))
+    failed = [what for what, ok in second.checks if not ok]
+    assert not failed, "\n".join(reporter.lines)
+    assert len(second.checks) == len(first.checks)
+    assert any("a fresh fleet" in line for line in reporter.lines)
