@@ -21,18 +21,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pymodbus.constants import ExcCodes
+from pymodbus.datastore import ModbusServerContext
 from pymodbus.exceptions import NoSuchIdException
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadInputRegistersRequest,
+    ReadWriteMultipleRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
 from meter_sim.runtime import MeterRuntime
+from protocols import modbus_functions as mf
 from protocols import registermap as rm
 from protocols.commands import ResultCode
 from protocols.cosem import OBIS_SERIAL, OBIS_TOKEN_GATEWAY
@@ -45,7 +56,6 @@ log = logging.getLogger(__name__)
 #: answered with exception 02 by pymodbus itself)
 SPAN = max(rm.table_size(rm.Table.INPUT), rm.table_size(rm.Table.HOLDING))
 _FOREVER = 2**64 - 2
-_BIT_FUNCTIONS = frozenset({1, 2, 5, 15})
 _SNAPSHOT_BLOCKS = frozenset({rm.Block.MEASUREMENTS, rm.Block.ACCOUNT, rm.Block.STATUS})
 
 
@@ -73,6 +83,24 @@ _BLOCKS_BY_TABLE = {table: _block_index(table) for table in rm.Table}
 _WRITABLE: dict[int, rm.Row] = {
     address: row for row in rm.ROWS if row.writable for address in range(row.address, row.end)
 }
+
+
+def covering_blocks(table: rm.Table, address: int, count: int) -> list[rm.BlockSpec]:
+    """The blocks that hold registers ``address .. address + count - 1`` of ``table``, in order;
+    RegisterRefused (02) unless every one of them is mapped."""
+    end = address + count
+    covered = address
+    found: list[rm.BlockSpec] = []
+    for spec in _BLOCKS_BY_TABLE[table]:
+        if spec.end <= address or spec.start >= end:
+            continue
+        if spec.start > covered:
+            break
+        found.append(spec)
+        covered = min(end, spec.end)
+    if covered < end:
+        raise _illegal_address(f"{table} register {covered} is not mapped")
+    return found
 
 
 @dataclass(slots=True)
@@ -103,19 +131,29 @@ class MeterRegisters:
         end = address + count
         out: list[int] = []
         reading = _Reading()
-        covered = address
-        for spec in _BLOCKS_BY_TABLE[table]:
-            if spec.end <= address or spec.start >= end:
-                continue
-            if spec.start > covered:
-                break
+        for spec in covering_blocks(table, address, count):
             start, registers = self._block(spec, reading)
             low, high = max(address, spec.start), min(end, spec.end)
             out += registers[low - start : high - start]
-            covered = high
-        if covered < end:
-            raise _illegal_address(f"{table} register {covered} is not mapped")
         return out
+
+    def identification(self) -> rm.Identification:
+        config = self.runtime.config
+        return rm.Identification(
+            meter_id=self.meter_id,
+            manufacturer=config.manufacturer,
+            model=config.model,
+            firmware=config.firmware,
+            serial=str(self.runtime.read(OBIS_SERIAL, 2)),
+            word_order=self.order,
+        )
+
+    def device_objects(self) -> dict[int, bytes]:
+        """The read device identification objects (0x2B/0x0E) of this meter, by object id."""
+        ident = self.identification()
+        return {
+            obj.object_id: str(getattr(ident, obj.source)).encode() for obj in mf.DEVICE_OBJECTS
+        }
 
     def _block(self, spec: rm.BlockSpec, reading: _Reading) -> tuple[int, list[int]]:
         """(first address, registers) of the group that holds ``spec``."""
@@ -131,16 +169,7 @@ class MeterRegisters:
             return found
         registers: list[int]
         if block is rm.Block.IDENTIFICATION:
-            config = self.runtime.config
-            ident = rm.Identification(
-                meter_id=self.meter_id,
-                manufacturer=config.manufacturer,
-                model=config.model,
-                firmware=config.firmware,
-                serial=str(self.runtime.read(OBIS_SERIAL, 2)),
-                word_order=order,
-            )
-            registers = rm.encode_identification(ident)
+            registers = rm.encode_identification(self.identification())
         elif block is rm.Block.FLOATS:
             registers = rm.encode_block(block, rm.float_values(self._snapshot(reading)), order)
         elif block is rm.Block.SETTINGS:
@@ -238,13 +267,19 @@ class MeterRegisters:
         self.token_result = outcome.result
 
 
+def char_seconds(baudrate: int, bytesize: int, parity: str, stopbits: int) -> float:
+    """The time one character takes on the line: a start bit, the data bits, the parity bit
+    (unless parity is N) and the stop bits (11 bits for 8E1, 8O1 and 8N2, 10 for 8N1)."""
+    bits = 1 + bytesize + (0 if parity.upper() == "N" else 1) + stopbits
+    return bits / baudrate
+
+
 class _Pacer:
     """Delays each answer by the time a real line at the configured speed would take: the
     request, the answer and the two 3.5-character silences; one request at a time per line."""
 
     def __init__(self, baudrate: int, bytesize: int, parity: str, stopbits: int) -> None:
-        bits = 1 + bytesize + (0 if parity.upper() == "N" else 1) + stopbits
-        self.char_seconds = bits / baudrate
+        self.char_seconds = char_seconds(baudrate, bytesize, parity, stopbits)
         self.lock = asyncio.Lock()
 
     @staticmethod
@@ -281,8 +316,6 @@ class _Device:
     ) -> ExcCodes | None:
         meter_id = self.registers.meter_id
         try:
-            if function_code in _BIT_FUNCTIONS:
-                raise _illegal_address("this meter has no coils or discrete inputs")
             table = rm.Table.INPUT if function_code == 4 else rm.Table.HOLDING
             if set_values is None:
                 if self.pacer is not None:
@@ -313,6 +346,147 @@ class _Device:
                 "meter %s: function %d at %d failed: %s", meter_id, function_code, address, exc
             )
             return ExcCodes.DEVICE_FAILURE
+
+
+# -- requests ----------------------------------------------------------------------------------
+#
+# pymodbus decodes a request with a table of every function it implements (coils, FIFO, file
+# records, diagnostics with canned data) and answers a request it cannot decode with `80 01`.
+# The meter answers the functions of protocols.modbus_functions instead: the decoder below
+# classifies each request there and hands pymodbus's own request class only the served ones;
+# every other request becomes a refusal with the request's own function code. pymodbus 3.16
+# takes no decoder argument, so the servers are given this decoder as their ``decoder``
+# attribute before they listen (each connection builds its framer from it).
+
+
+class _Refused(ModbusPDU):
+    """A request answered with an exception: an unserved function or a malformed request."""
+
+    def __init__(
+        self,
+        function_code: int,
+        exception: mf.ExceptionCode,
+        reason: str,
+        meters: Mapping[int, MeterRegisters],
+    ) -> None:
+        super().__init__()
+        self.function_code = function_code
+        self.exception = exception
+        self.reason = reason
+        self.meters = meters
+
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        if device_id not in self.meters:  # a unit without a meter is answered as such
+            raise NoSuchIdException("no meter has this unit id")
+        log.info(
+            "meter %s: function %#04x refused with exception %02d: %s",
+            self.meters[device_id].meter_id,
+            self.function_code,
+            self.exception,
+            self.reason,
+        )
+        return ExceptionResponse(self.function_code, int(self.exception))
+
+
+class _ReadWriteRegisters(ReadWriteMultipleRegistersRequest):
+    """Function 23 with both halves checked before the write: pymodbus writes first and reads
+    after, so a read of an unmapped address was refused only once the write had been applied
+    (and a command executed)."""
+
+    meters: Mapping[int, MeterRegisters] = {}
+
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        registers = self.meters.get(device_id)
+        if registers is not None:
+            try:
+                covering_blocks(rm.Table.HOLDING, self.read_address, self.read_count)
+            except RegisterRefused as exc:
+                log.info(
+                    "meter %s: function 23 reading %d (+%d) refused with exception %02d: %s",
+                    registers.meter_id,
+                    self.read_address,
+                    self.read_count,
+                    exc.code,
+                    exc,
+                )
+                return ExceptionResponse(self.function_code, exc.code)
+        return await super().datastore_update(context, device_id)
+
+
+class _ReadDeviceIdentification(ModbusPDU):
+    """Function 0x2B / MEI type 0x0E from the meter's identification; pymodbus's own answers
+    from one process-wide identity block, the same for every unit."""
+
+    function_code = 0x2B
+    rtu_frame_size = 7  # unit, 0x2B, 0x0E, read code, object id, CRC
+
+    def __init__(
+        self, read_code: int = 0, object_id: int = 0, meters: Mapping[int, MeterRegisters] = {}
+    ) -> None:
+        super().__init__()
+        self.read_code = read_code
+        self.object_id = object_id
+        self.meters = meters
+
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        registers = self.meters.get(device_id)
+        if registers is None:
+            raise NoSuchIdException("no meter has this unit id")
+        try:
+            objects = registers.device_objects()
+            chosen = mf.select_objects(objects, self.read_code, self.object_id)
+        except mf.RequestRefused as exc:
+            log.info(
+                "meter %s: device identification %d/%#04x refused with exception %02d: %s",
+                registers.meter_id,
+                self.read_code,
+                self.object_id,
+                exc.code,
+                exc,
+            )
+            return ExceptionResponse(self.function_code, int(exc.code))
+        except HesError as exc:
+            log.error("meter %s: device identification failed: %s", registers.meter_id, exc)
+            return ExceptionResponse(self.function_code, ExcCodes.DEVICE_FAILURE)
+        response = ReadDeviceInformationResponse(
+            read_code=self.read_code,
+            information={object_id: objects[object_id] for object_id in chosen},
+            dev_id=device_id,
+            transaction_id=self.transaction_id,
+        )
+        response.conformity = mf.CONFORMITY_LEVEL
+        return response
+
+
+_REQUESTS: dict[int, type[ModbusPDU]] = {
+    0x03: ReadHoldingRegistersRequest,
+    0x04: ReadInputRegistersRequest,
+    0x06: WriteSingleRegisterRequest,
+    0x10: WriteMultipleRegistersRequest,
+    0x17: _ReadWriteRegisters,
+    0x2B: _ReadDeviceIdentification,
+}
+
+
+class _MeterDecoder(DecodePDU):
+    """Requests as protocols.modbus_functions decides them (see the comment above)."""
+
+    def __init__(self, meters: Mapping[int, MeterRegisters]) -> None:
+        super().__init__(True)
+        self.meters = meters
+
+    def decode(self, frame: bytes) -> ModbusPDU | None:
+        try:
+            function = mf.classify(frame)
+        except mf.RequestRefused as exc:
+            return _Refused(frame[0] if frame else 0, exc.code, str(exc), self.meters)
+        if function.code == 0x2B:
+            return _ReadDeviceIdentification(frame[2], frame[3], self.meters)
+        pdu = _REQUESTS[function.code]()
+        pdu.decode(frame[1:])  # well-formed: classify has checked its length and counts
+        if isinstance(pdu, _ReadWriteRegisters):
+            pdu.meters = self.meters
+        return pdu
 
 
 async def _no_such_device(  # noqa: PLR0917 - the signature pymodbus calls
@@ -399,6 +573,7 @@ async def serve_tcp(
     connections when the context is entered."""
     devices, meters = _devices(runtimes)
     server = ModbusTcpServer(devices, address=(host, port), ignore_missing_devices=False)
+    server.decoder = _MeterDecoder(meters)  # see "requests" above
     await _start(server, f"{host}:{port}")
     try:
         service = ModbusService(meters, host, _bound_port(server))
@@ -454,6 +629,7 @@ async def serve_rtu(
         bytesize=bytesize,
         ignore_missing_devices=True,
     )
+    server.decoder = _MeterDecoder(meters)  # see "requests" above
     await _start(server, url)
     try:
         log.info("Modbus RTU on %s at %d baud for %d meter(s)", url, baudrate, len(meters))
