@@ -1,15 +1,24 @@
 """Modbus TCP and Modbus RTU servers whose datastore is the live meter.
 
 The seam is pymodbus 3.16's ``SimDevice`` with an ``action``: pymodbus calls the action for
-every request with the request's function code, address and count, and the action fills the
-registers from :class:`MeterRegisters`, which reads the meter (``MeterRuntime``) through the
-register map at that moment. pymodbus' own register list for the device is only a scratch buffer
-for the reply; nothing is copied from it. (``ModbusServerContext``/``ModbusDeviceContext`` are
-deprecated in 3.16 and not used.)
+every register read and write with the request's function code, address and count, and the
+action fills the registers from :class:`MeterRegisters`, which reads the meter
+(``MeterRuntime``) through the register map at that moment. pymodbus' own register list for the
+device is only a scratch buffer for the reply; nothing is copied from it.
+(``ModbusServerContext``/``ModbusDeviceContext`` are deprecated in 3.16 and not used.)
 
 The only state kept here is what a master writes: the command block, the window starts and the
 token registers, i.e. the transport's input buffers, and the result of the last token entered
 through the token block. Everything read comes from the meter.
+
+Requests: which function codes a meter serves, and the exception every other or malformed
+request gets, is decided by ``protocols.modbus_functions``; the servers decode requests with it
+instead of pymodbus's own table (see "requests" below). Function 23 checks its read half against
+the map before its write is applied, so a refused request changes nothing. Read device
+identification (0x2B/0x0E) answers from the meter's identification. On a serial line a frame
+also ends with 3.5 characters of silence at the line's speed: what is left over then is
+answered if it is a whole frame and discarded if not, so a truncated frame never swallows the
+next request.
 
 Unit ids: every server also holds a catch-all device (id 0, which pymodbus uses for any unit id
 without a device of its own) that raises ``NoSuchIdException``: over TCP pymodbus answers it
@@ -29,6 +38,7 @@ from typing import Any
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
 from pymodbus.exceptions import NoSuchIdException
+from pymodbus.framer import FramerRTU
 from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
 from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
 from pymodbus.pdu.register_message import (
@@ -39,6 +49,7 @@ from pymodbus.pdu.register_message import (
     WriteSingleRegisterRequest,
 )
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
@@ -274,6 +285,18 @@ def char_seconds(baudrate: int, bytesize: int, parity: str, stopbits: int) -> fl
     return bits / baudrate
 
 
+#: Modbus over serial line v1.02 (2.5.1.1): above 19,200 baud the silence is a fixed 1.75 ms
+_FAST_LINE_BAUD = 19_200
+_FAST_LINE_SILENCE = 0.00175
+
+
+def frame_silence(baudrate: int, bytesize: int, parity: str, stopbits: int) -> float:
+    """The silence that ends an RTU frame: 3.5 characters, or 1.75 ms above 19,200 baud."""
+    if baudrate > _FAST_LINE_BAUD:
+        return _FAST_LINE_SILENCE
+    return 3.5 * char_seconds(baudrate, bytesize, parity, stopbits)
+
+
 class _Pacer:
     """Delays each answer by the time a real line at the configured speed would take: the
     request, the answer and the two 3.5-character silences; one request at a time per line."""
@@ -458,6 +481,15 @@ class _ReadDeviceIdentification(ModbusPDU):
         return response
 
 
+class _Unframed(ModbusPDU):
+    """What the RTU framer is told of a request it cannot size (an unserved function): its
+    frame ends with the line's silence (see ``_RtuRequestHandler``)."""
+
+    @classmethod
+    def calculateRtuFrameSize(cls, data: bytes) -> int:  # noqa: N802 - pymodbus's name
+        return 0  # "need more": the silence after the frame decides
+
+
 _REQUESTS: dict[int, type[ModbusPDU]] = {
     0x03: ReadHoldingRegistersRequest,
     0x04: ReadInputRegistersRequest,
@@ -475,6 +507,14 @@ class _MeterDecoder(DecodePDU):
         super().__init__(True)
         self.meters = meters
 
+    def lookupPduClass(self, data: bytes) -> type[ModbusPDU] | None:  # noqa: N802 - pymodbus's
+        """The class that sizes an RTU frame (unit id, function code, data, CRC)."""
+        code = data[1]
+        if code in mf.MEI_FUNCTION_CODES and len(data) < 3:
+            return _Unframed
+        function = mf.lookup(code, data[2] if code in mf.MEI_FUNCTION_CODES else None)
+        return _REQUESTS[code] if function.served else _Unframed
+
     def decode(self, frame: bytes) -> ModbusPDU | None:
         try:
             function = mf.classify(frame)
@@ -487,6 +527,64 @@ class _MeterDecoder(DecodePDU):
         if isinstance(pdu, _ReadWriteRegisters):
             pdu.meters = self.meters
         return pdu
+
+
+class _RtuRequestHandler(ServerRequestHandler):
+    """The request handler of a serial line, with the RTU rule pymodbus lacks: a frame ends
+    with 3.5 characters of silence. pymodbus sizes a frame from its function code and waits for
+    the rest of it for ever, so a truncated frame, or one it cannot size, swallowed the next
+    request. When the line has been silent that long with bytes left over, they are a whole
+    frame: one with a good CRC is answered (an unserved function gets exception 01, a short
+    request 03), anything else is discarded."""
+
+    def __init__(self, owner: _RtuServer) -> None:
+        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+        self.silence = owner.silence
+        self.frame_end: asyncio.TimerHandle | None = None
+
+    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        used = int(super().callback_data(data, addr))
+        if self.frame_end is not None:
+            self.frame_end.cancel()
+            self.frame_end = None
+        if used < len(data):
+            self.frame_end = self.loop.call_later(self.silence, self._silence)
+        return used
+
+    def callback_disconnected(self, exc: Exception | None) -> None:
+        if self.frame_end is not None:
+            self.frame_end.cancel()
+            self.frame_end = None
+        super().callback_disconnected(exc)
+
+    def _silence(self) -> None:
+        self.frame_end = None
+        frame, self.recv_buffer = self.recv_buffer, b""
+        crc = int.from_bytes(frame[-2:], "big")
+        if len(frame) < FramerRTU.MIN_SIZE or not FramerRTU.check_CRC(frame[:-2], crc):
+            log.debug(
+                "discarded %d byte(s) of a partial frame after the line fell silent", len(frame)
+            )
+            return
+        pdu = self.framer.decoder.decode(frame[1:-2])
+        if pdu is None:  # pragma: no cover - the meter's decoder answers every request
+            return
+        pdu.dev_id = frame[0]
+        self.last_pdu, self.last_addr = pdu, None
+        self.loop.call_soon(self.handle_later)
+
+
+class _RtuServer(ModbusSerialServer):
+    """pymodbus's serial server with the meter's decoder and the RTU silence rule; it exists
+    only to hand each connection an ``_RtuRequestHandler``."""
+
+    def __init__(self, devices: list[SimDevice], decoder: DecodePDU, silence: float, **kwargs: Any):
+        super().__init__(devices, **kwargs)
+        self.decoder = decoder
+        self.silence = silence
+
+    def callback_new_connection(self) -> ServerRequestHandler:
+        return _RtuRequestHandler(self)
 
 
 async def _no_such_device(  # noqa: PLR0917 - the signature pymodbus calls
@@ -620,8 +718,10 @@ async def serve_rtu(
         raise ConfigError("stop bits are 1 or 2, byte size 7 or 8, baud rate positive")
     pacer = _Pacer(baudrate, bytesize, parity, stopbits) if pace else None
     devices, meters = _devices(runtimes, pacer)
-    server = ModbusSerialServer(
+    server = _RtuServer(
         devices,
+        _MeterDecoder(meters),
+        frame_silence(baudrate, bytesize, parity, stopbits),
         port=url,
         baudrate=baudrate,
         parity=parity.upper(),
@@ -629,7 +729,6 @@ async def serve_rtu(
         bytesize=bytesize,
         ignore_missing_devices=True,
     )
-    server.decoder = _MeterDecoder(meters)  # see "requests" above
     await _start(server, url)
     try:
         log.info("Modbus RTU on %s at %d baud for %d meter(s)", url, baudrate, len(meters))

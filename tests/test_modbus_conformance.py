@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from pymodbus.client import AsyncModbusTcpClient
 
-from meter_sim.modbus_server import serve_tcp
+from meter_sim.modbus_server import char_seconds, frame_silence, serve_tcp
 from meter_sim.runtime import MeterRuntime
 from protocols import modbus_functions as mf
 from protocols import registermap as rm
@@ -360,6 +360,19 @@ def test_select_objects_follows_the_spec() -> None:
         with pytest.raises(mf.RequestRefused) as refused:
             mf.select_objects(objects, read_code, object_id)
         assert refused.value.code == code
+
+
+# -- 4. the RTU silence, computed -----------------------------------------------------------------
+
+
+def test_character_time_and_frame_silence() -> None:
+    assert char_seconds(9600, 8, "N", 1) == 10 / 9600
+    for parity, stopbits in (("E", 1), ("O", 1), ("N", 2)):
+        assert char_seconds(9600, 8, parity, stopbits) == 11 / 9600
+    assert frame_silence(9600, 8, "N", 1) == pytest.approx(3.5 * 10 / 9600)
+    assert frame_silence(19200, 8, "E", 1) == pytest.approx(3.5 * 11 / 19200)
+    for baud in (38400, 57600, 115200):
+        assert frame_silence(baud, 8, "N", 1) == 0.00175
 
 
 # -- an independent master ------------------------------------------------------------------------
