@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pymodbus.client import AsyncModbusTcpClient
 
-from meter_sim.modbus_server import char_seconds, frame_silence, serve_tcp
+from meter_sim.modbus_server import _MeterDecoder, char_seconds, frame_silence, serve_tcp
 from meter_sim.runtime import MeterRuntime
 from protocols import modbus_functions as mf
 from protocols import registermap as rm
@@ -271,6 +273,35 @@ def test_classify_decides_like_the_spec() -> None:
         with pytest.raises(mf.RequestRefused) as refused:
             mf.classify(pdu)
         assert refused.value.code == code, pdu.hex()
+
+
+def _check_classified(pdu: bytes) -> None:
+    """Any bytes are a served function or a refusal with 01 or 03, never another error, and the
+    server's decoder turns them into a request or a refusal of the same function code."""
+    try:
+        function = mf.classify(pdu)
+    except mf.RequestRefused as refused:
+        assert refused.code in (
+            mf.ExceptionCode.ILLEGAL_FUNCTION,
+            mf.ExceptionCode.ILLEGAL_DATA_VALUE,
+        )
+    else:
+        assert function.served
+        assert function is mf.lookup(pdu[0], pdu[1] if pdu[0] == 0x2B else None)
+    if pdu:
+        request = _MeterDecoder({}).decode(pdu)
+        assert request is not None
+        assert request.function_code == pdu[0]
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_are_classified(pdu: bytes) -> None:
+    _check_classified(pdu)
+
+
+@given(st.sampled_from([3, 4, 6, 0x10, 0x17, 0x2B]), st.binary(max_size=260))
+def test_any_bytes_of_a_served_function_are_classified(code: int, data: bytes) -> None:
+    _check_classified(bytes([code]) + data)
 
 
 # -- 3. read device identification (0x2B / 0x0E) --------------------------------------------------
