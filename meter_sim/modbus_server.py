@@ -444,7 +444,7 @@ class _ReadDeviceIdentification(ModbusPDU):
     rtu_frame_size = 7  # unit, 0x2B, 0x0E, read code, object id, CRC
 
     def __init__(
-        self, read_code: int = 0, object_id: int = 0, meters: Mapping[int, MeterRegisters] = {}
+        self, read_code: int, object_id: int, meters: Mapping[int, MeterRegisters]
     ) -> None:
         super().__init__()
         self.read_code = read_code

@@ -2,8 +2,8 @@
 
 Every function code a master can send is either *served* (answered from the register map or the
 meter's identification) or *refused* with exception 01 (illegal function). The simulator's server
-decides every request through :func:`lookup`, and the documentation is generated from
-:data:`MODBUS_FUNCTIONS`, so the two cannot disagree. A served function still answers exception 03
+decides every request through :func:`classify`, so :data:`MODBUS_FUNCTIONS` is the one place to
+read (or document) what the meter does with a function code. A served function answers exception 03
 (illegal data value) to a malformed request (a count of 0, a count above the function's limit, a
 byte count that does not match, a PDU too short or too long) and exception 02 (illegal data
 address) to an address the register map does not have.
