@@ -32,7 +32,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -63,6 +63,7 @@ MOSQUITTO_PATHS = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
 HEADEND_USER = "hes"
 DYNSEC_PLUGIN = "mosquitto_dynamic_security.so"
 METER_SESSION_EXPIRY = 7 * 86400  # what a probe leaves a meter's session with (the agent's)
+HEADEND_FILE = "headend.url"  # the head-end's broker URL with its password
 SECURITY_FILE = "dynamic-security.json"  # users, password hashes and ACL
 _START_ATTEMPTS = 3
 
@@ -259,7 +260,9 @@ class LocalBroker:
     """A Mosquitto of our own in ``directory``; use as a context manager or start()/stop().
 
     ``meters`` are provisioned as users named by their meter id, with the given passwords or,
-    for None (or a plain list of ids), the derived default of :func:`protocols.mqtt.meter_password`.
+    for None (or a plain list of ids), the password derived from ``meter_secret``
+    (:func:`meter_passwords`). ``tls`` adds a TLS listener with a CA and server certificate
+    generated in ``directory/tls``; ``plain=False`` then closes the plain listener.
     """
 
     directory: Path
@@ -267,6 +270,9 @@ class LocalBroker:
     topics: TopicScheme = field(default_factory=TopicScheme)
     headend_password: str = field(default_factory=lambda: secrets.token_hex(12))
     tls: bool = False
+    plain: bool = True  # the plain-TCP listener (False: TLS only)
+    meter_secret: str = LAB_METER_SECRET
+    tls_days: int = 30  # validity of the generated certificates
     persistence: bool = True
     max_queued_messages: int = 1_000_000
     max_inflight_messages: int = 1000
@@ -279,8 +285,10 @@ class LocalBroker:
     tls_files: TlsFiles | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
-        self.directory = Path(self.directory)
-        self.passwords = meter_passwords(self.meters)
+        self.directory = Path(self.directory).resolve()  # the config names absolute paths
+        if not (self.plain or self.tls):
+            raise ConfigError("a broker needs a listener: plain, TLS or both")
+        self.passwords = meter_passwords(self.meters, self.meter_secret)
         if HEADEND_USER in self.passwords:
             raise ConfigError(f"{HEADEND_USER!r} is the head-end's user name, not a meter id")
         self.passwords[HEADEND_USER] = self.headend_password
@@ -293,6 +301,8 @@ class LocalBroker:
 
     def settings(self, username: str = HEADEND_USER, password: str | None = None) -> BrokerSettings:
         """Plain-TCP settings for ``username`` (default: the head-end) with its password."""
+        if not self.plain:
+            raise ConfigError("this broker has no plain listener (TLS only)")
         return BrokerSettings(
             self.host, self.port, username, password or self.passwords.get(username)
         )
@@ -314,6 +324,19 @@ class LocalBroker:
     def meter_settings(self, meter_id: str) -> BrokerSettings:
         return self.settings(meter_id, self.passwords[meter_id])
 
+    def headend_settings(self) -> BrokerSettings:
+        """The head-end's login on the broker's preferred listener: TLS when there is one."""
+        return self.tls_settings() if self.tls else self.settings()
+
+    @property
+    def headend_file(self) -> Path:
+        """Where :meth:`write` puts the head-end's broker URL, password included (mode 0600)."""
+        return self.directory / HEADEND_FILE
+
+    @property
+    def config_path(self) -> Path:
+        return self.directory / "mosquitto.conf"
+
     @property
     def log_path(self) -> Path:
         return self.directory / "mosquitto.log"
@@ -330,7 +353,12 @@ class LocalBroker:
 
     # -- configuration ----------------------------------------------------------------------------
 
-    def _write_config(self) -> Path:
+    def write(self) -> Path:
+        """Write the whole configuration into ``directory`` for the ports set (the config file,
+        the users, password hashes and ACL, the TLS files, the head-end's URL in
+        :attr:`headend_file`) and return the config file's path."""
+        if (self.plain and not self.port) or (self.tls and not self.tls_port):
+            raise ConfigError("choose the listeners' ports before writing the configuration")
         self.directory.mkdir(parents=True, exist_ok=True)
         data = self.directory / "data"
         data.mkdir(exist_ok=True)
@@ -362,14 +390,15 @@ class LocalBroker:
             "log_type information",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "connection_messages true",
-            f"listener {self.port} {self.host}",
         ]
+        if self.plain:
+            lines.append(f"listener {self.port} {self.host}")
         if os.geteuid() == 0:
             # as root Mosquitto would switch to the user "mosquitto", who cannot write here
             lines.insert(0, f"user {getpass.getuser()}")
         if self.tls:
             if self.tls_files is None:
-                self.tls_files = make_tls_files(self.directory / "tls")
+                self.tls_files = make_tls_files(self.directory / "tls", self.tls_days)
             lines += [
                 f"listener {self.tls_port} {self.host}",
                 f"cafile {self.tls_files.ca_cert}",
@@ -377,8 +406,10 @@ class LocalBroker:
                 f"keyfile {self.tls_files.server_key}",
                 "tls_version tlsv1.2",
             ]
-        conf = self.directory / "mosquitto.conf"
+        conf = self.config_path
         conf.write_text("\n".join(lines) + "\n")
+        self.headend_file.write_text(self.headend_settings().url(with_password=True) + "\n")
+        self.headend_file.chmod(0o600)
         return conf
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -394,12 +425,12 @@ class LocalBroker:
         binary = self.binary or find_mosquitto()
         if binary is None:
             raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
-        fixed = bool(self.port)
+        fixed = bool(self.port or self.tls_port)
         for attempt in range(1, _START_ATTEMPTS + 1):
             if not fixed:
-                self.port = free_port()
+                self.port = free_port() if self.plain else 0
                 self.tls_port = free_port() if self.tls else 0
-            conf = self._write_config()
+            conf = self.write()
             offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.process = subprocess.Popen(
                 [str(binary), "-c", str(conf)],
@@ -418,30 +449,17 @@ class LocalBroker:
                     continue
                 raise
             log.info(
-                "mosquitto listening on %s:%d (pid %d)", self.host, self.port, self.process.pid
+                "mosquitto listening on %s port %s (pid %d)",
+                self.host,
+                " and ".join(str(p) for p in (self.port, self.tls_port) if p),
+                self.process.pid,
             )
             return
 
     def _wait_ready(self, timeout: float) -> None:
+        assert self.process is not None
         ports = [p for p in (self.port, self.tls_port) if p]
-        deadline = time.monotonic() + timeout
-        pending = list(ports)
-        while pending:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise BrokerError(
-                    f"mosquitto exited with code {self.process.returncode}: "
-                    f"{self.log_text()[-800:].strip()}"
-                )
-            try:
-                with socket.create_connection((self.host, pending[0]), timeout=0.5):
-                    pending.pop(0)
-                    continue
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise BrokerError(f"mosquitto did not listen on {pending} within {timeout} s")
-            time.sleep(0.005)
+        _wait_listening(self.process, [(self.host, p) for p in ports], timeout, self.log_text)
 
     def _terminate(self, timeout: float = 10.0) -> int | None:
         process, self.process = self.process, None
@@ -483,6 +501,105 @@ class LocalBroker:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+def _wait_listening(
+    process: subprocess.Popen[bytes],
+    listeners: Iterable[tuple[str, int]],
+    timeout: float,
+    log_text: Callable[[], str],
+) -> None:
+    """Return once every listener accepts a TCP connection; BrokerError if the broker exits
+    first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    pending = list(listeners)
+    while pending:
+        if process.poll() is not None:
+            raise BrokerError(
+                f"mosquitto exited with code {process.returncode}: {log_text()[-800:].strip()}"
+            )
+        try:
+            with socket.create_connection(pending[0], timeout=0.5):
+                pending.pop(0)
+                continue
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            ports = [port for _, port in pending]
+            raise BrokerError(f"mosquitto did not listen on {ports} within {timeout} s")
+        time.sleep(0.005)
+
+
+# -- running a written configuration in the foreground --------------------------------------------
+
+
+def configured_listeners(directory: Path) -> list[tuple[str, int]]:
+    """The (host, port) of each listener in ``directory``'s mosquitto.conf."""
+    conf = directory / "mosquitto.conf"
+    try:
+        text = conf.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{conf}: {exc.strerror} (write it with `hes broker config`)") from exc
+    listeners = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "listener" and words[1].isdigit():
+            listeners.append((words[2], int(words[1])))
+    if not listeners:
+        raise ConfigError(f"{conf} configures no listener")
+    return listeners
+
+
+def run_configured(
+    directory: Path,
+    on_ready: Callable[[list[tuple[str, int]]], None],
+    binary: Path | None = None,
+    timeout: float = 10.0,
+) -> int:
+    """Run Mosquitto in the foreground with ``directory``'s configuration until it exits or
+    this process gets SIGINT (Ctrl-C) or SIGTERM, which stop it cleanly (it saves its
+    sessions and queues). ``on_ready`` is called once every listener accepts connections.
+    Returns Mosquitto's exit code (0 after a clean stop)."""
+    directory = Path(directory)
+    listeners = configured_listeners(directory)
+    binary = binary or find_mosquitto()
+    if binary is None:
+        raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
+    log_path = directory / "mosquitto.log"
+
+    def log_text() -> str:
+        try:
+            return log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    process = subprocess.Popen(
+        [str(binary), "-c", str(directory / "mosquitto.conf")], stdin=subprocess.DEVNULL
+    )
+
+    def stop(signum: int, _frame: object) -> None:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        try:
+            _wait_listening(process, listeners, timeout, log_text)
+            on_ready(listeners)
+            return process.wait()
+        except KeyboardInterrupt:
+            stop(signal.SIGINT, None)
+            return process.wait()
+        finally:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    process.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 # -- probing and choosing a broker ----------------------------------------------------------------
