@@ -66,6 +66,7 @@ METER_SESSION_EXPIRY = 7 * 86400  # what a probe leaves a meter's session with (
 HEADEND_FILE = "headend.url"  # the head-end's broker URL with its password
 SECURITY_FILE = "dynamic-security.json"  # users, password hashes and ACL
 _START_ATTEMPTS = 3
+_RUNNING = " running\n"  # Mosquitto's log line once every listener is open
 
 
 class BrokerError(HesError):
@@ -440,7 +441,7 @@ class LocalBroker:
                 start_new_session=True,
             )
             try:
-                self._wait_ready(timeout)
+                self._wait_ready(timeout, offset)
             except BrokerError:
                 self._terminate()
                 tail = self.log_text()[offset:]
@@ -456,10 +457,15 @@ class LocalBroker:
             )
             return
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _wait_ready(self, timeout: float, offset: int) -> None:
         assert self.process is not None
         ports = [p for p in (self.port, self.tls_port) if p]
-        _wait_listening(self.process, [(self.host, p) for p in ports], timeout, self.log_text)
+        _wait_listening(
+            self.process,
+            [(self.host, p) for p in ports],
+            timeout,
+            lambda: self.log_text()[offset:],
+        )
 
     def _terminate(self, timeout: float = 10.0) -> int | None:
         process, self.process = self.process, None
@@ -503,27 +509,36 @@ class LocalBroker:
         self.stop()
 
 
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "nothing in its log"
+
+
 def _wait_listening(
     process: subprocess.Popen[bytes],
     listeners: Iterable[tuple[str, int]],
     timeout: float,
     log_text: Callable[[], str],
 ) -> None:
-    """Return once every listener accepts a TCP connection; BrokerError if the broker exits
-    first or ``timeout`` passes."""
+    """Return once the broker has logged that it runs (it opens every listener first: a port
+    that another process holds makes it exit instead) and every listener accepts a TCP
+    connection; BrokerError if it exits first or ``timeout`` passes. ``log_text`` gives this
+    run's log."""
     deadline = time.monotonic() + timeout
     pending = list(listeners)
+    running = False
     while pending:
         if process.poll() is not None:
-            raise BrokerError(
-                f"mosquitto exited with code {process.returncode}: {log_text()[-800:].strip()}"
-            )
-        try:
-            with socket.create_connection(pending[0], timeout=0.5):
-                pending.pop(0)
-                continue
-        except OSError:
-            pass
+            reason = _last_line(log_text())
+            raise BrokerError(f"mosquitto exited with code {process.returncode}: {reason}")
+        running = running or _RUNNING in log_text()
+        if running:
+            try:
+                with socket.create_connection(pending[0], timeout=0.5):
+                    pending.pop(0)
+                    continue
+            except OSError:
+                pass
         if time.monotonic() > deadline:
             ports = [port for _, port in pending]
             raise BrokerError(f"mosquitto did not listen on {ports} within {timeout} s")
@@ -559,17 +574,21 @@ def run_configured(
     """Run Mosquitto in the foreground with ``directory``'s configuration until it exits or
     this process gets SIGINT (Ctrl-C) or SIGTERM, which stop it cleanly (it saves its
     sessions and queues). ``on_ready`` is called once every listener accepts connections.
-    Returns Mosquitto's exit code (0 after a clean stop)."""
+    Returns 0 after a clean stop; BrokerError, with the last line of its log, when Mosquitto
+    fails to start or exits with an error."""
     directory = Path(directory)
     listeners = configured_listeners(directory)
     binary = binary or find_mosquitto()
     if binary is None:
         raise BrokerError("mosquitto is not installed (apt-get install mosquitto)")
     log_path = directory / "mosquitto.log"
+    offset = log_path.stat().st_size if log_path.exists() else 0
 
     def log_text() -> str:
         try:
-            return log_path.read_text(errors="replace")
+            with log_path.open("rb") as handle:
+                handle.seek(offset)
+                return handle.read().decode(errors="replace")
         except FileNotFoundError:
             return ""
 
@@ -586,10 +605,10 @@ def run_configured(
         try:
             _wait_listening(process, listeners, timeout, log_text)
             on_ready(listeners)
-            return process.wait()
+            code = process.wait()
         except KeyboardInterrupt:
             stop(signal.SIGINT, None)
-            return process.wait()
+            code = process.wait()
         finally:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
@@ -600,6 +619,9 @@ def run_configured(
                     process.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if code != 0:
+        raise BrokerError(f"mosquitto exited with code {code}: {_last_line(log_text())}")
+    return code
 
 
 # -- probing and choosing a broker ----------------------------------------------------------------

@@ -7,6 +7,8 @@ import asyncio
 import json
 import os
 import signal
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -51,9 +53,11 @@ def _config(*args: str) -> tuple[int, str, str]:
 
 
 @asynccontextmanager
-async def _running(directory: Path) -> AsyncIterator[asyncio.subprocess.Process]:
+async def _running(
+    directory: Path, stop: signal.Signals = signal.SIGTERM
+) -> AsyncIterator[asyncio.subprocess.Process]:
     """`hes broker run DIRECTORY` as a child process, once it says it listens; stopped with
-    SIGTERM afterwards, which must end it cleanly (exit code 0)."""
+    ``stop`` (SIGTERM, or SIGINT as Ctrl-C sends) afterwards, which must end it cleanly."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -70,7 +74,7 @@ async def _running(directory: Path) -> AsyncIterator[asyncio.subprocess.Process]
         line = await asyncio.wait_for(process.stdout.readline(), 20)
         assert line.startswith(b"mosquitto listening on "), line
         yield process
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop)
         assert await asyncio.wait_for(process.wait(), 20) == 0
     finally:
         if process.returncode is None:
@@ -119,8 +123,9 @@ async def test_a_tls_only_broker_serves_meters_and_the_head_end(
     assert runtimes[1].snapshot().last_transfer == 1
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
 async def test_keep_plain_keeps_both_listeners(
-    tmp_path: Path, fleet: Path, mosquitto_path: Path
+    tmp_path: Path, fleet: Path, mosquitto_path: Path, stop: signal.Signals
 ) -> None:
     directory = tmp_path / "broker"
     port, tls_port = free_port(), free_port()
@@ -132,7 +137,7 @@ async def test_keep_plain_keeps_both_listeners(
     assert f"{M2} {EXPLICIT}" in stdout.splitlines()  # asked for
     headend = BrokerSettings.parse_url((directory / "headend.url").read_text().strip())
     assert headend.port == tls_port
-    async with _running(directory):
+    async with _running(directory, stop):
         assert (await probe(headend)).accepted
         plain = BrokerSettings(headend.host, port, "hes", headend.password)
         assert (await probe(plain)).accepted
@@ -213,3 +218,28 @@ def test_meter_passwords_explicit_wins_else_derived_from_the_secret() -> None:
     assert passwords == {M1: meter_password(M1, None, "fleet-secret"), M2: EXPLICIT}
     assert passwords[M1] != meter_passwords([M1], "another-secret")[M1]
     assert meter_passwords([M1]) == {M1: meter_password(M1)}  # the lab default
+
+
+def test_run_on_a_port_in_use_fails_with_one_line(
+    tmp_path: Path, fleet: Path, mosquitto_path: Path
+) -> None:
+    directory = tmp_path / "broker"
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert _config("--fleet", str(fleet), "--out", str(directory), "--port", str(port))[0] == 0
+        done = subprocess.run(
+            [sys.executable, "-m", "cli.hes", "broker", "run", str(directory)],
+            cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(ours) == 1
+    assert "in use" in ours[0]
+    assert "Traceback" not in done.stderr
