@@ -429,21 +429,21 @@ async def _answer(
 async def test_a_foreign_schema_user_property_is_refused_and_nothing_runs(
     broker: LocalBroker, make_runtime: RuntimeFactory
 ) -> None:
-    runtime = make_runtime(M1)
-    command = mqtt.encode_command(_envelope(12, Command.credit_transfer(1, 100)))
-    request = mqtt.encode_request(mqtt.SnapshotRequest(meter_id=M1))
+    runtime = make_runtime(M2, auth_key=None)  # keyless, as the meter the problem was seen on
+    command = b'{"v":1,"meter_id":"MTR-0002","sequence":12,"code":3,"args":[1,100]}'
+    request = mqtt.encode_request(mqtt.SnapshotRequest(meter_id=M2))
     async with (
         run_agents([runtime], broker.settings(), telemetry_interval=60) as group,
         _headend_client(broker, "hes-schema") as hes,
     ):
         await group.wait_connected(5)
-        await hes.subscribe(TOPICS.cmd_result(M1), qos=1)
-        await hes.subscribe(TOPICS.reply(M1), qos=1)
+        await hes.subscribe(TOPICS.cmd_result(M2), qos=1)
+        await hes.subscribe(TOPICS.reply(M2), qos=1)
         # a third-party client, exactly as an operator would type it
         pub = await asyncio.create_subprocess_exec(
             "mosquitto_pub", "-V", "5", "-q", "1", "-h", broker.host, "-p", str(broker.port),
             "-u", "hes", "-P", broker.headend_password, "-i", "hes-mosquitto-pub",
-            "-t", TOPICS.cmd(M1), "-m", command.decode(),
+            "-t", TOPICS.cmd(M2), "-m", command.decode(),
             "-D", "publish", "user-property", "schema", "2",
             "-D", "publish", "correlation-data", "pub",
         )  # fmt: skip
@@ -451,7 +451,7 @@ async def test_a_foreign_schema_user_property_is_refused_and_nothing_runs(
         by_cli = mqtt.decode_result(bytes((await _answer(hes, b"pub")).payload)).result
         for schema, number in (("2", b"\x01"), ("1", b"\x02")):  # paho: refused, then accepted
             await hes.publish(
-                TOPICS.cmd(M1), command, qos=1, properties=_raw_properties(schema, number)
+                TOPICS.cmd(M2), command, qos=1, properties=_raw_properties(schema, number)
             )
             answer = await _answer(hes, number)
             if schema == "2":
@@ -461,7 +461,7 @@ async def test_a_foreign_schema_user_property_is_refused_and_nothing_runs(
         replies = []
         for schema, number in (("2", b"\x03"), ("1", b"\x04")):
             await hes.publish(
-                TOPICS.request(M1), request, qos=1, properties=_raw_properties(schema, number)
+                TOPICS.request(M2), request, qos=1, properties=_raw_properties(schema, number)
             )
             replies.append(mqtt.decode_reply(bytes((await _answer(hes, number)).payload)))
     for refused in (by_cli, by_paho):
