@@ -670,6 +670,7 @@ def _probe_blocking(
     if keep_session is not None:
         connect = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         connect.SessionExpiryInterval = keep_session
+    client.manual_ack_set(True)  # a message of a resumed session stays queued for its owner
     if settings.username:
         client.username_pw_set(settings.username, settings.password)
     tls = _probe_context(settings) if settings.tls else None

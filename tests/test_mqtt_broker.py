@@ -373,3 +373,35 @@ async def test_the_probe_logs_in_through_paho_with_mqtt_5(broker: LocalBroker) -
     logged = [line for line in broker.log_text().splitlines() if " as hes-probe-" in line]
     assert logged
     assert "(p5," in logged[-1]  # MQTT 5, as every client of the project speaks
+
+
+async def test_checking_a_meters_login_leaves_its_queued_commands(
+    tmp_path: Path, broker: LocalBroker, make_runtime: RuntimeFactory
+) -> None:
+    runtime = make_runtime(M1)
+    options = AgentOptions(telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2)
+    first = MeterAgent(runtime, broker.settings(), TOPICS, options)
+    task = asyncio.create_task(first.run())
+    await asyncio.wait_for(first.connected.wait(), 5)
+    first.stop()
+    await task
+    envelope = CommandEnvelope.signed(M1, 1, Command.credit_transfer(1, 700), KEY)
+    async with (
+        MqttLinkHub(broker.settings()) as hub,
+        _client(broker.settings(), "hes-watch-cmd") as watcher,
+    ):
+        await watcher.subscribe(TOPICS.cmd(M1), qos=1)
+        queued = asyncio.create_task(hub.execute(envelope, 30))
+        await _next_message(watcher)
+        # the fleet check logs in as the meter, into its session with the command waiting
+        plan = await choose_broker(None, tmp_path, [M1], default_url=broker.settings().url(True))
+        assert plan.local is None
+        returned = MeterAgent(runtime, broker.settings(), TOPICS, options)
+        task = asyncio.create_task(returned.run())
+        try:
+            result = await asyncio.wait_for(queued, 10)
+        finally:
+            returned.stop()
+            await task
+    assert (result.sequence, result.code) == (1, ResultCode.OK)
+    assert runtime.snapshot().last_transfer == 1
