@@ -12,6 +12,7 @@ Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -139,6 +140,8 @@ def config(
     if show_meter_passwords:
         for meter in meters:
             typer.echo(f"{meter.meter_id} {broker.passwords[meter.meter_id]}")
+    meters_url = replace(broker.headend_settings(), username=None, password=None).url()
+    typer.echo(f"meters connect with: meter-sim serve --mqtt '{meters_url}'")
     typer.echo(f"run it with: hes broker run {out}")
 
 

@@ -101,6 +101,8 @@ async def test_a_tls_only_broker_serves_meters_and_the_head_end(
     for secret in (headend.password, derived, EXPLICIT):
         assert secret not in stdout  # no password on the terminal unless asked
     assert configured_listeners(directory) == [("127.0.0.1", tls_port)]  # plain is closed
+    ca = directory / "tls" / "ca.pem"
+    assert f"meter-sim serve --mqtt 'mqtts://127.0.0.1:{tls_port}?ca={ca}'" in stdout
 
     runtimes = [make_runtime(M1), make_runtime(M2, mqtt_password=EXPLICIT)]
     key = bytes.fromhex(TEST_KEY)
