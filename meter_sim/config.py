@@ -377,8 +377,9 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("meter", "debt_recovery_percent"): "Share of each top-up that repays debt before it "
     "becomes credit.",
     ("meter", "control_mode"): "Disconnect control mode 0..6 (DLMS class 70); see "
-    "the mode table in the design notes. 6: remote disconnect, local disconnect for credit, "
-    "automatic local reconnection after a top-up, remote reconnection to ready-for-reconnection.",
+    "[the mode table](register-map.md#disconnect-control-modes). 6: remote disconnect, "
+    "local disconnect for credit, automatic local reconnection after a top-up, remote "
+    "reconnection to ready-for-reconnection.",
     ("meter", "limiter_watts"): "Power limit in W (0: limiter off).",
     ("meter", "limiter_over_seconds"): "How long power must exceed the limit before the relay "
     "trips.",
