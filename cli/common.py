@@ -63,9 +63,33 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+#: Libraries whose own log lines are not the operator's business unless asked for with -v:
+#: the project's adapters turn their failures into one clear line of their own. Without -v,
+#: pymodbus says nothing at all (its frame dumps, "requested device id does not exist" and
+#: "Failed to connect … Repeating…" are what the adapter already reports); the others only
+#: their warnings.
+LIBRARY_LOGGERS: dict[str, int] = {
+    "pymodbus": logging.CRITICAL + 1,
+    "paho": logging.WARNING,
+    "aiomqtt": logging.WARNING,
+    "asyncio": logging.WARNING,
+}
+
+
 def setup_logging(verbose: int) -> None:
+    """Logging for a command: the project's own loggers at WARNING (-v: INFO, -vv: DEBUG);
+    the libraries' at their quiet level (-v: WARNING, -vv: DEBUG)."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    for name, quiet in LIBRARY_LOGGERS.items():
+        if verbose >= 2:
+            library_level = logging.DEBUG
+        elif verbose == 1:
+            library_level = logging.WARNING
+        else:
+            library_level = quiet
+        logging.getLogger(name).setLevel(library_level)
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
