@@ -6,28 +6,52 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 from meter_sim.config import FleetConfig
 from meter_sim.runtime import MeterRuntime
-from protocols.clock import AcceleratedClock, Clock
+from protocols.clock import AcceleratedClock, Clock, SystemClock
+from protocols.errors import StateFileError
 
 log = logging.getLogger(__name__)
 CLOCK_FILE = "clock.json"
 
 
-def resume_time(config: FleetConfig, state_dir: Path) -> float:
+def resume_time(config: FleetConfig, state_dir: Path, clock: Clock | None = None) -> float:
     """Where a fleet's simulated time starts: ``simulation.start`` if set, else the later of
-    the time its last run saved and now (so a run after a batch run continues from it)."""
+    the time its last run saved and ``clock``'s now (the wall clock by default), so a run after
+    a batch run continues from it.
+
+    A clock file that cannot be read or does not hold a time raises StateFileError, as a
+    corrupt meter state file does: the fleet must not restart earlier than its meters' time.
+    """
     if config.simulation.start is not None:
         return config.simulation.start
-    now = time.time()
+    now = (clock or SystemClock()).now()
+    saved = read_clock_file(state_dir / CLOCK_FILE)
+    return now if saved is None else max(now, saved)
+
+
+def read_clock_file(path: Path) -> float | None:
+    """The simulated time a fleet's last run saved; None when it never saved one."""
     try:
-        saved = float(json.loads((state_dir / CLOCK_FILE).read_text())["time"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return now
-    return max(now, saved)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StateFileError(f"{path}: corrupt clock file: {exc}") from exc
+    saved = document.get("time") if isinstance(document, dict) else None
+    if not isinstance(saved, int | float) or isinstance(saved, bool):
+        saved = -1.0
+    if not (math.isfinite(saved) and saved >= 0):
+        raise StateFileError(f'{path}: corrupt clock file: no "time" in epoch seconds')
+    return float(saved)
 
 
 class Fleet:

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from meter_sim.config import LoadConfig, MeterConfig
+from meter_sim.config import LoadConfig, MeterConfig, default_fleet
+from meter_sim.fleet import CLOCK_FILE, resume_time
 from meter_sim.nvm import StateStore
 from meter_sim.runtime import MeterRuntime
 from protocols.clock import ManualClock
@@ -195,3 +196,21 @@ def test_button_is_saved(tmp_path: Path) -> None:
     assert runtime.press_button() is ResultCode.OK
     reopened = MeterRuntime.open_stopped(config(control_mode=5), tmp_path)
     assert not reopened.meter.disconnect.output_state
+
+
+def test_resume_time_takes_the_later_of_the_saved_time_and_the_clock(tmp_path: Path) -> None:
+    fleet = default_fleet(1)
+    assert resume_time(fleet, tmp_path, ManualClock(THU_10)) == THU_10
+    (tmp_path / CLOCK_FILE).write_text(json.dumps({"time": THU_10 + 60}))
+    assert resume_time(fleet, tmp_path, ManualClock(THU_10)) == THU_10 + 60
+    assert resume_time(fleet, tmp_path, ManualClock(THU_10 + 120)) == THU_10 + 120
+
+
+@pytest.mark.parametrize(
+    "text", ["", "{not json", "[]", "{}", '{"time": "soon"}', '{"time": -1}', '{"time": 1e999}']
+)
+def test_a_corrupt_clock_file_raises_state_file_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / CLOCK_FILE
+    path.write_text(text)
+    with pytest.raises(StateFileError, match=r"clock\.json: corrupt clock file"):
+        resume_time(default_fleet(1), tmp_path, ManualClock(THU_10))
