@@ -110,7 +110,11 @@ def _fleet_config(path: Path) -> FleetConfig:
 
 
 def _state_dir(config: FleetConfig, state_dir: Path | None) -> Path:
-    return state_dir if state_dir is not None else Path(config.simulation.state_dir)
+    directory = state_dir if state_dir is not None else Path(config.simulation.state_dir)
+    if directory.exists() and not directory.is_dir():
+        where = "--state-dir" if state_dir is not None else "simulation.state_dir"
+        raise ConfigError(f"{where} {directory}: not a directory")
+    return directory
 
 
 def _meter(config: FleetConfig, meter_id: str | None) -> MeterConfig:

@@ -306,7 +306,7 @@ LOAD_KEYS: dict[str, Any] = {
     "model": LoadModelName,
     "watts": _int(0, MAX_WATTS),
     "mean_watts": _int(0, MAX_WATTS),
-    "seed": _int(0, 2**63 - 1),
+    "seed": _int(0, 2**32 - 1),
     "csv_path": _text(min_length=1, max_length=4096),
 }
 STS_KEYS: dict[str, Any] = {
@@ -448,8 +448,9 @@ def _schema_error(exc: msgspec.ValidationError, root: str = "") -> ConfigError:
         path, message = _join(path, found[1]), "required key is missing"
         if path == "meters":
             message = "the fleet has no meters: add a [[meters]] entry"
-    elif found := re.match(r"Expected `(\w+)`, got `(\w+)`", what):
+    elif found := re.match(r"Expected `([^`]+)`, got `([^`]+)`", what):
         expected, got = (_TYPE_NAMES.get(name, name) for name in found.groups())
+        expected = expected.replace(" | ", " or ")
         message = f"expected {expected}, got {got}"
     elif found := re.match(r"Expected `(?:int|float)` (.+)", what):
         message = "must be " + re.sub(r"(\d)\.0\b", r"\1", found[1])
