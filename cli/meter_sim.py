@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -47,7 +48,13 @@ from meter_sim.describe import (
 from meter_sim.fleet import Fleet, resume_time
 from meter_sim.lock import StateDirLock
 from meter_sim.runtime import MeterRuntime
-from meter_sim.serve import Endpoints, SerialLine, ServeOptions, serve_fleet
+from meter_sim.serve import (
+    Endpoints,
+    SerialLine,
+    ServeOptions,
+    mqtt_password_secret,
+    serve_fleet,
+)
 from meter_sim.simulate import run_batch
 from protocols import registermap
 from protocols.clock import AcceleratedClock, ManualClock
@@ -105,7 +112,8 @@ def _option(name: str, parse: Callable[[], T]) -> T:
 
 def _fleet_config(path: Path) -> FleetConfig:
     if path == DEFAULT_CONFIG and not path.exists():
-        return default_fleet()
+        # no secret a broker could know: serving MQTT asks for a fleet file (meter-sim init)
+        return replace(default_fleet(), mqtt_password_secret=None)
     return load_fleet(path)
 
 
@@ -464,6 +472,8 @@ def serve(
         mqtt_prefix=_option("--mqtt-prefix", lambda: TopicScheme(mqtt_prefix).prefix),
         telemetry_interval=telemetry_interval,
     )
+    if options.broker is not None:
+        mqtt_password_secret(config)  # refused before any meter is opened
 
     def ready(endpoints: Endpoints) -> None:
         if ready_json:

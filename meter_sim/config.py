@@ -659,7 +659,8 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     "`little`.",
     ("meter", "auth_key"): "Hex key for command authentication tags (HMAC-SHA256); unset: "
     "commands need no tag (lab use).",
-    ("meter", "mqtt_password"): "The meter's MQTT password; unset: derived for local brokers.",
+    ("meter", "mqtt_password"): "The meter's MQTT password; unset: derived from the fleet's "
+    "`[mqtt] password_secret` (serving MQTT without either is refused).",
     ("meter", "sts"): "STS keypad parameters (table below); unset: no keypad.",
     ("tariff", "prices"): "Unit price of each rate (1..4), minor currency units per kWh.",
     ("tariff", "weekday"): 'Rate switch points Monday-Friday: `[["00:00", 2], ["07:00", 1], '

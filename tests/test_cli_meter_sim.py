@@ -1,13 +1,22 @@
 from __future__ import annotations
 
+import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
+import aiomqtt
 import pytest
 from typer.testing import CliRunner
 
 from cli.meter_sim import app
+from meter_sim.config import default_fleet, load_fleet, new_password_secret
+from meter_sim.fleet import Fleet
 from meter_sim.lock import StateDirLock
+from meter_sim.serve import ServeOptions, serve_fleet
+from protocols.clock import ManualClock
+from protocols.mqtt import BrokerSettings, TopicScheme, meter_password
+from tests.mqtt_broker import BrokerFactory
 
 runner = CliRunner()
 
@@ -94,3 +103,58 @@ def test_a_speed_that_is_not_positive_is_refused(workdir: Path, speed: str) -> N
     assert result.exit_code == 2
     assert "--speed" in result.output
     assert not (workdir / "var" / "meters" / "MTR-0001.json").exists()
+
+
+def test_init_writes_a_fresh_mqtt_password_secret(workdir: Path) -> None:
+    assert runner.invoke(app, ["init", "one.toml"]).exit_code == 0
+    assert runner.invoke(app, ["init", "two.toml"]).exit_code == 0
+    secrets = [load_fleet(workdir / name).mqtt_password_secret for name in ("one.toml", "two.toml")]
+    assert all(s is not None and len(s) == 64 for s in secrets)
+    assert secrets[0] != secrets[1]
+
+
+def test_serving_mqtt_without_a_secret_is_refused(workdir: Path) -> None:
+    (workdir / "fleet.toml").write_text("[[meters]]\nid = 'A'\n[[meters]]\nid = 'B'\n")
+    for config in (["-c", "fleet.toml"], []):
+        result = runner.invoke(app, ["serve", *config, "--mqtt", "mqtt://127.0.0.1:1"])
+        assert result.exit_code == 1, result.output
+        (line,) = result.output.strip().splitlines()
+        assert "have no mqtt_password" in line
+        assert "password_secret" in line
+    assert not (workdir / "var").exists(), "nothing was opened"
+
+
+@pytest.mark.mqtt
+async def test_served_meters_log_in_with_passwords_from_the_fleet_secret(
+    broker_factory: BrokerFactory, tmp_path: Path
+) -> None:
+    secret = new_password_secret()
+    config = replace(default_fleet(2), mqtt_password_secret=secret)
+    ids = [meter.meter_id for meter in config.meters]
+    broker = broker_factory({m: meter_password(m, None, secret) for m in ids})
+    fleet = Fleet.from_config(config, ManualClock(), tmp_path / "state")
+    options = ServeOptions(modbus_port=None, broker=BrokerSettings(broker.host, broker.port))
+    stop = asyncio.Event()
+    topics = TopicScheme()
+    async with aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username="hes",
+        password=broker.headend_password,
+        identifier="hes-secret-test",
+        protocol=aiomqtt.ProtocolVersion.V5,
+    ) as client:
+        await client.subscribe(f"{topics.base}/+/state", qos=1)
+        serving = asyncio.create_task(serve_fleet(fleet, options, stop))
+        online: set[str] = set()
+        try:
+            async with asyncio.timeout(15):
+                async for message in client.messages:
+                    if b"online" in bytes(message.payload):  # type: ignore[arg-type]
+                        online.add(message.topic.value.split("/")[-2])
+                    if online == set(ids):
+                        break
+        finally:
+            stop.set()
+            await serving
+    assert online == set(ids)
