@@ -98,10 +98,27 @@ class Fleet:
     def save_all(self) -> None:
         for runtime in self.runtimes.values():
             runtime.save()
+        self._write_clock(self.clock.now())
+
+    async def save_all_async(self) -> None:
+        """:meth:`save_all` with the files written in a worker thread: every meter's state and
+        the time are taken on the event loop, at one instant of the fleet."""
+        taken = [(rt, rt.prepare_save()) for rt in self.runtimes.values()]
+        now = self.clock.now()
+
+        def write() -> None:
+            for runtime, prepared in taken:
+                if prepared is not None and runtime.store is not None:
+                    runtime.store.write(prepared)
+            self._write_clock(now)
+
+        await asyncio.to_thread(write)
+
+    def _write_clock(self, now: float) -> None:
         if self.state_dir is not None:
             clock_file = self.state_dir / CLOCK_FILE
             tmp = clock_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"time": self.clock.now()}))
+            tmp.write_text(json.dumps({"time": now}))
             tmp.replace(clock_file)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -120,7 +137,7 @@ class Fleet:
                     if index % 50 == 49:
                         await asyncio.sleep(0)
                 if time.monotonic() - last_save >= self.save_interval:
-                    self.save_all()
+                    await self.save_all_async()
                     last_save = time.monotonic()
                 elapsed = time.monotonic() - started
                 if elapsed > tick:
@@ -128,5 +145,6 @@ class Fleet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(tick - elapsed, 0.0))
         finally:
+            # the last save stays on this thread: it must complete even when run() is cancelled
             self.sync_all()
             self.save_all()
