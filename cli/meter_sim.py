@@ -8,6 +8,7 @@ import json
 import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,8 @@ from typing import Any, Literal, TypeVar
 
 import tomli_w
 import typer
+from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from cli.common import (
@@ -38,6 +41,7 @@ from meter_sim.config import (
 )
 from meter_sim.console import serve_console
 from meter_sim.describe import (
+    amount_text,
     conservation,
     event_dict,
     event_text,
@@ -60,6 +64,7 @@ from protocols import registermap
 from protocols.clock import AcceleratedClock, ManualClock
 from protocols.errors import ConfigError, ValidationError
 from protocols.mqtt import DEFAULT_PREFIX, BrokerSettings, TopicScheme
+from protocols.units import decimal_text
 
 T = TypeVar("T")
 
@@ -194,7 +199,8 @@ def run(
     state_dir: Path | None = StateDirOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Run the fleet under the accelerated clock; print every meter at the end."""
+    """Run the fleet under the accelerated clock (on a terminal, a live view of the simulated
+    time and every meter, refreshed each second); print every meter at the end."""
     config = _fleet_config(config_path)
     directory = _state_dir(config, state_dir)
     seconds = parse_duration(duration, "--for") if duration is not None else None
@@ -211,11 +217,58 @@ def run(
             sim_speed = config.simulation.speed if speed is None else speed
             accelerated = AcceleratedClock(sim_speed, start)
             fleet = Fleet.from_config(config, accelerated, directory)
-            asyncio.run(_run_realtime(fleet, None if seconds is None else seconds / sim_speed))
+            real_seconds = None if seconds is None else seconds / sim_speed
+            asyncio.run(_run_realtime(fleet, real_seconds, None if as_json else console))
     _print_fleet(fleet, as_json)
 
 
-async def _run_realtime(fleet: Fleet, real_seconds: float | None) -> None:
+#: at most this many meters are shown one per row in the live view; more are summed up
+LIVE_ROWS = 20
+
+
+def live_view(fleet: Fleet) -> Table:
+    """What ``meter-sim run`` shows on a terminal while the fleet runs: the simulated time and
+    each meter's energy, credit and relay (or fleet totals for a large fleet)."""
+    snapshots = [runtime.meter.snapshot() for runtime in fleet.runtimes.values()]
+    title = (
+        f"{iso_time(int(fleet.clock.now()))} simulated, {len(snapshots)} meter(s) (Ctrl-C stops)"
+    )
+    table = Table(title=title)
+    if len(snapshots) <= LIVE_ROWS:
+        for column in ("meter", "energy kWh", "power W", "credit", "relay"):
+            table.add_column(column)
+        for snap in snapshots:
+            table.add_row(
+                snap.meter_id,
+                decimal_text(snap.energy_import_wh, -3),
+                str(snap.power_w),
+                amount_text(snap, snap.credit),
+                snap.control_state.name.lower().replace("_", " "),
+            )
+        return table
+    for column in ("meters", "energy kWh", "power W", "credit", "relay"):
+        table.add_column(column)
+    credit: dict[tuple[int, str, int], int] = {}
+    for snap in snapshots:
+        unit = (snap.credit_unit, snap.currency, snap.currency_scale)
+        credit[unit] = credit.get(unit, 0) + snap.credit
+    relays = Counter(snap.control_state.name.lower().replace("_", " ") for snap in snapshots)
+    samples = {(s.credit_unit, s.currency, s.currency_scale): s for s in snapshots}
+    table.add_row(
+        str(len(snapshots)),
+        decimal_text(sum(snap.energy_import_wh for snap in snapshots), -3),
+        str(sum(snap.power_w for snap in snapshots)),
+        ", ".join(amount_text(samples[unit], total) for unit, total in credit.items()),
+        ", ".join(f"{count} {state}" for state, count in sorted(relays.items())),
+    )
+    return table
+
+
+async def _run_realtime(
+    fleet: Fleet, real_seconds: float | None, terminal: Console | None = None
+) -> None:
+    """Run ``fleet`` until Ctrl-C or for ``real_seconds``; with a ``terminal`` console that is
+    a terminal, show :func:`live_view` refreshed once a second meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -223,7 +276,16 @@ async def _run_realtime(fleet: Fleet, real_seconds: float | None) -> None:
     if real_seconds is not None:
         loop.call_later(real_seconds, stop.set)
     try:
-        await fleet.run(stop)
+        if terminal is None or not terminal.is_terminal:
+            await fleet.run(stop)
+            return
+        with Live(live_view(fleet), console=terminal, auto_refresh=False, transient=True) as live:
+            running = asyncio.create_task(fleet.run(stop))
+            while not running.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(running), 1.0)
+                live.update(live_view(fleet), refresh=True)
+            await running
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)

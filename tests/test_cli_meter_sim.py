@@ -1,21 +1,25 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
 
 import aiomqtt
 import pytest
+from rich.console import Console
+from rich.table import Table
 from typer.testing import CliRunner
 
-from cli.meter_sim import app
+from cli.meter_sim import LIVE_ROWS, _run_realtime, app, live_view
 from meter_sim.config import default_fleet, load_fleet, new_password_secret
 from meter_sim.fleet import Fleet
 from meter_sim.lock import StateDirLock
 from meter_sim.serve import ServeOptions, serve_fleet
 from protocols.clock import ManualClock
 from protocols.mqtt import BrokerSettings, TopicScheme, meter_password
+from protocols.units import decimal_text
 from tests.mqtt_broker import BrokerFactory
 
 runner = CliRunner()
@@ -158,3 +162,51 @@ async def test_served_meters_log_in_with_passwords_from_the_fleet_secret(
             stop.set()
             await serving
     assert online == set(ids)
+
+
+def _rendered(table: Table) -> str:
+    out = Console(file=io.StringIO(), width=160, record=True)
+    out.print(table)
+    return out.export_text()
+
+
+def test_the_live_view_shows_time_energy_credit_and_relay(tmp_path: Path) -> None:
+    clock = ManualClock(1_767_225_600.0)
+    fleet = Fleet.from_config(default_fleet(2, initial_credit=12_345), clock, tmp_path)
+    clock.advance(7200)
+    fleet.sync_all()
+    text = _rendered(live_view(fleet))
+    assert "2026-01-01 02:00:00 simulated, 2 meter(s)" in text
+    for meter_id, runtime in fleet.runtimes.items():
+        snap = runtime.meter.snapshot()
+        row = next(line for line in text.splitlines() if meter_id in line)
+        assert decimal_text(snap.energy_import_wh, -3) in row
+        assert f"{decimal_text(snap.credit, -2)} KES" in row
+        assert "connected" in row
+
+
+def test_a_large_fleet_is_summed_up_in_the_live_view(tmp_path: Path) -> None:
+    config = default_fleet(LIVE_ROWS + 1, initial_credit=100)
+    fleet = Fleet.from_config(config, ManualClock(), tmp_path)
+    text = _rendered(live_view(fleet))
+    assert "MTR-0001" not in text
+    assert f"{LIVE_ROWS + 1} connected" in text
+    assert f"{(LIVE_ROWS + 1) * 100 // 100}.{(LIVE_ROWS + 1) * 100 % 100:02d} KES" in text
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+async def test_the_live_view_appears_only_on_a_terminal(tmp_path: Path, terminal: bool) -> None:
+    out = io.StringIO()
+    screen = Console(file=out, force_terminal=terminal, width=120)
+    fleet = Fleet.from_config(default_fleet(1), ManualClock(), tmp_path)
+    await _run_realtime(fleet, 0.05, screen)
+    assert ("simulated, 1 meter(s)" in out.getvalue()) is terminal
+    if not terminal:
+        assert out.getvalue() == ""
+
+
+def test_run_prints_no_live_view_when_stdout_is_not_a_terminal(workdir: Path) -> None:
+    result = runner.invoke(app, ["run", "--for", "1h", "--speed", "36000"])
+    assert result.exit_code == 0, result.output
+    assert "simulated" not in result.output
+    assert "3 meter(s)" in result.output
