@@ -728,7 +728,10 @@ def render_markdown() -> str:
         "A fleet file is TOML. `[simulation]` sets the clock; `[defaults]` sets keys for every "
         "meter; each `[[meters]]` entry is one meter (`id = ...`) or `count` meters named "
         "`<id_prefix><n>` with consecutive Modbus unit ids from `modbus_unit`. "
-        "`meter-sim init` writes a starting file. Every key is optional except a meter's id.",
+        "`meter-sim init` writes a starting file. Every key is optional except a meter's id. "
+        "Each key is checked for the type and range its table gives, and an unknown key is "
+        "refused: a problem is one line naming the file and the key's path, e.g. "
+        "`fleet.toml: meters[2].count: expected int, got string`.",
         "",
         "```toml",
         "[simulation]",
@@ -752,14 +755,66 @@ def render_markdown() -> str:
         'credit_unit = "energy"',
         "limiter_watts = 3000",
         'auth_key = "00112233445566778899aabbccddeeff"',
+        "",
+        "[mqtt]",
+        'password_secret = "<64 hex digits written by meter-sim init>"',
         "```",
         "",
     ]
     for section, title, cls in DOC_TABLES:
-        lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+        keys = SCHEMA[section][0]
+        lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for spec in fields(cls):
             key = "id" if spec.name == "meter_id" else spec.name
             meaning = FIELD_DOCS[(section, spec.name)]
-            lines.append(f"| `{key}` | {_default_text(cls, spec.name)} | {meaning} |")
+            kind = _type_text(msgspec.inspect.type_info(keys[key]), key)
+            lines.append(f"| `{key}` | {kind} | {_default_text(cls, spec.name)} | {meaning} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def _bounds(info: Any) -> str:
+    if info.gt is not None:
+        return f" > {_number(info.gt)}" + (f", at most {_number(info.le)}" if info.le else "")
+    if info.ge is not None and info.le is not None:
+        return f" {_number(info.ge)}..{_number(info.le)}"
+    return ""
+
+
+def _type_text(info: Any, key: str = "") -> str:
+    """A key's type and range as the schema checks them, for the tables of the document."""
+    inspect = msgspec.inspect
+    if isinstance(info, inspect.IntType):
+        return "integer" + _bounds(info)
+    if isinstance(info, inspect.FloatType):
+        return "number" + _bounds(info)
+    if isinstance(info, inspect.BoolType):
+        return "boolean"
+    if isinstance(info, inspect.LiteralType):
+        return " or ".join(f"`{value!r}`".replace("'", '"') for value in info.values)
+    if isinstance(info, inspect.StrType):
+        if info.pattern == HHMM_PATTERN:
+            return "HH:MM"
+        if key in _FORMS:
+            return _FORMS[key].removesuffix(" (meter-sim init writes one)")
+        if info.max_length is not None and info.max_length < 256:
+            return f"string (up to {info.max_length})"
+        return "string"
+    if isinstance(info, inspect.VarTupleType):
+        items = f"array of {_type_text(info.item_type)}"
+        if info.max_length is not None:
+            items += f" ({info.min_length or 0}..{info.max_length})"
+        return items
+    if isinstance(info, inspect.TupleType):
+        return "[" + ", ".join(_type_text(item) for item in info.item_types) + "]"
+    if isinstance(info, inspect.StructType):
+        return "table"
+    if isinstance(info, inspect.DateTimeType):
+        return "date-time (UTC unless given)"
+    if isinstance(info, inspect.UnionType):
+        return " or ".join(_type_text(member, key) for member in info.types)
+    return "value"

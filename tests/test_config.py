@@ -18,6 +18,7 @@ from meter_sim.config import (
     load_fleet,
     meter_from_mapping,
     parse_hhmm,
+    render_markdown,
 )
 from protocols.errors import ConfigError
 
@@ -196,3 +197,12 @@ def test_the_mqtt_password_secret() -> None:
 def test_a_fleet_has_meters() -> None:
     with pytest.raises(ConfigError, match="no meters"):
         FleetConfig(SimulationConfig(), ())
+
+
+def test_the_document_gives_each_key_its_type_and_range() -> None:
+    text = render_markdown()
+    assert "| `modbus_unit` | integer 1..247 | `1` |" in text
+    assert "| `speed` | number > 0, at most 1,000,000,000 | `60.0` |" in text
+    assert "| `password_secret` | 64 hex digits | unset |" in text
+    assert "register-map.md#disconnect-control-modes" in text
+    assert "design notes" not in text
