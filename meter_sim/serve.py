@@ -47,6 +47,8 @@ class ServeOptions:
             and self.broker is None
         ):
             raise ConfigError("nothing to serve: give Modbus TCP, serial or MQTT options")
+        if not self.telemetry_interval > 0:  # 0 would publish as fast as the broker acknowledges
+            raise ConfigError(f"the telemetry interval is > 0 s, got {self.telemetry_interval!r}")
 
 
 def mqtt_password_secret(config: FleetConfig) -> str | None:

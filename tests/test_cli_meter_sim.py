@@ -18,6 +18,7 @@ from meter_sim.fleet import Fleet
 from meter_sim.lock import StateDirLock
 from meter_sim.serve import ServeOptions, serve_fleet
 from protocols.clock import ManualClock
+from protocols.errors import ConfigError
 from protocols.mqtt import BrokerSettings, TopicScheme, meter_password
 from protocols.units import decimal_text
 from tests.mqtt_broker import BrokerFactory
@@ -210,3 +211,9 @@ def test_run_prints_no_live_view_when_stdout_is_not_a_terminal(workdir: Path) ->
     assert result.exit_code == 0, result.output
     assert "simulated" not in result.output
     assert "3 meter(s)" in result.output
+
+
+@pytest.mark.parametrize("interval", [0.0, -1.0, float("nan")])
+def test_serve_options_refuse_a_telemetry_flood(interval: float) -> None:
+    with pytest.raises(ConfigError, match="telemetry interval"):
+        ServeOptions(telemetry_interval=interval)
