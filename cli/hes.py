@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import setup_logging
+from cli.common import OneLineErrors, setup_logging
 from cli.hes_broker import broker_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
@@ -15,6 +15,7 @@ app = typer.Typer(
     help="Head-end system for prepaid smart meters.",
     no_args_is_help=True,
     add_completion=False,
+    cls=OneLineErrors,
 )
 
 

@@ -22,7 +22,7 @@ from cli.common import handle_errors
 from headend.broker import HEADEND_USER, LocalBroker, run_configured
 from meter_sim.config import load_fleet
 from protocols.errors import ConfigError
-from protocols.mqtt import DEFAULT_PREFIX, LAB_METER_SECRET, TopicScheme
+from protocols.mqtt import DEFAULT_PREFIX, TopicScheme
 
 broker_app = typer.Typer(
     help="A secured Mosquitto for a fleet: write its configuration, run it.",
@@ -105,9 +105,14 @@ def config(
     plain = keep_plain or not tls
     if plain and tls and (port or DEFAULT_PORT) == tls_port:
         raise ConfigError(f"the plain and the TLS listener cannot share port {tls_port}")
-    meters = load_fleet(fleet).meters
-    if not meters:
-        raise ConfigError(f"{fleet}: the fleet has no meters")
+    config = load_fleet(fleet)
+    meters = config.meters
+    secret = config.mqtt_password_secret
+    if secret is None and config.meters_without_mqtt_password():
+        raise ConfigError(
+            f"{fleet}: meters without mqtt_password need [mqtt] password_secret to derive theirs "
+            "(meter-sim init writes one)"
+        )
     out = out.resolve()
     if (out / "mosquitto.conf").exists() and not force:
         raise ConfigError(f"{out} already holds a broker configuration (--force replaces it)")
@@ -117,8 +122,7 @@ def config(
         topics=TopicScheme(prefix),
         tls=tls,
         plain=plain,
-        # the fleet file has no password secret of its own yet: the lab default
-        meter_secret=LAB_METER_SECRET,
+        meter_secret=secret or "",  # only derives for meters without mqtt_password
         tls_days=days,
         port=(port or DEFAULT_PORT) if plain else 0,
         tls_port=tls_port if tls else 0,

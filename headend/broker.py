@@ -761,6 +761,8 @@ async def choose_broker(
     meters: Iterable[str] | Mapping[str, str | None] = (),
     topics: TopicScheme | None = None,
     default_url: str | None = DEFAULT_BROKER_URL,
+    *,
+    secret: str = LAB_METER_SECRET,
 ) -> BrokerPlan:
     """Which broker to use.
 
@@ -770,8 +772,11 @@ async def choose_broker(
     * no ``url``: the broker at ``default_url`` when it answers and accepts both the head-end
       and a meter of the fleet; else a local Mosquitto when the binary exists; else none (the
       fleet runs on Modbus only).
+
+    ``secret`` is the fleet's password secret, from which meters without a password of their
+    own derive theirs.
     """
-    table = meter_passwords(meters)
+    table = meter_passwords(meters, secret)
     if url is not None and url != LOCAL:
         settings = BrokerSettings.parse_url(url)
         result = await probe(settings)

@@ -22,14 +22,18 @@ from headend.broker import configured_listeners, free_port, meter_passwords, pro
 from headend.links.mqtt import MqttLinkHub
 from meter_sim.mqtt_agent import AgentOptions, MeterAgent
 from protocols.commands import Command, CommandEnvelope, ResultCode
-from protocols.mqtt import LAB_METER_SECRET, BrokerSettings, TopicScheme, meter_password
+from protocols.mqtt import BrokerSettings, TopicScheme, meter_password
 from tests.mqtt_broker import TEST_KEY, RuntimeFactory
 
 pytestmark = pytest.mark.mqtt
 ROOT = Path(__file__).resolve().parent.parent
 M1, M2 = "MTR-0001", "MTR-0002"
 EXPLICIT = "an-explicit-password"
+SECRET = "5e" * 32
 FLEET = f"""
+[mqtt]
+password_secret = "{SECRET}"
+
 [[meters]]
 id = "{M1}"
 
@@ -37,7 +41,9 @@ id = "{M1}"
 id = "{M2}"
 mqtt_password = "{EXPLICIT}"
 """
-OPTIONS = AgentOptions(telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2)
+OPTIONS = AgentOptions(
+    telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2, meter_secret=SECRET
+)
 
 
 @pytest.fixture
@@ -97,7 +103,7 @@ async def test_a_tls_only_broker_serves_meters_and_the_head_end(
     headend = BrokerSettings.parse_url(headend_file.read_text().strip())
     assert (headend.tls, headend.port, headend.username) == (True, tls_port, "hes")
     assert headend.password is not None
-    derived = meter_password(M1, None, LAB_METER_SECRET)
+    derived = meter_password(M1, None, SECRET)
     for secret in (headend.password, derived, EXPLICIT):
         assert secret not in stdout  # no password on the terminal unless asked
     assert configured_listeners(directory) == [("127.0.0.1", tls_port)]  # plain is closed
@@ -208,6 +214,15 @@ def test_a_fleet_without_meters_is_refused(tmp_path: Path) -> None:
     assert "no meters" in stderr
 
 
+def test_a_fleet_without_a_password_secret_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(FLEET.replace(f'password_secret = "{SECRET}"', ""))
+    code, _, stderr = _config("--fleet", str(path), "--out", str(tmp_path / "broker"))
+    assert code == 1
+    assert "need [mqtt] password_secret" in stderr
+    assert not (tmp_path / "broker").exists()
+
+
 def test_run_without_a_configuration_says_so(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["broker", "run", str(tmp_path / "nothing")])
     assert result.exit_code != 0
@@ -219,7 +234,6 @@ def test_meter_passwords_explicit_wins_else_derived_from_the_secret() -> None:
     passwords = meter_passwords({M1: None, M2: EXPLICIT}, "fleet-secret")
     assert passwords == {M1: meter_password(M1, None, "fleet-secret"), M2: EXPLICIT}
     assert passwords[M1] != meter_passwords([M1], "another-secret")[M1]
-    assert meter_passwords([M1]) == {M1: meter_password(M1)}  # the lab default
 
 
 def test_run_on_a_port_in_use_fails_with_one_line(

@@ -139,7 +139,7 @@ async def test_commands_and_reads_through_the_link(
 async def test_a_snapshot_carries_the_currency_scale(
     broker: LocalBroker, make_runtime: RuntimeFactory, hub: MqttLinkHub
 ) -> None:
-    runtime = make_runtime(M2, currency="JPY", currency_exponent=0, initial_credit=500)
+    runtime = make_runtime(M2, currency="JPY", currency_scale=0, initial_credit=500)
     async with run_agents([runtime], broker.settings(), telemetry_interval=60) as group:
         await group.wait_connected(5)
         snapshot = await hub.link(M2).read_snapshot()
