@@ -47,6 +47,7 @@ from protocols.commands import (
     CommandEnvelope,
     CommandResult,
     ResultCode,
+    key_id,
 )
 from protocols.cosem import (
     OBIS_ACCOUNT,
@@ -231,6 +232,7 @@ class Meter:
         self.charges_total = 0
         self.last_transfer = 0
         self.last_seq = 0
+        self.seq_key_id = key_id(config.key_bytes)  # the key last_seq was counted under
         self.last_digest = ""
         self.last_exec_result = CommandResult(0, ResultCode.NONE)
         self.last_result = self.last_exec_result
@@ -892,6 +894,7 @@ class Meter:
             "phase_unbalance_limit_w": self.phase_unbalance_limit_w,
             "last_transfer": self.last_transfer,
             "last_seq": self.last_seq,
+            "seq_key_id": self.seq_key_id,
             "last_digest": self.last_digest,
             "last_exec_result": _result_to_state(self.last_exec_result),
             "last_result": _result_to_state(self.last_result),
@@ -964,6 +967,7 @@ class Meter:
         meter.phase_unbalance_limit_w = int(state["phase_unbalance_limit_w"])
         meter.last_transfer = int(state["last_transfer"])
         meter.last_seq = int(state["last_seq"])
+        saved_key_id = str(state.get("seq_key_id", meter.seq_key_id))
         meter.last_digest = str(state["last_digest"])
         meter.last_exec_result = _result_from_state(state["last_exec_result"])
         meter.last_result = _result_from_state(state["last_result"])
@@ -989,6 +993,8 @@ class Meter:
         meter.clock.time = int(meter.meter_time)
         meter._update_status()
         if now is None:
+            if saved_key_id != meter.seq_key_id:
+                meter._restart_sequence()
             return meter
         # The meter was off from its last save until now: no energy, no charges.
         saved_at = meter.meter_time
@@ -997,8 +1003,22 @@ class Meter:
         meter.next_capture = meter._next_boundary(meter.meter_time)
         meter.clock.time = int(meter.meter_time)
         meter._log(meter.meter_time, EventCode.POWER_UP, int(meter.meter_time - saved_at))
+        if saved_key_id != meter.seq_key_id:
+            meter._restart_sequence()
         meter._update_status()
         return meter
+
+    def _restart_sequence(self) -> None:
+        """The meter runs under a new command key: its sequence starts again from 0.
+
+        Commands counted under the old key cannot come back (their tags do not match the new
+        key), so the restart opens nothing to a replay; it is the documented way out of the top
+        of the sequence range.
+        """
+        self._log(self.meter_time, EventCode.SEQUENCE_RESET, self.last_seq, 0)
+        self.last_seq = 0
+        self.last_digest = ""
+        self.last_exec_result = CommandResult(0, ResultCode.NONE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,10 +7,20 @@ meter's key, truncated to :data:`TAG_BYTES`. Modbus (the command block) and MQTT
 topic) carry the very same envelope, so a meter refuses the same things with the same
 :class:`ResultCode` whichever way a command arrives.
 
-Sequence numbers: a meter remembers the last sequence it executed and its result. The same
-sequence with the same content is acknowledged again with the stored result and executed zero
-times (a retry after a lost answer); an older sequence, or the same one with other content, is
-refused as ``REPLAYED``.
+Sequence numbers (the rule of DLMS invocation counters): a meter remembers the last sequence it
+executed and its result, and executes a command only when its sequence is strictly greater than
+that last one; any jump forward is accepted (sequences a head-end burnt on commands that never
+arrived are simply skipped). The same sequence with the same content is acknowledged again with
+the stored result and executed zero times (a retry after a lost answer); an older sequence, or
+the same one with other content, is refused as ``REPLAYED``.
+
+The sequence belongs to the key. A meter remembers which key its last sequence was counted under
+(:func:`key_id`, a fingerprint, never the key); when the meter starts with another key, the
+sequence starts again from 0 (event ``SEQUENCE_RESET``). That is the way out of the top of the
+range (``U32_MAX``), keyed or keyless: install a new key (or, on a keyless meter, a first key).
+It cannot be abused by a stranger: changing a key needs the meter's configuration, and commands
+recorded under the old key carry tags the new key refuses, so a restart of the counter lets no
+old command in again.
 """
 
 from __future__ import annotations
@@ -153,6 +163,17 @@ def auth_tag(key: bytes, meter_id: str, sequence: int, command: Command) -> byte
     for value in command.args:
         message += value.to_bytes(16, "big")
     return hmac.new(key, bytes(message), hashlib.sha256).digest()[:TAG_BYTES]
+
+
+def key_id(key: bytes | None) -> str:
+    """A fingerprint naming a command key (16 hex digits); "" for a meter without a key.
+
+    Stored beside the meter's last sequence so that a key change restarts the sequence; the key
+    itself cannot be recovered from it.
+    """
+    if not key:
+        return ""
+    return hashlib.sha256(b"prepaid-hes key id\0" + key).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)

@@ -52,6 +52,7 @@ class EventCode(IntEnum):
     REPLAY_REFUSED = 42  # detail: command code, sequence
     CONTROL_MODE_CHANGED = 43  # detail: old mode, new mode
     THRESHOLD_CHANGED = 44  # detail: old, new
+    SEQUENCE_RESET = 45  # detail: last sequence under the old key, 0
     TAMPER_DETECTED = 50
     TAMPER_CLEARED = 51
     LIMITER_TRIP = 60  # detail: power W, threshold W

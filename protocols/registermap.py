@@ -587,7 +587,12 @@ def _snapshot() -> list[Row]:
     lay.add("status", u32, "status bits, see the status bits table")
     lay.add("last_event_seq", u32, "sequence number of the newest event in the log")
     lay.add("last_transfer", u32, "number of the last credit transfer applied")
-    lay.add("last_command_seq", u32, "sequence number of the last command executed")
+    lay.add(
+        "last_command_seq",
+        u32,
+        "sequence of the last command executed (applied or refused by state, argument or "
+        "transfer number; not auth failures or replays)",
+    )
     rows += lay.rows
     return rows
 
@@ -726,7 +731,10 @@ def _command() -> list[Row]:
     lay = _Layout(Block.COMMAND, _T_HOLD, 1100)
     u16, u32, u64 = DataType.U16, DataType.U32, DataType.U64
     lay.add(
-        "cmd_sequence", u32, "command sequence number, 1.. (one more than the last)", access=_RW
+        "cmd_sequence",
+        u32,
+        "command sequence number: strictly greater than `last_command_seq`",
+        access=_RW,
     )
     lay.add(
         "cmd_code",
@@ -1729,9 +1737,10 @@ def _md_examples() -> list[str]:
         f"The available credit is at input register {credit.address} (4 registers, account unit).",
         "",
         "Transfer 5000 minor units of credit as transfer number 7 to a meter *without a key*, "
-        "with command sequence 1 (read `last_command_seq` first and use one more). The block "
-        f"is {COMMAND_SIZE} holding registers from {COMMAND_START}: sequence (2), code 3 (1), "
-        "arg1 = transfer (4), arg2 = amount (4), token (5, zero), tag (8, zero: no key), go = 1:",
+        "with command sequence 1 (read `last_command_seq` first and use any greater number). "
+        f"The block is {COMMAND_SIZE} holding registers from {COMMAND_START}: sequence (2), "
+        "code 3 (1), arg1 = transfer (4), arg2 = amount (4), token (5, zero), tag (8, zero: "
+        "no key), go = 1:",
         "",
         "```sh",
         f"mbpoll -1 -0 -a 1 -p 5020 -t 4 -r {COMMAND_START} 127.0.0.1 "
@@ -1747,7 +1756,8 @@ def _md_examples() -> list[str]:
         "```",
         "",
         "Sending the same block again is answered with the same result and applies nothing "
-        "(result code 0, the transfer is not applied twice); a new command needs sequence 2.",
+        "(result code 0, the transfer is not applied twice); a new command needs a sequence "
+        "above 1.",
         "",
         "Read the events after sequence 0: write `event_since`, then read the window:",
         "",

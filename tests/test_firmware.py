@@ -17,7 +17,7 @@ import pytest
 from meter_sim.config import LoadConfig, MeterConfig
 from meter_sim.firmware import Meter
 from protocols.clock import ManualClock
-from protocols.commands import Command, CommandCode, CommandEnvelope, ResultCode
+from protocols.commands import U32_MAX, Command, CommandCode, CommandEnvelope, ResultCode
 from protocols.cosem import (
     OBIS_ACCOUNT,
     OBIS_CHARGE,
@@ -801,6 +801,64 @@ def test_same_sequence_other_content_and_older_sequences_are_replays() -> None:
         ResultCode.OK
     )
     assert m.snapshot().last_command_seq == 5
+
+
+def test_a_jump_forward_in_sequence_is_accepted_by_rule() -> None:
+    """Strictly greater than the last executed sequence, as DLMS invocation counters: a gap is
+    fine (sequences a head-end used for commands that never arrived are skipped)."""
+    m = meter(initial_credit=0)
+    assert m.execute(CommandEnvelope("M1", 5, Command.credit_transfer(1, 100))).code is (
+        ResultCode.OK
+    )
+    assert m.execute(CommandEnvelope("M1", 1000, Command.credit_transfer(2, 100))).code is (
+        ResultCode.OK
+    )
+    assert m.last_seq == 1000
+    assert m.execute(CommandEnvelope("M1", 999, Command.credit_transfer(3, 100))).code is (
+        ResultCode.REPLAYED
+    )
+    assert m.balances.credit == 200
+
+
+def test_the_top_sequence_on_a_keyless_meter_is_left_by_installing_a_key() -> None:
+    m = meter(initial_credit=0)
+    top = CommandEnvelope("M1", U32_MAX, Command.credit_transfer(1, 100))
+    assert m.execute(top).code is ResultCode.OK
+    assert m.execute(CommandEnvelope("M1", 1, Command.credit_transfer(2, 100))).code is (
+        ResultCode.REPLAYED
+    )
+    keyed = replace(m.config, auth_key=KEY)
+    restored = Meter.from_state(keyed, json.loads(json.dumps(m.to_state())), THU_10 + 60)
+    assert restored.last_seq == 0
+    assert [(e.a, e.b) for e in events(restored, EventCode.SEQUENCE_RESET)] == [(U32_MAX, 0)]
+    assert Head(restored).topup(2, 100).code is ResultCode.OK  # sequence 1, signed
+    assert restored.balances.credit == 200
+    # the same key again: nothing restarts
+    again = Meter.from_state(keyed, restored.to_state(), THU_10 + 120)
+    assert again.last_seq == 1
+    assert len(events(again, EventCode.SEQUENCE_RESET)) == 1
+
+
+def test_a_key_change_restarts_the_sequence_and_old_commands_stay_refused() -> None:
+    m = meter(initial_credit=0, auth_key=KEY)
+    old = CommandEnvelope.signed("M1", 1, Command.credit_transfer(1, 100), m.config.key_bytes)
+    assert m.execute(old).code is ResultCode.OK
+    new_key = "ffeeddccbbaa99887766554433221100"
+    restored = Meter.from_state(replace(m.config, auth_key=new_key), m.to_state(), None)
+    assert restored.last_seq == 0
+    assert restored.execute(old).code is ResultCode.AUTH_FAILED  # recorded under the old key
+    assert restored.balances.credit == 100
+
+
+def test_a_restart_with_the_same_key_keeps_the_sequence() -> None:
+    m = meter(initial_credit=0, auth_key=KEY)
+    Head(m).topup(1, 100)
+    state = m.to_state()
+    restored = Meter.from_state(m.config, state, THU_10 + 60)
+    assert restored.last_seq == 1
+    del state["seq_key_id"]  # a state saved before the key was recorded: taken as this key's
+    assert Meter.from_state(m.config, state, THU_10 + 60).last_seq == 1
+    assert EventCode.SEQUENCE_RESET not in codes(restored)
 
 
 def test_a_retried_refusal_is_not_applied_later() -> None:
