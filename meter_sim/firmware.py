@@ -40,7 +40,7 @@ from meter_sim.keypad import (
     StsKeypad,
     TestToken,
 )
-from meter_sim.loads import LoadModel, make_load, unit_noise
+from meter_sim.loads import LoadModel, unit_noise
 from protocols.commands import (
     Command,
     CommandCode,
@@ -130,15 +130,15 @@ class Balances:
 
 
 class Meter:
-    """One prepaid meter. Not thread-safe; drive it from one task."""
+    """One prepaid meter. Not thread-safe; drive it from one task.
 
-    def __init__(self, config: MeterConfig, now: float, load: LoadModel | None = None) -> None:
+    ``load`` is the household's demand (``meter_sim.loads.load_for(config)`` builds the one the
+    configuration names); the firmware only asks it for watts, so it opens no file.
+    """
+
+    def __init__(self, config: MeterConfig, now: float, load: LoadModel) -> None:
         self.config = config
-        self.load = (
-            load
-            if load is not None
-            else make_load(config.load, config.meter_id, config.timezone_minutes)
-        )
+        self.load = load
         money = config.credit_unit == "money"
         # -- COSEM objects: the meter's state -----------------------------------------------------
         self.serial = Data(OBIS_SERIAL, config.serial or config.meter_id)
@@ -923,7 +923,7 @@ class Meter:
         config: MeterConfig,
         state: dict[str, Any],
         now: float | None,
-        load: LoadModel | None = None,
+        load: LoadModel,
     ) -> Meter:
         """Restore a meter saved by :meth:`to_state` and power it up at ``now``, logging the
         power-down/power-up pair. ``now=None`` restores it as saved, without a power cycle
