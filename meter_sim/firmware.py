@@ -76,7 +76,7 @@ from protocols.cosem import (
     CreditStatus,
     CreditStatusBit,
     CreditType,
-    CurrencyUnit,
+    CreditUnit,
     Data,
     DisconnectControl,
     Limiter,
@@ -166,7 +166,7 @@ class Meter:
             max_provision=config.max_topup,
             currency_name=config.currency if money else "Wh",
             currency_scale=-config.currency_exponent if money else 0,
-            currency_unit=CurrencyUnit.MONETARY if money else CurrencyUnit.CONSUMPTION,
+            credit_unit=CreditUnit.MONETARY if money else CreditUnit.CONSUMPTION,
         )
         self.token_credit = Credit(
             OBIS_TOKEN_CREDIT,
@@ -847,7 +847,7 @@ class Meter:
             credit=balances.credit,
             emergency_credit=balances.emergency_balance,
             debt=balances.debt + max(balances.emergency_owed - balances.emergency_balance, 0),
-            credit_unit=int(self.account.currency_unit),
+            credit_unit=self.account.credit_unit,
             currency=self.config.currency if money else "Wh",
             currency_scale=self.account.currency_scale,
             low_credit_threshold=self.account.low_credit_threshold,

@@ -13,6 +13,7 @@ from protocols.commands import (
     CommandEnvelope,
     ResultCode,
 )
+from protocols.cosem import CreditUnit
 from protocols.disconnect import ControlState
 from protocols.mqtt import (
     TOPIC_SPECS,
@@ -56,7 +57,7 @@ _EXAMPLE_SNAPSHOT = MeterSnapshot(
     credit=48_250,
     emergency_credit=0,
     debt=0,
-    credit_unit=2,
+    credit_unit=CreditUnit.MONETARY,
     currency="KES",
     currency_scale=-2,
     low_credit_threshold=5000,

@@ -36,6 +36,7 @@ from them by ``python -m cli.gendocs``.
 
 from __future__ import annotations
 
+from protocols.meter_id import METER_ID_PATTERN, MeterId, check_meter_id
 from protocols.mqtt.broker import (
     LAB_METER_SECRET,
     BrokerSettings,
@@ -92,8 +93,6 @@ from protocols.mqtt.topics import (
     CONTENT_TYPE,
     DEFAULT_PREFIX,
     MAX_REPLY_ITEMS,
-    METER_ID_PATTERN,
-    METER_ID_RE,
     SCHEMA_PROPERTY,
     SCHEMA_PROPERTY_VALUE,
     SCHEMA_VERSION,
@@ -102,7 +101,6 @@ from protocols.mqtt.topics import (
     TopicKind,
     TopicScheme,
     TopicSpec,
-    check_meter_id,
 )
 
 __all__ = [
@@ -112,7 +110,6 @@ __all__ = [
     "LAB_METER_SECRET",
     "MAX_REPLY_ITEMS",
     "METER_ID_PATTERN",
-    "METER_ID_RE",
     "SCHEMA_PROPERTY",
     "SCHEMA_PROPERTY_VALUE",
     "SCHEMA_VERSION",
@@ -131,6 +128,7 @@ __all__ = [
     "EventsRequest",
     "LastResultReply",
     "LastResultRequest",
+    "MeterId",
     "MeterIdText",
     "ProfileItem",
     "ProfileReply",

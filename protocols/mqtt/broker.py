@@ -9,7 +9,7 @@ from typing import Final
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from protocols.errors import ConfigError
-from protocols.mqtt.topics import check_meter_id
+from protocols.meter_id import check_meter_id
 
 # -- broker settings and meter credentials --------------------------------------------------------
 

@@ -6,7 +6,7 @@ anything else, whatever the bytes.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -19,10 +19,18 @@ from protocols.commands import (
     CommandResult,
     ResultCode,
 )
-from protocols.disconnect import ControlState
 from protocols.errors import DecodeError, ValidationError
-from protocols.mqtt.topics import MAX_REPLY_ITEMS, METER_ID_PATTERN, METER_ID_RE
-from protocols.readings import Event, EventCode, MeterSnapshot, ProfileRow, StatusFlag
+from protocols.meter_id import METER_ID_MAX_LENGTH, METER_ID_PATTERN, is_meter_id
+from protocols.mqtt.topics import MAX_REPLY_ITEMS
+from protocols.readings import (
+    SNAPSHOT_FIELDS,
+    SNAPSHOT_VALUE_FIELDS,
+    Event,
+    EventCode,
+    FieldSpec,
+    MeterSnapshot,
+    ProfileRow,
+)
 
 U16 = Annotated[int, Meta(ge=0, le=2**16 - 1)]
 U32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
@@ -31,7 +39,7 @@ I64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 Seq32 = Annotated[int, Meta(ge=1, le=2**32 - 1)]
 #: a counter that a JavaScript consumer still reads exactly (at most 2**53 - 1)
 Counter = Annotated[int, Meta(ge=1, le=2**53 - 1)]
-MeterIdText = Annotated[str, Meta(pattern=METER_ID_PATTERN, max_length=64)]
+MeterIdText = Annotated[str, Meta(pattern=METER_ID_PATTERN, max_length=METER_ID_MAX_LENGTH)]
 Version = Literal[1]
 
 
@@ -41,96 +49,63 @@ Version = Literal[1]
 class _Payload(Struct, frozen=True, kw_only=True):
     def __post_init__(self) -> None:
         meter_id = getattr(self, "meter_id", None)
-        if meter_id is not None and not METER_ID_RE.fullmatch(meter_id):
+        if meter_id is not None and not is_meter_id(meter_id):
             raise ValueError(f"bad meter id {meter_id!r}")
 
 
-class Reading(Struct, frozen=True, kw_only=True):
-    """A :class:`~protocols.readings.MeterSnapshot` without its meter id. Integers only:
-    voltage in 0.1 V, current in mA, power factor in 0.001, frequency in 0.01 Hz; credit, debt
-    and thresholds in the account's unit (minor currency units, or Wh when ``credit_unit`` is 1)."""
+_READING_DOC = (
+    "A meter's standard readings at one moment (its id is in the message around them). "
+    "Integers only: voltage in 0.1 V, current in mA, power factor in 0.001, frequency in "
+    "0.01 Hz; credit, debt and thresholds in the account's unit (minor currency units, or Wh "
+    "when `credit_unit` is 1)."
+)
 
-    time: U63
-    energy_import_wh: U63
-    energy_rates_wh: tuple[U63, U63, U63, U63]
-    power_w: I64
-    voltage_dv: I64
-    current_ma: I64
-    power_factor_milli: Annotated[int, Meta(ge=-1000, le=1000)]
-    frequency_chz: U32
-    credit: I64
-    emergency_credit: I64
-    debt: I64
-    credit_unit: Literal[1, 2]
-    currency: Annotated[str, Meta(min_length=1, max_length=8)]
-    currency_scale: Annotated[int, Meta(ge=-4, le=0)]  # -2: amounts are in cents; 0 for Wh
-    low_credit_threshold: I64
-    control_state: ControlState
-    control_mode: Annotated[int, Meta(ge=0, le=6)]
-    status: U32
-    last_event_seq: U63
-    last_transfer: U32
-    last_command_seq: U32
+
+class _ReadingBase(Struct, frozen=True, kw_only=True):
+    """What :data:`Reading` adds to its fields: the conversions to and from a snapshot."""
 
     @classmethod
-    def from_snapshot(cls, snapshot: MeterSnapshot) -> Reading:
-        return cls(
-            time=snapshot.time,
-            energy_import_wh=snapshot.energy_import_wh,
-            energy_rates_wh=snapshot.energy_rates_wh,
-            power_w=snapshot.power_w,
-            voltage_dv=snapshot.voltage_dv,
-            current_ma=snapshot.current_ma,
-            power_factor_milli=snapshot.power_factor_milli,
-            frequency_chz=snapshot.frequency_chz,
-            credit=snapshot.credit,
-            emergency_credit=snapshot.emergency_credit,
-            debt=snapshot.debt,
-            credit_unit=_credit_unit(snapshot.credit_unit),
-            currency=snapshot.currency,
-            currency_scale=snapshot.currency_scale,
-            low_credit_threshold=snapshot.low_credit_threshold,
-            control_state=ControlState(snapshot.control_state),
-            control_mode=snapshot.control_mode,
-            status=int(snapshot.status),
-            last_event_seq=snapshot.last_event_seq,
-            last_transfer=snapshot.last_transfer,
-            last_command_seq=snapshot.last_command_seq,
-        )
+    def from_snapshot(cls, snapshot: MeterSnapshot) -> Self:
+        return cls(**snapshot.to_values())
 
     def to_snapshot(self, meter_id: str) -> MeterSnapshot:
-        return MeterSnapshot(
-            meter_id=meter_id,
-            time=self.time,
-            energy_import_wh=self.energy_import_wh,
-            energy_rates_wh=self.energy_rates_wh,
-            power_w=self.power_w,
-            voltage_dv=self.voltage_dv,
-            current_ma=self.current_ma,
-            power_factor_milli=self.power_factor_milli,
-            frequency_chz=self.frequency_chz,
-            credit=self.credit,
-            emergency_credit=self.emergency_credit,
-            debt=self.debt,
-            credit_unit=self.credit_unit,
-            currency=self.currency,
-            currency_scale=self.currency_scale,
-            low_credit_threshold=self.low_credit_threshold,
-            control_state=self.control_state,
-            control_mode=self.control_mode,
-            status=StatusFlag(self.status),
-            last_event_seq=self.last_event_seq,
-            last_transfer=self.last_transfer,
-            last_command_seq=self.last_command_seq,
-        )
+        return MeterSnapshot.from_values(meter_id, msgspec.structs.asdict(self))
 
 
-def _credit_unit(value: int) -> Literal[1, 2]:
-    if value == 1:
-        return 1
-    if value == 2:
-        return 2
-    raise ValidationError(f"credit_unit is 1 (Wh) or 2 (money), got {value!r}")
+def _json_type(spec: FieldSpec) -> Any:
+    """The msgspec type of one snapshot field in JSON, from its one definition."""
+    meta = Meta(description=spec.description.format(n=f"1..{spec.count}"))
+    single: Any
+    if spec.enum is not None:
+        single = spec.enum
+    elif spec.register == "string":
+        low, high = spec.json_range or (1, 2 * spec.length)
+        single = Annotated[str, Meta(min_length=low, max_length=high)]
+    else:
+        bounds = spec.json_range or (spec.minimum, spec.maximum)
+        single = Annotated[int, Meta(ge=bounds[0], le=bounds[1])]
+    if spec.count == 1:
+        return Annotated[single, meta]
+    return Annotated[tuple.__class_getitem__((single,) * spec.count), meta]
+
+
+if TYPE_CHECKING:
+    Reading = _ReadingBase
+else:
+    #: the snapshot without its meter id, generated from the snapshot's one definition
+    Reading = msgspec.defstruct(
+        "Reading",
+        [
+            (name, _json_type(spec))
+            for name, spec in SNAPSHOT_FIELDS
+            if name in SNAPSHOT_VALUE_FIELDS
+        ],
+        bases=(_ReadingBase,),
+        module=__name__,
+        namespace={"__doc__": _READING_DOC},
+        frozen=True,
+        kw_only=True,
+    )
 
 
 class Telemetry(_Payload, frozen=True, kw_only=True):

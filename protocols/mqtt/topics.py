@@ -8,6 +8,7 @@ from enum import Enum
 from typing import Final
 
 from protocols.errors import DecodeError, ValidationError
+from protocols.meter_id import check_meter_id, is_meter_id
 
 SCHEMA_VERSION: Final = 1
 TOPIC_VERSION: Final = f"v{SCHEMA_VERSION}"
@@ -16,19 +17,10 @@ CONTENT_TYPE: Final = "application/json"
 #: MQTT 5 user property that names the payload schema version on every message
 SCHEMA_PROPERTY: Final = "schema"
 SCHEMA_PROPERTY_VALUE: Final = str(SCHEMA_VERSION)
-#: the same rule as meter_sim.config.METER_ID: topic-safe (no / + # or NUL), at most 64 characters
-METER_ID_PATTERN: Final = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
-METER_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _PREFIX_LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _SHARE_GROUP = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 #: the most events or profile rows one reply carries
 MAX_REPLY_ITEMS: Final = 3000
-
-
-def check_meter_id(meter_id: str) -> str:
-    if not isinstance(meter_id, str) or not METER_ID_RE.fullmatch(meter_id):
-        raise ValidationError(f"a meter id is letters, digits, _ . - (max 64), got {meter_id!r}")
-    return meter_id
 
 
 # -- topics ---------------------------------------------------------------------------------------
@@ -125,7 +117,7 @@ class TopicScheme:
             raise DecodeError(f"not a topic of {self.base}: {topic!r}")
         meter_id, _, suffix = topic[len(head) :].partition("/")
         kind = _KIND_BY_SUFFIX.get(suffix)
-        if kind is None or not METER_ID_RE.fullmatch(meter_id):
+        if kind is None or not is_meter_id(meter_id):
             raise DecodeError(f"not a meter topic: {topic!r}")
         return meter_id, kind
 

@@ -23,7 +23,13 @@ from protocols.commands import (
 from protocols.disconnect import output_state
 from protocols.errors import DecodeError, ValidationError
 from protocols.obis import Obis
-from protocols.readings import Event, EventCode, MeterSnapshot, ProfileRow, StatusFlag
+from protocols.readings import (
+    SNAPSHOT_FIELDS,
+    Event,
+    EventCode,
+    MeterSnapshot,
+    ProfileRow,
+)
 from protocols.registermap.datatypes import (
     DEC20_MAX,
     INTEGER_TYPES,
@@ -288,19 +294,27 @@ _SNAPSHOT_ROWS: Final = (
 _SNAPSHOT_CODEC: Final = RowsCodec(_SNAPSHOT_ROWS)
 
 
+#: (field name, its register rows) of every snapshot field the snapshot blocks carry
+_SNAPSHOT_ROW_NAMES: Final = tuple(
+    (name, spec.row_names(name)) for name, spec in SNAPSHOT_FIELDS if spec.register
+)
+_SNAPSHOT_RANGES: Final = tuple(
+    (name, spec.minimum, spec.maximum)
+    for name, spec in SNAPSHOT_FIELDS
+    if spec.register and (spec.minimum is not None or spec.maximum is not None)
+)
+
+
 def encode_snapshot(snapshot: MeterSnapshot, order: WordOrder = "big") -> list[int]:
     """The MEASUREMENTS, ACCOUNT and STATUS blocks (``SNAPSHOT_SIZE`` registers from
     ``SNAPSHOT_START``). The meter id lives in the identification block."""
-    values: dict[str, Any] = {
-        row.name: getattr(snapshot, row.name)
-        for row in _SNAPSHOT_ROWS
-        if hasattr(snapshot, row.name)
-    }
-    for rate, value in enumerate(snapshot.energy_rates_wh, start=1):
-        values[f"energy_rate{rate}_wh"] = value
-    values["output_state"] = int(output_state(snapshot.control_state))
-    values["control_state"] = int(snapshot.control_state)
-    values["status"] = int(snapshot.status)
+    fields = snapshot.to_values()
+    values: dict[str, Any] = {"output_state": int(output_state(snapshot.control_state))}
+    for name, row_names in _SNAPSHOT_ROW_NAMES:
+        if len(row_names) == 1:
+            values[name] = fields[name]
+        else:
+            values.update(zip(row_names, fields[name], strict=True))
     return _SNAPSHOT_CODEC.encode(values, order)
 
 
@@ -313,41 +327,19 @@ def decode_snapshot(
         raise DecodeError(
             f"output_state {values['output_state']} contradicts control_state {control_state}"
         )
-    if values["control_mode"] > 6:
-        raise DecodeError(f"control mode is 0..6, got {values['control_mode']}")
-    if not -4 <= values["currency_scale"] <= 0:
-        raise DecodeError(f"currency scale is -4..0, got {values['currency_scale']}")
+    for name, minimum, maximum in _SNAPSHOT_RANGES:
+        value = values[name]
+        if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+            raise DecodeError(f"{name} is {minimum}..{maximum}, got {value}")
+    fields: dict[str, Any] = {}
+    for name, row_names in _SNAPSHOT_ROW_NAMES:
+        if len(row_names) == 1:
+            fields[name] = values[name]
+        else:
+            fields[name] = tuple(values[row_name] for row_name in row_names)
     try:
-        return MeterSnapshot(
-            meter_id=meter_id,
-            time=values["time"],
-            energy_import_wh=values["energy_import_wh"],
-            energy_rates_wh=(
-                values["energy_rate1_wh"],
-                values["energy_rate2_wh"],
-                values["energy_rate3_wh"],
-                values["energy_rate4_wh"],
-            ),
-            power_w=values["power_w"],
-            voltage_dv=values["voltage_dv"],
-            current_ma=values["current_ma"],
-            power_factor_milli=values["power_factor_milli"],
-            frequency_chz=values["frequency_chz"],
-            credit=values["credit"],
-            emergency_credit=values["emergency_credit"],
-            debt=values["debt"],
-            credit_unit=int(values["credit_unit"]),
-            currency=values["currency"],
-            currency_scale=values["currency_scale"],
-            low_credit_threshold=values["low_credit_threshold"],
-            control_state=control_state,
-            control_mode=values["control_mode"],
-            status=StatusFlag(values["status"]),
-            last_event_seq=values["last_event_seq"],
-            last_transfer=values["last_transfer"],
-            last_command_seq=values["last_command_seq"],
-        )
-    except (TypeError, ValueError) as exc:  # pragma: no cover - every field is checked above
+        return MeterSnapshot.from_values(meter_id, fields)
+    except (TypeError, ValueError) as exc:
         raise DecodeError(f"not a snapshot: {exc}") from exc
 
 

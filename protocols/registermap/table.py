@@ -21,8 +21,6 @@ from protocols.cosem import (
     OBIS_CURRENT,
     OBIS_DISCONNECT,
     OBIS_EMERGENCY_CREDIT,
-    OBIS_ENERGY_IMPORT,
-    OBIS_ENERGY_RATES,
     OBIS_EVENT_LOG,
     OBIS_FREQUENCY,
     OBIS_LIMITER,
@@ -34,11 +32,10 @@ from protocols.cosem import (
     OBIS_TOKEN_GATEWAY,
     OBIS_VOLTAGE,
     CreditStatus,
-    CurrencyUnit,
     TokenStatus,
 )
-from protocols.disconnect import ControlState
 from protocols.errors import ValidationError
+from protocols.readings import SNAPSHOT_FIELDS
 from protocols.registermap.datatypes import (
     MAX_READ,
     MAX_WRITE,
@@ -94,153 +91,51 @@ def _identification() -> list[Row]:
     return lay.rows
 
 
+_OUTPUT_STATE_DESCRIPTION = "relay output: 1 on (supply connected), 0 off"
+
+
 def _snapshot() -> list[Row]:
-    u16, u32, u64, i16, i32, text = (
-        DataType.U16,
-        DataType.U32,
-        DataType.U64,
-        DataType.I16,
-        DataType.I32,
-        DataType.STRING,
-    )
+    """The measurements, account and status blocks, derived from the snapshot's one definition
+    (:data:`protocols.readings.SNAPSHOT_FIELDS`), with ``output_state`` (the relay output that
+    ``control_state`` implies) in front of ``control_state``."""
     rows: list[Row] = []
-    lay = _Layout(Block.MEASUREMENTS, _T_IN, 100)
-    lay.add(
-        "time",
-        u64,
-        "meter clock, seconds since 1970-01-01 UTC",
-        unit="s",
-        obis=OBIS_CLOCK,
-        attribute=2,
-    )
-    lay.add(
-        "energy_import_wh",
-        u64,
-        "active energy import, total",
-        unit="Wh",
-        obis=OBIS_ENERGY_IMPORT,
-        attribute=2,
-    )
-    for rate, obis in enumerate(OBIS_ENERGY_RATES, start=1):
-        lay.add(
-            f"energy_rate{rate}_wh",
-            u64,
-            f"active energy import, tariff rate {rate}",
-            unit="Wh",
-            obis=obis,
-            attribute=2,
-        )
-    lay.add(
-        "power_w", i32, "instantaneous active power import", unit="W", obis=OBIS_POWER, attribute=2
-    )
-    lay.add("voltage_dv", u16, "voltage L1", unit="V", scaler=-1, obis=OBIS_VOLTAGE, attribute=2)
-    lay.add("current_ma", u32, "current L1", unit="A", scaler=-3, obis=OBIS_CURRENT, attribute=2)
-    lay.add(
-        "power_factor_milli",
-        i16,
-        "power factor",
-        scaler=-3,
-        obis=OBIS_POWER_FACTOR,
-        attribute=2,
-    )
-    lay.add(
-        "frequency_chz", u16, "frequency", unit="Hz", scaler=-2, obis=OBIS_FREQUENCY, attribute=2
-    )
-    rows += lay.rows
-    lay = _Layout(Block.ACCOUNT, _T_IN, lay.next)
-    account_unit = "account unit"
-    lay.add(
-        "credit",
-        u64,
-        "available token credit",
-        unit=account_unit,
-        obis=OBIS_TOKEN_CREDIT,
-        attribute=2,
-    )
-    lay.add(
-        "emergency_credit",
-        u64,
-        "emergency credit left while it is in use",
-        unit=account_unit,
-        obis=OBIS_EMERGENCY_CREDIT,
-        attribute=2,
-    )
-    lay.add(
-        "debt",
-        u64,
-        "owed (friendly-period use, overshoot, unpaid emergency credit), repaid by a top-up",
-        unit=account_unit,
-    )
-    lay.add(
-        "credit_unit",
-        u16,
-        "account unit: 1 consumption (Wh), 2 monetary (minor currency units)",
-        obis=OBIS_ACCOUNT,
-        attribute=11,
-        element=2,
-        enum=CurrencyUnit,
-    )
-    lay.add(
-        "currency",
-        text,
-        'ISO 4217 code of a monetary account, "Wh" for a consumption account',
-        length=2,
-        obis=OBIS_ACCOUNT,
-        attribute=11,
-        element=0,
-    )
-    lay.add(
-        "currency_scale",
-        i16,
-        "power of ten of the account unit: -2 when credit is in cents, 0 for Wh",
-        obis=OBIS_ACCOUNT,
-        attribute=11,
-        element=1,
-        minimum=-4,
-        maximum=0,
-    )
-    lay.add(
-        "low_credit_threshold",
-        u64,
-        "low-credit warning threshold",
-        unit=account_unit,
-        obis=OBIS_ACCOUNT,
-        attribute=9,
-    )
-    rows += lay.rows
-    lay = _Layout(Block.STATUS, _T_IN, lay.next)
-    lay.add(
-        "output_state",
-        u16,
-        "relay output: 1 on (supply connected), 0 off",
-        obis=OBIS_DISCONNECT,
-        attribute=2,
-    )
-    lay.add(
-        "control_state",
-        u16,
-        "disconnect control state: 0 disconnected, 1 connected, 2 ready for reconnection",
-        obis=OBIS_DISCONNECT,
-        attribute=3,
-        enum=ControlState,
-    )
-    lay.add(
-        "control_mode",
-        u16,
-        "disconnect control mode 0..6",
-        obis=OBIS_DISCONNECT,
-        attribute=4,
-    )
-    lay.add("status", u32, "status bits, see the status bits table")
-    lay.add("last_event_seq", u32, "sequence number of the newest event in the log")
-    lay.add("last_transfer", u32, "number of the last credit transfer applied")
-    lay.add(
-        "last_command_seq",
-        u32,
-        "sequence of the last command executed (applied or refused by state, argument or "
-        "transfer number; not auth failures or replays)",
-    )
-    rows += lay.rows
+    lay: _Layout | None = None
+    for name, spec in SNAPSHOT_FIELDS:
+        if not spec.register:
+            continue
+        block = Block(spec.block)
+        if lay is None or lay.block is not block:
+            lay = _Layout(block, _T_IN, 100 if lay is None else lay.next)
+        if name == "control_state":
+            rows.append(
+                lay.add(
+                    "output_state",
+                    DataType.U16,
+                    _OUTPUT_STATE_DESCRIPTION,
+                    obis=OBIS_DISCONNECT,
+                    attribute=2,
+                )
+            )
+        for index, row_name in enumerate(spec.row_names(name)):
+            cosem: dict[str, Any] = {}
+            if spec.obis:
+                cosem = {"obis": spec.obis[index], "attribute": spec.attribute}
+                if spec.element is not None:
+                    cosem["element"] = spec.element
+            rows.append(
+                lay.add(
+                    row_name,
+                    DataType(spec.register),
+                    spec.description.format(n=index + 1),
+                    unit=spec.unit,
+                    scaler=spec.scaler,
+                    length=spec.length,
+                    enum=spec.enum,
+                    minimum=spec.minimum,
+                    maximum=spec.maximum,
+                    **cosem,
+                )
+            )
     return rows
 
 
