@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import IntEnum, StrEnum
 from typing import Any, Final, Literal
@@ -152,6 +152,10 @@ class Row:
 
 
 # -- the value codecs -----------------------------------------------------------------------------
+#
+# One codec per data type (:data:`TYPE_CODECS`): the ``struct`` format of a row's registers, and
+# the two conversions between a value and the items ``struct`` packs. encode_value/decode_value
+# (one row) and messages.RowsCodec (a block compiled to one struct format) both use them.
 
 
 def _int_range(dtype: DataType) -> tuple[int, int]:
@@ -168,17 +172,7 @@ def sentinel(dtype: DataType) -> int | float | None:
         return low if dtype in _SIGNED else high
     if dtype is DataType.F32:
         return math.nan
-    if dtype is DataType.DEC20:
-        return None
     return None
-
-
-def _words(data: bytes) -> list[int]:
-    return [int.from_bytes(data[i : i + 2], "big") for i in range(0, len(data), 2)]
-
-
-def _ordered(registers: list[int], order: WordOrder) -> list[int]:
-    return registers if order == "big" else registers[::-1]
 
 
 def check_order(order: str) -> WordOrder:
@@ -189,81 +183,181 @@ def check_order(order: str) -> WordOrder:
     raise ValidationError(f"word order is big or little, got {order!r}")
 
 
-def encode_value(row: Row, value: Any, order: WordOrder = "big") -> list[int]:
-    """The registers of ``value`` in ``row``; ``None`` encodes the "not implemented" sentinel of
-    an optional row. Raises ValidationError for a value the row cannot carry."""
-    order = check_order(order)
-    dtype = row.dtype
-    if value is None:
-        if not row.optional:
-            raise ValidationError(f"{row.name} is required")
-        if dtype is DataType.DEC20:
-            return [0xFFFF] * 5
-        if dtype is DataType.F32:
-            return _ordered(_words(struct.pack(">f", math.nan)), order)
-        filler = sentinel(dtype)
-        if filler is None:
-            raise ValidationError(f"{row.name}: a {dtype} has no sentinel")
-        return encode_value(_required(row), filler, order)
-    if dtype in INTEGER_TYPES:
-        number = _as_int(row, value)
-        low, high = _int_range(dtype)
-        if row.optional:
-            if dtype in _SIGNED:
-                low += 1
-            else:
-                high -= 1
-        if not low <= number <= high:
-            raise ValidationError(f"{row.name} is a {dtype} {low}..{high}, got {number}")
-        size = _FIXED_SIZE[dtype]
-        raw = number.to_bytes(2 * size, "big", signed=dtype in _SIGNED)
-        return _ordered(_words(raw), order)
-    if dtype is DataType.F32:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValidationError(f"{row.name} is a number, got {value!r}")
-        number_f = float(value)
-        if not math.isfinite(number_f):
-            raise ValidationError(f"{row.name} must be finite, got {value!r}")
-        try:
-            raw = struct.pack(">f", number_f)
-        except OverflowError as exc:
-            raise ValidationError(f"{row.name}: {value!r} does not fit an f32") from exc
-        return _ordered(_words(raw), order)
-    if dtype is DataType.DEC20:
-        number = _as_int(row, value)
-        if not 0 <= number <= DEC20_MAX:
-            raise ValidationError(f"{row.name} has 20 decimal digits, got {number}")
-        digits = f"{number:020d}"
-        return [int(digits[i : i + 4]) for i in range(0, 20, 4)]
-    if dtype is DataType.STRING:
-        if not isinstance(value, str):
-            raise ValidationError(f"{row.name} is text, got {value!r}")
-        if "\0" in value:
-            raise ValidationError(f"{row.name} cannot hold a NUL character")
-        data = value.encode("utf-8")
-        if len(data) > 2 * row.length:
-            raise ValidationError(f"{row.name} holds {2 * row.length} bytes, got {len(data)}")
-        return _words(data.ljust(2 * row.length, b"\0"))
-    # octets
-    if not isinstance(value, bytes):
-        raise ValidationError(f"{row.name} is bytes, got {value!r}")
-    if value == b"":
-        return [0] * row.length
-    if len(value) != 2 * row.length:
-        raise ValidationError(f"{row.name} holds {2 * row.length} bytes, got {len(value)}")
-    return _words(value)
-
-
-def _required(row: Row) -> Row:
-    return Row(
-        row.name, row.block, row.table, row.address, row.dtype, row.description, length=row.length
-    )
-
-
 def _as_int(row: Row, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValidationError(f"{row.name} is an integer, got {value!r}")
     return int(value)
+
+
+def _missing(row: Row) -> None:
+    if not row.optional:
+        raise ValidationError(f"{row.name} is required")
+
+
+@dataclass(frozen=True, slots=True)
+class TypeCodec:
+    """How values of one data type sit in registers.
+
+    ``code(row)`` is the row's ``struct`` format (big-endian), ``to_raw(row, value)`` the items
+    it packs (ValidationError for a value the row cannot carry; ``None`` is the "not
+    implemented" sentinel of an optional row), ``from_raw(row, items)`` the value back
+    (DecodeError for anything else). ``swapped``: a little-endian meter reverses the row's words.
+    """
+
+    code: Callable[[Row], str]
+    items: int
+    swapped: bool
+    to_raw: Callable[[Row, Any], tuple[Any, ...]]
+    from_raw: Callable[[Row, tuple[Any, ...]], Any]
+
+
+def _integer_codec(dtype: DataType) -> TypeCodec:
+    low, high = _int_range(dtype)
+    filler = low if dtype in _SIGNED else high
+    # an optional row keeps the sentinel for "not implemented"
+    optional_low, optional_high = (low + 1, high) if dtype in _SIGNED else (low, high - 1)
+    code = {1: "h", 2: "i", 4: "q"}[_FIXED_SIZE[dtype]]
+    code = code if dtype in _SIGNED else code.upper()
+
+    def to_raw(row: Row, value: Any) -> tuple[Any, ...]:
+        if value is None:
+            _missing(row)
+            return (filler,)
+        number = _as_int(row, value)
+        lo, hi = (optional_low, optional_high) if row.optional else (low, high)
+        if not lo <= number <= hi:
+            raise ValidationError(f"{row.name} is a {dtype} {lo}..{hi}, got {number}")
+        return (number,)
+
+    def from_raw(row: Row, items: tuple[Any, ...]) -> Any:
+        (number,) = items
+        if row.optional and number == filler:
+            return None
+        if row.enum is not None:
+            try:
+                return row.enum(number)
+            except ValueError as exc:
+                raise DecodeError(f"{row.name}: {number} is no {row.enum.__name__}") from exc
+        return number
+
+    return TypeCodec(lambda row: code, 1, True, to_raw, from_raw)
+
+
+def _f32_to_raw(row: Row, value: Any) -> tuple[Any, ...]:
+    if value is None:
+        _missing(row)
+        return (math.nan,)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValidationError(f"{row.name} is a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValidationError(f"{row.name} must be finite, got {value!r}")
+    try:
+        struct.pack(">f", number)
+    except OverflowError as exc:
+        raise ValidationError(f"{row.name}: {value!r} does not fit an f32") from exc
+    return (number,)
+
+
+def _f32_from_raw(row: Row, items: tuple[Any, ...]) -> Any:
+    (number,) = items
+    if math.isnan(number):
+        if row.optional:
+            return None
+        raise DecodeError(f"{row.name} reads as not implemented")
+    if not math.isfinite(number):
+        raise DecodeError(f"{row.name} is not finite")
+    return float(number)
+
+
+_DEC20_NONE: Final = (0xFFFF,) * 5
+
+
+def _dec20_to_raw(row: Row, value: Any) -> tuple[Any, ...]:
+    if value is None:
+        _missing(row)
+        return _DEC20_NONE
+    number = _as_int(row, value)
+    if not 0 <= number <= DEC20_MAX:
+        raise ValidationError(f"{row.name} has 20 decimal digits, got {number}")
+    digits = f"{number:020d}"
+    return tuple(int(digits[i : i + 4]) for i in range(0, 20, 4))
+
+
+def _dec20_from_raw(row: Row, items: tuple[Any, ...]) -> Any:
+    if row.optional and items == _DEC20_NONE:
+        return None
+    if any(group > 9999 for group in items):
+        raise DecodeError(f"{row.name}: a digit group is 0..9999, got {list(items)}")
+    return int("".join(f"{group:04d}" for group in items))
+
+
+def _no_sentinel(row: Row) -> None:
+    if row.optional:
+        raise ValidationError(f"{row.name}: a {row.dtype} has no sentinel")
+    raise ValidationError(f"{row.name} is required")
+
+
+def _string_to_raw(row: Row, value: Any) -> tuple[Any, ...]:
+    if value is None:
+        _no_sentinel(row)
+    if not isinstance(value, str):
+        raise ValidationError(f"{row.name} is text, got {value!r}")
+    if "\0" in value:
+        raise ValidationError(f"{row.name} cannot hold a NUL character")
+    data = value.encode("utf-8")
+    if len(data) > 2 * row.length:
+        raise ValidationError(f"{row.name} holds {2 * row.length} bytes, got {len(data)}")
+    return (data,)  # struct pads with NUL
+
+
+def _string_from_raw(row: Row, items: tuple[Any, ...]) -> Any:
+    text = items[0].rstrip(b"\0")
+    if b"\0" in text:
+        raise DecodeError(f"{row.name}: NUL inside the text")
+    try:
+        return text.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"{row.name} is not UTF-8") from exc
+
+
+def _octets_to_raw(row: Row, value: Any) -> tuple[Any, ...]:
+    if value is None:
+        _no_sentinel(row)
+    if not isinstance(value, bytes):
+        raise ValidationError(f"{row.name} is bytes, got {value!r}")
+    if value and len(value) != 2 * row.length:
+        raise ValidationError(f"{row.name} holds {2 * row.length} bytes, got {len(value)}")
+    return (value,)  # b"": struct pads with zero bytes
+
+
+def _octets_from_raw(row: Row, items: tuple[Any, ...]) -> Any:
+    data: bytes = items[0]
+    return data if any(data) else b""
+
+
+def _bytes_code(row: Row) -> str:
+    return f"{2 * row.length}s"
+
+
+#: the one codec of each data type
+TYPE_CODECS: Final[dict[DataType, TypeCodec]] = {
+    **{dtype: _integer_codec(dtype) for dtype in sorted(INTEGER_TYPES)},
+    DataType.F32: TypeCodec(lambda row: "f", 1, True, _f32_to_raw, _f32_from_raw),
+    DataType.DEC20: TypeCodec(lambda row: "5H", 5, False, _dec20_to_raw, _dec20_from_raw),
+    DataType.STRING: TypeCodec(_bytes_code, 1, False, _string_to_raw, _string_from_raw),
+    DataType.OCTETS: TypeCodec(_bytes_code, 1, False, _octets_to_raw, _octets_from_raw),
+}
+
+
+def encode_value(row: Row, value: Any, order: WordOrder = "big") -> list[int]:
+    """The registers of ``value`` in ``row``; ``None`` encodes the "not implemented" sentinel of
+    an optional row. Raises ValidationError for a value the row cannot carry."""
+    order = check_order(order)
+    codec = TYPE_CODECS[row.dtype]
+    data = struct.pack(">" + codec.code(row), *codec.to_raw(row, value))
+    registers = list(struct.unpack(f">{row.size}H", data))
+    return registers[::-1] if order == "little" and codec.swapped else registers
 
 
 def decode_value(row: Row, registers: Sequence[int], order: WordOrder = "big") -> Any:
@@ -274,44 +368,11 @@ def decode_value(row: Row, registers: Sequence[int], order: WordOrder = "big") -
     """
     order = check_order(order)
     regs = _check_registers(row, registers)
-    dtype = row.dtype
-    if dtype in INTEGER_TYPES:
-        raw = b"".join(r.to_bytes(2, "big") for r in _ordered(regs, order))
-        number = int.from_bytes(raw, "big", signed=dtype in _SIGNED)
-        if row.optional and number == sentinel(dtype):
-            return None
-        if row.enum is not None:
-            try:
-                return row.enum(number)
-            except ValueError as exc:
-                raise DecodeError(f"{row.name}: {number} is no {row.enum.__name__}") from exc
-        return number
-    if dtype is DataType.F32:
-        raw = b"".join(r.to_bytes(2, "big") for r in _ordered(regs, order))
-        (number_f,) = struct.unpack(">f", raw)
-        if math.isnan(number_f):
-            if row.optional:
-                return None
-            raise DecodeError(f"{row.name} reads as not implemented")
-        if not math.isfinite(number_f):
-            raise DecodeError(f"{row.name} is not finite")
-        return float(number_f)
-    if dtype is DataType.DEC20:
-        if row.optional and all(r == 0xFFFF for r in regs):
-            return None
-        if any(r > 9999 for r in regs):
-            raise DecodeError(f"{row.name}: a digit group is 0..9999, got {list(regs)}")
-        return int("".join(f"{r:04d}" for r in regs))
-    data = b"".join(r.to_bytes(2, "big") for r in regs)
-    if dtype is DataType.STRING:
-        text = data.rstrip(b"\0")
-        if b"\0" in text:
-            raise DecodeError(f"{row.name}: NUL inside the text")
-        try:
-            return text.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise DecodeError(f"{row.name} is not UTF-8") from exc
-    return b"" if not any(data) else data
+    codec = TYPE_CODECS[row.dtype]
+    if order == "little" and codec.swapped:
+        regs.reverse()
+    items = struct.unpack(">" + codec.code(row), struct.pack(f">{row.size}H", *regs))
+    return codec.from_raw(row, items)
 
 
 def _check_registers(row: Row, registers: Sequence[int]) -> list[int]:
