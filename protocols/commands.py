@@ -50,26 +50,52 @@ class CommandCode(IntEnum):
 
 
 class ResultCode(IntEnum):
-    """What a meter answers to a command. 0 and 1 mean the command is in effect."""
+    """What a meter answers to a command (see the result code table). 0 and 1 mean the
+    command is in effect."""
 
     OK = 0
-    DUPLICATE = 1  # this credit transfer (or command sequence) was applied before; applied 0 times
-    REFUSED_BY_MODE = 2  # the control mode does not allow it
-    REFUSED_BY_STATE = 3  # nothing to do from the current state (e.g. already disconnected)
-    OLD_TRANSFER = 4  # a credit transfer number older than the last one applied
-    AMOUNT_OUT_OF_BOUNDS = 5  # below the minimum, above the maximum or over the credit limit
+    DUPLICATE = 1
+    REFUSED_BY_MODE = 2
+    REFUSED_BY_STATE = 3
+    OLD_TRANSFER = 4
+    AMOUNT_OUT_OF_BOUNDS = 5
     BAD_ARGUMENT = 6
-    AUTH_FAILED = 7  # the authentication tag does not match
-    REPLAYED = 8  # a sequence number already used
+    AUTH_FAILED = 7
+    REPLAYED = 8
     UNKNOWN_COMMAND = 9
-    NOT_SUPPORTED = 10  # e.g. a token on a meter without a keypad decoder
-    TOKEN_REFUSED = 11  # the token gateway refused the token; its status says why
+    NOT_SUPPORTED = 10
+    TOKEN_REFUSED = 11
     BUSY = 12
-    NONE = 255  # no command executed yet
+    NONE = 255
 
     @property
     def accepted(self) -> bool:
         return self in (ResultCode.OK, ResultCode.DUPLICATE)
+
+
+#: what each result code means, in an operator's words (the generated documents show it)
+RESULT_TEXT: dict[ResultCode, str] = {
+    ResultCode.OK: "executed",
+    ResultCode.DUPLICATE: "this credit transfer number was applied before (a retry): "
+    "acknowledged again, applied zero times; the credit is in the meter once",
+    ResultCode.REFUSED_BY_MODE: "the disconnect control mode does not allow this action at all",
+    ResultCode.REFUSED_BY_STATE: "nothing to do from the current state (e.g. already "
+    "disconnected, emergency credit not available)",
+    ResultCode.OLD_TRANSFER: "a credit transfer number lower than the last one applied",
+    ResultCode.AMOUNT_OUT_OF_BOUNDS: "the amount is below the minimum or above the maximum "
+    "top-up, or would take the credit over its maximum",
+    ResultCode.BAD_ARGUMENT: "an argument the meter cannot use, or a command for another meter",
+    ResultCode.AUTH_FAILED: "the authentication tag does not match the meter's key (or is "
+    "missing); nothing executed, the sequence number is not used up",
+    ResultCode.REPLAYED: "the sequence number is not greater than the last one executed (or "
+    "repeats it with other content); nothing executed",
+    ResultCode.UNKNOWN_COMMAND: "no such command code",
+    ResultCode.NOT_SUPPORTED: "the meter lacks the feature (e.g. a token on a meter without a "
+    "keypad decoder)",
+    ResultCode.TOKEN_REFUSED: "the token gateway refused the token; the token status says why",
+    ResultCode.BUSY: "the meter cannot take a command now; send it again later",
+    ResultCode.NONE: "no command executed yet",
+}
 
 
 @dataclass(frozen=True, slots=True)

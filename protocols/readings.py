@@ -46,39 +46,40 @@ class StatusFlag(IntFlag):
 
 
 class EventCode(IntEnum):
-    """Standard event log codes (numbers follow the DLMS UA standard event log where one exists)."""
+    """Event log codes (numbers follow the DLMS UA standard event log where one exists); the
+    event code table says what each means and what its details a and b hold."""
 
     POWER_DOWN = 1
     POWER_UP = 2
-    CLOCK_SET = 3  # detail: old time, new time
-    CLOCK_BACKWARDS = 4  # detail: old time, new time
-    RELAY_DISCONNECTED = 10  # detail: cause
-    RELAY_CONNECTED = 11  # detail: cause
-    RELAY_READY_FOR_RECONNECTION = 12  # detail: cause
-    LOW_CREDIT = 20  # detail: available credit
-    CREDIT_EXHAUSTED = 21  # detail: available credit
-    EMERGENCY_CREDIT_INVOKED = 22  # detail: amount
+    CLOCK_SET = 3
+    CLOCK_BACKWARDS = 4
+    RELAY_DISCONNECTED = 10
+    RELAY_CONNECTED = 11
+    RELAY_READY_FOR_RECONNECTION = 12
+    LOW_CREDIT = 20
+    CREDIT_EXHAUSTED = 21
+    EMERGENCY_CREDIT_INVOKED = 22
     EMERGENCY_CREDIT_EXHAUSTED = 23
     FRIENDLY_PERIOD_START = 24
     FRIENDLY_PERIOD_END = 25
-    TOPUP_ACCEPTED = 30  # detail: transfer number, amount
-    TOPUP_REFUSED = 31  # detail: transfer number, result code
-    TOPUP_DUPLICATE = 32  # detail: transfer number
-    TOKEN_ACCEPTED = 33  # detail: token class, value (Wh, W, mask, key revision)
-    TOKEN_REFUSED = 34  # detail: token gateway status, keypad refusal code
-    COMMAND_REFUSED = 40  # detail: command code, result code
-    AUTH_FAILED = 41  # detail: command code, sequence
-    REPLAY_REFUSED = 42  # detail: command code, sequence
-    CONTROL_MODE_CHANGED = 43  # detail: old mode, new mode
-    THRESHOLD_CHANGED = 44  # detail: old, new
-    SEQUENCE_RESET = 45  # detail: last sequence under the old key, 0
+    TOPUP_ACCEPTED = 30
+    TOPUP_REFUSED = 31
+    TOPUP_DUPLICATE = 32
+    TOKEN_ACCEPTED = 33
+    TOKEN_REFUSED = 34
+    COMMAND_REFUSED = 40
+    AUTH_FAILED = 41
+    REPLAY_REFUSED = 42
+    CONTROL_MODE_CHANGED = 43
+    THRESHOLD_CHANGED = 44
+    SEQUENCE_RESET = 45
     TAMPER_DETECTED = 50
     TAMPER_CLEARED = 51
-    LIMITER_TRIP = 60  # detail: power W, threshold W
+    LIMITER_TRIP = 60
     LIMITER_RESTORED = 61
-    KEY_CHANGED = 70  # detail: new key revision, new tariff index
-    POWER_LIMIT_SET = 71  # detail: new limit W
-    CREDIT_CLEARED = 72  # detail: amount cleared
+    KEY_CHANGED = 70
+    POWER_LIMIT_SET = 71
+    CREDIT_CLEARED = 72
 
 
 class RelayCause(IntEnum):
@@ -91,6 +92,81 @@ class RelayCause(IntEnum):
     TOPUP = 5
     MODE_CHANGE = 6
     FRIENDLY_PERIOD = 7
+
+
+#: event code -> (what happened, the meaning of detail ``a``, of detail ``b``); "" when unused
+EVENT_DETAILS: dict[EventCode, tuple[str, str, str]] = {
+    EventCode.POWER_DOWN: ("the meter lost power (logged at its last saved moment)", "", ""),
+    EventCode.POWER_UP: ("the meter powered up", "seconds it was off", ""),
+    EventCode.CLOCK_SET: ("the clock was set", "old time", "new time"),
+    EventCode.CLOCK_BACKWARDS: ("the clock was set back", "old time", "new time"),
+    EventCode.RELAY_DISCONNECTED: (
+        "relay disconnected",
+        "cause (relay cause table)",
+        "transition letter as a character code (98: b, 99: c); 0 after a mode change",
+    ),
+    EventCode.RELAY_CONNECTED: (
+        "relay connected",
+        "cause (relay cause table)",
+        "transition letter as a character code (97: a, 101: e, 104: h); 0 after a mode change",
+    ),
+    EventCode.RELAY_READY_FOR_RECONNECTION: (
+        "relay open, waiting for the customer's button",
+        "cause (relay cause table)",
+        "transition letter as a character code (100: d, 102: f, 103: g); 0 after a mode change",
+    ),
+    EventCode.LOW_CREDIT: ("available credit fell below the threshold", "available", "threshold"),
+    EventCode.CREDIT_EXHAUSTED: ("credit ran out", "available", ""),
+    EventCode.EMERGENCY_CREDIT_INVOKED: ("emergency credit taken", "amount", ""),
+    EventCode.EMERGENCY_CREDIT_EXHAUSTED: ("emergency credit used up", "", ""),
+    EventCode.FRIENDLY_PERIOD_START: ("a friendly period began", "available", ""),
+    EventCode.FRIENDLY_PERIOD_END: ("a friendly period ended", "available", ""),
+    EventCode.TOPUP_ACCEPTED: ("credit transfer applied", "transfer number", "amount"),
+    EventCode.TOPUP_REFUSED: ("credit transfer refused", "transfer number", "result code"),
+    EventCode.TOPUP_DUPLICATE: (
+        "credit transfer number seen before: acknowledged, not applied",
+        "transfer number",
+        "",
+    ),
+    EventCode.TOKEN_ACCEPTED: (
+        "STS token accepted",
+        "token class",
+        "value: Wh, W, clear mask, key revision or test control",
+    ),
+    EventCode.TOKEN_REFUSED: ("STS token refused", "token gateway status", "keypad refusal"),
+    EventCode.COMMAND_REFUSED: (
+        "a command (or the button) was refused",
+        "command code (0: the customer's button)",
+        "result code",
+    ),
+    EventCode.AUTH_FAILED: ("a command's tag did not match", "command code", "sequence"),
+    EventCode.REPLAY_REFUSED: ("a command's sequence was used before", "command code", "sequence"),
+    EventCode.CONTROL_MODE_CHANGED: ("disconnect control mode changed", "old mode", "new mode"),
+    EventCode.THRESHOLD_CHANGED: ("low-credit threshold changed", "old", "new"),
+    EventCode.SEQUENCE_RESET: (
+        "a new command key: the command sequence starts again",
+        "last sequence under the old key",
+        "0",
+    ),
+    EventCode.TAMPER_DETECTED: ("terminal cover opened (tamper)", "", ""),
+    EventCode.TAMPER_CLEARED: ("tamper flag cleared", "", ""),
+    EventCode.LIMITER_TRIP: ("load limiter opened the relay", "demand W", "threshold W"),
+    EventCode.LIMITER_RESTORED: ("load limiter closed the relay again", "", ""),
+    EventCode.KEY_CHANGED: ("STS key changed", "key revision", "tariff index"),
+    EventCode.POWER_LIMIT_SET: ("power limit set by token", "limit W", ""),
+    EventCode.CREDIT_CLEARED: ("credit cleared by token", "amount cleared", ""),
+}
+
+#: relay cause -> what it means (event detail ``a`` of the relay events)
+RELAY_CAUSE_TEXT: dict[RelayCause, str] = {
+    RelayCause.REMOTE: "a head-end command",
+    RelayCause.MANUAL: "the customer's button",
+    RelayCause.CREDIT: "credit ran out",
+    RelayCause.LIMITER: "the load limiter",
+    RelayCause.TOPUP: "a top-up restored credit",
+    RelayCause.MODE_CHANGE: "a change of control mode",
+    RelayCause.FRIENDLY_PERIOD: "a friendly period began",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,11 @@ from typing import Any, Final
 import msgspec
 from msgspec import Struct
 
+from cli.docs import shared
 from protocols.commands import (
+    ArgSpec,
     Command,
+    CommandCode,
     CommandEnvelope,
     ResultCode,
 )
@@ -158,6 +161,10 @@ def _json_block(value: Any) -> str:
     return "```json\n" + json.dumps(value, indent=2, ensure_ascii=False) + "\n```"
 
 
+def _arg_place(code: CommandCode, index: int, spec: ArgSpec) -> str:
+    return f"`args[{index}]`"
+
+
 def render_markdown() -> str:
     """``docs/mqtt.md``: topics, QoS, retain, MQTT 5 properties, and each payload's JSON Schema
     with an example. A test fails when the file differs from this."""
@@ -215,8 +222,22 @@ def render_markdown() -> str:
         "Unknown fields are ignored, so version 1 may gain optional fields. Removing or "
         "changing a field, or its meaning, makes version 2, on `<prefix>/v2/...`.",
         "",
-        "## Payloads",
     ]
+    out += shared.commands("## Commands (`code`, `args`)", _arg_place)
+    out += [
+        "A command message carries the code in `code` and the arguments the command takes in "
+        "`args`, in the order above.",
+        "",
+    ]
+    out += shared.tag(
+        "## Authentication tag (`tag`)",
+        "The tag travels as 32 lower-case hex "
+        "digits; a meter without a key accepts a command whose tag is empty.",
+    )
+    out += shared.sequence_numbers("## Sequence numbers (`sequence`)")
+    out += shared.result_codes("## Result codes (`result.code`)")
+    out += shared.event_codes("## Event codes (`event.code`)")
+    out += ["## Payloads"]
     examples = dict(EXAMPLES)
     for name, kind in _DOC_TYPES:
         (schema,), components = msgspec.json.schema_components(
@@ -225,7 +246,7 @@ def render_markdown() -> str:
         document: dict[str, Any] = dict(schema)
         if components:
             document = {**document, "$defs": components}
-        doc = (getattr(kind, "__doc__", "") or "").strip()
+        doc = _UNION_TEXT.get(name) or (getattr(kind, "__doc__", "") or "").strip()
         out += ["", f"### {name}", ""]
         if doc:
             out += [" ".join(doc.split()), ""]
@@ -248,6 +269,13 @@ _DOC_TYPES: tuple[tuple[str, Any], ...] = (
     ("Request", Request),
     ("Reply", Reply),
 )
+#: the unions have no docstring of their own (theirs would be Python's union type's)
+_UNION_TEXT = {
+    "Request": "A read request, one of the objects below, chosen by `op`. Reading changes "
+    "nothing in the meter.",
+    "Reply": "The meter's answer to a request, one of the objects below, chosen by `op`; "
+    "`error` when the meter could not read the request or answer it.",
+}
 _UNION_MEMBERS = {
     "Request": ("SnapshotRequest", "EventsRequest", "ProfileRequest", "LastResultRequest"),
     "Reply": ("SnapshotReply", "EventsReply", "ProfileReply", "LastResultReply", "ErrorReply"),

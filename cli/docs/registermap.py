@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from cli.docs import shared
 from protocols.commands import (
-    COMMAND_ARGS,
+    ArgSpec,
     Command,
     CommandCode,
     CommandEnvelope,
-    ResultCode,
 )
 from protocols.cosem import (
     TokenStatus,
 )
-from protocols.readings import EventCode, StatusFlag
+from protocols.readings import StatusFlag
 from protocols.registermap import (
     BLOCKS,
     COMMAND_SIZE,
@@ -142,7 +142,11 @@ def render_markdown() -> str:
         "* **Result codes** (result block, plus an event in the log): everything that depends on "
         "the meter's key or state, such as a wrong tag (7), a used sequence number (8), an old "
         "credit transfer (4), an amount outside the meter's limits (5), a transition the "
-        "control mode does not allow (2).",
+        "control mode does not allow (2). See the result code table below.",
+        "* **Result code 1** (`duplicate`): the credit transfer number was applied before. The "
+        "meter acknowledges it again and applies it zero times, so a master that retries a "
+        "top-up after a lost answer never credits it twice; `result_last_transfer` shows the "
+        "number applied. A new top-up needs a new, higher transfer number.",
         "* **Exception 04** (device failure): the meter could not produce a value (a fault in "
         "the simulator; logged).",
         "* Over TCP, a unit id that no meter has gets exception 0B (gateway target failed to "
@@ -212,6 +216,10 @@ def render_markdown() -> str:
     return "\n".join(out).rstrip("\n") + "\n"
 
 
+def _arg_register(code: CommandCode, index: int, spec: ArgSpec) -> str:
+    return "`cmd_token`" if code is CommandCode.ENTER_TOKEN else f"`cmd_arg{index + 1}`"
+
+
 def _md_enums() -> list[str]:
     out = ["## Status bits (`status`)", ""]
     out += _md_table(
@@ -221,43 +229,25 @@ def _md_enums() -> list[str]:
             for flag in StatusFlag
         ],
     )
-    out += ["", "## Commands (`cmd_code`)", ""]
-    lines = []
-    for code in CommandCode:
-        specs = COMMAND_ARGS[code]
-        if code is CommandCode.ENTER_TOKEN:
-            where = "`cmd_token` = token"
-        elif specs:
-            where = ", ".join(
-                f"`cmd_arg{n}` = {spec.name} ({spec.minimum}..{spec.maximum}): {spec.doc}"
-                for n, spec in enumerate(specs, start=1)
-            )
-        else:
-            where = "none"
-        lines.append([str(int(code)), code.name.lower(), where])
-    out += _md_table(["code", "command", "arguments"], lines)
+    out += [""]
+    out += shared.commands("## Commands (`cmd_code`)", _arg_register)
     out += [
-        "",
-        "Unused argument registers are ignored. The tag is HMAC-SHA256 with the meter's key "
-        "over `meter_id` (UTF-8), one NUL byte, the sequence (4 bytes, big-endian), the code "
-        "(2 bytes) and each argument the command takes (16 bytes each, big-endian), truncated "
-        "to its first 16 bytes. A meter without a key accepts a block whose tag is all zero.",
-        "",
-        "## Result codes (`result_code`, `token_result`)",
+        "Unused argument registers are ignored.",
         "",
     ]
-    out += _md_table(
-        ["code", "meaning"], [[str(int(code)), code.name.lower()] for code in ResultCode]
+    out += shared.tag(
+        "## Authentication tag (`cmd_tag`)",
+        "A meter without a key accepts a block whose tag is all zero.",
     )
-    out += ["", "## Token status (`token_status`)", ""]
+    out += shared.sequence_numbers("## Sequence numbers (`cmd_sequence`)")
+    out += shared.result_codes("## Result codes (`result_code`, `token_result`)")
+    out += ["## Token status (`token_status`)", ""]
     out += _md_table(
         ["code", "meaning"], [[str(int(code)), code.name.lower()] for code in TokenStatus]
     )
-    out += ["", "## Event codes (`event[n].code`)", ""]
-    out += _md_table(
-        ["code", "meaning"], [[str(int(code)), code.name.lower()] for code in EventCode]
-    )
-    out.append("")
+    out += [""]
+    out += shared.event_codes("## Event codes (`event[n].code`)")
+    out += shared.control_modes()
     return out
 
 

@@ -172,9 +172,10 @@ _TAG_HEX = rf"^([0-9a-f]{{{2 * TAG_BYTES}}})?$"
 
 
 class CommandMessage(_Payload, frozen=True, kw_only=True):
-    """The command envelope of :mod:`protocols.commands`, as over Modbus: the same sequence
-    number and HMAC tag (hex; empty for an unauthenticated command). A 20-digit token argument
-    exceeds 2**64: read ``args`` with a decoder that keeps big integers exact."""
+    """A command envelope, the same as over Modbus: the meter id, the sequence number, the
+    command code, its arguments in order and the authentication tag (32 hex digits; empty for a
+    meter without a key). See the command table, the tag and the sequence rule. A 20-digit token
+    argument exceeds 2**64: read ``args`` with a decoder that keeps big integers exact."""
 
     v: Version = 1
     meter_id: MeterIdText
@@ -215,8 +216,9 @@ _CODES = frozenset(int(code) for code in CommandCode)
 
 
 class ResultItem(Struct, frozen=True, kw_only=True):
-    """:class:`~protocols.commands.CommandResult`: ``sequence`` 0 answers a command that could
-    not be read at all."""
+    """A command's result: the sequence number it answers, the result code and the last credit
+    transfer number the meter has applied. ``sequence`` 0 answers a command that could not be
+    read at all."""
 
     sequence: U32
     code: ResultCode
