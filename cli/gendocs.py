@@ -14,8 +14,9 @@ from typing import Any
 import typer.main
 
 from cli import hes, meter_sim
+from cli.docs import mqtt as mqtt_docs
+from cli.docs import registermap as registermap_docs
 from meter_sim import config
-from protocols import mqtt, registermap
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,8 +78,8 @@ def render_cli_markdown() -> str:
 GENERATED: dict[str, Callable[[], str]] = {
     "docs/configuration.md": config.render_markdown,
     "docs/cli.md": render_cli_markdown,
-    "docs/mqtt.md": mqtt.render_markdown,
-    "docs/register-map.md": registermap.render_markdown,
+    "docs/mqtt.md": mqtt_docs.render_markdown,
+    "docs/register-map.md": registermap_docs.render_markdown,
 }
 
 

@@ -62,6 +62,7 @@ from meter_sim.serve import (
 from meter_sim.simulate import run_batch
 from protocols import registermap
 from protocols.clock import AcceleratedClock, ManualClock
+from protocols.cosem import CreditUnit
 from protocols.errors import ConfigError, ValidationError
 from protocols.mqtt import DEFAULT_PREFIX, BrokerSettings, TopicScheme
 from protocols.units import decimal_text
@@ -248,7 +249,7 @@ def live_view(fleet: Fleet) -> Table:
         return table
     for column in ("meters", "energy kWh", "power W", "credit", "relay"):
         table.add_column(column)
-    credit: dict[tuple[int, str, int], int] = {}
+    credit: dict[tuple[CreditUnit, str, int], int] = {}
     for snap in snapshots:
         unit = (snap.credit_unit, snap.currency, snap.currency_scale)
         credit[unit] = credit.get(unit, 0) + snap.credit

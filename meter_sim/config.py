@@ -200,11 +200,6 @@ class MeterConfig:
             raise ConfigError("friendly_days are ISO weekday numbers 1..7")
 
     @property
-    def currency_exponent(self) -> int:
-        """Decimals of the currency (``-currency_scale``), as :class:`Money` counts them."""
-        return -self.currency_scale
-
-    @property
     def key_bytes(self) -> bytes | None:
         return bytes.fromhex(self.auth_key) if self.auth_key else None
 

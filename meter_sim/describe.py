@@ -6,7 +6,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meter_sim.firmware import Meter
-from protocols.readings import Event, EventCode, MeterSnapshot, RelayCause, StatusFlag
+from protocols.readings import (
+    SNAPSHOT_FIELDS,
+    Event,
+    EventCode,
+    FieldSpec,
+    MeterSnapshot,
+    RelayCause,
+    StatusFlag,
+)
 from protocols.units import decimal_text
 
 
@@ -22,29 +30,38 @@ def status_names(flags: StatusFlag) -> list[str]:
 
 
 def snapshot_rows(snapshot: MeterSnapshot) -> list[tuple[str, str]]:
-    """(label, value) rows of a meter's standard readings."""
-    rates = ", ".join(f"{decimal_text(wh, -3)}" for wh in snapshot.energy_rates_wh)
+    """(label, value) rows of a meter's standard readings: every snapshot field that has a label
+    in its definition (protocols.readings.SNAPSHOT_FIELDS), in the definition's order."""
     return [
-        ("meter", snapshot.meter_id),
-        ("clock", iso_time(snapshot.time)),
-        ("energy import", f"{decimal_text(snapshot.energy_import_wh, -3)} kWh"),
-        ("energy per rate", f"{rates} kWh"),
-        ("power", f"{snapshot.power_w} W"),
-        ("voltage", f"{decimal_text(snapshot.voltage_dv, -1)} V"),
-        ("current", f"{decimal_text(snapshot.current_ma, -3)} A"),
-        ("power factor", decimal_text(snapshot.power_factor_milli, -3)),
-        ("frequency", f"{decimal_text(snapshot.frequency_chz, -2)} Hz"),
-        ("credit", amount_text(snapshot, snapshot.credit)),
-        ("emergency credit", amount_text(snapshot, snapshot.emergency_credit)),
-        ("debt", amount_text(snapshot, snapshot.debt)),
-        ("low-credit threshold", amount_text(snapshot, snapshot.low_credit_threshold)),
-        ("relay", snapshot.control_state.name.lower().replace("_", " ")),
-        ("control mode", str(snapshot.control_mode)),
-        ("status", ", ".join(status_names(snapshot.status)) or "-"),
-        ("last transfer", str(snapshot.last_transfer)),
-        ("last command", str(snapshot.last_command_seq)),
-        ("last event", str(snapshot.last_event_seq)),
+        (spec.label, field_text(snapshot, name, spec))
+        for name, spec in SNAPSHOT_FIELDS
+        if spec.label
     ]
+
+
+def field_text(snapshot: MeterSnapshot, name: str, spec: FieldSpec) -> str:
+    """One snapshot field in words, from its definition's unit, scaler and enumeration."""
+    value = getattr(snapshot, name)
+    if spec.count > 1:
+        return ", ".join(_value_text(snapshot, spec, item, bare=True) for item in value) + (
+            " kWh" if spec.unit == "Wh" else ""
+        )
+    if name == "status":
+        return ", ".join(status_names(value)) or "-"
+    return _value_text(snapshot, spec, value)
+
+
+def _value_text(snapshot: MeterSnapshot, spec: FieldSpec, value: Any, bare: bool = False) -> str:
+    if spec.enum is not None:
+        return str(value.name).lower().replace("_", " ")
+    if spec.unit == "s":
+        return iso_time(value)
+    if spec.unit == "Wh":
+        return decimal_text(value, -3) + ("" if bare else " kWh")
+    if spec.unit == "account unit":
+        return amount_text(snapshot, value)
+    text = decimal_text(value, spec.scaler) if spec.scaler else str(value)
+    return f"{text} {spec.unit}" if spec.unit and not bare else text
 
 
 _CAUSES = {int(cause) for cause in RelayCause}

@@ -40,13 +40,14 @@ from meter_sim.keypad import (
     StsKeypad,
     TestToken,
 )
-from meter_sim.loads import LoadModel, make_load, unit_noise
+from meter_sim.loads import LoadModel, unit_noise
 from protocols.commands import (
     Command,
     CommandCode,
     CommandEnvelope,
     CommandResult,
     ResultCode,
+    key_id,
 )
 from protocols.cosem import (
     OBIS_ACCOUNT,
@@ -75,7 +76,7 @@ from protocols.cosem import (
     CreditStatus,
     CreditStatusBit,
     CreditType,
-    CurrencyUnit,
+    CreditUnit,
     Data,
     DisconnectControl,
     Limiter,
@@ -129,15 +130,15 @@ class Balances:
 
 
 class Meter:
-    """One prepaid meter. Not thread-safe; drive it from one task."""
+    """One prepaid meter. Not thread-safe; drive it from one task.
 
-    def __init__(self, config: MeterConfig, now: float, load: LoadModel | None = None) -> None:
+    ``load`` is the household's demand (``meter_sim.loads.load_for(config)`` builds the one the
+    configuration names); the firmware only asks it for watts, so it opens no file.
+    """
+
+    def __init__(self, config: MeterConfig, now: float, load: LoadModel) -> None:
         self.config = config
-        self.load = (
-            load
-            if load is not None
-            else make_load(config.load, config.meter_id, config.timezone_minutes)
-        )
+        self.load = load
         money = config.credit_unit == "money"
         # -- COSEM objects: the meter's state -----------------------------------------------------
         self.serial = Data(OBIS_SERIAL, config.serial or config.meter_id)
@@ -164,8 +165,8 @@ class Meter:
             low_credit_threshold=config.low_credit_threshold,
             max_provision=config.max_topup,
             currency_name=config.currency if money else "Wh",
-            currency_scale=-config.currency_exponent if money else 0,
-            currency_unit=CurrencyUnit.MONETARY if money else CurrencyUnit.CONSUMPTION,
+            currency_scale=config.currency_scale if money else 0,
+            credit_unit=CreditUnit.MONETARY if money else CreditUnit.CONSUMPTION,
         )
         self.token_credit = Credit(
             OBIS_TOKEN_CREDIT,
@@ -231,6 +232,7 @@ class Meter:
         self.charges_total = 0
         self.last_transfer = 0
         self.last_seq = 0
+        self.seq_key_id = key_id(config.key_bytes)  # the key last_seq was counted under
         self.last_digest = ""
         self.last_exec_result = CommandResult(0, ResultCode.NONE)
         self.last_result = self.last_exec_result
@@ -845,7 +847,7 @@ class Meter:
             credit=balances.credit,
             emergency_credit=balances.emergency_balance,
             debt=balances.debt + max(balances.emergency_owed - balances.emergency_balance, 0),
-            credit_unit=int(self.account.currency_unit),
+            credit_unit=self.account.credit_unit,
             currency=self.config.currency if money else "Wh",
             currency_scale=self.account.currency_scale,
             low_credit_threshold=self.account.low_credit_threshold,
@@ -892,6 +894,7 @@ class Meter:
             "phase_unbalance_limit_w": self.phase_unbalance_limit_w,
             "last_transfer": self.last_transfer,
             "last_seq": self.last_seq,
+            "seq_key_id": self.seq_key_id,
             "last_digest": self.last_digest,
             "last_exec_result": _result_to_state(self.last_exec_result),
             "last_result": _result_to_state(self.last_result),
@@ -920,7 +923,7 @@ class Meter:
         config: MeterConfig,
         state: dict[str, Any],
         now: float | None,
-        load: LoadModel | None = None,
+        load: LoadModel,
     ) -> Meter:
         """Restore a meter saved by :meth:`to_state` and power it up at ``now``, logging the
         power-down/power-up pair. ``now=None`` restores it as saved, without a power cycle
@@ -964,6 +967,7 @@ class Meter:
         meter.phase_unbalance_limit_w = int(state["phase_unbalance_limit_w"])
         meter.last_transfer = int(state["last_transfer"])
         meter.last_seq = int(state["last_seq"])
+        saved_key_id = str(state.get("seq_key_id", meter.seq_key_id))
         meter.last_digest = str(state["last_digest"])
         meter.last_exec_result = _result_from_state(state["last_exec_result"])
         meter.last_result = _result_from_state(state["last_result"])
@@ -989,6 +993,8 @@ class Meter:
         meter.clock.time = int(meter.meter_time)
         meter._update_status()
         if now is None:
+            if saved_key_id != meter.seq_key_id:
+                meter._restart_sequence()
             return meter
         # The meter was off from its last save until now: no energy, no charges.
         saved_at = meter.meter_time
@@ -997,8 +1003,22 @@ class Meter:
         meter.next_capture = meter._next_boundary(meter.meter_time)
         meter.clock.time = int(meter.meter_time)
         meter._log(meter.meter_time, EventCode.POWER_UP, int(meter.meter_time - saved_at))
+        if saved_key_id != meter.seq_key_id:
+            meter._restart_sequence()
         meter._update_status()
         return meter
+
+    def _restart_sequence(self) -> None:
+        """The meter runs under a new command key: its sequence starts again from 0.
+
+        Commands counted under the old key cannot come back (their tags do not match the new
+        key), so the restart opens nothing to a replay; it is the documented way out of the top
+        of the sequence range.
+        """
+        self._log(self.meter_time, EventCode.SEQUENCE_RESET, self.last_seq, 0)
+        self.last_seq = 0
+        self.last_digest = ""
+        self.last_exec_result = CommandResult(0, ResultCode.NONE)
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
-from meter_sim.config import LoadConfig
+from meter_sim.config import LoadConfig, MeterConfig
 from protocols.errors import ConfigError
 
 _MASK64 = (1 << 64) - 1
@@ -154,6 +154,15 @@ def _parse_timestamp(text: str, path: Path, number: int) -> float:
     except ValueError as exc:
         raise ConfigError(f"{path}:{number}: not a timestamp: {text!r}") from exc
     return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
+
+
+def load_for(config: MeterConfig) -> LoadModel:
+    """The load model a meter's configuration asks for (a CSV load reads its file here, once).
+
+    Whoever builds a :class:`~meter_sim.firmware.Meter` builds its load with this and hands it
+    over: the firmware opens no file.
+    """
+    return make_load(config.load, config.meter_id, config.timezone_minutes)
 
 
 def make_load(config: LoadConfig, meter_id: str, timezone_minutes: int = 0) -> LoadModel:

@@ -17,6 +17,7 @@ from typing import Any
 
 from meter_sim.config import MeterConfig
 from meter_sim.firmware import Meter, TokenEntryResult
+from meter_sim.loads import load_for
 from meter_sim.nvm import PreparedState, StateStore
 from protocols.clock import Clock, ManualClock
 from protocols.commands import CommandEnvelope, CommandResult
@@ -56,16 +57,17 @@ class MeterRuntime:
         Without ``state_dir`` the meter keeps its state in memory only.
         """
         now = clock.now()
+        load = load_for(config)
         store = StateStore.for_meter(state_dir, config.meter_id) if state_dir else None
         if store is not None and store.exists():
             state = store.load()
             try:
-                meter = Meter.from_state(config, state, now)
+                meter = Meter.from_state(config, state, now, load)
             except (KeyError, TypeError, ValueError, ValidationError) as exc:
                 raise StateFileError(f"{store.path}: state does not fit this meter: {exc}") from exc
             log.info("meter %s restored from %s", config.meter_id, store.path)
         else:
-            meter = Meter(config, now)
+            meter = Meter(config, now, load)
         runtime = cls(config, clock, meter, store, step_seconds)
         runtime.save()
         return runtime
@@ -81,8 +83,9 @@ class MeterRuntime:
                 f"meter {config.meter_id} has no state in {state_dir}: run the fleet first"
             )
         state = store.load()
+        load = load_for(config)
         try:
-            meter = Meter.from_state(config, state, None)
+            meter = Meter.from_state(config, state, None, load)
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
             raise StateFileError(f"{store.path}: state does not fit this meter: {exc}") from exc
         return cls(config, ManualClock(meter.true_time), meter, store)

@@ -7,10 +7,20 @@ meter's key, truncated to :data:`TAG_BYTES`. Modbus (the command block) and MQTT
 topic) carry the very same envelope, so a meter refuses the same things with the same
 :class:`ResultCode` whichever way a command arrives.
 
-Sequence numbers: a meter remembers the last sequence it executed and its result. The same
-sequence with the same content is acknowledged again with the stored result and executed zero
-times (a retry after a lost answer); an older sequence, or the same one with other content, is
-refused as ``REPLAYED``.
+Sequence numbers (the rule of DLMS invocation counters): a meter remembers the last sequence it
+executed and its result, and executes a command only when its sequence is strictly greater than
+that last one; any jump forward is accepted (sequences a head-end burnt on commands that never
+arrived are simply skipped). The same sequence with the same content is acknowledged again with
+the stored result and executed zero times (a retry after a lost answer); an older sequence, or
+the same one with other content, is refused as ``REPLAYED``.
+
+The sequence belongs to the key. A meter remembers which key its last sequence was counted under
+(:func:`key_id`, a fingerprint, never the key); when the meter starts with another key, the
+sequence starts again from 0 (event ``SEQUENCE_RESET``). That is the way out of the top of the
+range (``U32_MAX``), keyed or keyless: install a new key (or, on a keyless meter, a first key).
+It cannot be abused by a stranger: changing a key needs the meter's configuration, and commands
+recorded under the old key carry tags the new key refuses, so a restart of the counter lets no
+old command in again.
 """
 
 from __future__ import annotations
@@ -40,26 +50,52 @@ class CommandCode(IntEnum):
 
 
 class ResultCode(IntEnum):
-    """What a meter answers to a command. 0 and 1 mean the command is in effect."""
+    """What a meter answers to a command (see the result code table). 0 and 1 mean the
+    command is in effect."""
 
     OK = 0
-    DUPLICATE = 1  # this credit transfer (or command sequence) was applied before; applied 0 times
-    REFUSED_BY_MODE = 2  # the control mode does not allow it
-    REFUSED_BY_STATE = 3  # nothing to do from the current state (e.g. already disconnected)
-    OLD_TRANSFER = 4  # a credit transfer number older than the last one applied
-    AMOUNT_OUT_OF_BOUNDS = 5  # below the minimum, above the maximum or over the credit limit
+    DUPLICATE = 1
+    REFUSED_BY_MODE = 2
+    REFUSED_BY_STATE = 3
+    OLD_TRANSFER = 4
+    AMOUNT_OUT_OF_BOUNDS = 5
     BAD_ARGUMENT = 6
-    AUTH_FAILED = 7  # the authentication tag does not match
-    REPLAYED = 8  # a sequence number already used
+    AUTH_FAILED = 7
+    REPLAYED = 8
     UNKNOWN_COMMAND = 9
-    NOT_SUPPORTED = 10  # e.g. a token on a meter without a keypad decoder
-    TOKEN_REFUSED = 11  # the token gateway refused the token; its status says why
+    NOT_SUPPORTED = 10
+    TOKEN_REFUSED = 11
     BUSY = 12
-    NONE = 255  # no command executed yet
+    NONE = 255
 
     @property
     def accepted(self) -> bool:
         return self in (ResultCode.OK, ResultCode.DUPLICATE)
+
+
+#: what each result code means, in an operator's words (the generated documents show it)
+RESULT_TEXT: dict[ResultCode, str] = {
+    ResultCode.OK: "executed",
+    ResultCode.DUPLICATE: "this credit transfer number was applied before (a retry): "
+    "acknowledged again, applied zero times; the credit is in the meter once",
+    ResultCode.REFUSED_BY_MODE: "the disconnect control mode does not allow this action at all",
+    ResultCode.REFUSED_BY_STATE: "nothing to do from the current state (e.g. already "
+    "disconnected, emergency credit not available)",
+    ResultCode.OLD_TRANSFER: "a credit transfer number lower than the last one applied",
+    ResultCode.AMOUNT_OUT_OF_BOUNDS: "the amount is below the minimum or above the maximum "
+    "top-up, or would take the credit over its maximum",
+    ResultCode.BAD_ARGUMENT: "an argument the meter cannot use, or a command for another meter",
+    ResultCode.AUTH_FAILED: "the authentication tag does not match the meter's key (or is "
+    "missing); nothing executed, the sequence number is not used up",
+    ResultCode.REPLAYED: "the sequence number is not greater than the last one executed (or "
+    "repeats it with other content); nothing executed",
+    ResultCode.UNKNOWN_COMMAND: "no such command code",
+    ResultCode.NOT_SUPPORTED: "the meter lacks the feature (e.g. a token on a meter without a "
+    "keypad decoder)",
+    ResultCode.TOKEN_REFUSED: "the token gateway refused the token; the token status says why",
+    ResultCode.BUSY: "the meter cannot take a command now; send it again later",
+    ResultCode.NONE: "no command executed yet",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +189,17 @@ def auth_tag(key: bytes, meter_id: str, sequence: int, command: Command) -> byte
     for value in command.args:
         message += value.to_bytes(16, "big")
     return hmac.new(key, bytes(message), hashlib.sha256).digest()[:TAG_BYTES]
+
+
+def key_id(key: bytes | None) -> str:
+    """A fingerprint naming a command key (16 hex digits); "" for a meter without a key.
+
+    Stored beside the meter's last sequence so that a key change restarts the sequence; the key
+    itself cannot be recovered from it.
+    """
+    if not key:
+        return ""
+    return hashlib.sha256(b"prepaid-hes key id\0" + key).hexdigest()[:16]
 
 
 @dataclass(frozen=True, slots=True)

@@ -235,8 +235,8 @@ class AccountStatus(IntEnum):
     CLOSED = 3
 
 
-class CurrencyUnit(IntEnum):
-    """Account currency unit: credit held as consumption (energy) or as money."""
+class CreditUnit(IntEnum):
+    """The unit an account holds its credit in (the DLMS currency unit): energy or money."""
 
     CONSUMPTION = 1
     MONETARY = 2
@@ -288,7 +288,7 @@ class Account(CosemObject):
     max_provision: int = 0  # most credit one transfer may add; 0 = no limit
     currency_name: str = "XXX"
     currency_scale: int = -2
-    currency_unit: CurrencyUnit = CurrencyUnit.MONETARY
+    credit_unit: CreditUnit = CreditUnit.MONETARY
 
     @property
     def account_mode_and_status(self) -> tuple[int, int]:
@@ -296,7 +296,7 @@ class Account(CosemObject):
 
     @property
     def currency(self) -> tuple[str, int, int]:
-        return (self.currency_name, self.currency_scale, int(self.currency_unit))
+        return (self.currency_name, self.currency_scale, int(self.credit_unit))
 
     def has_status(self, bit: CreditStatusBit) -> bool:
         return bool(self.current_credit_status >> bit & 1)

@@ -77,6 +77,26 @@ MODES: dict[int, frozenset[str]] = {
 }
 
 
+#: control mode -> what it means for the customer and the operator, in one sentence
+MODE_TEXT: dict[int, str] = {
+    0: "Always connected: the relay never opens, whatever the credit, a remote command or "
+    "the button (for supplies that must never be cut).",
+    1: "A remote disconnect opens the relay; a remote reconnect only arms it (ready for "
+    "reconnection) and the customer's button restores supply; the button also switches the "
+    "supply off; running out of credit opens the relay, and after a top-up the customer "
+    "presses the button.",
+    2: "As mode 1, except that a remote reconnect closes the relay at once, without the "
+    "customer's button.",
+    3: "As mode 1, except that the customer's button cannot switch the supply off.",
+    4: "As mode 2 (a remote reconnect closes the relay at once), and the customer's button "
+    "cannot switch the supply off.",
+    5: "As mode 1, and the meter reconnects by itself once a top-up (or a friendly period) "
+    "restores the credit it was cut off for; a remote reconnect still waits for the button.",
+    6: "As mode 5 without switching off at the button: a credit cut-off ends by itself after "
+    "a top-up, while a remote reconnect leaves the relay waiting for the customer's button.",
+}
+
+
 def output_state(state: ControlState) -> bool:
     """The relay output is on only in the connected state."""
     return state is ControlState.CONNECTED

@@ -12,6 +12,7 @@ from protocols.commands import (
     CommandEnvelope,
     ResultCode,
     auth_tag,
+    key_id,
 )
 from protocols.errors import ValidationError
 
@@ -85,3 +86,12 @@ def test_tag_is_deterministic(seq: int, transfer: int, amount: int) -> None:
     command = Command.credit_transfer(transfer, amount)
     assert auth_tag(KEY, "M", seq, command) == auth_tag(KEY, "M", seq, command)
     assert CommandEnvelope.signed("M", seq, command, KEY).verify(KEY)
+
+
+def test_key_id_names_a_key_without_revealing_it() -> None:
+    key = bytes.fromhex("00112233445566778899aabbccddeeff")
+    assert key_id(None) == key_id(b"") == ""
+    assert len(key_id(key)) == 16
+    assert key_id(key) == key_id(bytes(key))
+    assert key_id(key) != key_id(b"\x01" + key[1:])
+    assert key.hex()[:16] not in key_id(key)

@@ -28,7 +28,7 @@ from protocols.cosem import (
     CreditStatus,
     CreditStatusBit,
     CreditType,
-    CurrencyUnit,
+    CreditUnit,
     Data,
     Limiter,
     PaymentMode,
@@ -124,9 +124,9 @@ def test_limiter_defaults_and_attributes() -> None:
 def test_account_composite_attributes() -> None:
     account = Account(OBIS_ACCOUNT, currency_name="KES", currency_scale=-2)
     assert account.get(2) == (PaymentMode.PREPAYMENT, AccountStatus.ACTIVE)
-    assert account.get(11) == ("KES", -2, CurrencyUnit.MONETARY)
+    assert account.get(11) == ("KES", -2, CreditUnit.MONETARY)
     energy = Account(
-        OBIS_ACCOUNT, currency_name="Wh", currency_scale=0, currency_unit=CurrencyUnit.CONSUMPTION
+        OBIS_ACCOUNT, currency_name="Wh", currency_scale=0, credit_unit=CreditUnit.CONSUMPTION
     )
     assert energy.get(11) == ("Wh", 0, 1)
 

@@ -16,8 +16,9 @@ import pytest
 
 from meter_sim.config import LoadConfig, MeterConfig
 from meter_sim.firmware import Meter
+from meter_sim.loads import ConstantLoad, load_for
 from protocols.clock import ManualClock
-from protocols.commands import Command, CommandCode, CommandEnvelope, ResultCode
+from protocols.commands import U32_MAX, Command, CommandCode, CommandEnvelope, ResultCode
 from protocols.cosem import (
     OBIS_ACCOUNT,
     OBIS_CHARGE,
@@ -64,7 +65,8 @@ def config(**overrides: Any) -> MeterConfig:
 
 
 def meter(now: float = THU_10, **overrides: Any) -> Meter:
-    return Meter(config(**overrides), now)
+    c = config(**overrides)
+    return Meter(c, now, load_for(c))
 
 
 class Head:
@@ -725,9 +727,33 @@ def test_set_clock_out_of_range() -> None:
     assert m.read(OBIS_CLOCK) == int(THU_10)
 
 
+class StepLoad:
+    """A load model written for the test: 0 W before ``at``, ``watts`` from then on."""
+
+    def __init__(self, at: float, watts: int) -> None:
+        self.at = at
+        self.watts = watts
+
+    def demand(self, t: float) -> int:
+        return self.watts if t >= self.at else 0
+
+
+def test_the_firmware_takes_its_load_model_and_opens_no_file(tmp_path: Any) -> None:
+    missing = str(tmp_path / "never-written.csv")
+    c = config(load=LoadConfig(model="csv", csv_path=missing))
+    m = Meter(c, THU_10, StepLoad(THU_10 + HOUR, 2000))
+    m.advance(THU_10 + 2 * HOUR)
+    assert m.energy.value == 2000  # one hour at 0 W, one at 2 kW
+    restored = Meter.from_state(c, m.to_state(), THU_10 + 2 * HOUR, StepLoad(0, 500))
+    restored.advance(THU_10 + 3 * HOUR)
+    assert restored.energy.value == 2500
+    with pytest.raises(TypeError):
+        Meter(c, THU_10)  # type: ignore[call-arg]
+
+
 def test_clock_attribute_follows_advance() -> None:
     clock = ManualClock(THU_10)
-    m = Meter(config(), clock.now())
+    m = Meter(config(), clock.now(), ConstantLoad(1000))
     m.advance(clock.advance(125.0))
     assert m.read(OBIS_CLOCK) == int(THU_10) + 125
     assert m.snapshot().time == int(THU_10) + 125
@@ -803,6 +829,64 @@ def test_same_sequence_other_content_and_older_sequences_are_replays() -> None:
     assert m.snapshot().last_command_seq == 5
 
 
+def test_a_jump_forward_in_sequence_is_accepted_by_rule() -> None:
+    """Strictly greater than the last executed sequence, as DLMS invocation counters: a gap is
+    fine (sequences a head-end used for commands that never arrived are skipped)."""
+    m = meter(initial_credit=0)
+    assert m.execute(CommandEnvelope("M1", 5, Command.credit_transfer(1, 100))).code is (
+        ResultCode.OK
+    )
+    assert m.execute(CommandEnvelope("M1", 1000, Command.credit_transfer(2, 100))).code is (
+        ResultCode.OK
+    )
+    assert m.last_seq == 1000
+    assert m.execute(CommandEnvelope("M1", 999, Command.credit_transfer(3, 100))).code is (
+        ResultCode.REPLAYED
+    )
+    assert m.balances.credit == 200
+
+
+def test_the_top_sequence_on_a_keyless_meter_is_left_by_installing_a_key() -> None:
+    m = meter(initial_credit=0)
+    top = CommandEnvelope("M1", U32_MAX, Command.credit_transfer(1, 100))
+    assert m.execute(top).code is ResultCode.OK
+    assert m.execute(CommandEnvelope("M1", 1, Command.credit_transfer(2, 100))).code is (
+        ResultCode.REPLAYED
+    )
+    keyed = replace(m.config, auth_key=KEY)
+    restored = Meter.from_state(keyed, json.loads(json.dumps(m.to_state())), THU_10 + 60, m.load)
+    assert restored.last_seq == 0
+    assert [(e.a, e.b) for e in events(restored, EventCode.SEQUENCE_RESET)] == [(U32_MAX, 0)]
+    assert Head(restored).topup(2, 100).code is ResultCode.OK  # sequence 1, signed
+    assert restored.balances.credit == 200
+    # the same key again: nothing restarts
+    again = Meter.from_state(keyed, restored.to_state(), THU_10 + 120, m.load)
+    assert again.last_seq == 1
+    assert len(events(again, EventCode.SEQUENCE_RESET)) == 1
+
+
+def test_a_key_change_restarts_the_sequence_and_old_commands_stay_refused() -> None:
+    m = meter(initial_credit=0, auth_key=KEY)
+    old = CommandEnvelope.signed("M1", 1, Command.credit_transfer(1, 100), m.config.key_bytes)
+    assert m.execute(old).code is ResultCode.OK
+    new_key = "ffeeddccbbaa99887766554433221100"
+    restored = Meter.from_state(replace(m.config, auth_key=new_key), m.to_state(), None, m.load)
+    assert restored.last_seq == 0
+    assert restored.execute(old).code is ResultCode.AUTH_FAILED  # recorded under the old key
+    assert restored.balances.credit == 100
+
+
+def test_a_restart_with_the_same_key_keeps_the_sequence() -> None:
+    m = meter(initial_credit=0, auth_key=KEY)
+    Head(m).topup(1, 100)
+    state = m.to_state()
+    restored = Meter.from_state(m.config, state, THU_10 + 60, m.load)
+    assert restored.last_seq == 1
+    del state["seq_key_id"]  # a state saved before the key was recorded: taken as this key's
+    assert Meter.from_state(m.config, state, THU_10 + 60, m.load).last_seq == 1
+    assert EventCode.SEQUENCE_RESET not in codes(restored)
+
+
 def test_a_retried_refusal_is_not_applied_later() -> None:
     m = meter(initial_credit=0, max_topup=1000)
     envelope = CommandEnvelope("M1", 1, Command.credit_transfer(1, 5000))
@@ -866,7 +950,7 @@ def test_state_is_json_and_round_trips() -> None:
     m = _busy_meter()
     state = m.to_state()
     assert json.loads(json.dumps(state)) == state
-    restored = Meter.from_state(m.config, json.loads(json.dumps(state)), None)
+    restored = Meter.from_state(m.config, json.loads(json.dumps(state)), None, m.load)
     assert restored.to_state() == state
     assert _unmeasured(restored.snapshot()) == _unmeasured(m.snapshot())
     assert restored.balances == m.balances
@@ -877,20 +961,20 @@ def test_state_is_json_and_round_trips() -> None:
 
 def test_every_attribute_survives_the_round_trip() -> None:
     m = _busy_meter()
-    restored = Meter.from_state(m.config, m.to_state(), None)
+    restored = Meter.from_state(m.config, m.to_state(), None, m.load)
     assert _all_attributes(restored) == _all_attributes(m)
 
 
 def test_the_clock_attribute_survives_the_round_trip() -> None:
     m = _busy_meter()
-    restored = Meter.from_state(m.config, m.to_state(), None)
+    restored = Meter.from_state(m.config, m.to_state(), None, m.load)
     assert restored.read(OBIS_CLOCK) == m.read(OBIS_CLOCK) == int(m.meter_time)
 
 
 def test_the_last_collection_amount_survives_the_round_trip() -> None:
     m = _busy_meter()
     assert m.charge.last_collection_amount > 0
-    restored = Meter.from_state(m.config, m.to_state(), None)
+    restored = Meter.from_state(m.config, m.to_state(), None, m.load)
     assert restored.read(OBIS_CHARGE, 6) == m.read(OBIS_CHARGE, 6)
 
 
@@ -903,7 +987,7 @@ def test_restore_logs_power_down_then_power_up_and_integrates_nothing_while_off(
     state = m.to_state()
     seq = m.event_seq
     off_at = m.meter_time
-    restored = Meter.from_state(m.config, state, m.true_time + 2 * HOUR)
+    restored = Meter.from_state(m.config, state, m.true_time + 2 * HOUR, m.load)
     tail = restored.events_since(seq, 10)
     assert [e.code for e in tail] == [EventCode.POWER_DOWN, EventCode.POWER_UP]
     assert [e.seq for e in tail] == [seq + 1, seq + 2]
@@ -920,16 +1004,16 @@ def test_restore_refuses_another_meters_state_or_version() -> None:
     m = meter()
     state = m.to_state()
     with pytest.raises(ValidationError):
-        Meter.from_state(replace(m.config, meter_id="M2"), state, None)
+        Meter.from_state(replace(m.config, meter_id="M2"), state, None, m.load)
     with pytest.raises(ValidationError):
-        Meter.from_state(m.config, {**state, "version": 99}, None)
+        Meter.from_state(m.config, {**state, "version": 99}, None, m.load)
 
 
 def test_restored_meter_keeps_the_last_transfer_and_sequence() -> None:
     m = meter(initial_credit=0)
     head = Head(m)
     head.topup(4, 500)
-    restored = Meter.from_state(m.config, m.to_state(), THU_10 + 60)
+    restored = Meter.from_state(m.config, m.to_state(), THU_10 + 60, m.load)
     again = restored.execute(CommandEnvelope("M1", 1, Command.credit_transfer(4, 500)))
     assert again.code is ResultCode.OK  # the stored result of sequence 1
     assert restored.balances.credit == 500
@@ -943,7 +1027,7 @@ def test_limiter_and_friendly_state_survive_a_restart() -> None:
     m.limiter.threshold_normal = 4000  # e.g. an emergency threshold in force, normal kept aside
     m.advance(THU_10 + 300)  # over the threshold for 300 of the 600 s
     state = json.loads(json.dumps(m.to_state()))
-    restored = Meter.from_state(m.config, state, None)
+    restored = Meter.from_state(m.config, state, None, m.load)
     assert restored.limiter.threshold_active == 3000
     assert restored.limiter.threshold_normal == 4000
     restored.advance(THU_10 + 600)  # the timer carried on: it trips at 600 s, not 900 s
@@ -954,6 +1038,8 @@ def test_a_restart_in_a_friendly_period_does_not_log_it_twice() -> None:
     m = meter(initial_credit=10, friendly_hours=(), friendly_days=(4,), load=1000)  # Thursday
     m.advance(THU_10 + HOUR)
     assert len(events(m, EventCode.FRIENDLY_PERIOD_START)) == 1
-    restored = Meter.from_state(m.config, json.loads(json.dumps(m.to_state())), THU_10 + HOUR)
+    restored = Meter.from_state(
+        m.config, json.loads(json.dumps(m.to_state())), THU_10 + HOUR, m.load
+    )
     restored.advance(THU_10 + 2 * HOUR)
     assert len(events(restored, EventCode.FRIENDLY_PERIOD_START)) == 1

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from meter_sim.config import LoadConfig, MeterConfig
 from meter_sim.firmware import Meter
+from meter_sim.loads import load_for
 from protocols.commands import Command, CommandCode, CommandEnvelope, ResultCode
 from protocols.readings import EventCode
 
@@ -93,7 +94,7 @@ class Driver:
     def __init__(self, config: MeterConfig) -> None:
         self.config = config
         self.now = JAN1 + 9 * HOUR
-        self.m = Meter(config, self.now)
+        self.m = Meter(config, self.now, load_for(config))
         self.seq = 0
         self.transfer = 0
         self.accepted = 0
@@ -160,7 +161,7 @@ class Driver:
         elif kind == "power_cycle":
             state = json.loads(json.dumps(self.m.to_state()))
             self.now += size * 6 * HOUR
-            self.m = Meter.from_state(self.config, state, self.now)
+            self.m = Meter.from_state(self.config, state, self.now, self.m.load)
 
     def check(self) -> None:
         m = self.m
@@ -209,7 +210,7 @@ def test_energy_registers_never_decrease_and_rates_sum_to_the_total(
         control_mode=0,
     )
     now = JAN1
-    m = Meter(config, now)
+    m = Meter(config, now, load_for(config))
     seq = 0
     previous = [0] * 5
     for kind, value in moves:

@@ -45,7 +45,9 @@ def test_simulator_and_head_end_are_separate() -> None:
         assert "headend" not in names or path.name == "bench.py", path
 
 
-@pytest.mark.parametrize("module", ["protocols", "protocols.mqtt", "protocols.sts"])
+@pytest.mark.parametrize(
+    "module", ["protocols", "protocols.mqtt", "protocols.registermap", "protocols.sts"]
+)
 def test_importing_the_protocols_loads_no_io_library(module: str) -> None:
     """What an import pulls in at run time, transitively, beyond the static check above."""
     watched = IO_MODULES | {"ssl"}
@@ -56,3 +58,11 @@ def test_importing_the_protocols_loads_no_io_library(module: str) -> None:
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_documents_are_rendered_by_the_doc_generator_not_by_protocols() -> None:
+    """protocols/ holds the tables; turning them into Markdown is cli.docs' job."""
+    for path in (ROOT / "protocols").rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        defined = {node.name for node in tree.body if isinstance(node, ast.FunctionDef)}
+        assert "render_markdown" not in defined, path.relative_to(ROOT)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from meter_sim.config import LoadConfig
-from meter_sim.loads import ConstantLoad, CsvLoad, ResidentialLoad, make_load
+from meter_sim.config import LoadConfig, MeterConfig
+from meter_sim.loads import ConstantLoad, CsvLoad, ResidentialLoad, load_for, make_load
 from protocols.errors import ConfigError
 
 T0 = 1_767_225_600  # 2026-01-01T00:00:00Z, a Thursday
@@ -77,3 +77,17 @@ def test_csv_model_needs_a_path() -> None:
         make_load(LoadConfig(model="csv"), "M")
     with pytest.raises(ConfigError, match="No such file"):
         make_load(LoadConfig(model="csv", csv_path="/nonexistent/load.csv"), "M")
+
+
+def test_load_for_builds_the_model_a_meter_config_names(tmp_path: Path) -> None:
+    path = tmp_path / "load.csv"
+    path.write_text("time,watts\n1767225600,100\n1767229200,300\n")
+    csv_meter = MeterConfig("M", load=LoadConfig(model="csv", csv_path=str(path)))
+    assert isinstance(load_for(csv_meter), CsvLoad)
+    assert load_for(csv_meter).demand(T0) == 100
+    residential = MeterConfig("M", load=LoadConfig(model="residential"), timezone_minutes=60)
+    assert isinstance(load_for(residential), ResidentialLoad)
+    same = make_load(residential.load, "M", 60)
+    assert load_for(residential).demand(T0 + 3600) == same.demand(T0 + 3600)
+    with pytest.raises(ConfigError):
+        load_for(MeterConfig("M", load=LoadConfig(model="csv")))

@@ -7,6 +7,7 @@ import pytest
 
 from meter_sim.config import LoadConfig, MeterConfig
 from meter_sim.firmware import Meter
+from meter_sim.loads import load_for
 from meter_sim.nvm import StateStore
 from protocols.commands import Command, CommandEnvelope
 from protocols.errors import StateFileError
@@ -15,7 +16,8 @@ T0 = 1_767_225_600.0
 
 
 def _meter() -> Meter:
-    meter = Meter(MeterConfig("M1", load=LoadConfig(model="constant", watts=1200)), T0)
+    config = MeterConfig("M1", load=LoadConfig(model="constant", watts=1200))
+    meter = Meter(config, T0, load_for(config))
     meter.execute(CommandEnvelope("M1", 1, Command.credit_transfer(1, 9000)))
     meter.advance(T0 + 7200)
     return meter

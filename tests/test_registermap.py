@@ -15,6 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli.docs import registermap as registermap_docs
 from protocols import registermap as rm
 from protocols.commands import (
     COMMAND_ARGS,
@@ -547,13 +548,13 @@ def test_token_digits() -> None:
 
 def test_register_map_document_is_current() -> None:
     path = ROOT / "docs" / "register-map.md"
-    assert path.read_text() == rm.render_markdown(), (
-        "docs/register-map.md is stale: write protocols.registermap.render_markdown() to it"
+    assert path.read_text() == registermap_docs.render_markdown(), (
+        "docs/register-map.md is stale: run python -m cli.gendocs"
     )
 
 
 def test_document_lists_every_row_and_the_mbpoll_example() -> None:
-    text = rm.render_markdown()
+    text = registermap_docs.render_markdown()
     for row in rm.ROWS:
         if "[" in row.name and "[0]" not in row.name:
             continue
@@ -649,3 +650,24 @@ def test_the_compiled_block_encoder_agrees_with_the_generic_one(
     except ValidationError as exc:
         got = type(exc)
     assert got == expected
+
+
+def test_one_codec_per_data_type_serves_both_paths() -> None:
+    """The row-by-row codec and the compiled block codec use the same type codec table."""
+    assert set(rm.TYPE_CODECS) == set(rm.DataType)
+    for spec in rm.BLOCKS.values():
+        codec = rm.RowsCodec(spec.rows)
+        assert all(
+            used is rm.TYPE_CODECS[row.dtype]
+            for row, used in zip(spec.rows, codec.codecs, strict=True)
+        )
+    row = rm.ROW["cmd_arg1"]
+    values = {r.name: 0 for r in rm.BLOCKS[rm.Block.COMMAND].rows}
+    values.update(cmd_token=0, cmd_tag=b"", cmd_arg1=-1)
+    with pytest.raises(ValidationError) as one:
+        rm.encode_value(row, -1)
+    with pytest.raises(ValidationError) as compiled:
+        rm.encode_block(rm.Block.COMMAND, values)
+    assert (
+        str(one.value) == str(compiled.value) == "cmd_arg1 is a u64 0..18446744073709551615, got -1"
+    )

@@ -1,0 +1,282 @@
+"""``docs/mqtt.md``, rendered from the MQTT topic table and payload schemas."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Final
+
+import msgspec
+from msgspec import Struct
+
+from cli.docs import shared
+from protocols.commands import (
+    ArgSpec,
+    Command,
+    CommandCode,
+    CommandEnvelope,
+    ResultCode,
+)
+from protocols.cosem import CreditUnit
+from protocols.disconnect import ControlState
+from protocols.mqtt import (
+    TOPIC_SPECS,
+    CommandMessage,
+    ErrorReply,
+    EventItem,
+    EventMessage,
+    EventsReply,
+    EventsRequest,
+    LastResultReply,
+    LastResultRequest,
+    ProfileItem,
+    ProfileReply,
+    ProfileRequest,
+    Reading,
+    Reply,
+    Request,
+    ResultItem,
+    ResultMessage,
+    SnapshotReply,
+    SnapshotRequest,
+    StateMessage,
+    Telemetry,
+    encode,
+)
+from protocols.readings import Event, EventCode, MeterSnapshot, StatusFlag
+
+# -- documentation --------------------------------------------------------------------------------
+
+
+_EXAMPLE_SNAPSHOT = MeterSnapshot(
+    meter_id="MTR-0001",
+    time=1_767_261_600,
+    energy_import_wh=1_234_567,
+    energy_rates_wh=(800_000, 434_567, 0, 0),
+    power_w=1830,
+    voltage_dv=2301,
+    current_ma=7950,
+    power_factor_milli=998,
+    frequency_chz=5001,
+    credit=48_250,
+    emergency_credit=0,
+    debt=0,
+    credit_unit=CreditUnit.MONETARY,
+    currency="KES",
+    currency_scale=-2,
+    low_credit_threshold=5000,
+    control_state=ControlState.CONNECTED,
+    control_mode=6,
+    status=StatusFlag.IN_CREDIT,
+    last_event_seq=42,
+    last_transfer=7,
+    last_command_seq=12,
+)
+_EXAMPLE_ENVELOPE = CommandEnvelope.signed(
+    "MTR-0001",
+    13,
+    Command.credit_transfer(8, 100_000),
+    bytes.fromhex("00112233445566778899aabbccddeeff"),
+)
+
+EXAMPLES: Final[tuple[tuple[str, Struct], ...]] = (
+    (
+        "Telemetry",
+        Telemetry(
+            meter_id="MTR-0001",
+            boot=3_141_592_653,
+            n=17,
+            reading=Reading.from_snapshot(_EXAMPLE_SNAPSHOT),
+        ),
+    ),
+    (
+        "EventMessage",
+        EventMessage(
+            meter_id="MTR-0001",
+            event=EventItem.from_event(
+                Event(43, 1_767_261_610, EventCode.TOPUP_ACCEPTED, 8, 100_000)
+            ),
+        ),
+    ),
+    ("StateMessage", StateMessage(meter_id="MTR-0001", state="offline", boot=3_141_592_653)),
+    ("CommandMessage", CommandMessage.from_envelope(_EXAMPLE_ENVELOPE)),
+    (
+        "ResultMessage",
+        ResultMessage(
+            meter_id="MTR-0001", result=ResultItem(sequence=13, code=ResultCode.OK, last_transfer=8)
+        ),
+    ),
+    ("SnapshotRequest", SnapshotRequest(meter_id="MTR-0001")),
+    ("EventsRequest", EventsRequest(meter_id="MTR-0001", since_seq=40, limit=100)),
+    ("ProfileRequest", ProfileRequest(meter_id="MTR-0001", start=1_767_225_600, end=1_767_229_200)),
+    ("LastResultRequest", LastResultRequest(meter_id="MTR-0001")),
+    (
+        "SnapshotReply",
+        SnapshotReply(meter_id="MTR-0001", reading=Reading.from_snapshot(_EXAMPLE_SNAPSHOT)),
+    ),
+    (
+        "EventsReply",
+        EventsReply(
+            meter_id="MTR-0001",
+            events=[EventItem(seq=41, time=1_767_261_000, code=EventCode.LOW_CREDIT, a=4900)],
+        ),
+    ),
+    (
+        "ProfileReply",
+        ProfileReply(
+            meter_id="MTR-0001",
+            rows=[
+                ProfileItem(
+                    time=1_767_226_500,
+                    energy_import_wh=1_230_000,
+                    interval_wh=112,
+                    credit=49_000,
+                    status=1,
+                )
+            ],
+        ),
+    ),
+    (
+        "LastResultReply",
+        LastResultReply(
+            meter_id="MTR-0001", result=ResultItem(sequence=13, code=ResultCode.OK, last_transfer=8)
+        ),
+    ),
+    ("ErrorReply", ErrorReply(meter_id="MTR-0001", error="profile: start after end")),
+)
+
+
+def _tidy(value: Any) -> Any:
+    """A JSON Schema with its descriptions (docstrings) on one line each."""
+    if isinstance(value, dict):
+        return {
+            key: " ".join(item.split()) if key == "description" else _tidy(item)
+            for key, item in value.items()
+        }
+    if isinstance(value, list):
+        return [_tidy(item) for item in value]
+    return value
+
+
+def _json_block(value: Any) -> str:
+    return "```json\n" + json.dumps(value, indent=2, ensure_ascii=False) + "\n```"
+
+
+def _arg_place(code: CommandCode, index: int, spec: ArgSpec) -> str:
+    return f"`args[{index}]`"
+
+
+def render_markdown() -> str:
+    """``docs/mqtt.md``: topics, QoS, retain, MQTT 5 properties, and each payload's JSON Schema
+    with an example. A test fails when the file differs from this."""
+    out: list[str] = [
+        "# MQTT topics and payloads (schema version 1)",
+        "",
+        "<!-- Generated by `python -m cli.gendocs`; do not edit. -->",
+        "",
+        "All topics live under a configurable prefix (default `phs`) and carry the scheme's "
+        "version (`v1`). A meter's user name and client id are its meter id; the broker's ACL "
+        "lets a meter publish and subscribe only under `<prefix>/v1/meters/<its id>/#`, and the "
+        "head-end everywhere. A meter's password is its configured `mqtt_password`, or (lab "
+        "fleets) 32 hex digits of HMAC-SHA256 over its id with the fleet's secret, which the "
+        "broker helper provisions the same way.",
+        "",
+        "## Topics",
+        "",
+        "| topic | direction | QoS | retain | payload | MQTT 5 properties | de-duplication key |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for spec in TOPIC_SPECS:
+        out.append(
+            f"| `{spec.topic}` | {spec.direction} | {spec.qos} | {'yes' if spec.retain else 'no'} "
+            f"| {spec.payload} | {spec.properties} | {spec.key} |"
+        )
+    out += [""]
+    for spec in TOPIC_SPECS:
+        out.append(f"* `{spec.topic}`: {spec.doc}")
+    out += [
+        "",
+        "## MQTT 5 properties",
+        "",
+        "* Every message carries the user property `schema` = `1`, the payload format "
+        "indicator 1 (UTF-8) and the content type `application/json`. A message whose `schema` "
+        "property or `v` field is not 1 is refused.",
+        "* Commands and requests carry a **response topic** and **correlation data**; the meter "
+        "copies the correlation data into its answer. The head-end also correlates command "
+        "results by sequence number.",
+        "* Commands carry a **message expiry interval**: a command queued for an offline meter "
+        "is dropped by the broker when it expires instead of being executed late.",
+        "* Meters connect with clean start off and a **session expiry interval**, so their "
+        "command subscription and queued commands survive a disconnection; their last will "
+        "(retained `offline`) is published by the broker when a meter vanishes.",
+        "",
+        "## Shared subscriptions",
+        "",
+        "Head-end ingest workers subscribe to `$share/<group>/<prefix>/v1/meters/+/telemetry` "
+        "(and `events`, `state`): the broker hands each message to one worker of the group. "
+        "De-duplication keys stay per meter, so a storage that enforces them unique makes the "
+        "split safe. MQTT 5 sends no retained messages to shared subscriptions: a worker learns "
+        "a meter's state from its next state message.",
+        "",
+        "## Compatibility",
+        "",
+        "Unknown fields are ignored, so version 1 may gain optional fields. Removing or "
+        "changing a field, or its meaning, makes version 2, on `<prefix>/v2/...`.",
+        "",
+    ]
+    out += shared.commands("## Commands (`code`, `args`)", _arg_place)
+    out += [
+        "A command message carries the code in `code` and the arguments the command takes in "
+        "`args`, in the order above.",
+        "",
+    ]
+    out += shared.tag(
+        "## Authentication tag (`tag`)",
+        "The tag travels as 32 lower-case hex "
+        "digits; a meter without a key accepts a command whose tag is empty.",
+    )
+    out += shared.sequence_numbers("## Sequence numbers (`sequence`)")
+    out += shared.result_codes("## Result codes (`result.code`)")
+    out += shared.event_codes("## Event codes (`event.code`)")
+    out += ["## Payloads"]
+    examples = dict(EXAMPLES)
+    for name, kind in _DOC_TYPES:
+        (schema,), components = msgspec.json.schema_components(
+            [kind], ref_template="#/$defs/{name}"
+        )
+        document: dict[str, Any] = dict(schema)
+        if components:
+            document = {**document, "$defs": components}
+        doc = _UNION_TEXT.get(name) or (getattr(kind, "__doc__", "") or "").strip()
+        out += ["", f"### {name}", ""]
+        if doc:
+            out += [" ".join(doc.split()), ""]
+        out += ["JSON Schema:", "", _json_block(_tidy(document)), "", "Example:", ""]
+        if name in examples:
+            out.append(_json_block(json.loads(encode(examples[name]))))
+        else:
+            for member in _UNION_MEMBERS[name]:
+                out += [f"`{member}`:", "", _json_block(json.loads(encode(examples[member]))), ""]
+            out.pop()
+    return "\n".join(out) + "\n"
+
+
+_DOC_TYPES: tuple[tuple[str, Any], ...] = (
+    ("Telemetry", Telemetry),
+    ("EventMessage", EventMessage),
+    ("StateMessage", StateMessage),
+    ("CommandMessage", CommandMessage),
+    ("ResultMessage", ResultMessage),
+    ("Request", Request),
+    ("Reply", Reply),
+)
+#: the unions have no docstring of their own (theirs would be Python's union type's)
+_UNION_TEXT = {
+    "Request": "A read request, one of the objects below, chosen by `op`. Reading changes "
+    "nothing in the meter.",
+    "Reply": "The meter's answer to a request, one of the objects below, chosen by `op`; "
+    "`error` when the meter could not read the request or answer it.",
+}
+_UNION_MEMBERS = {
+    "Request": ("SnapshotRequest", "EventsRequest", "ProfileRequest", "LastResultRequest"),
+    "Reply": ("SnapshotReply", "EventsReply", "ProfileReply", "LastResultReply", "ErrorReply"),
+}
