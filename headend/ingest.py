@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar
 
-from headend.links.mqtt import Incoming, MqttConnection, publish_properties
+from headend.transport.mqtt import Incoming, MqttConnection, publish_properties
 from protocols.errors import DecodeError, LinkError
 from protocols.mqtt import (
     SCHEMA_PROPERTY,

@@ -22,7 +22,7 @@ from headend.broker import (
     hash_password,
     probe,
 )
-from headend.links.mqtt import Incoming, MqttConnection
+from headend.transport.mqtt import Incoming, MqttConnection
 from protocols.errors import LinkClosed
 from protocols.mqtt import BrokerSettings, TopicKind, TopicScheme
 from tests.mqtt_broker import TEST_METERS, BrokerFactory

@@ -12,7 +12,7 @@ from paho.mqtt.properties import Properties
 
 from headend.broker import LocalBroker
 from headend.ingest import Ingest, MemorySink
-from headend.links.mqtt import publish_properties
+from headend.transport.mqtt import publish_properties
 from protocols import mqtt
 from protocols.mqtt import BrokerSettings, Telemetry, TopicScheme
 from protocols.readings import Event, EventCode
