@@ -61,16 +61,14 @@ KeyOpt = Annotated[
 async def _with_link(endpoint: str, timeout: float, work: Callable[[MeterLink], Awaitable[T]]) -> T:
     """Open a link in a pool of this command's own, run ``work`` on it, close both; the whole
     of it within ``timeout`` seconds."""
-    try:
-        async with asyncio.timeout(timeout), LinkPool() as pool:
-            options = LinkOptions(timeout=timeout, deadline=timeout)
-            link = await open_link(endpoint, options, pool=pool)
-            try:
+    async with LinkPool() as pool:  # closed outside the deadline: closing is not cut short
+        try:
+            async with asyncio.timeout(timeout):
+                options = LinkOptions(timeout=timeout, deadline=timeout)
+                link = await open_link(endpoint, options, pool=pool)
                 return await work(link)
-            finally:
-                await link.close()
-    except TimeoutError as exc:
-        raise LinkTimeout(f"{endpoint}: no answer within {timeout:g} s") from exc
+        except TimeoutError as exc:
+            raise LinkTimeout(f"{endpoint}: no answer within {timeout:g} s") from exc
 
 
 def _key_bytes(key: str | None) -> bytes | None:

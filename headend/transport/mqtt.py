@@ -104,15 +104,16 @@ def publish_properties(
     return props
 
 
-def translate_mqtt_error(exc: BaseException, doing: str) -> HesError:
-    """The project's error for a foreign exception raised while ``doing`` something; the
-    exception is chained as the cause. A project error is returned as it is."""
+def translate_mqtt_error(exc: BaseException, doing: str, *, setup: bool = False) -> HesError:
+    """The project's error for a foreign exception raised while ``doing`` something (``setup``:
+    while building the client from its settings, before any I/O); the exception is chained as
+    the cause. A project error is returned as it is."""
     if isinstance(exc, HesError):
         return exc
     error: HesError
     if isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError):
         error = ConfigError(f"{doing}: cannot read {exc.filename or 'a file'}: {exc.strerror}")
-    elif isinstance(exc, ssl.SSLError) and doing.startswith("setting up"):
+    elif isinstance(exc, ssl.SSLError) and setup:
         error = ConfigError(f"{doing}: not a usable certificate file: {exc}")
     elif isinstance(exc, TimeoutError):
         error = LinkTimeout(f"{doing}: timed out")
@@ -127,7 +128,7 @@ def translate_mqtt_error(exc: BaseException, doing: str) -> HesError:
 
 
 @contextlib.contextmanager
-def map_mqtt_errors(doing: str) -> Iterator[None]:
+def map_mqtt_errors(doing: str, *, setup: bool = False) -> Iterator[None]:
     """Translate paho, ssl and socket exceptions raised inside the block (see the module's
     docstring); ``doing`` says what was being done, e.g. "connecting to mqtt://host:1883"."""
     try:
@@ -135,7 +136,7 @@ def map_mqtt_errors(doing: str) -> Iterator[None]:
     except HesError:
         raise
     except Exception as exc:
-        raise translate_mqtt_error(exc, doing) from exc
+        raise translate_mqtt_error(exc, doing, setup=setup) from exc
 
 
 class _TlsContext(ssl.SSLContext):
@@ -263,7 +264,7 @@ class MqttConnection:
         """Connect; raises LinkClosed when the first connection fails (refused, bad password)."""
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
-        with map_mqtt_errors(f"setting up the connection to {self.settings.url()}"):
+        with map_mqtt_errors(f"setting up the connection to {self.settings.url()}", setup=True):
             self._client = self._make_client()
         first: asyncio.Future[None] = self._loop.create_future()
         self._runner = self._loop.create_task(self._run(first), name=f"mqtt {self.client_id}")
