@@ -59,8 +59,8 @@ KeyOpt = Annotated[
 
 
 async def _with_link(endpoint: str, timeout: float, work: Callable[[MeterLink], Awaitable[T]]) -> T:
-    """Open a link in a pool of this command's own, run ``work`` on it, close both; the whole
-    of it within ``timeout`` seconds."""
+    """Open a link in a pool of this command's own and run ``work`` on it, both within
+    ``timeout`` seconds (LinkTimeout after); the pool closes its connections afterwards."""
     async with LinkPool() as pool:  # closed outside the deadline: closing is not cut short
         try:
             async with asyncio.timeout(timeout):
