@@ -26,9 +26,10 @@ from typing import Any, Protocol
 
 from headend.broker import BrokerPlan, choose_broker
 from headend.ingest import Ingest, MemorySink
-from headend.links.base import MeterLink
+from headend.links.base import MeterLink, execute_confirmed
 from headend.links.endpoint import open_link
 from headend.links.mqtt import MqttLinkHub
+from headend.links.pool import LinkPool
 from headend.vending import vend_credit
 from protocols.commands import Command, CommandEnvelope, CommandResult, ResultCode
 from protocols.errors import HesError
@@ -129,6 +130,7 @@ class _HeadEnd:
     reporter: Reporter
     result: DemoResult
     links: dict[str, MeterLink] = field(default_factory=dict)
+    pool: LinkPool = field(default_factory=LinkPool)
     key: bytes = bytes.fromhex(AUTH_KEY)
     confirmed: dict[str, int] = field(default_factory=dict)  # credit confirmed per meter
     first_event: dict[str, int] = field(default_factory=dict)  # last event seq before the run
@@ -141,7 +143,7 @@ class _HeadEnd:
         snapshot = await link.read_snapshot()
         sequence = snapshot.last_command_seq + 1
         envelope = CommandEnvelope.signed(link.meter_id, sequence, command, self.key)
-        return await link.execute(envelope, timeout=10.0), sequence
+        return await execute_confirmed(link, envelope, timeout=10.0), sequence
 
 
 async def run_demo(options: DemoOptions, reporter: Reporter) -> DemoResult:
@@ -208,7 +210,7 @@ async def _steps(
     reporter = head_end.reporter
     host_port = endpoints["modbus_tcp"]
     for meter_id, unit in endpoints["meters"].items():
-        head_end.links[meter_id] = await open_link(f"tcp://{host_port}/{unit}")
+        head_end.links[meter_id] = await open_link(f"tcp://{host_port}/{unit}", pool=head_end.pool)
     switched = f"MTR-{options.meters:04d}"  # the last ordinary meter
     try:
         await _read_fleet(head_end)
@@ -249,6 +251,7 @@ async def _steps(
     finally:
         for link in head_end.links.values():
             await link.close()
+        await head_end.pool.close()
 
 
 def _money(snapshot: MeterSnapshot, amount: int) -> str:
@@ -287,16 +290,16 @@ async def _pay_once(head_end: _HeadEnd) -> None:
     say = head_end.reporter.note
     say(f"transfer {transfer} of {_money(before, amount)}: {first.code.name.lower()}")
     envelope = CommandEnvelope.signed(link.meter_id, sequence, credit, head_end.key)
-    resent = await link.execute(envelope, timeout=10.0)
+    resent = await execute_confirmed(link, envelope, timeout=10.0)
     say(f"the same command resent (its answer was lost): {resent.code.name.lower()} again")
     retry, _ = await head_end.command(link, credit)
     say(f"the payment retried as a new command: {retry.code.name.lower()}")
-    stale = await link.execute(envelope, timeout=10.0)
+    stale = await execute_confirmed(link, envelope, timeout=10.0)
     say(f"the first command replayed after that: {stale.code.name.lower()}")
     forged = CommandEnvelope.signed(
         link.meter_id, sequence + 10, Command.credit_transfer(transfer + 1, 10**6), b"wrong key"
     )
-    refused = await link.execute(forged, timeout=10.0)
+    refused = await execute_confirmed(link, forged, timeout=10.0)
     say(f"a command with a forged tag: {refused.code.name.lower()}")
     events = await link.read_events(before.last_event_seq, 100)
     accepted = [e for e in events if e.code is EventCode.TOPUP_ACCEPTED]

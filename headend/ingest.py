@@ -7,9 +7,17 @@ key (telemetry ``(meter, boot, n)``, events ``(meter, seq)``) and handed to an
 :class:`IngestSink`; only then is it acknowledged to the broker, so a message is never lost
 between the broker and the sink, and the broker's in-flight window paces a slow sink.
 
-A message that cannot be accepted is counted, logged and republished unchanged to
-``<prefix>/v1/deadletter`` with the reason in a user property; a sink that keeps failing on a
-message sends it there too after a few tries. Nothing a meter sends crashes the ingest.
+Only a message that is itself bad goes to the dead-letter topic: one that does not parse or
+belongs to another meter, or that the sink refuses as invalid (it raises
+:class:`~protocols.errors.ValidationError` or :class:`~protocols.errors.DecodeError`). It is
+counted, logged and republished unchanged to ``<prefix>/v1/deadletter`` with the reason in a
+user property (a payload that is not UTF-8 without the JSON content type and payload format
+indicator). A sink's transient failure (:class:`~protocols.errors.StorageError`: the database
+is away) pauses consumption instead: the message is tried again with back-off, without being
+acknowledged, until the sink takes it, and the broker's in-flight window holds the rest
+meanwhile, so an outage loses nothing. An unexpected exception from the sink is a bug: it is
+logged with its traceback and the message dead-lettered as "internal error", so the ingest
+goes on and the message can be replayed. Nothing a meter sends crashes the ingest.
 
 De-duplication state is in memory: after a restart of the ingest, a message the broker
 re-delivers may reach the sink a second time, so a storage sink enforces the same keys as
@@ -22,13 +30,14 @@ import asyncio
 import collections
 import contextlib
 import logging
+import random
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol, TypeVar
 
-from headend.links.mqtt import Incoming, MqttConnection, publish_properties
-from protocols.errors import DecodeError, LinkError
+from headend.transport.mqtt import Incoming, MqttConnection, publish_properties
+from protocols.errors import DecodeError, LinkError, StorageError, ValidationError
 from protocols.mqtt import (
     SCHEMA_PROPERTY,
     SCHEMA_PROPERTY_VALUE,
@@ -53,7 +62,9 @@ _LOGGED_MALFORMED = 20
 
 
 class IngestSink(Protocol):
-    """Where the ingest hands accepted messages. Raise to refuse one (it is retried)."""
+    """Where the ingest hands accepted messages. Raise StorageError for a transient failure
+    (the message is tried again until it is taken), ValidationError or DecodeError to refuse
+    a message as invalid (it is dead-lettered)."""
 
     async def telemetry(self, message: Telemetry) -> None: ...
 
@@ -116,8 +127,9 @@ class IngestStats:
     duplicates: int = 0
     malformed: int = 0
     dead_lettered: int = 0
-    sink_failures: int = 0  # sink calls that raised
-    undeliverable: int = 0  # messages dead-lettered because the sink kept failing
+    sink_failures: int = 0  # sink calls that failed transiently (StorageError), each retried
+    sink_refused: int = 0  # messages the sink refused as invalid, dead-lettered
+    internal_errors: int = 0  # messages dead-lettered after an unexpected exception
 
     @property
     def handled(self) -> int:
@@ -128,7 +140,8 @@ class IngestStats:
             + self.states
             + self.duplicates
             + self.malformed
-            + self.undeliverable
+            + self.sink_refused
+            + self.internal_errors
         )
 
 
@@ -153,11 +166,11 @@ class Ingest:
         session_expiry: int = 3600,
         receive_maximum: int = 1000,
         kinds: Iterable[TopicKind] = INGEST_KINDS,
-        sink_retries: int = 3,
+        sink_backoff: tuple[float, float] = (0.05, 2.0),
     ) -> None:
         self.topics = topics or TopicScheme()
         self.sink = sink
-        self.sink_retries = sink_retries
+        self.sink_backoff = sink_backoff
         self.stats = IngestStats()
         self.connection = MqttConnection(
             settings,
@@ -174,6 +187,8 @@ class Ingest:
         self._consumer: asyncio.Task[None] | None = None
         self._telemetry_seen: dict[str, dict[int, int]] = {}
         self._event_seen: dict[str, int] = {}
+        self._rng = random.Random()
+        self.paused = False  # waiting for the sink to recover
 
     async def start(self) -> None:
         self._consumer = asyncio.get_running_loop().create_task(self._consume(), name="mqtt ingest")
@@ -227,6 +242,7 @@ class Ingest:
                 await self._handle(message)
             except Exception:  # the ingest never dies of one message
                 log.exception("ingest: unexpected failure on %s", message.topic)
+                self.stats.internal_errors += 1
                 self._dead_letter(message, "internal error")
             self.connection.ack(message)
 
@@ -292,31 +308,35 @@ class Ingest:
     async def _deliver(
         self, handler: Callable[[P], Awaitable[None]], payload: P, message: Incoming
     ) -> bool:
-        """Hand ``payload`` to the sink, retrying; after the last failure dead-letter it."""
-        for attempt in range(1, self.sink_retries + 1):
+        """Hand ``payload`` to the sink. While the sink fails transiently, wait and try again
+        (the message stays unacknowledged); when it refuses the message, dead-letter it."""
+        low, high = self.sink_backoff
+        delay = low
+        while True:
             try:
                 await handler(payload)
-            except Exception as exc:
+            except StorageError as exc:
                 self.stats.sink_failures += 1
-                if attempt >= self.sink_retries:
-                    log.error(
-                        "ingest: the sink failed %d times on a message from %s: %s",
-                        attempt,
-                        message.topic,
-                        exc,
-                    )
-                    self.stats.undeliverable += 1
-                    self._dead_letter(message, f"sink failed: {exc}")
-                    return False
-                log.warning("ingest: the sink failed on %s (%s); retrying", message.topic, exc)
-                await asyncio.sleep(0.05 * 2**attempt)
-            else:
-                return True
-        return False
+                if not self.paused:
+                    self.paused = True
+                    log.warning("ingest: the sink failed (%s); paused until it recovers", exc)
+                await asyncio.sleep(delay * self._rng.uniform(0.8, 1.2))
+                delay = min(delay * 2, high)
+                continue
+            except (ValidationError, DecodeError) as exc:
+                self.stats.sink_refused += 1
+                log.warning("ingest: the sink refused a message from %s: %s", message.topic, exc)
+                self._dead_letter(message, f"refused by the sink: {exc}")
+                return False
+            if self.paused:
+                self.paused = False
+                log.warning("ingest: the sink recovered; consuming again")
+            return True
 
     def _dead_letter(self, message: Incoming, reason: str) -> None:
         properties = publish_properties(
-            user=[("original-topic", message.topic), ("reason", reason[:256])]
+            user=[("original-topic", message.topic), ("reason", reason[:256])],
+            json_payload=_is_utf8(message.payload),
         )
         try:
             published = self.connection.publish(
@@ -335,3 +355,11 @@ class Ingest:
             self.stats.dead_lettered += 1
         else:
             log.warning("ingest: the broker refused a dead letter: %s", error)
+
+
+def _is_utf8(payload: bytes) -> bool:
+    try:
+        payload.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True

@@ -16,8 +16,10 @@ import typer
 from typer.testing import CliRunner
 
 from cli.hes_link import register_link_commands
+from tests import test_modbus_rtu
 
 ROOT = Path(__file__).resolve().parent.parent
+pty_pair = test_modbus_rtu.pty_pair  # two connected pseudo-terminals (socat)
 KEY = "00112233445566778899aabbccddeeff"
 
 # Two meters on one listener; the process prints {"port": N} when it listens and stops when
@@ -133,9 +135,26 @@ def test_credit_is_confirmed_and_applied_once(app: typer.Typer, port: int) -> No
     assert after["last_transfer"] == 1
     assert after["last_command_seq"] == before["last_command_seq"] + 1  # type: ignore[operator]
     code, out, err = run(app, "credit", endpoint, "--transfer", "1", "--amount", "2500", "--json")
-    assert code == 0, err  # the same transfer again: acknowledged, applied zero times
+    assert code == 3, err  # the same transfer again: acknowledged, applied zero times
     assert json.loads(out)["result"]["code"] == 1  # duplicate
+    assert err.strip() == (
+        "error: nothing applied: meter CLI-0001 had applied transfer 1 before; "
+        "it acknowledged it again and added no credit"
+    )
     assert read_json(app, endpoint)["credit"] == after["credit"]
+
+
+def test_credit_help_documents_the_exit_codes(app: typer.Typer) -> None:
+    code, out, _ = run(app, "credit", "--help")
+    assert code == 0
+    assert "3 when the meter had applied this transfer number before" in " ".join(out.split())
+
+
+def test_read_help_lists_every_scheme(app: typer.Typer) -> None:
+    code, out, _ = run(app, "read", "--help")
+    assert code == 0
+    for scheme in ("tcp://", "rtu://", "mqtt://", "mqtts://"):
+        assert scheme in out
 
 
 def test_disconnect_and_reconnect_need_the_key_of_a_keyed_meter(
@@ -149,15 +168,20 @@ def test_disconnect_and_reconnect_need_the_key_of_a_keyed_meter(
     assert read_json(app, endpoint)["control_state"] == 1
     code, out, err = run(app, "disconnect", endpoint, "--key", KEY)
     assert code == 0, err
-    assert read_json(app, endpoint)["control_state"] == 0
+    assert "open (supply off), disconnected" in out  # the resulting relay state
+    state = read_json(app, endpoint)
+    assert (state["control_state"], state["output_state"]) == (0, False)
     code, out, err = run(app, "reconnect", endpoint, "--key", KEY, "--json")
     assert code == 0, err
     assert json.loads(out) == {
         "meter_id": "CLI-0002",
         "command": "remote_reconnect",
         "result": {"sequence": 2, "code": 0, "last_transfer": 0, "detail": ""},
+        "output_state": True,
+        "control_state": 1,
     }
-    assert read_json(app, endpoint)["control_state"] == 1  # mode 4: straight back on
+    state = read_json(app, endpoint)  # mode 4: straight back on
+    assert (state["control_state"], state["output_state"]) == (1, True)
 
 
 @pytest.mark.parametrize(
@@ -185,3 +209,66 @@ def test_an_unreachable_meter_is_one_line_and_quick(app: typer.Typer, port: int)
     assert code == 1
     assert "cannot connect" in err
     assert time.monotonic() - started < 10
+
+
+# A meter on unit 1 of an RTU line (one end of a pty pair); the process prints "ready" once it
+# serves and stops when its stdin closes.
+RTU_SERVER = """
+import asyncio, sys
+from protocols.clock import ManualClock
+from meter_sim.config import MeterConfig
+from meter_sim.modbus_server import serve_rtu
+from meter_sim.runtime import MeterRuntime
+
+async def main() -> None:
+    meter = MeterRuntime.open(MeterConfig("RTU-0001", modbus_unit=1), ManualClock(1.8e9))
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    async with serve_rtu([meter], sys.argv[1], baudrate=9600):
+        print("ready", flush=True)
+        await stdin.read()
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture
+def rtu_line(pty_pair: tuple[str, str]) -> Iterator[str]:
+    """The master's end of a line with a meter on unit 1."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", RTU_SERVER, pty_pair[0]],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    assert process.stdin is not None
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], 30)
+        assert ready, "the RTU simulator did not start"
+        assert process.stdout.readline().strip() == "ready"
+        yield pty_pair[1]
+    finally:
+        process.stdin.close()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+
+
+def test_a_missing_rtu_unit_ends_within_the_time_out(app: typer.Typer, rtu_line: str) -> None:
+    code, out, err = run(app, "read", f"rtu://{rtu_line}?unit=1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["meter_id"] == "RTU-0001"
+    started = time.monotonic()
+    code, out, err = run(app, "read", f"rtu://{rtu_line}?unit=9", "--timeout", "1")
+    elapsed = time.monotonic() - started
+    assert code == 1
+    assert out == ""
+    assert "no answer" in err
+    assert len(err.strip().splitlines()) == 1
+    assert 0.9 <= elapsed < 1.6  # the time-out is the whole command's, retries included

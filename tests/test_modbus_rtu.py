@@ -19,6 +19,7 @@ from pymodbus.framer import FramerRTU
 
 from headend.links.endpoint import open_link
 from headend.links.modbus import LinkSettings, ModbusRtuLink, SerialLine
+from headend.links.pool import LinkPool
 from meter_sim.modbus_server import frame_silence, serve_rtu
 from meter_sim.runtime import MeterRuntime
 from protocols import registermap as rm
@@ -98,7 +99,7 @@ async def test_multi_drop_each_meter_answers_only_to_its_own_unit(
     line: tuple[Any, str], bus_meters: list[MeterRuntime]
 ) -> None:
     _, port = line
-    bus = SerialLine.shared(port, baudrate=9600)
+    bus = SerialLine(port, baudrate=9600)
     links = [ModbusRtuLink(bus, unit, settings=FAST) for unit in (3, 5)]
     try:
         snapshots = await asyncio.gather(*(link.read_snapshot() for link in links))
@@ -123,7 +124,7 @@ async def test_multi_drop_each_meter_answers_only_to_its_own_unit(
         for link in links:
             await link.close()
     assert bus.users == 0
-    assert port not in SerialLine._open
+    assert not bus.channel.connected
 
 
 async def test_every_mapped_value_reads_as_the_model_over_rtu(
@@ -150,7 +151,8 @@ async def test_commands_replays_and_forged_tags_over_rtu(
 ) -> None:
     _, port = line
     keyed = bus_meters[1]
-    link = await open_link(f"rtu://{port}?baud=9600&unit=5&timeout=0.5")
+    pool = LinkPool()
+    link = await open_link(f"rtu://{port}?baud=9600&unit=5&timeout=0.5", pool=pool)
     try:
         forged = CommandEnvelope(keyed.meter_id, 1, Command.remote_disconnect(), b"\x01" * 16)
         assert (await link.execute(forged)).code is ResultCode.AUTH_FAILED
@@ -165,15 +167,16 @@ async def test_commands_replays_and_forged_tags_over_rtu(
         assert codes.count(EventCode.REPLAY_REFUSED) == 1
         assert codes.count(EventCode.RELAY_DISCONNECTED) == 1
     finally:
-        await link.close()
+        await pool.close()
 
 
 async def test_two_endpoints_on_one_port_share_the_line(
     line: tuple[Any, str], bus_meters: list[MeterRuntime]
 ) -> None:
     _, port = line
-    first = await open_link(f"rtu://{port}?unit=3")
-    second = await open_link(f"rtu://{port}?unit=5&baud=9600&parity=N&stopbits=1")
+    pool = LinkPool()
+    first = await open_link(f"rtu://{port}?unit=3", pool=pool)
+    second = await open_link(f"rtu://{port}?unit=5&baud=9600&parity=N&stopbits=1", pool=pool)
     try:
         assert isinstance(first, ModbusRtuLink)
         assert isinstance(second, ModbusRtuLink)
@@ -181,10 +184,9 @@ async def test_two_endpoints_on_one_port_share_the_line(
         assert first.meter_id == "RTU-0003"
         assert second.meter_id == "RTU-0005"
         with pytest.raises(ConfigError, match="other settings"):
-            await open_link(f"rtu://{port}?unit=3&baud=19200")
+            await open_link(f"rtu://{port}?unit=3&baud=19200", pool=pool)
     finally:
-        await first.close()
-        await second.close()
+        await pool.close()
 
 
 async def test_paced_answers_take_the_time_of_a_real_line(
@@ -192,7 +194,7 @@ async def test_paced_answers_take_the_time_of_a_real_line(
 ) -> None:
     server_port, port = pty_pair
     async with serve_rtu(bus_meters[:1], server_port, baudrate=9600, pace=True):
-        link = ModbusRtuLink(SerialLine.shared(port, baudrate=9600), 3, settings=FAST)
+        link = ModbusRtuLink(SerialLine(port, baudrate=9600), 3, settings=FAST)
         try:
             await link.connect()
             loop = asyncio.get_running_loop()
@@ -212,9 +214,10 @@ async def test_serial_ports_that_cannot_be_opened_are_link_closed(
     tmp_path: Path, bus_meters: list[MeterRuntime]
 ) -> None:
     missing = str(tmp_path / "no-such-tty")
+    pool = LinkPool()
     with pytest.raises(LinkClosed):
-        await open_link(f"rtu://{missing}?unit=1&timeout=0.2&retries=0")
-    assert missing not in SerialLine._open
+        await open_link(f"rtu://{missing}?unit=1&timeout=0.2&retries=0", pool=pool)
+    assert pool.connections == 0
     with pytest.raises(LinkClosed):
         async with serve_rtu(bus_meters, missing):
             pass

@@ -19,6 +19,7 @@ from pymodbus.client import AsyncModbusTcpClient
 from headend.links.base import send_command
 from headend.links.endpoint import LinkOptions, open_link, parse_endpoint
 from headend.links.modbus import LinkSettings, ModbusLink, ModbusTcpLink
+from headend.links.pool import LinkPool
 from headend.vending import vend_credit
 from meter_sim.config import MeterConfig, StsConfig
 from meter_sim.keypad import key_data_from_config
@@ -786,24 +787,30 @@ async def test_one_port_per_meter_for_fleets_beyond_247(tmp_path: Path, clock: M
     async with serve_tcp_per_meter(runtimes) as services:
         assert len({service.port for service in services}) == 5
         for runtime, service in zip(runtimes, services, strict=True):
-            link = await open_link(f"tcp://127.0.0.1:{service.port}/1")
+            pool = LinkPool()
+            link = await open_link(f"tcp://127.0.0.1:{service.port}/1", pool=pool)
             try:
                 assert link.meter_id == runtime.meter_id
                 assert (await link.read_snapshot()).meter_id == runtime.meter_id
             finally:
-                await link.close()
+                await pool.close()
 
 
 async def test_open_link_checks_the_expected_meter(server: Any) -> None:
+    pool = LinkPool()
     link = await open_link(
         f"tcp://127.0.0.1:{server.port}/2?timeout=0.5&retries=1",
         LinkOptions(meter_id="MTR-0002"),
+        pool=pool,
     )
     assert isinstance(link, ModbusLink)
     assert link.settings == LinkSettings(timeout=0.5, retries=1)
     await link.close()
     with pytest.raises(LinkError, match="expected meter MTR-0001, found MTR-0002"):
-        await open_link(f"tcp://127.0.0.1:{server.port}/2", LinkOptions(meter_id="MTR-0001"))
+        await open_link(
+            f"tcp://127.0.0.1:{server.port}/2", LinkOptions(meter_id="MTR-0001"), pool=pool
+        )
+    await pool.close()
 
 
 def test_endpoint_parsing() -> None:
@@ -826,13 +833,13 @@ def test_endpoint_parsing() -> None:
         with pytest.raises(ConfigError):
             parse_endpoint(bad)
     with pytest.raises(ConfigError, match="unit id"):
-        asyncio.run(open_link("tcp://127.0.0.1:1/300"))
+        asyncio.run(open_link("tcp://127.0.0.1:1/300", pool=LinkPool()))
     with pytest.raises(ConfigError, match="unknown scheme"):
-        asyncio.run(open_link("http://127.0.0.1/1"))
+        asyncio.run(open_link("http://127.0.0.1/1", pool=LinkPool()))
     with pytest.raises(ConfigError, match="unknown parameter"):
-        asyncio.run(open_link("tcp://127.0.0.1:1/1?baud=9600"))
+        asyncio.run(open_link("tcp://127.0.0.1:1/1?baud=9600", pool=LinkPool()))
     with pytest.raises(ConfigError, match="an integer"):
-        asyncio.run(open_link("rtu://loop://?unit=x"))
+        asyncio.run(open_link("rtu://loop://?unit=x", pool=LinkPool()))
 
 
 # -- an independent master ------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from headend.broker import LocalBroker
 from headend.ingest import Ingest, MemorySink
 from headend.links.base import MeterLink, send_command
 from headend.links.endpoint import open_link
-from headend.links.mqtt import MqttLinkHub, MqttMeterLink, publish_properties
+from headend.links.mqtt import MqttLinkHub, MqttMeterLink
+from headend.links.pool import LinkPool
+from headend.transport.mqtt import publish_properties
 from meter_sim.describe import snapshot_rows
 from meter_sim.mqtt_agent import AgentOptions, MeterAgent, in_subtree, run_agents
 from protocols import mqtt
@@ -132,7 +134,7 @@ async def test_commands_and_reads_through_the_link(
         rows = await link.read_profile(start, start + 3 * 3600)
         assert len(rows) == 12  # 15-minute intervals
         assert rows == runtime.profile_between(start, start + 3 * 3600)
-        assert (await hub.link(M1).last_result()).sequence == 3
+        assert (await hub.link(M1).read_last_result()).sequence == 3
     assert runtime.snapshot().credit == 105_000
 
 
@@ -207,16 +209,18 @@ async def test_commands_queued_while_offline_arrive_once_unless_expired(
     first.stop()
     await task
 
-    queued = asyncio.create_task(hub.execute(_envelope(1, Command.credit_transfer(1, 100)), 20))
+    queued = asyncio.create_task(
+        hub.link(M1).execute(_envelope(1, Command.credit_transfer(1, 100)), 20)
+    )
     with pytest.raises(LinkTimeout):  # expires on the broker after 1 s
-        await hub.execute(_envelope(2, Command.credit_transfer(2, 200)), 1.0)
+        await hub.link(M1).execute(_envelope(2, Command.credit_transfer(2, 200)), 1.0)
     await asyncio.sleep(1.2)  # let the second command's expiry pass for certain (1 s resolution)
 
     returned = MeterAgent(runtime, settings, TOPICS, FAST)
     task = asyncio.create_task(returned.run())
     try:
         assert (await queued).code is ResultCode.OK
-        live = await hub.execute(_envelope(3, Command.credit_transfer(3, 300)), 5)
+        live = await hub.link(M1).execute(_envelope(3, Command.credit_transfer(3, 300)), 5)
         assert live.code is ResultCode.OK
     finally:
         returned.stop()
@@ -360,8 +364,9 @@ async def test_endpoint_links_share_one_connection(
     runtimes = [make_runtime(M1), make_runtime(M2)]
     async with run_agents(runtimes, settings, telemetry_interval=60) as group:
         await group.wait_connected(5)
-        first = await open_link(f"{base}/{M1}?timeout=2")
-        second = await open_link(f"{base}/{M2}?prefix=phs")
+        pool = LinkPool()
+        first = await open_link(f"{base}/{M1}?timeout=2", pool=pool)
+        second = await open_link(f"{base}/{M2}?prefix=phs", pool=pool)
         assert isinstance(first, MqttMeterLink)
         assert isinstance(second, MqttMeterLink)
         assert first.hub is second.hub
@@ -372,6 +377,7 @@ async def test_endpoint_links_share_one_connection(
         await first.close()  # a second close gives nothing back twice
         assert second.hub.connection.connected.is_set()
         await second.close()
+        await pool.close()
         assert not second.hub.connection.connected.is_set()
 
 
@@ -386,7 +392,7 @@ async def test_endpoint_links_share_one_connection(
 )
 async def test_bad_mqtt_endpoints(endpoint: str) -> None:
     with pytest.raises(ConfigError):
-        await open_link(endpoint)
+        await open_link(endpoint, pool=LinkPool())
 
 
 def _raw_properties(

@@ -24,7 +24,8 @@ from headend.broker import (
     password_fields,
     probe,
 )
-from headend.links.mqtt import Incoming, MqttConnection, MqttLinkHub
+from headend.links.mqtt import MqttLinkHub
+from headend.transport.mqtt import Incoming, MqttConnection
 from meter_sim.mqtt_agent import AgentOptions, MeterAgent
 from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.errors import LinkClosed
@@ -338,7 +339,8 @@ async def test_a_meter_cannot_take_over_another_meters_session(
         _client(broker.settings(), "hes-watch-cmd") as watcher,
     ):
         await watcher.subscribe(TOPICS.cmd(M2), qos=1)
-        queued = asyncio.create_task(hub.execute(envelope, 30))  # message expiry 30 s
+        # message expiry 30 s
+        queued = asyncio.create_task(hub.link(envelope.meter_id).execute(envelope, 30))
         await _next_message(watcher)  # the broker holds it now, for the offline victim too
         code, output = await _run(_takeover(broker, M2, M1))
         assert code != 0
@@ -391,7 +393,7 @@ async def test_checking_a_meters_login_leaves_its_queued_commands(
         _client(broker.settings(), "hes-watch-cmd") as watcher,
     ):
         await watcher.subscribe(TOPICS.cmd(M1), qos=1)
-        queued = asyncio.create_task(hub.execute(envelope, 30))
+        queued = asyncio.create_task(hub.link(envelope.meter_id).execute(envelope, 30))
         await _next_message(watcher)
         # the fleet check logs in as the meter, into its session with the command waiting
         plan = await choose_broker(None, tmp_path, [M1], default_url=broker.settings().url(True))

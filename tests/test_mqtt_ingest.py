@@ -12,8 +12,9 @@ from paho.mqtt.properties import Properties
 
 from headend.broker import LocalBroker
 from headend.ingest import Ingest, MemorySink
-from headend.links.mqtt import publish_properties
+from headend.transport.mqtt import publish_properties
 from protocols import mqtt
+from protocols.errors import StorageError, ValidationError
 from protocols.mqtt import BrokerSettings, Telemetry, TopicScheme
 from protocols.readings import Event, EventCode
 from tests.mqtt_broker import TEST_METERS
@@ -88,6 +89,13 @@ async def test_malformed_messages_are_counted_and_dead_lettered(
     assert "MTR-0002" in reasons[2]["reason"]
     assert "schema '2'" in reasons[4]["reason"]
     assert sink.telemetry_messages[0].n == 2
+    # the copy of bytes that are not UTF-8 does not claim to be UTF-8 JSON; the others still do
+    not_utf8 = letters[0].properties
+    assert getattr(not_utf8, "PayloadFormatIndicator", None) in (None, 0)
+    assert getattr(not_utf8, "ContentType", None) is None
+    utf8 = letters[1].properties
+    assert getattr(utf8, "PayloadFormatIndicator", None) == 1
+    assert getattr(utf8, "ContentType", None) == mqtt.CONTENT_TYPE
 
 
 async def _dead_lettered(ingest: Ingest, count: int) -> None:
@@ -142,36 +150,70 @@ async def _total(sinks: list[MemorySink], count: int) -> None:
         await asyncio.sleep(0.01)
 
 
-class FlakySink(MemorySink):
-    """Fails the first ``failures`` telemetry calls, or every call of a meter in ``poison``."""
+class OutageSink(MemorySink):
+    """A database that is away for ``outage`` seconds from the first telemetry call (each
+    call then raises StorageError), refuses message ``invalid`` as invalid and fails on
+    message ``bug`` with an unexpected exception."""
 
-    def __init__(self, failures: int, poison: int | None = None) -> None:
+    def __init__(self, outage: float, invalid: int | None = None, bug: int | None = None) -> None:
         super().__init__()
-        self.failures = failures
-        self.poison = poison
+        self.outage = outage
+        self.invalid = invalid
+        self.bug = bug
+        self.back_at: float | None = None
+        self.failures = 0
 
     async def telemetry(self, message: Telemetry) -> None:
-        if message.n == self.poison:
-            raise RuntimeError("storage refuses this row")
-        if self.failures:
-            self.failures -= 1
-            raise ConnectionError("storage unavailable")
+        now = asyncio.get_running_loop().time()
+        if self.back_at is None:
+            self.back_at = now + self.outage
+        if now < self.back_at:
+            self.failures += 1
+            raise StorageError("the database is away")
+        if message.n == self.invalid:
+            raise ValidationError("a reading from the future")
+        if message.n == self.bug:
+            raise RuntimeError("a bug in the sink")
         await super().telemetry(message)
 
 
-async def test_a_failing_sink_is_retried_then_the_message_dead_lettered(
+async def test_a_sink_outage_pauses_the_ingest_and_loses_nothing(
     broker: LocalBroker, meter: aiomqtt.Client
 ) -> None:
-    sink = FlakySink(failures=2, poison=3)
-    async with Ingest(broker.settings(), sink, sink_retries=3) as ingest:
-        for n in (1, 2, 3, 4):
+    sink = OutageSink(outage=1.0)
+    count = 50
+    async with Ingest(broker.settings(), sink, sink_backoff=(0.02, 0.2)) as ingest:
+        for n in range(1, count + 1):
             await meter.publish(TOPICS.telemetry(M1), _telemetry(n), qos=1)
-        await sink.wait_until(lambda s: len(s.telemetry_messages) == 3, 5)
-        await asyncio.wait_for(_dead_lettered(ingest, 1), 5)
-    assert [t.n for t in sink.telemetry_messages] == [1, 2, 4]
-    assert ingest.stats.sink_failures == 2 + 3
-    assert ingest.stats.undeliverable == 1
-    assert ingest.stats.handled == 4
+        await asyncio.wait_for(_paused(ingest), 5)
+        await sink.wait_until(lambda s: len(s.telemetry_messages) == count, 10)
+        assert not ingest.paused
+    assert [t.n for t in sink.telemetry_messages] == list(range(1, count + 1))  # all, in order
+    assert sink.failures > 3  # it was away for longer than the old three retries
+    assert ingest.stats.sink_failures == sink.failures
+    assert ingest.stats.dead_lettered == 0
+    assert ingest.stats.telemetry == count
+    assert ingest.stats.handled == count
+
+
+async def _paused(ingest: Ingest) -> None:
+    while not ingest.paused:  # noqa: ASYNC110 - a flag, no event
+        await asyncio.sleep(0.01)
+
+
+async def test_only_a_bad_message_is_dead_lettered(
+    broker: LocalBroker, meter: aiomqtt.Client
+) -> None:
+    sink = OutageSink(outage=0.3, invalid=3, bug=5)
+    async with Ingest(broker.settings(), sink, sink_backoff=(0.02, 0.1)) as ingest:
+        for n in range(1, 7):
+            await meter.publish(TOPICS.telemetry(M1), _telemetry(n), qos=1)
+        await sink.wait_until(lambda s: len(s.telemetry_messages) == 4, 5)
+        await asyncio.wait_for(_dead_lettered(ingest, 2), 5)
+    assert [t.n for t in sink.telemetry_messages] == [1, 2, 4, 6]
+    assert (ingest.stats.sink_refused, ingest.stats.internal_errors) == (1, 1)
+    assert ingest.stats.sink_failures == sink.failures > 0
+    assert ingest.stats.handled == 6
 
 
 async def test_messages_wait_on_the_broker_while_the_ingest_is_away(

@@ -1,15 +1,48 @@
-"""The one interface the poller and the policies use to talk to a meter, whatever the transport.
+"""The one interface the poller and the policies use to talk to a meter, whatever the transport,
+and the one way a command is confirmed over it.
 
-Implementations (Modbus TCP, Modbus RTU, MQTT) translate their library's exceptions into
-:class:`protocols.errors.LinkError` subclasses; nothing foreign leaks out of a link.
+A :class:`MeterLink` offers primitive operations only: reads, sending a command envelope once
+(:meth:`MeterLink.send_envelope`) and reading the meter's last command result
+(:meth:`MeterLink.read_last_result`). :func:`execute_confirmed` builds "ask before resending"
+on top of them, the same for every transport:
+
+* the envelope is sent; when the attempt fails (a time-out, a dropped connection, a lost
+  answer), the link waits a back-off with jitter and, **before any resend**, reads the meter's
+  last result: if the meter already executed this sequence number, that result is the answer
+  and nothing is sent again;
+* otherwise the envelope is sent again (safe: a meter executes a sequence number at most once
+  and answers a repeat with its stored result), until the total ``timeout`` is spent, retries
+  included;
+* the meter refusing the envelope itself at the protocol level
+  (:class:`~protocols.errors.DeviceException`) or answering with something that does not decode
+  (:class:`~protocols.errors.DecodeError`) ends it at once: resending would change nothing.
+
+Implementations (Modbus TCP, Modbus RTU, MQTT, in-memory) translate their library's exceptions
+into :mod:`protocols.errors`; nothing foreign leaks out of a link.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import asyncio
+import logging
+import random
+from dataclasses import dataclass
+from typing import Final, Protocol
 
 from protocols.commands import Command, CommandEnvelope, CommandResult
+from protocols.errors import (
+    ConfigError,
+    DecodeError,
+    DeviceException,
+    LinkError,
+    LinkTimeout,
+    ValidationError,
+)
 from protocols.readings import Event, MeterSnapshot, ProfileRow
+
+log = logging.getLogger(__name__)
+
+DEFAULT_COMMAND_TIMEOUT: Final = 5.0
 
 
 class MeterLink(Protocol):
@@ -29,21 +62,120 @@ class MeterLink(Protocol):
         """Events with ``seq > since_seq``, oldest first, at most ``limit``."""
         ...
 
-    async def execute(self, envelope: CommandEnvelope, timeout: float = 5.0) -> CommandResult:
-        """Send a command and return the meter's confirmed result for that sequence number.
+    async def send_envelope(self, envelope: CommandEnvelope, timeout: float) -> CommandResult:
+        """Send ``envelope`` once and return the meter's result for its sequence number, waiting
+        at most ``timeout`` seconds; a :class:`~protocols.errors.LinkError` when no result
+        arrives (the command may or may not have been executed). Never resends by itself."""
+        ...
 
-        A time-out or a dropped connection is retried by first asking the meter for its last
-        result: if the meter already executed this sequence, that result is returned and the
-        command is not sent again, so a command is executed at most once. Raises
-        :class:`~protocols.errors.LinkError` when no confirmation arrives in time.
-        """
+    async def read_last_result(self) -> CommandResult:
+        """The result of the last command the meter executed or refused."""
         ...
 
     async def close(self) -> None: ...
 
 
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How :func:`execute_confirmed` waits between attempts: ``backoff`` seconds, doubled after
+    each failure up to ``max_backoff``, each wait spread by ``±jitter`` (a fraction), so that
+    many head-end workers retrying one gateway do not retry in step."""
+
+    backoff: float = 0.05
+    max_backoff: float = 2.0
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.backoff < 0 or self.max_backoff < self.backoff or not 0 <= self.jitter < 1:
+            raise ConfigError("back-off is 0 <= backoff <= max_backoff, jitter 0 <= j < 1")
+
+    def delay(self, attempt: int, rng: random.Random) -> float:
+        """The wait after the ``attempt``-th failure (0 for the first)."""
+        base = min(self.max_backoff, self.backoff * 2.0 ** min(attempt, 64))
+        return base * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
+
+
+_rng = random.Random()
+
+
+async def execute_confirmed(
+    link: MeterLink,
+    envelope: CommandEnvelope,
+    timeout: float = DEFAULT_COMMAND_TIMEOUT,
+    *,
+    policy: RetryPolicy | None = None,
+    rng: random.Random | None = None,
+) -> CommandResult:
+    """Send ``envelope`` over ``link`` and return the meter's confirmed result for its sequence
+    number, asking before any resend (see the module's docstring); ``timeout`` is the total
+    deadline, retries included.
+
+    Raises ValidationError for an envelope addressed to another meter than the link's,
+    LinkTimeout when no confirmation arrives in time, DeviceException or DecodeError at once
+    when the meter's answer makes a resend pointless."""
+    if link.meter_id and envelope.meter_id != link.meter_id:  # else send_envelope checks
+        raise ValidationError(
+            f"the envelope is for meter {envelope.meter_id}, this link reaches {link.meter_id}"
+        )
+    if not timeout > 0:
+        raise ConfigError(f"a command time-out is positive, got {timeout!r}")
+    policy = policy or RetryPolicy()
+    rng = rng or _rng
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    attempt = 0
+    sent = False
+    send_error: BaseException | None = None  # why the last send went unconfirmed
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            if sent:
+                # the envelope may have been executed and only its answer lost: ask first
+                async with asyncio.timeout_at(deadline):
+                    last = await link.read_last_result()
+                if last.sequence == envelope.sequence:
+                    log.info("%s: sequence %d was executed before", link.meter_id, last.sequence)
+                    return last
+            sent = True
+            # leave a quarter of the time (at most a second) to ask after a lost answer
+            window = max(remaining - min(1.0, remaining / 4), remaining / 2)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await link.send_envelope(envelope, window)
+            except (LinkError, TimeoutError) as exc:
+                send_error = exc
+                raise
+        except (DeviceException, DecodeError):
+            raise
+        except (LinkError, TimeoutError) as exc:
+            error: BaseException = exc
+        delay = policy.delay(attempt, rng)
+        attempt += 1
+        if loop.time() + delay >= deadline:
+            reason = send_error or error
+            raise LinkTimeout(
+                f"{link.meter_id}: no confirmation of command {envelope.sequence} "
+                f"within {timeout:g} s: {str(reason) or 'no answer'}"
+            ) from error
+        log.info("%s: command %d: %s; asking again", link.meter_id, envelope.sequence, error)
+        await asyncio.sleep(delay)
+
+
+class ConfirmedExecution:
+    """Gives a link class ``execute(envelope, timeout)``: :func:`execute_confirmed` on itself."""
+
+    async def execute(
+        self: MeterLink, envelope: CommandEnvelope, timeout: float = DEFAULT_COMMAND_TIMEOUT
+    ) -> CommandResult:
+        """Send ``envelope`` and return its confirmed result (:func:`execute_confirmed`)."""
+        return await execute_confirmed(self, envelope, timeout)
+
+
 async def send_command(
-    link: MeterLink, command: Command, key: bytes | None, timeout: float = 5.0
+    link: MeterLink,
+    command: Command,
+    key: bytes | None,
+    timeout: float = DEFAULT_COMMAND_TIMEOUT,
 ) -> CommandResult:
     """Send ``command`` with the next sequence number after the meter's last one.
 
@@ -52,4 +184,4 @@ async def send_command(
     """
     snapshot = await link.read_snapshot()
     envelope = CommandEnvelope.signed(link.meter_id, snapshot.last_command_seq + 1, command, key)
-    return await link.execute(envelope, timeout)
+    return await execute_confirmed(link, envelope, timeout)

@@ -4,10 +4,15 @@
 * ``rtu:///dev/ttyUSB0?baud=9600&unit=3&parity=N&stopbits=1&bytesize=8`` — Modbus RTU on a
   serial device; ``rtu://socket://127.0.0.1:5020?unit=3`` or ``rtu://loop://?unit=1`` take a
   pyserial URL instead of a device path (the part before the last ``?``);
-* every scheme also takes ``timeout`` (seconds per request) and ``retries``.
+* ``mqtt://user:password@host:1883/MTR-0001?prefix=phs`` — MQTT 5 through a broker;
+  ``mqtts://…?ca=/path/ca.pem`` with TLS;
+* every scheme also takes ``timeout`` (seconds per request) and ``retries``; Modbus also
+  ``deadline`` (seconds for one whole read, retries included).
 
-A transport registers its scheme with one entry in :data:`SCHEMES`: a coroutine function that
-takes the parsed :class:`Endpoint` and the :class:`LinkOptions` and returns an open link::
+Links are opened in a :class:`~headend.links.pool.LinkPool`, which owns their connections. A
+transport registers its scheme with one entry in :data:`SCHEMES`: a coroutine function that
+takes the parsed :class:`Endpoint`, the :class:`LinkOptions` and the pool and returns an open
+link::
 
     SCHEMES["mqtt"] = open_mqtt_link
 """
@@ -27,9 +32,9 @@ from headend.links.modbus import (
     ModbusLink,
     ModbusRtuLink,
     ModbusTcpLink,
-    SerialLine,
 )
 from headend.links.mqtt import open_mqtt_link
+from headend.links.pool import LinkPool
 from protocols.errors import ConfigError, HesError
 
 
@@ -89,16 +94,19 @@ class LinkOptions:
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     meter_id: str | None = None  # the meter expected at the endpoint
+    deadline: float | None = None  # bounds one whole read, retries included
 
     def settings_for(self, endpoint: Endpoint) -> LinkSettings:
+        deadline = endpoint.float_param("deadline", 0.0) or self.deadline
         return LinkSettings(
             timeout=endpoint.float_param("timeout", self.timeout),
             retries=endpoint.int_param("retries", self.retries, 0, 100),
+            deadline=deadline,
         )
 
 
 COMMON_PARAMS: Final = frozenset({"timeout", "retries"})
-LinkFactory = Callable[[Endpoint, LinkOptions], Awaitable[MeterLink]]
+LinkFactory = Callable[[Endpoint, LinkOptions, LinkPool], Awaitable[MeterLink]]
 
 
 def parse_endpoint(text: str) -> Endpoint:
@@ -163,22 +171,26 @@ async def _connected(link: ModbusLink) -> ModbusLink:
     return link
 
 
-async def open_tcp(endpoint: Endpoint, options: LinkOptions) -> MeterLink:
-    endpoint.check_params(set())
+async def open_tcp(endpoint: Endpoint, options: LinkOptions, pool: LinkPool) -> MeterLink:
+    endpoint.check_params({"deadline"})
+    port = endpoint.port if endpoint.port is not None else 502
+    unit = _tcp_unit(endpoint)
+    settings = options.settings_for(endpoint)
     link = ModbusTcpLink(
         endpoint.host,
-        endpoint.port if endpoint.port is not None else 502,
-        _tcp_unit(endpoint),
+        port,
+        unit,
         meter_id=options.meter_id,
-        settings=options.settings_for(endpoint),
+        settings=settings,
+        channel=pool.tcp_channel(endpoint.host, port),
     )
     return await _connected(link)
 
 
-async def open_rtu(endpoint: Endpoint, options: LinkOptions) -> MeterLink:
-    endpoint.check_params({"baud", "unit", "parity", "stopbits", "bytesize"})
+async def open_rtu(endpoint: Endpoint, options: LinkOptions, pool: LinkPool) -> MeterLink:
+    endpoint.check_params({"baud", "unit", "parity", "stopbits", "bytesize", "deadline"})
     parity = (endpoint.param("parity") or "N").upper()
-    line = SerialLine.shared(
+    line = pool.serial_line(
         endpoint.device,
         baudrate=endpoint.int_param("baud", 9600, 50, 4_000_000),
         parity=parity,
@@ -199,11 +211,14 @@ SCHEMES: dict[str, LinkFactory] = {"tcp": open_tcp, "rtu": open_rtu}
 SCHEMES["mqtt"] = SCHEMES["mqtts"] = open_mqtt_link
 
 
-async def open_link(endpoint: str | Endpoint, options: LinkOptions | None = None) -> MeterLink:
-    """Open a link to the meter at ``endpoint`` and identify it (``link.meter_id`` is set)."""
+async def open_link(
+    endpoint: str | Endpoint, options: LinkOptions | None = None, *, pool: LinkPool
+) -> MeterLink:
+    """Open a link to the meter at ``endpoint`` over ``pool``'s connections and identify it
+    (``link.meter_id`` is set). Every failure is a :class:`~protocols.errors.HesError`."""
     parsed = parse_endpoint(endpoint) if isinstance(endpoint, str) else endpoint
     opener = SCHEMES.get(parsed.scheme)
     if opener is None:
         known = ", ".join(sorted(SCHEMES))
         raise ConfigError(f"{parsed.text}: unknown scheme {parsed.scheme!r} (known: {known})")
-    return await opener(parsed, options or LinkOptions())
+    return await opener(parsed, options or LinkOptions(), pool)

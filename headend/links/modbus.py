@@ -3,25 +3,30 @@
 Both run on pymodbus' async clients and the register map (:mod:`protocols.registermap`):
 
 * a **channel** owns one pymodbus client (one TCP connection, or one serial port) and a lock,
-  so one request at a time goes through it; several RTU links on one multi-drop line share the
-  line's channel (:class:`SerialLine`);
-* every request has a time-out; a failed request drops the connection (a late answer can then
-  never be taken for the next one) and the next request reconnects;
-* reads are retried with exponential back-off; a command is never re-sent blindly:
-  :meth:`ModbusLink.execute` writes the command block and reads the result block in one request
-  (function 23), and after a failure first reads the result block: if the meter already has
-  this sequence number, that is the answer; only otherwise is the block sent again (and the
-  meter itself answers a repeated sequence with its stored result, executing it zero times);
-* pymodbus and pyserial exceptions become :class:`~protocols.errors.LinkTimeout`,
-  :class:`~protocols.errors.LinkClosed` or :class:`~protocols.errors.DeviceException` (with the
-  Modbus exception code); nothing foreign leaks out.
+  so one request at a time goes through it; the links to the unit ids behind one gateway share
+  its channel, and the links to the meters of one multi-drop line share the line's
+  (:class:`SerialLine`); a :class:`~headend.links.pool.LinkPool` owns both;
+* every request has a time-out; a failed request drops the connection (a late answer can
+  then never be taken for the next one) and is tried again after a back-off, within an
+  optional total deadline of the operation (:class:`LinkSettings`);
+* a command is never re-sent blindly: :meth:`ModbusLink.send_envelope` writes the command
+  block and reads the result block in one request (function 23), and
+  :func:`~headend.links.base.execute_confirmed` reads the result block before any resend;
+* pymodbus, pyserial and socket exceptions are translated in one place,
+  :func:`map_modbus_errors`: a time-out becomes :class:`~protocols.errors.LinkTimeout`, a
+  refused, dropped or unopenable connection :class:`~protocols.errors.LinkClosed`, a serial
+  URL pyserial does not take :class:`~protocols.errors.ConfigError`, and an exception response
+  :class:`~protocols.errors.DeviceException` (with the Modbus exception code); nothing foreign
+  leaks out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+import random
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Final, TypeVar
@@ -30,12 +35,14 @@ import serial
 from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
 from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
 
+from headend.links.base import ConfirmedExecution, RetryPolicy
 from protocols import registermap as rm
 from protocols.commands import CommandEnvelope, CommandResult
 from protocols.errors import (
     ConfigError,
     DecodeError,
     DeviceException,
+    HesError,
     LinkClosed,
     LinkError,
     LinkTimeout,
@@ -62,25 +69,36 @@ _EVENTS = rm.BLOCKS[rm.Block.EVENT_WINDOW]
 class LinkSettings:
     """Time-outs and retries of a link.
 
-    ``timeout`` bounds one request (and the connection attempt); ``retries`` is how many more
-    times a failed request is tried, waiting ``backoff``, then twice as long each time, up to
-    :data:`MAX_BACKOFF`.
+    ``timeout`` bounds one request (and the connection attempt); a failed request is tried up
+    to ``retries`` more times, waiting ``backoff``, then twice as long each time, up to
+    :data:`MAX_BACKOFF`, each wait spread by ±20 %. ``deadline``, when set, bounds one whole
+    read, retries included (no retry starts that could not finish in time). A dropped answer
+    costs a whole ``timeout`` (pymodbus notices it only then), so a deadline shorter than two
+    time-outs leaves no room for retrying one.
     """
 
     timeout: float = DEFAULT_TIMEOUT
     retries: int = DEFAULT_RETRIES
     backoff: float = DEFAULT_BACKOFF
+    deadline: float | None = None
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
             raise ConfigError(f"a link time-out is positive, got {self.timeout!r}")
         if self.retries < 0 or self.backoff < 0:
             raise ConfigError("retries and back-off are not negative")
+        if self.deadline is not None and not self.deadline > 0:
+            raise ConfigError(f"a link deadline is positive, got {self.deadline!r}")
+
+    @property
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(backoff=self.backoff, max_backoff=max(MAX_BACKOFF, self.backoff))
 
     def delay(self, attempt: int) -> float:
-        return float(min(MAX_BACKOFF, self.backoff * 2**attempt))
+        return self.policy.delay(attempt, _rng)
 
 
+_rng = random.Random()
 ClientFactory = Callable[[float], Any]
 
 #: Modbus exception codes a meter (or the gateway in front of it) may answer
@@ -95,6 +113,26 @@ EXCEPTION_NAMES: Final[dict[int, str]] = {
 }
 
 
+@contextlib.contextmanager
+def map_modbus_errors(name: str, timeout: float) -> Iterator[None]:
+    """Translate pymodbus, pyserial and socket exceptions raised inside the block into the
+    project's tree (see the module's docstring), naming the channel ``name``."""
+    try:
+        yield
+    except HesError:
+        raise
+    except (ModbusIOException, TimeoutError) as exc:
+        raise LinkTimeout(f"{name}: no answer within {timeout:g} s") from exc
+    except ConnectionException as exc:
+        raise LinkClosed(f"{name}: connection lost") from exc
+    except (OSError, serial.SerialException) as exc:
+        raise LinkClosed(f"{name}: {exc}") from exc
+    except ModbusException as exc:
+        raise LinkError(f"{name}: {exc}") from exc
+    except ValueError as exc:  # pyserial refusing a URL or a setting
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
 class Channel:
     """One pymodbus client (one connection or one serial port) used one request at a time."""
 
@@ -103,6 +141,7 @@ class Channel:
         self._make_client = make_client
         self._client: Any = None
         self.lock = asyncio.Lock()
+        self.connects = 0  # connections opened, over the channel's life
 
     @property
     def connected(self) -> bool:
@@ -110,28 +149,18 @@ class Channel:
 
     async def request(self, timeout: float, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call the pymodbus client's ``method(*args, **kwargs)`` once, connecting first if
-        need be; its exception response becomes DeviceException."""
+        need be; its exception response becomes DeviceException. Any failure, and a caller
+        giving up (cancellation), drops the connection."""
         async with self.lock:
-            client = self._client
-            if client is None or not client.connected:
-                client = await self._connect(timeout)
             try:
-                response = await getattr(client, method)(*args, **kwargs)
-            except ModbusIOException as exc:
+                with map_modbus_errors(self.name, timeout):
+                    client = self._client
+                    if client is None or not client.connected:
+                        client = await self._connect(timeout)
+                    response = await getattr(client, method)(*args, **kwargs)
+            except BaseException:
                 self._drop()
-                raise LinkTimeout(f"{self.name}: no answer within {timeout} s") from exc
-            except ConnectionException as exc:
-                self._drop()
-                raise LinkClosed(f"{self.name}: connection lost") from exc
-            except TimeoutError as exc:
-                self._drop()
-                raise LinkTimeout(f"{self.name}: no answer within {timeout} s") from exc
-            except (OSError, serial.SerialException) as exc:
-                self._drop()
-                raise LinkClosed(f"{self.name}: {exc}") from exc
-            except ModbusException as exc:
-                self._drop()
-                raise LinkError(f"{self.name}: {exc}") from exc
+                raise
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             meaning = EXCEPTION_NAMES.get(code, "unknown")
@@ -144,14 +173,16 @@ class Channel:
         self._drop()
         client = self._make_client(timeout)
         try:
-            ok = await client.connect()
-        except (OSError, serial.SerialException, ModbusException) as exc:
+            with map_modbus_errors(f"cannot connect to {self.name}", timeout):
+                ok = await client.connect()
+        except HesError:
             client.close()
-            raise LinkClosed(f"cannot connect to {self.name}: {exc}") from exc
+            raise
         if not ok:
             client.close()
             raise LinkClosed(f"cannot connect to {self.name}")
         self._client = client
+        self.connects += 1
         log.debug("connected to %s", self.name)
         return client
 
@@ -168,11 +199,10 @@ class SerialLine:
     """One serial port (a device path or a pyserial URL) shared by the meters on its bus.
 
     Every link to a meter on the line uses the line's one channel, so one request at a time is
-    on the wire. ``SerialLine.shared(...)`` returns the line already open for a port (with the
-    same settings) or opens it; each link releases it on close and the last one closes the port.
+    on the wire. A :class:`~headend.links.pool.LinkPool` keeps one line per port; each link
+    acquires the line and releases it on close, and the last release closes the port (the
+    next request opens it again).
     """
-
-    _open: dict[str, SerialLine] = {}
 
     def __init__(
         self,
@@ -205,24 +235,6 @@ class SerialLine:
 
         self.channel = Channel(f"rtu:{port}", make_client)
 
-    @classmethod
-    def shared(
-        cls,
-        port: str,
-        *,
-        baudrate: int = 9600,
-        parity: str = "N",
-        stopbits: int = 1,
-        bytesize: int = 8,
-    ) -> SerialLine:
-        line = cls._open.get(port)
-        if line is None:
-            line = cls(port, baudrate=baudrate, parity=parity, stopbits=stopbits, bytesize=bytesize)
-            cls._open[port] = line
-        elif line.settings != (baudrate, parity.upper(), stopbits, bytesize):
-            raise ConfigError(f"{port} is already open with other settings {line.settings}")
-        return line
-
     def acquire(self) -> None:
         self.users += 1
 
@@ -230,11 +242,13 @@ class SerialLine:
         self.users = max(self.users - 1, 0)
         if self.users == 0:
             self.channel.close()
-            if SerialLine._open.get(self.port) is self:
-                del SerialLine._open[self.port]
+
+    def close(self) -> None:
+        self.users = 0
+        self.channel.close()
 
 
-class ModbusLink:
+class ModbusLink(ConfirmedExecution):
     """A :class:`~headend.links.base.MeterLink` to one meter (one unit id) over a channel.
 
     ``meter_id`` is read from the meter's identification block on the first request (or
@@ -274,38 +288,66 @@ class ModbusLink:
         return await self.channel.request(self.settings.timeout, method, *args, **kwargs)
 
     async def _retried(
-        self, attempt_once: Callable[[], Awaitable[T]], failed: LinkError | None = None
+        self,
+        attempt_once: Callable[[], Awaitable[T]],
+        failed: LinkError | None = None,
+        deadline: float | None = None,
     ) -> T:
-        """``attempt_once()`` retried with back-off after time-outs and dropped connections
-        (``failed``: the error of a first attempt already made). A device exception (the meter
+        """``attempt_once()`` retried with back-off after time-outs and dropped connections,
+        until ``deadline`` (loop time; default: the settings' deadline from now, if any).
+        ``failed`` is the error of a first attempt already made. A device exception (the meter
         answered) is not retried."""
+        loop = asyncio.get_running_loop()
+        if deadline is None and self.settings.deadline is not None:
+            deadline = loop.time() + self.settings.deadline
         attempt = 0
         error = failed
         while True:
             if error is not None:
+                delay = self.settings.delay(attempt)
                 if self._closed or attempt >= self.settings.retries:
                     raise error
-                delay = self.settings.delay(attempt)
+                if deadline is not None and loop.time() + delay >= deadline:
+                    raise LinkTimeout(
+                        f"{self!r}: no answer within the deadline "
+                        f"({self.settings.deadline:g} s): {error}"
+                    ) from error
                 log.info("%r: %s; retrying in %.2f s", self, error, delay)
                 attempt += 1
                 await asyncio.sleep(delay)
             try:
-                return await attempt_once()
+                async with asyncio.timeout_at(deadline):
+                    return await attempt_once()
             except DeviceException:
                 raise
+            except TimeoutError as exc:
+                raise LinkTimeout(
+                    f"{self!r}: no answer within the deadline ({self.settings.deadline:g} s)"
+                ) from exc
             except LinkError as exc:
                 error = exc
 
     async def read_registers(self, table: rm.Table, address: int, count: int) -> list[int]:
-        """``count`` registers of ``table`` from ``address`` (one request, retried)."""
+        """``count`` registers of ``table`` from ``address`` (one request, retried within the
+        time-out)."""
         method = "read_input_registers" if table is rm.Table.INPUT else "read_holding_registers"
+        deadline = None
+        if self.settings.deadline is not None:
+            deadline = asyncio.get_running_loop().time() + self.settings.deadline
         try:  # the common case without the retry machinery: polls are the hot path
-            response = await self._once(method, address, count=count, device_id=self.unit)
+            async with asyncio.timeout_at(deadline):
+                response = await self._once(method, address, count=count, device_id=self.unit)
         except DeviceException:
             raise
+        except TimeoutError as exc:
+            raise LinkTimeout(
+                f"{self!r}: no answer within the deadline ({self.settings.deadline:g} s)"
+            ) from exc
         except LinkError as exc:
             response = await self._retried(
-                partial(self._once, method, address, count=count, device_id=self.unit), exc
+                partial(self._once, method, address, count=count, device_id=self.unit),
+                exc,
+                deadline,
             )
         return _registers(response, count)
 
@@ -417,7 +459,7 @@ class ModbusLink:
         except DecodeError as exc:
             raise LinkError(f"{self!r}: unreadable settings block: {exc}") from exc
 
-    async def read_result(self) -> CommandResult:
+    async def read_last_result(self) -> CommandResult:
         """The result block: the meter's last command sequence and its result."""
         await self.connect()
         registers = await self.read_registers(rm.Table.HOLDING, rm.RESULT_START, rm.RESULT_SIZE)
@@ -429,12 +471,12 @@ class ModbusLink:
         except DecodeError as exc:
             raise LinkError(f"{self!r}: unreadable result block: {exc}") from exc
 
-    async def execute(self, envelope: CommandEnvelope, timeout: float = 5.0) -> CommandResult:
-        """Send the command once and return the meter's result for its sequence number.
-
-        Raises DeviceException when the meter refuses the block itself (exception 03: not a
-        well-formed command), LinkTimeout when no confirmation arrives within ``timeout``."""
-        await self.connect()
+    async def send_envelope(self, envelope: CommandEnvelope, timeout: float) -> CommandResult:
+        """Write the command block and read the result block in one request (function 23),
+        once. Raises DeviceException when the meter refuses the block itself (exception 03: not
+        a well-formed command), LinkError when the answer is lost or shows another sequence."""
+        async with asyncio.timeout(timeout):
+            await self.connect()
         if envelope.meter_id != self.meter_id:
             raise ValidationError(
                 f"the envelope is for meter {envelope.meter_id}, this link reaches {self.meter_id}"
@@ -443,47 +485,20 @@ class ModbusLink:
             block = rm.encode_command(envelope, self.word_order)
         except ValidationError as exc:
             raise ValidationError(f"the command does not fit the command block: {exc}") from exc
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        attempt = 0
-        sent = False
-        while True:
-            try:
-                if sent:
-                    # The block may have been executed and only the answer lost: ask first.
-                    result = await self._once_result()
-                    if result.sequence == envelope.sequence:
-                        log.info("%r: sequence %d was executed before", self, envelope.sequence)
-                        return result
-                sent = True
+        try:
+            async with asyncio.timeout(timeout):
                 registers = await self._write_read(
                     rm.COMMAND_START, block, rm.RESULT_START, rm.RESULT_SIZE
                 )
-                result = self._decode_result(registers)
-                if result.sequence == envelope.sequence:
-                    return result
-                raise LinkError(
-                    f"{self!r}: the result block shows sequence {result.sequence}, "
-                    f"not {envelope.sequence} (another master?)"
-                )
-            except DeviceException:
-                raise
-            except LinkError as exc:
-                delay = self.settings.delay(attempt)
-                attempt += 1
-                if self._closed or loop.time() + delay >= deadline:
-                    raise LinkTimeout(
-                        f"{self!r}: no confirmation of sequence {envelope.sequence} "
-                        f"within {timeout} s: {exc}"
-                    ) from exc
-                log.info("%r: command %d: %s; retrying", self, envelope.sequence, exc)
-                await asyncio.sleep(delay)
-
-    async def _once_result(self) -> CommandResult:
-        response = await self._once(
-            "read_holding_registers", rm.RESULT_START, count=rm.RESULT_SIZE, device_id=self.unit
-        )
-        return self._decode_result(_registers(response, rm.RESULT_SIZE))
+        except TimeoutError as exc:
+            raise LinkTimeout(f"{self!r}: no answer within {timeout:g} s") from exc
+        result = self._decode_result(registers)
+        if result.sequence != envelope.sequence:
+            raise LinkError(
+                f"{self!r}: the result block shows sequence {result.sequence}, "
+                f"not {envelope.sequence} (another master?)"
+            )
+        return result
 
     async def close(self) -> None:
         if self._closed:
@@ -494,7 +509,11 @@ class ModbusLink:
 
 
 class ModbusTcpLink(ModbusLink):
-    """A meter over Modbus TCP: ``host``, ``port`` and the meter's unit id."""
+    """A meter over Modbus TCP: ``host``, ``port`` and the meter's unit id.
+
+    ``channel`` is the gateway's connection, shared with the links to its other unit ids
+    (:meth:`headend.links.pool.LinkPool.tcp_channel`); without one the link opens its own and
+    closes it on close."""
 
     def __init__(
         self,
@@ -504,18 +523,28 @@ class ModbusTcpLink(ModbusLink):
         *,
         meter_id: str | None = None,
         settings: LinkSettings | None = None,
+        channel: Channel | None = None,
     ) -> None:
-        def make_client(timeout: float) -> Any:
-            return AsyncModbusTcpClient(
-                host, port=port, timeout=timeout, retries=0, reconnect_delay=0
-            )
-
-        channel = Channel(f"tcp://{host}:{port}/{unit}", make_client)
+        own = channel is None
+        channel = channel or tcp_channel(host, port)
         super().__init__(
-            channel, unit, meter_id=meter_id, settings=settings, on_close=channel.close
+            channel,
+            unit,
+            meter_id=meter_id,
+            settings=settings,
+            on_close=channel.close if own else None,
         )
         self.host = host
         self.port = port
+
+
+def tcp_channel(host: str, port: int) -> Channel:
+    """A channel to the Modbus TCP server (or gateway) at ``host:port``."""
+
+    def make_client(timeout: float) -> Any:
+        return AsyncModbusTcpClient(host, port=port, timeout=timeout, retries=0, reconnect_delay=0)
+
+    return Channel(f"tcp://{host}:{port}", make_client)
 
 
 class ModbusRtuLink(ModbusLink):

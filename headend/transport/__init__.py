@@ -1,0 +1,1 @@
+"""Connections shared by the head-end's links and services (the MQTT client connection)."""
