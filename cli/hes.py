@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli.common import setup_logging
+from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
 from cli.hes_token import token_app
@@ -28,6 +29,7 @@ def _root(
 
 # sub-apps
 app.add_typer(token_app, name="token")
+app.add_typer(db_app, name="db")
 register_link_commands(app)
 register_demo(app)
 
