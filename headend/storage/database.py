@@ -94,12 +94,22 @@ def head_revision() -> str:
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling starts a transaction only at the first write, so a
+    # SAVEPOINT could open (and its RELEASE commit) the outermost one: take it over, as
+    # SQLAlchemy's SQLite notes advise, and begin every transaction ourselves (_sqlite_begin).
+    dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=5000")
     cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # IMMEDIATE: take the write lock at the start, so two writers wait for each other (up to
+    # busy_timeout) instead of one failing when its read turns into a write
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 @dataclass(slots=True)
@@ -168,6 +178,7 @@ def _engine(text: str) -> AsyncEngine:
         engine = create_async_engine(async_url, **options)
     if engine.dialect.name == "sqlite":
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
     return engine
 
 
