@@ -108,7 +108,7 @@ async def test_a_repeated_delivery_is_stored_once_and_counted(db_url: str) -> No
     await _meter(db_url)
     db = await open_database(db_url)
     try:
-        table = Reading.__table__
+        table = Reading
         async with db.begin() as session:
             assert await insert_ignore(session, table, [_reading(100, 1), _reading(200, 2)]) == 2
         async with db.begin() as session:
@@ -121,7 +121,7 @@ async def test_a_repeated_delivery_is_stored_once_and_counted(db_url: str) -> No
         event = {"meter_id": "MTR-0001", "boot": 7, "seq": 1, "meter_time": 100, "code": 2,
                  "a": 0, "b": 0, "received_at": NOW}  # fmt: skip
         async with db.begin() as session:
-            assert await insert_ignore(session, MeterEvent.__table__, [event, event]) == 1
+            assert await insert_ignore(session, MeterEvent, [event, event]) == 1
             count = await session.scalar(select(func.count()).select_from(MeterEvent))
             assert count == 1
     finally:
@@ -156,7 +156,7 @@ async def test_a_foreign_key_is_enforced_on_sqlite_too(db_url: str) -> None:
         row = _reading(100, 1) | {"meter_id": "NO-SUCH-METER"}
         with pytest.raises(StorageError):
             async with db.begin() as session:
-                await insert_ignore(session, Reading.__table__, [row])
+                await insert_ignore(session, Reading, [row])
     finally:
         await db.close()
 

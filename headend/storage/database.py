@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from headend.storage.schema import Base
 from protocols.errors import ConfigError, StorageError
 
 log = logging.getLogger(__name__)
@@ -208,12 +209,14 @@ async def open_database(url: str | None = None, *, check: bool = True) -> Databa
 
 
 async def insert_ignore(
-    conn: AsyncConnection | AsyncSession, table: Table, rows: Sequence[dict[str, Any]]
+    conn: AsyncConnection | AsyncSession, model: type[Base] | Table, rows: Sequence[dict[str, Any]]
 ) -> int:
     """Insert ``rows``, skipping any whose primary or unique key is already stored; returns how
     many were new. The one upsert helper: SQLite and PostgreSQL spell it differently."""
     if not rows:
         return 0
+    table = model if isinstance(model, Table) else model.__table__
+    assert isinstance(table, Table)
     dialect = (
         conn.dialect.name if isinstance(conn, AsyncConnection) else conn.get_bind().dialect.name
     )
