@@ -163,6 +163,9 @@ def meters_add(
     currency: Annotated[str, typer.Option(help="ISO 4217 code.")] = "KES",
     currency_scale: Annotated[int, typer.Option(min=0, max=4, help="Currency decimals.")] = 2,
     poll_group: Annotated[str, typer.Option(help="Poll group.")] = "default",
+    profile_period: Annotated[
+        int, typer.Option(min=60, max=86400, help="Load-profile period, s.")
+    ] = 900,
     auth_key: Annotated[str, typer.Option(help="Command key, hex.")] = "",
     db: DbOption = None,
     as_json: JsonOption = False,
@@ -180,6 +183,7 @@ def meters_add(
         "currency": currency,
         "currency_scale": str(currency_scale),
         "poll_group": poll_group,
+        "profile_period": str(profile_period),
         "auth_key": auth_key,
     }
     record: MeterRecord = record_from_row(values, route_of)

@@ -258,7 +258,7 @@ def test_malformed_routes(endpoint: str) -> None:
 
 def test_every_documented_column_is_read() -> None:
     header = ",".join(column.name for column in COLUMNS)
-    row = "M-1,tcp://h:1/2,S-1,C,ACC,T,3,energy,USD,2,g2,00ff"
+    row = "M-1,tcp://h:1/2,S-1,C,ACC,T,3,energy,USD,2,g2,300,00ff"
     records, refused = parse_meters_csv(f"{header}\n{row}\n", route_of)
     assert refused == []
     ((line, record),) = records

@@ -48,6 +48,7 @@ class MeterRecord:
     currency: str = "KES"
     currency_scale: int = 2
     poll_group: str = "default"
+    profile_period: int = 900
     auth_key: bytes | None = None
 
     def __post_init__(self) -> None:
@@ -60,6 +61,8 @@ class MeterRecord:
         Money(0, self.currency, self.currency_scale)  # refuses a bad code or scale
         if self.account and not _ID.fullmatch(self.account):
             raise ValidationError(f"account {self.account!r}: letters, digits, _ . - (max 64)")
+        if self.profile_period < 60 or 86400 % self.profile_period:
+            raise ValidationError("profile_period is at least 60 s and divides a day")
         if self.account and not self.customer:
             raise ValidationError("an account needs its customer's name")
 
@@ -89,6 +92,7 @@ COLUMNS: Final = (
     Column("currency", False, "ISO 4217 code (default KES)."),
     Column("currency_scale", False, "Decimals of the currency, 0..4 (default 2)."),
     Column("poll_group", False, "The group whose poll plan reads it (default `default`)."),
+    Column("profile_period", False, "The meter's load-profile period in seconds (default 900)."),
     Column("auth_key", False, "The meter's command key, hex (none: commands carry no tag)."),
 )
 _NAMES: Final = frozenset(column.name for column in COLUMNS)
@@ -139,6 +143,7 @@ def record_from_row(row: dict[str, str], route_of: RouteOf) -> MeterRecord:
         currency=row.get("currency", "").strip() or "KES",
         currency_scale=_int(row, "currency_scale", 2),
         poll_group=row.get("poll_group", "").strip() or "default",
+        profile_period=_int(row, "profile_period", 900),
         auth_key=key,
     )
 

@@ -66,6 +66,7 @@ def records_from_fleet(
                 credit_unit=meter.credit_unit,
                 currency=meter.currency,
                 currency_scale=meter.currency_exponent,
+                profile_period=meter.profile_period,
                 auth_key=meter.key_bytes,
             )
         except (ValidationError, ConfigError) as exc:

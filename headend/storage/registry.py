@@ -42,6 +42,7 @@ def _same(meter: Meter, record: MeterRecord) -> bool:
         and meter.currency == record.currency
         and meter.currency_scale == record.currency_scale
         and meter.poll_group == record.poll_group
+        and meter.profile_period == record.profile_period
     )
 
 
@@ -140,6 +141,7 @@ async def _meter(session: AsyncSession, record: MeterRecord, now: datetime) -> M
         tariff_id=record.tariff or None,
         command_key_id=key_id,
         poll_group=record.poll_group,
+        profile_period=record.profile_period,
         created_at=now,
     )
 
@@ -190,6 +192,7 @@ def meter_dict(meter: Meter) -> dict[str, Any]:
         "currency": meter.currency,
         "currency_scale": meter.currency_scale,
         "poll_group": meter.poll_group,
+        "profile_period": meter.profile_period,
         "has_command_key": meter.command_key_id is not None,
         "status": meter.status,
         "created_at": meter.created_at.isoformat(),

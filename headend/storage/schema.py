@@ -134,6 +134,7 @@ class Meter(Base):
     command_key_id: Mapped[int | None] = mapped_column(ForeignKey("key_material.id"))
     sts_key_id: Mapped[int | None] = mapped_column(ForeignKey("key_material.id"))
     poll_group: Mapped[str] = mapped_column(String(64), default="default")
+    profile_period: Mapped[int] = mapped_column(Integer, default=900)  # load-profile capture, s
     #: the last command sequence number the head-end used for this meter
     last_command_seq: Mapped[int] = mapped_column(default=0)
     status: Mapped[str] = mapped_column(String(16), default="active")  # active retired

@@ -96,6 +96,7 @@ def upgrade() -> None:
         sa.Column("command_key_id", sa.Integer(), nullable=True),
         sa.Column("sts_key_id", sa.Integer(), nullable=True),
         sa.Column("poll_group", sa.String(length=64), nullable=False),
+        sa.Column("profile_period", sa.Integer(), nullable=False),
         sa.Column("last_command_seq", sa.BigInteger(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
