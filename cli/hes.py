@@ -8,8 +8,10 @@ from cli.common import setup_logging
 from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
+from cli.hes_poll import register as register_poll
 from cli.hes_registry import customers_app, meters_app, tariffs_app
 from cli.hes_token import token_app
+from cli.hes_views import register as register_views
 
 app = typer.Typer(
     name="hes",
@@ -36,6 +38,8 @@ app.add_typer(customers_app, name="customers")
 app.add_typer(tariffs_app, name="tariffs")
 register_link_commands(app)
 register_demo(app)
+register_poll(app)
+register_views(app)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from rich.table import Table
 
 from cli.common import console, fail, handle_errors, print_json
 from cli.hes_db import DbOption
+from cli.hes_views import load_story, print_story, story_dict
 from headend.domain.registry import (
     COLUMNS,
     LANGUAGES,
@@ -30,7 +31,6 @@ from headend.storage.registry import (
     add_customer,
     add_tariff,
     get_customer,
-    get_meter,
     get_tariff,
     import_meters,
     list_customers,
@@ -230,15 +230,13 @@ def meters_show(
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """One meter's registration."""
-    meter = meter_dict(_with_db(db, lambda database: get_meter(database, meter_id)))
+    """One meter's story: identity, customer and account, latest reading, health, recent
+    events and flags, and daily consumption for the last two weeks."""
+    story = asyncio.run(load_story(db, meter_id))
     if as_json:
-        print_json(meter)
+        print_json(story_dict(story))
         return
-    table = Table(show_header=False, title=meter_id, title_justify="left")
-    for key, value in meter.items():
-        table.add_row(key, "" if value is None else str(value))
-    console.print(table)
+    print_story(story)
 
 
 @meters_app.command("retire")

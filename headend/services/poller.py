@@ -311,7 +311,7 @@ class Poller:
                 outcome.duplicates += 1
             elif findings.flags:
                 outcome.flagged += 1
-                log.warning("meter %s: %s", target.meter_id, findings.reason)
+                log.info("meter %s: %s", target.meter_id, findings.reason)
             last = await last_interval(session, target.meter_id)
             checked, gaps = check_intervals(
                 fetched.profile, target.profile_period, last, self.plan.limits
