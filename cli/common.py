@@ -13,6 +13,8 @@ from typing import Any, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
+from typer._click.exceptions import ClickException, NoArgsIsHelpError
+from typer.core import TyperGroup
 
 from protocols.errors import HesError
 
@@ -49,6 +51,35 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code)
 
 
+class OneLineErrors(TyperGroup):
+    """The command group of both apps: a usage error (an option of the wrong type or out of
+    range, a missing argument) is one line on stderr naming the option, and exit status 2,
+    instead of a usage box; ``--help`` and a bare command still print the help."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            outcome = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            fail(exc.format_message(), exc.exit_code)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            fail("aborted")
+            sys.exit(1)
+        sys.exit(outcome if isinstance(outcome, int) else 0)
+
+
 def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     """Turn the project's errors into one line on stderr and exit code 1."""
 
@@ -63,16 +94,44 @@ def handle_errors(func: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
+#: Libraries whose own log lines are not the operator's business unless asked for with -v:
+#: the project's adapters turn their failures into one clear line of their own. Without -v,
+#: pymodbus says nothing at all (its frame dumps, "requested device id does not exist" and
+#: "Failed to connect … Repeating…" are what the adapter already reports); the others only
+#: their warnings.
+LIBRARY_LOGGERS: dict[str, int] = {
+    "pymodbus": logging.CRITICAL + 1,
+    "paho": logging.WARNING,
+    "aiomqtt": logging.WARNING,
+    "asyncio": logging.WARNING,
+}
+
+
 def setup_logging(verbose: int) -> None:
+    """Logging for a command: the project's own loggers at WARNING (-v: INFO, -vv: DEBUG);
+    the libraries' at their quiet level (-v: WARNING, -vv: DEBUG)."""
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)
+    for name, quiet in LIBRARY_LOGGERS.items():
+        if verbose >= 2:
+            library_level = logging.DEBUG
+        elif verbose == 1:
+            library_level = logging.WARNING
+        else:
+            library_level = quiet
+        logging.getLogger(name).setLevel(library_level)
 
 
 _DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def parse_duration(text: str) -> float:
-    """``"90s"``, ``"15m"``, ``"12h"``, ``"30d"``, ``"2w"`` or plain seconds -> seconds."""
+MAX_DURATION = 100 * 366 * 86400.0  # a century of simulated time
+
+
+def parse_duration(text: str, option: str | None = None) -> float:
+    """``"90s"``, ``"15m"``, ``"12h"``, ``"30d"``, ``"2w"`` or plain seconds -> seconds;
+    a refusal names ``option``."""
     text = text.strip().lower()
     try:
         if text and text[-1] in _DURATION_UNITS:
@@ -80,7 +139,9 @@ def parse_duration(text: str) -> float:
         else:
             value = float(text)
     except ValueError as exc:
-        raise typer.BadParameter(f"not a duration: {text!r} (e.g. 90s, 15m, 12h, 30d)") from exc
-    if not value >= 0:
-        raise typer.BadParameter("a duration is not negative")
+        raise typer.BadParameter(
+            f"not a duration: {text!r} (e.g. 90s, 15m, 12h, 30d)", param_hint=option
+        ) from exc
+    if not 0 <= value <= MAX_DURATION:
+        raise typer.BadParameter("a duration is 0 to 100 years", param_hint=option)
     return value

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from cli.common import setup_logging
+from cli.common import OneLineErrors, setup_logging
+from cli.hes_broker import broker_app
 from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
@@ -18,6 +19,7 @@ app = typer.Typer(
     help="Head-end system for prepaid smart meters.",
     no_args_is_help=True,
     add_completion=False,
+    cls=OneLineErrors,
 )
 
 
@@ -32,6 +34,7 @@ def _root(
 
 # sub-apps
 app.add_typer(token_app, name="token")
+app.add_typer(broker_app, name="broker")
 app.add_typer(db_app, name="db")
 app.add_typer(meters_app, name="meters")
 app.add_typer(customers_app, name="customers")

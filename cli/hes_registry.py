@@ -161,7 +161,9 @@ def meters_add(
     control_mode: Annotated[int, typer.Option(min=0, max=6, help="Control mode 0..6.")] = 6,
     credit_unit: Annotated[str, typer.Option(help="money or energy.")] = "money",
     currency: Annotated[str, typer.Option(help="ISO 4217 code.")] = "KES",
-    currency_scale: Annotated[int, typer.Option(min=0, max=4, help="Currency decimals.")] = 2,
+    currency_scale: Annotated[
+        int, typer.Option(min=-4, max=0, help="Power of ten of the minor unit (-2: cents).")
+    ] = -2,
     poll_group: Annotated[str, typer.Option(help="Poll group.")] = "default",
     profile_period: Annotated[
         int, typer.Option(min=60, max=86400, help="Load-profile period, s.")
@@ -362,7 +364,9 @@ def tariffs_add(
         ),
     ],
     currency: Annotated[str, typer.Option(help="ISO 4217 code.")] = "KES",
-    scale: Annotated[int, typer.Option(min=0, max=4, help="Currency decimals.")] = 2,
+    scale: Annotated[
+        int, typer.Option(min=-4, max=0, help="Power of ten of the minor unit (-2: cents).")
+    ] = -2,
     low: Annotated[int, typer.Option(min=0, help="Low-balance threshold, minor units.")] = 5000,
     critical: Annotated[int, typer.Option(min=0, help="Critical threshold, minor units.")] = 1000,
     db: DbOption = None,
@@ -391,8 +395,7 @@ def tariffs_list(db: DbOption = None, as_json: JsonOption = False) -> None:
             tariff.tariff_id,
             tariff.kind,
             " / ".join(
-                f"{decimal_text(p, -tariff.currency_scale)} {tariff.currency}"
-                for p in tariff.prices
+                f"{decimal_text(p, tariff.currency_scale)} {tariff.currency}" for p in tariff.prices
             ),
             str(tariff.low_threshold),
             str(tariff.critical_threshold),

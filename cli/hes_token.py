@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal, TypeVar
 
 import typer
 from rich.table import Table
@@ -28,9 +28,13 @@ from headend.vending import (
     vend_phase_unbalance_limit,
     vend_power_limit,
 )
-from protocols.errors import ValidationError
+from protocols.errors import DecodeError, ValidationError
 from protocols.sts import CLEAR_ALL_REGISTERS, KeyData, Pan, parse_vending_key
+from protocols.sts.amount import AMOUNT_MAX
 from protocols.units import Energy, decimal_text
+
+T = TypeVar("T")
+TID_MAX = (1 << 24) - 1  # a TID is 24 bits of minutes since the base date
 
 token_app = typer.Typer(
     help="Issue and decode STS (IEC 62055-41) tokens for keypad meters.",
@@ -54,11 +58,16 @@ PanOpt = Annotated[
         show_default=False,
     ),
 ]
-SgcOpt = Annotated[int, typer.Option("--sgc", help="Supply group code (6 digits).")]
-TiOpt = Annotated[int, typer.Option("--ti", help="Tariff index (0..99).")]
-KrnOpt = Annotated[int, typer.Option("--krn", help="Key revision number (1..15).")]
-KtOpt = Annotated[int, typer.Option("--kt", help="Key type (0..3; 2 = unique).")]
-BaseDateOpt = Annotated[int, typer.Option("--base-date", help="TID base date: 1993, 2014 or 2035.")]
+BaseDate = Literal[1993, 2014, 2035]
+SgcOpt = Annotated[
+    int, typer.Option("--sgc", min=0, max=999_999, help="Supply group code (6 digits).")
+]
+TiOpt = Annotated[int, typer.Option("--ti", min=0, max=99, help="Tariff index (0..99).")]
+KrnOpt = Annotated[int, typer.Option("--krn", min=1, max=15, help="Key revision number (1..15).")]
+KtOpt = Annotated[int, typer.Option("--kt", min=0, max=3, help="Key type (0..3; 2 = unique).")]
+BaseDateOpt = Annotated[
+    BaseDate, typer.Option("--base-date", help="TID base date: 1993, 2014 or 2035.")
+]
 IssuedAtOpt = Annotated[
     str | None,
     typer.Option(
@@ -69,7 +78,10 @@ IssuedAtOpt = Annotated[
 ]
 RandomOpt = Annotated[
     int | None,
-    typer.Option("--random", help="The token's random nibble, 0..15. Default: drawn at random."),
+    typer.Option(
+        "--random",
+        help="The token's random nibble, 0..15. Default: drawn at random.",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print every field as JSON.")]
 LastTidOpt = Annotated[
@@ -77,6 +89,7 @@ LastTidOpt = Annotated[
     typer.Option(
         "--last-tid",
         min=0,
+        max=TID_MAX,
         help=(
             "The TID of the last token issued to this meter (printed on stderr with every "
             "token): this token gets a later one, the next minute if need be, so the meter "
@@ -86,12 +99,20 @@ LastTidOpt = Annotated[
 ]
 
 
+def _option(name: str, parse: Callable[[], T]) -> T:
+    """``parse()``, its refusal named by the option it came from."""
+    try:
+        return parse()
+    except (ValidationError, DecodeError) as exc:
+        raise ValidationError(f"{name}: {exc}") from exc
+
+
 def _key(
     vending_key: str, pan: str, sgc: int, ti: int, krn: int, kt: int, base_date: int
 ) -> KeyData:
     return KeyData(
-        parse_vending_key(vending_key),
-        Pan.parse(pan),
+        _option("--vending-key", lambda: parse_vending_key(vending_key)),
+        _option("--pan", lambda: Pan.parse(pan)),
         sgc=sgc,
         ti=ti,
         krn=krn,
@@ -149,7 +170,7 @@ def credit(
 ) -> None:
     """Issue an electricity credit token (class 0)."""
     key = _key(vending_key, pan, sgc, ti, krn, kt, base_date)
-    requested = Energy.parse_kwh(amount).wh
+    requested = _option("--amount", lambda: Energy.parse_kwh(amount).wh)
     vended = vend_credit(key, requested, _issued_at(issued_at), rnd=random, last_tid=last_tid)
     if as_json:
         _print(vended, True, {"requested_wh": requested})
@@ -173,6 +194,8 @@ def _limit_command(vend: Callable[..., VendedToken], doc: str) -> Callable[..., 
             int,
             typer.Option(
                 "--value",
+                min=0,
+                max=AMOUNT_MAX,
                 help="The limit in W (rounded up to a step the token carries, like amounts).",
                 show_default=False,
             ),
@@ -231,6 +254,8 @@ def clear_credit(
         mask = int(value, 0)
     except ValueError as exc:
         raise ValidationError(f"--value is a register mask, got {value!r}") from exc
+    if not 0 <= mask <= 0xFFFF:
+        raise ValidationError(f"--value is a 16-bit register mask, got {value!r}")
     key = _key(vending_key, pan, sgc, ti, krn, kt, base_date)
     _print(
         vend_clear_credit(key, _issued_at(issued_at), register=mask, rnd=random, last_tid=last_tid),
@@ -271,7 +296,13 @@ def meter_test(
         ),
     ],
     manufacturer: Annotated[
-        int, typer.Option("--manufacturer", min=0, help="Manufacturer code the token is for.")
+        int,
+        typer.Option(
+            "--manufacturer",
+            min=0,
+            max=9999,
+            help="Manufacturer code the token is for (2 digits; 4 with --four-digit-manufacturer).",
+        ),
     ] = 0,
     four_digit_manufacturer: Annotated[
         bool,
@@ -307,22 +338,29 @@ def key_change(
         typer.Option("--new-vending-key", help="Default: the current vending key."),
     ] = None,
     new_sgc: Annotated[
-        int | None, typer.Option("--new-sgc", help="Default: the current SGC.")
+        int | None, typer.Option("--new-sgc", min=0, max=999_999, help="Default: the current SGC.")
     ] = None,
-    new_ti: Annotated[int | None, typer.Option("--new-ti", help="Default: the current TI.")] = None,
+    new_ti: Annotated[
+        int | None, typer.Option("--new-ti", min=0, max=99, help="Default: the current TI.")
+    ] = None,
     new_krn: Annotated[
-        int | None, typer.Option("--new-krn", help="Default: the current KRN.")
+        int | None, typer.Option("--new-krn", min=1, max=15, help="Default: the current KRN.")
     ] = None,
-    new_kt: Annotated[int | None, typer.Option("--new-kt", help="Default: the current KT.")] = None,
+    new_kt: Annotated[
+        int | None, typer.Option("--new-kt", min=0, max=3, help="Default: the current KT.")
+    ] = None,
     new_base_date: Annotated[
-        int | None,
+        BaseDate | None,
         typer.Option(
             "--new-base-date",
             help="The next base date sets the rollover bit (the meter clears its TID memory).",
         ),
     ] = None,
     new_ken: Annotated[
-        int, typer.Option("--new-ken", help="Key expiry number of the new key (255: never).")
+        int,
+        typer.Option(
+            "--new-ken", min=0, max=255, help="Key expiry number of the new key (255: never)."
+        ),
     ] = 255,
     as_json: JsonOpt = False,
 ) -> None:
@@ -333,7 +371,9 @@ def key_change(
     """
     old = _key(vending_key, pan, sgc, ti, krn, kt, base_date)
     new = VendingKeyData(
-        parse_vending_key(new_vending_key) if new_vending_key else old.vending_key,
+        _option("--new-vending-key", lambda: parse_vending_key(new_vending_key))
+        if new_vending_key
+        else old.vending_key,
         old.pan,
         sgc=old.sgc if new_sgc is None else new_sgc,
         ti=old.ti if new_ti is None else new_ti,

@@ -267,7 +267,7 @@ def _money(story: MeterStory, amount: int) -> str:
     meter = story.meter
     if meter.credit_unit == "energy":
         return f"{decimal_text(amount, -3)} kWh"
-    return f"{decimal_text(amount, -meter.currency_scale)} {meter.currency}"
+    return f"{decimal_text(amount, meter.currency_scale)} {meter.currency}"
 
 
 def print_story(story: MeterStory) -> None:

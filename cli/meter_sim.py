@@ -5,17 +5,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sys
+from collections import Counter
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import tomli_w
 import typer
+from rich.console import Console
+from rich.live import Live
 from rich.table import Table
 
 from cli.common import (
+    OneLineErrors,
     console,
     fail,
     handle_errors,
@@ -25,14 +31,17 @@ from cli.common import (
     setup_logging,
 )
 from meter_sim.config import (
+    MAX_AMOUNT,
     FleetConfig,
     MeterConfig,
     default_fleet,
     fleet_from_mapping,
     load_fleet,
+    new_password_secret,
 )
 from meter_sim.console import serve_console
 from meter_sim.describe import (
+    amount_text,
     conservation,
     event_dict,
     event_text,
@@ -43,18 +52,28 @@ from meter_sim.describe import (
 from meter_sim.fleet import Fleet, resume_time
 from meter_sim.lock import StateDirLock
 from meter_sim.runtime import MeterRuntime
-from meter_sim.serve import Endpoints, SerialLine, ServeOptions, serve_fleet
+from meter_sim.serve import (
+    Endpoints,
+    SerialLine,
+    ServeOptions,
+    mqtt_password_secret,
+    serve_fleet,
+)
 from meter_sim.simulate import run_batch
 from protocols import registermap
 from protocols.clock import AcceleratedClock, ManualClock
-from protocols.errors import ConfigError
-from protocols.mqtt import DEFAULT_PREFIX, BrokerSettings
+from protocols.errors import ConfigError, ValidationError
+from protocols.mqtt import DEFAULT_PREFIX, BrokerSettings, TopicScheme
+from protocols.units import decimal_text
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="meter-sim",
     help="Simulated prepaid electricity meters.",
     no_args_is_help=True,
     add_completion=False,
+    cls=OneLineErrors,
 )
 
 DEFAULT_CONFIG = Path("meter-sim.toml")
@@ -68,6 +87,15 @@ StateDirOption = typer.Option(
     None, "--state-dir", help="Where meters keep their state (default: simulation.state_dir)."
 )
 JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
+MIN_SPEED, MAX_SPEED = 0.001, 1e9
+
+
+def _speed_option(help_text: str) -> Any:
+    return typer.Option(None, "--speed", min=MIN_SPEED, max=MAX_SPEED, help=help_text)
+
+
+CreditUnitChoice = Literal["money", "energy"]
+ParityChoice = Literal["N", "E", "O"]
 
 
 @app.callback()
@@ -79,14 +107,27 @@ def _root(
     setup_logging(verbose)
 
 
+def _option(name: str, parse: Callable[[], T]) -> T:
+    """``parse()``, its refusal named by the option it came from."""
+    try:
+        return parse()
+    except (ConfigError, ValidationError) as exc:
+        raise ConfigError(f"{name}: {exc}") from exc
+
+
 def _fleet_config(path: Path) -> FleetConfig:
     if path == DEFAULT_CONFIG and not path.exists():
-        return default_fleet()
+        # no secret a broker could know: serving MQTT asks for a fleet file (meter-sim init)
+        return replace(default_fleet(), mqtt_password_secret=None)
     return load_fleet(path)
 
 
 def _state_dir(config: FleetConfig, state_dir: Path | None) -> Path:
-    return state_dir if state_dir is not None else Path(config.simulation.state_dir)
+    directory = state_dir if state_dir is not None else Path(config.simulation.state_dir)
+    if directory.exists() and not directory.is_dir():
+        where = "--state-dir" if state_dir is not None else "simulation.state_dir"
+        raise ConfigError(f"{where} {directory}: not a directory")
+    return directory
 
 
 def _meter(config: FleetConfig, meter_id: str | None) -> MeterConfig:
@@ -108,15 +149,23 @@ def _meter(config: FleetConfig, meter_id: str | None) -> MeterConfig:
 def init(
     path: Path = typer.Argument(DEFAULT_CONFIG, help="Where to write the fleet file."),
     count: int = typer.Option(3, "--count", "-n", min=1, max=100_000, help="How many meters."),
-    credit_unit: str = typer.Option("money", help="money (minor currency units) or energy (Wh)."),
+    credit_unit: CreditUnitChoice = typer.Option(
+        "money", help="money (minor currency units) or energy (Wh)."
+    ),
     currency: str = typer.Option("KES", help="ISO 4217 currency of monetary accounts."),
-    initial_credit: int = typer.Option(20_000, min=0, help="Credit each meter starts with."),
-    speed: float = typer.Option(60.0, help="Simulated seconds per real second."),
+    initial_credit: int = typer.Option(
+        20_000, min=0, max=MAX_AMOUNT, help="Credit each meter starts with."
+    ),
+    speed: float = typer.Option(
+        60.0, min=MIN_SPEED, max=MAX_SPEED, help="Simulated seconds per real second."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing file."),
 ) -> None:
     """Write a fleet file with sensible defaults (every key documented in docs/configuration.md)."""
     if path.exists() and not force:
         raise fail(f"{path} exists (use --force to overwrite)")
+    if not re.fullmatch(r"[A-Z]{3}", currency):
+        raise fail(f"--currency is a 3-letter ISO 4217 code such as KES, got {currency!r}")
     document: dict[str, Any] = {
         "simulation": {"speed": speed, "state_dir": "var/meters", "tick_seconds": 1.0},
         "defaults": {
@@ -126,10 +175,11 @@ def init(
             "load": {"model": "residential", "mean_watts": 450},
         },
         "meters": [{"id_prefix": "MTR-", "count": count, "modbus_unit": 1}],
+        "mqtt": {"password_secret": new_password_secret()},
     }
     fleet_from_mapping(document)  # refuse to write what could not be read back
     path.write_text(tomli_w.dumps(document))
-    console.print(f"wrote {path}: {count} meter(s)")
+    console.print(f"wrote {path}: {count} meter(s); keep its [mqtt] password_secret private")
 
 
 # -- run ------------------------------------------------------------------------------------------
@@ -142,17 +192,18 @@ def run(
     duration: str | None = typer.Option(
         None, "--for", help="Stop after this much simulated time (e.g. 30d, 12h)."
     ),
-    speed: float | None = typer.Option(None, help="Simulated seconds per real second."),
+    speed: float | None = _speed_option("Simulated seconds per real second."),
     batch: bool = typer.Option(
         False, "--batch", help="Run --for as fast as possible instead of at --speed."
     ),
     state_dir: Path | None = StateDirOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Run the fleet under the accelerated clock; print every meter at the end."""
+    """Run the fleet under the accelerated clock (on a terminal, a live view of the simulated
+    time and every meter, refreshed each second); print every meter at the end."""
     config = _fleet_config(config_path)
     directory = _state_dir(config, state_dir)
-    seconds = parse_duration(duration) if duration is not None else None
+    seconds = parse_duration(duration, "--for") if duration is not None else None
     if batch and seconds is None:
         raise fail("--batch needs --for")
     with StateDirLock(directory):
@@ -166,11 +217,58 @@ def run(
             sim_speed = config.simulation.speed if speed is None else speed
             accelerated = AcceleratedClock(sim_speed, start)
             fleet = Fleet.from_config(config, accelerated, directory)
-            asyncio.run(_run_realtime(fleet, None if seconds is None else seconds / sim_speed))
+            real_seconds = None if seconds is None else seconds / sim_speed
+            asyncio.run(_run_realtime(fleet, real_seconds, None if as_json else console))
     _print_fleet(fleet, as_json)
 
 
-async def _run_realtime(fleet: Fleet, real_seconds: float | None) -> None:
+#: at most this many meters are shown one per row in the live view; more are summed up
+LIVE_ROWS = 20
+
+
+def live_view(fleet: Fleet) -> Table:
+    """What ``meter-sim run`` shows on a terminal while the fleet runs: the simulated time and
+    each meter's energy, credit and relay (or fleet totals for a large fleet)."""
+    snapshots = [runtime.meter.snapshot() for runtime in fleet.runtimes.values()]
+    title = (
+        f"{iso_time(int(fleet.clock.now()))} simulated, {len(snapshots)} meter(s) (Ctrl-C stops)"
+    )
+    table = Table(title=title)
+    if len(snapshots) <= LIVE_ROWS:
+        for column in ("meter", "energy kWh", "power W", "credit", "relay"):
+            table.add_column(column)
+        for snap in snapshots:
+            table.add_row(
+                snap.meter_id,
+                decimal_text(snap.energy_import_wh, -3),
+                str(snap.power_w),
+                amount_text(snap, snap.credit),
+                snap.control_state.name.lower().replace("_", " "),
+            )
+        return table
+    for column in ("meters", "energy kWh", "power W", "credit", "relay"):
+        table.add_column(column)
+    credit: dict[tuple[int, str, int], int] = {}
+    for snap in snapshots:
+        unit = (snap.credit_unit, snap.currency, snap.currency_scale)
+        credit[unit] = credit.get(unit, 0) + snap.credit
+    relays = Counter(snap.control_state.name.lower().replace("_", " ") for snap in snapshots)
+    samples = {(s.credit_unit, s.currency, s.currency_scale): s for s in snapshots}
+    table.add_row(
+        str(len(snapshots)),
+        decimal_text(sum(snap.energy_import_wh for snap in snapshots), -3),
+        str(sum(snap.power_w for snap in snapshots)),
+        ", ".join(amount_text(samples[unit], total) for unit, total in credit.items()),
+        ", ".join(f"{count} {state}" for state, count in sorted(relays.items())),
+    )
+    return table
+
+
+async def _run_realtime(
+    fleet: Fleet, real_seconds: float | None, terminal: Console | None = None
+) -> None:
+    """Run ``fleet`` until Ctrl-C or for ``real_seconds``; with a ``terminal`` console that is
+    a terminal, show :func:`live_view` refreshed once a second meanwhile."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -178,7 +276,16 @@ async def _run_realtime(fleet: Fleet, real_seconds: float | None) -> None:
     if real_seconds is not None:
         loop.call_later(real_seconds, stop.set)
     try:
-        await fleet.run(stop)
+        if terminal is None or not terminal.is_terminal:
+            await fleet.run(stop)
+            return
+        with Live(live_view(fleet), console=terminal, auto_refresh=False, transient=True) as live:
+            running = asyncio.create_task(fleet.run(stop))
+            while not running.done():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(running), 1.0)
+                live.update(live_view(fleet), refresh=True)
+            await running
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
@@ -234,7 +341,9 @@ def show(
     meter_ids: list[str] = typer.Argument(None, help="Meters to show (default: all)."),
     config_path: Path = ConfigOption,
     state_dir: Path | None = StateDirOption,
-    events: int = typer.Option(5, help="How many recent events to list per meter."),
+    events: int = typer.Option(
+        5, min=0, max=100_000, help="How many recent events to list per meter."
+    ),
     as_json: bool = JsonOption,
 ) -> None:
     """Registers, credit, relay state and recent events of stopped meters, as last saved."""
@@ -246,7 +355,7 @@ def show(
         out = []
         for runtime in runtimes:
             data = _snapshot_json(runtime.meter.snapshot())
-            data["events"] = [event_dict(e) for e in runtime.meter.events_since(0, 10**9)[-events:]]
+            data["events"] = [event_dict(e) for e in _recent(runtime, events)]
             expected, net = conservation(runtime.meter)
             data["conservation_ok"] = expected == net
             out.append(data)
@@ -260,9 +369,15 @@ def show(
         for label, value in snapshot_rows(snap):
             table.add_row(label, value)
         console.print(table)
-        recent = runtime.meter.events_since(0, 10**9)[-events:]
+        recent = _recent(runtime, events)
         if recent:
             _print_events(recent)
+
+
+def _recent(runtime: MeterRuntime, count: int) -> list[Any]:
+    """The last ``count`` events of a meter (none for 0)."""
+    events = runtime.meter.events_since(0, 10**9)
+    return events[len(events) - count :] if count else []
 
 
 def _print_events(events: list[Any]) -> None:
@@ -279,8 +394,8 @@ def _print_events(events: list[Any]) -> None:
 @handle_errors
 def events_cmd(
     meter_id: str = typer.Argument(..., help="The meter."),
-    since: int = typer.Option(0, help="Events after this sequence number."),
-    limit: int = typer.Option(100, min=1, help="At most this many."),
+    since: int = typer.Option(0, min=0, max=2**32 - 1, help="Events after this sequence number."),
+    limit: int = typer.Option(100, min=1, max=100_000, help="At most this many."),
     config_path: Path = ConfigOption,
     state_dir: Path | None = StateDirOption,
     as_json: bool = JsonOption,
@@ -347,7 +462,7 @@ def console_cmd(
     meter_id: str | None = typer.Argument(None, help="Default: the first meter."),
     config_path: Path = ConfigOption,
     state_dir: Path | None = StateDirOption,
-    speed: float | None = typer.Option(None, help="Clock speed (default: simulation.speed)."),
+    speed: float | None = _speed_option("Clock speed (default: simulation.speed)."),
 ) -> None:
     """A meter's service console on stdin/stdout: one command per line, one JSON answer per line
     (topup TRANSFER AMOUNT | token DIGITS | button | tamper | show | events [SINCE] | quit)."""
@@ -370,21 +485,24 @@ def console_cmd(
 def serve(
     config_path: Path = ConfigOption,
     state_dir: Path | None = StateDirOption,
-    speed: float | None = typer.Option(None, help="Simulated seconds per real second."),
+    speed: float | None = _speed_option("Simulated seconds per real second."),
     modbus_host: str = typer.Option("127.0.0.1", help="Address the Modbus TCP listeners bind."),
     modbus_port: int = typer.Option(
-        5020, help="Modbus TCP port for every meter by unit id (0: a free port)."
+        5020, min=0, max=65535, help="Modbus TCP port for every meter by unit id (0: a free port)."
     ),
     no_modbus_tcp: bool = typer.Option(False, "--no-modbus-tcp", help="No shared TCP listener."),
     port_per_meter: int | None = typer.Option(
-        None, help="Also one listener per meter from this port (0: free ports), for > 247 meters."
+        None,
+        min=0,
+        max=65535,
+        help="Also one listener per meter from this port (0: free ports), for > 247 meters.",
     ),
     serial: list[str] = typer.Option(
         [], "--serial", help="Modbus RTU on this serial device or pyserial URL (repeatable)."
     ),
-    baud: int = typer.Option(9600, help="Serial baud rate."),
-    parity: str = typer.Option("N", help="Serial parity: N, E or O."),
-    stopbits: int = typer.Option(1, help="Serial stop bits: 1 or 2."),
+    baud: int = typer.Option(9600, min=50, max=4_000_000, help="Serial baud rate."),
+    parity: ParityChoice = typer.Option("N", help="Serial parity: N, E or O."),
+    stopbits: int = typer.Option(1, min=1, max=2, help="Serial stop bits: 1 or 2."),
     pace: bool = typer.Option(False, "--pace", help="Answer at the pace of a real serial line."),
     mqtt: str | None = typer.Option(
         None,
@@ -392,7 +510,9 @@ def serve(
         "themselves.",
     ),
     mqtt_prefix: str = typer.Option(DEFAULT_PREFIX, help="MQTT topic prefix."),
-    telemetry_interval: float = typer.Option(60.0, help="Real seconds between telemetry messages."),
+    telemetry_interval: float = typer.Option(
+        60.0, min=0.1, max=86400.0, help="Real seconds between telemetry messages."
+    ),
     ready_json: bool = typer.Option(
         False, "--ready-json", help="Print one JSON line with the endpoints once serving."
     ),
@@ -400,15 +520,22 @@ def serve(
     """Run the fleet and serve it over Modbus TCP, Modbus RTU and MQTT until Ctrl-C."""
     config = _fleet_config(config_path)
     directory = _state_dir(config, state_dir)
+    if port_per_meter and port_per_meter + len(config.meters) - 1 > 65535:
+        raise fail(
+            f"--port-per-meter {port_per_meter}: {len(config.meters)} meters need ports up to "
+            f"{port_per_meter + len(config.meters) - 1}, past 65535"
+        )
     options = ServeOptions(
         modbus_host=modbus_host,
         modbus_port=None if no_modbus_tcp else modbus_port,
         port_per_meter=port_per_meter,
         serial=tuple(SerialLine(url, baud, parity, stopbits, pace) for url in serial),
-        broker=BrokerSettings.parse_url(mqtt) if mqtt else None,
-        mqtt_prefix=mqtt_prefix,
+        broker=_option("--mqtt", lambda: BrokerSettings.parse_url(mqtt)) if mqtt else None,
+        mqtt_prefix=_option("--mqtt-prefix", lambda: TopicScheme(mqtt_prefix).prefix),
         telemetry_interval=telemetry_interval,
     )
+    if options.broker is not None:
+        mqtt_password_secret(config)  # refused before any meter is opened
 
     def ready(endpoints: Endpoints) -> None:
         if ready_json:

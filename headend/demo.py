@@ -53,6 +53,9 @@ speed = {speed}
 state_dir = "{state_dir}"
 tick_seconds = 0.25
 
+[mqtt]
+password_secret = "{password_secret}"
+
 [defaults]
 currency = "KES"
 initial_credit = 50000
@@ -157,10 +160,13 @@ async def run_demo(options: DemoOptions, reporter: Reporter) -> DemoResult:
                 reporter.note(f"a fresh fleet: the previous run's meters in {workdir} replaced")
         meter_ids = [f"MTR-{n:04d}" for n in range(1, options.meters + 1)]
         meter_ids += [LOW_METER, STS_METER]
+        password_secret = secrets.token_hex(32)  # this run's meters' MQTT passwords
 
         reporter.section("Broker")
         if options.mqtt:
-            plan = await choose_broker(options.broker_url, workdir / "broker", meter_ids)
+            plan = await choose_broker(
+                options.broker_url, workdir / "broker", meter_ids, secret=password_secret
+            )
         else:
             plan = BrokerPlan(None, None, "MQTT switched off: Modbus only")
         cleanup.callback(plan.close)
@@ -179,6 +185,7 @@ async def run_demo(options: DemoOptions, reporter: Reporter) -> DemoResult:
                 sts=STS_METER,
                 vending_key=VENDING_KEY,
                 drn=STS_DRN,
+                password_secret=password_secret,
             )
         )
         async with _simulator(fleet_file, plan.settings, workdir, options.timeout) as endpoints:

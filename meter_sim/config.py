@@ -7,11 +7,17 @@ and ``[[meters]]`` entries: one meter each, or ``count`` meters named ``<id_pref
 from __future__ import annotations
 
 import re
+import secrets
 import tomllib
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 from protocols.errors import ConfigError, ValidationError
 from protocols.units import Money
@@ -20,6 +26,8 @@ CreditUnitName = Literal["money", "energy"]
 LoadModelName = Literal["residential", "constant", "csv"]
 WordOrder = Literal["big", "little"]
 METER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+SECRET = re.compile(r"^[0-9a-fA-F]{64}$")
+T = TypeVar("T")
 
 
 def parse_hhmm(text: str) -> int:
@@ -108,7 +116,7 @@ class MeterConfig:
     # account
     credit_unit: CreditUnitName = "money"  # money: minor currency units; energy: Wh
     currency: str = "KES"
-    currency_exponent: int = 2
+    currency_scale: int = -2  # power of ten of the minor unit (COSEM Account): -2 for cents
     initial_credit: int = 0
     low_credit_threshold: int = 5000
     max_credit: int = 100_000_000  # most credit the meter holds
@@ -153,8 +161,10 @@ class MeterConfig:
             raise ConfigError(f"modbus_unit is 1..247, got {self.modbus_unit!r}")
         if self.word_order not in get_args(WordOrder):
             raise ConfigError(f"word_order is big or little, got {self.word_order!r}")
+        if type(self.currency_scale) is not int or not -4 <= self.currency_scale <= 0:
+            raise ConfigError(f"currency_scale is -4..0, got {self.currency_scale!r}")
         try:
-            Money(0, self.currency, self.currency_exponent)
+            Money(0, self.currency, -self.currency_scale)
         except ValidationError as exc:
             raise ConfigError(f"meter {self.meter_id}: {exc}") from exc
         for name in (
@@ -190,6 +200,11 @@ class MeterConfig:
             raise ConfigError("friendly_days are ISO weekday numbers 1..7")
 
     @property
+    def currency_exponent(self) -> int:
+        """Decimals of the currency (``-currency_scale``), as :class:`Money` counts them."""
+        return -self.currency_scale
+
+    @property
     def key_bytes(self) -> bytes | None:
         return bytes.fromhex(self.auth_key) if self.auth_key else None
 
@@ -212,111 +227,351 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MqttConfig:
+    """The ``[mqtt]`` table: what the fleet's meters need to log in to a broker."""
+
+    password_secret: str | None = None  # 64 hex digits; see FIELD_DOCS
+
+    def __post_init__(self) -> None:
+        if self.password_secret is not None and not SECRET.fullmatch(self.password_secret):
+            raise ConfigError("mqtt.password_secret is 64 hex digits")
+
+
+@dataclass(frozen=True, slots=True)
 class FleetConfig:
     simulation: SimulationConfig
     meters: tuple[MeterConfig, ...]
+    #: the fleet's secret from which the MQTT passwords of meters without ``mqtt_password`` are
+    #: derived; None: such meters cannot log in to a broker
+    mqtt_password_secret: str | None = None
 
     def __post_init__(self) -> None:
+        if not self.meters:
+            raise ConfigError("the fleet has no meters: add a [[meters]] entry")
+        MqttConfig(self.mqtt_password_secret)
         seen: set[str] = set()
         for meter in self.meters:
             if meter.meter_id in seen:
                 raise ConfigError(f"meter id {meter.meter_id} appears twice")
             seen.add(meter.meter_id)
 
+    def meters_without_mqtt_password(self) -> list[str]:
+        """Meters that need ``mqtt_password_secret`` to log in to a broker."""
+        return [m.meter_id for m in self.meters if m.mqtt_password is None]
 
-# -- reading TOML ---------------------------------------------------------------------------------
 
-_TIME_PAIRS = {"friendly_hours"}
+def new_password_secret() -> str:
+    """A fresh per-fleet secret for the meters' derived MQTT passwords (``[mqtt]``)."""
+    return secrets.token_hex(32)
 
 
-def _parse_time(value: Any) -> float:
+# -- the schema of a fleet file -------------------------------------------------------------------
+#
+# Every key of the TOML form, with its type and range, in one table per section. The loader
+# converts a fleet file through these with msgspec (strict: no "5" for 5), so a wrong type, a value
+# out of range and an unknown key are all refused with the key's path; the dataclasses above then
+# check what spans several keys. tests/test_config.py checks that the tables and the dataclasses
+# name the same keys.
+
+HHMM_PATTERN = r"^(([01]?\d|2[0-3]):[0-5]\d|24:00)$"
+HHMM = Annotated[str, Meta(pattern=HHMM_PATTERN)]
+MAX_AMOUNT = 10**15  # minor currency units or Wh
+MAX_WATTS = 1_000_000
+Price = Annotated[int, Meta(ge=0, le=MAX_AMOUNT)]
+Rate = Annotated[int, Meta(ge=1, le=4)]
+IsoWeekday = Annotated[int, Meta(ge=1, le=7)]
+
+
+def _int(low: int, high: int) -> Any:
+    return Annotated[int, Meta(ge=low, le=high)]
+
+
+def _text(pattern: str | None = None, min_length: int = 0, max_length: int = 256) -> Any:
+    return Annotated[str, Meta(pattern=pattern, min_length=min_length, max_length=max_length)]
+
+
+SIMULATION_KEYS: dict[str, Any] = {
+    "speed": Annotated[float, Meta(gt=0, le=1e9)],
+    "start": datetime | Annotated[float, Meta(ge=0, le=253_402_300_799)],
+    "state_dir": _text(min_length=1, max_length=4096),
+    "tick_seconds": Annotated[float, Meta(gt=0, le=3600)],
+    "step_seconds": _int(1, 3600),
+}
+TARIFF_KEYS: dict[str, Any] = {
+    "prices": Annotated[tuple[Price, ...], Meta(min_length=1, max_length=4)],
+    "weekday": Annotated[tuple[tuple[HHMM, Rate], ...], Meta(min_length=1)],
+    "weekend": Annotated[tuple[tuple[HHMM, Rate], ...], Meta(min_length=1)],
+}
+LOAD_KEYS: dict[str, Any] = {
+    "model": LoadModelName,
+    "watts": _int(0, MAX_WATTS),
+    "mean_watts": _int(0, MAX_WATTS),
+    "seed": _int(0, 2**32 - 1),
+    "csv_path": _text(min_length=1, max_length=4096),
+}
+STS_KEYS: dict[str, Any] = {
+    "vending_key": _text(r"^([0-9a-fA-F]{16}|[0-9a-fA-F]{40})$"),
+    "drn": _text(r"^(\d{11}|\d{13})$"),
+    "sgc": _int(0, 999_999),
+    "ti": _int(0, 99),
+    "krn": _int(1, 15),
+    "kt": _int(0, 3),
+    "ken": _int(0, 255),
+    "base_date": Literal[1993, 2014, 2035],
+}
+MQTT_KEYS: dict[str, Any] = {"password_secret": _text(SECRET.pattern)}
+
+
+def _table(name: str, keys: dict[str, Any], required: tuple[str, ...] = ()) -> Any:
+    """A msgspec Struct of ``keys``: unknown keys refused, a key left out is UNSET."""
+    specs: list[tuple[str, Any] | tuple[str, Any, Any]] = [(key, keys[key]) for key in required]
+    specs += [(key, kind | UnsetType, UNSET) for key, kind in keys.items() if key not in required]
+    return msgspec.defstruct(name, specs, forbid_unknown_fields=True, frozen=True)
+
+
+def _many(kind: Any) -> Any:
+    """``tuple[kind, ...]`` of a table made at run time."""
+    return tuple.__class_getitem__((kind, ...))
+
+
+TariffTable = _table("TariffTable", TARIFF_KEYS)
+LoadTable = _table("LoadTable", LOAD_KEYS)
+StsTable = _table("StsTable", STS_KEYS, required=("vending_key", "drn"))
+MqttTable = _table("MqttTable", MQTT_KEYS)
+
+#: a meter's keys as written in TOML (``id`` is MeterConfig.meter_id)
+METER_KEYS: dict[str, Any] = {
+    "id": _text(METER_ID.pattern),
+    "serial": _text(max_length=32),  # the lengths of the identification registers
+    "manufacturer": _text(max_length=8),
+    "model": _text(max_length=16),
+    "firmware": _text(max_length=16),
+    "credit_unit": CreditUnitName,
+    "currency": _text(r"^[A-Z]{3}$"),
+    "currency_scale": _int(-4, 0),
+    "initial_credit": _int(0, MAX_AMOUNT),
+    "low_credit_threshold": _int(0, MAX_AMOUNT),
+    "max_credit": _int(0, MAX_AMOUNT),
+    "min_topup": _int(1, MAX_AMOUNT),
+    "max_topup": _int(1, MAX_AMOUNT),
+    "emergency_credit": _int(0, MAX_AMOUNT),
+    "emergency_auto": bool,
+    "friendly_hours": tuple[tuple[HHMM, HHMM], ...],
+    "friendly_days": tuple[IsoWeekday, ...],
+    "debt_recovery_percent": _int(1, 100),
+    "control_mode": _int(0, 6),
+    "limiter_watts": _int(0, MAX_WATTS),
+    "limiter_over_seconds": _int(0, 86400),
+    "limiter_under_seconds": _int(0, 86400),
+    "tariff": TariffTable,
+    "load": LoadTable,
+    "nominal_voltage_dv": _int(1, 65535),
+    "nominal_frequency_chz": _int(1, 65535),
+    "timezone_minutes": _int(-720, 840),
+    "profile_period": _int(60, 86400),
+    "profile_entries": _int(1, 100_000),
+    "event_entries": _int(1, 100_000),
+    "modbus_unit": _int(1, 247),
+    "word_order": WordOrder,
+    "auth_key": _text(r"^([0-9a-fA-F]{2}){1,64}$"),
+    "mqtt_password": _text(min_length=1),
+    "sts": StsTable,
+}
+#: keys of a ``[[meters]]`` entry that are not a meter's: ``count`` meters named
+#: ``<id_prefix><n>`` instead of one named ``id``
+ENTRY_KEYS: dict[str, Any] = {
+    "count": _int(1, 100_000),
+    "id_prefix": _text(r"^([A-Za-z0-9][A-Za-z0-9_.-]{0,55})?$"),
+}
+DefaultsTable = _table("DefaultsTable", {k: v for k, v in METER_KEYS.items() if k != "id"})
+MeterTable = _table("MeterTable", {**METER_KEYS, **ENTRY_KEYS})
+SimulationTable = _table("SimulationTable", SIMULATION_KEYS)
+FleetTable = msgspec.defstruct(
+    "FleetTable",
+    [
+        ("meters", Annotated[_many(MeterTable), Meta(min_length=1)]),
+        ("simulation", SimulationTable | UnsetType, UNSET),
+        ("defaults", DefaultsTable | UnsetType, UNSET),
+        ("mqtt", MqttTable | UnsetType, UNSET),
+    ],
+    forbid_unknown_fields=True,
+    frozen=True,
+)
+
+#: section -> (its keys, the dataclass they configure); every dataclass field is a key
+SCHEMA: dict[str, tuple[dict[str, Any], type[Any]]] = {
+    "simulation": (SIMULATION_KEYS, SimulationConfig),
+    "meter": (METER_KEYS, MeterConfig),
+    "tariff": (TARIFF_KEYS, TariffConfig),
+    "load": (LOAD_KEYS, LoadConfig),
+    "sts": (STS_KEYS, StsConfig),
+    "mqtt": (MQTT_KEYS, MqttConfig),
+}
+
+#: what a key whose value must have a form looks like, for the error message
+_FORMS = {
+    "id": "letters, digits, _ . - (1 to 64, starting with a letter or digit)",
+    "id_prefix": "letters, digits, _ . - (up to 56)",
+    "currency": "a 3-letter ISO 4217 code such as KES",
+    "auth_key": "hex digits, 1 to 64 bytes",
+    "vending_key": "16 or 40 hex digits",
+    "drn": "11 or 13 digits",
+    "password_secret": "64 hex digits (meter-sim init writes one)",
+}
+_PATH = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_TYPE_NAMES = {"object": "table", "array": "array", "str": "string"}
+
+
+def _choices(key: str) -> str:
+    for keys, _cls in SCHEMA.values():
+        kind = keys.get(key)
+        if kind is not None and get_args(kind) and get_origin(kind) is Literal:
+            return " or ".join(repr(value) for value in get_args(kind))
+    return ""
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _schema_error(exc: msgspec.ValidationError, root: str = "") -> ConfigError:
+    """One line naming the key's path: ``meters[2].count: expected int, got string``."""
+    match = _PATH.match(str(exc))
+    assert match is not None  # the pattern matches any text
+    what = match["what"]
+    path = (root + (match["path"] or "")).removeprefix(".")
+    names = re.findall(r"[A-Za-z_]+", path)
+    key = names[-1] if names else ""
+    if found := re.match(r"Object contains unknown field `(.+)`", what):
+        path, message = _join(path, found[1]), "unknown key"
+    elif found := re.match(r"Object missing required field `(.+)`", what):
+        path, message = _join(path, found[1]), "required key is missing"
+        if path == "meters":
+            message = "the fleet has no meters: add a [[meters]] entry"
+    elif found := re.match(r"Expected `([^`]+)`, got `([^`]+)`", what):
+        expected, got = (_TYPE_NAMES.get(name, name) for name in found.groups())
+        expected = expected.replace(" | ", " or ")
+        message = f"expected {expected}, got {got}"
+    elif found := re.match(r"Expected `(?:int|float)` (.+)", what):
+        message = "must be " + re.sub(r"(\d)\.0\b", r"\1", found[1])
+    elif found := re.match(r"Expected `str` of length (.+)", what):
+        message = f"must be a string of length {found[1]}"
+    elif what.startswith("Expected `str` matching regex"):
+        message = f"must be {_FORMS.get(key, 'of the documented form')}"
+        if HHMM_PATTERN in what.replace("\\\\", "\\"):
+            message = "must be a time of day HH:MM (00:00 to 24:00)"
+    elif found := re.match(r"Expected `array` of length (.+)", what):
+        message = f"must have {found[1].replace('>=', 'at least').replace('<=', 'at most')} "
+        message += "entries"
+        if path == "meters":
+            message = "the fleet has no meters: add a [[meters]] entry"
+    elif found := re.match(r"Invalid enum value (.+)", what):
+        message = f"{found[1]} is not {_choices(key) or 'allowed'}"
+    else:
+        message = what[:1].lower() + what[1:]
+    return ConfigError(f"{path or 'the fleet file'}: {message}")
+
+
+def _present(table: Any) -> dict[str, Any]:
+    return {
+        name: getattr(table, name)
+        for name in table.__struct_fields__
+        if getattr(table, name) is not UNSET
+    }
+
+
+def _epoch(value: datetime | float) -> float:
     if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return moment.timestamp()
-    if isinstance(value, str):
-        try:
-            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError as exc:
-            raise ConfigError(f"not an ISO-8601 time: {value!r}") from exc
-        return (moment if moment.tzinfo else moment.replace(tzinfo=UTC)).timestamp()
-    if isinstance(value, int | float):
-        return float(value)
-    raise ConfigError(f"not a time: {value!r}")
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).timestamp()
+    return float(value)
 
 
-def _tariff(raw: dict[str, Any]) -> TariffConfig:
-    allowed = {"prices", "weekday", "weekend"}
-    _unknown(raw, allowed, "tariff")
+def _meter_kwargs(table: Any) -> dict[str, Any]:
+    """MeterConfig keyword arguments from a validated meter (or defaults) table."""
     kwargs: dict[str, Any] = {}
-    if "prices" in raw:
-        kwargs["prices"] = tuple(raw["prices"])
-    for name in ("weekday", "weekend"):
-        if name in raw:
-            kwargs[name] = tuple((parse_hhmm(t), int(r)) for t, r in raw[name])
-    return TariffConfig(**kwargs)
+    for key, value in _present(table).items():
+        if key in ENTRY_KEYS:
+            continue
+        if key == "id":
+            kwargs["meter_id"] = value
+        elif key == "friendly_hours":
+            kwargs[key] = tuple((parse_hhmm(a), parse_hhmm(b)) for a, b in value)
+        elif key == "tariff":
+            tariff = _present(value)
+            for name in ("weekday", "weekend"):
+                if name in tariff:
+                    tariff[name] = tuple((parse_hhmm(t), rate) for t, rate in tariff[name])
+            kwargs[key] = TariffConfig(**tariff)
+        elif key == "load":
+            kwargs[key] = LoadConfig(**_present(value))
+        elif key == "sts":
+            kwargs[key] = StsConfig(**_present(value))
+        else:
+            kwargs[key] = value
+    return kwargs
 
 
-def _unknown(raw: dict[str, Any], allowed: set[str], where: str) -> None:
-    extra = sorted(set(raw) - allowed)
-    if extra:
-        raise ConfigError(f"unknown key(s) in {where}: {', '.join(extra)}")
+def _build(where: str, build: Callable[[], T]) -> T:
+    """``build()``, its refusal (what spans several keys) prefixed by where it was."""
+    try:
+        return build()
+    except (ConfigError, ValidationError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
 
 
 def meter_from_mapping(raw: dict[str, Any]) -> MeterConfig:
-    """A MeterConfig from a TOML table (keys as in docs/configuration.md)."""
-    raw = dict(raw)
-    meter_fields = {f.name for f in fields(MeterConfig)} - {"meter_id"}
-    _unknown(raw, meter_fields | {"id"}, "a meter")
-    kwargs: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key == "id":
-            kwargs["meter_id"] = str(value)
-        elif key == "tariff":
-            kwargs["tariff"] = _tariff(value)
-        elif key == "load":
-            _unknown(value, {f.name for f in fields(LoadConfig)}, "load")
-            kwargs["load"] = LoadConfig(**value)
-        elif key == "sts":
-            _unknown(value, {f.name for f in fields(StsConfig)}, "sts")
-            kwargs["sts"] = StsConfig(**value)
-        elif key in _TIME_PAIRS:
-            kwargs[key] = tuple((parse_hhmm(a), parse_hhmm(b)) for a, b in value)
-        elif key == "friendly_days":
-            kwargs[key] = tuple(int(d) for d in value)
-        else:
-            kwargs[key] = value
+    """A MeterConfig from one TOML table of meter keys (as in docs/configuration.md)."""
     try:
-        return MeterConfig(**kwargs)
-    except TypeError as exc:
-        raise ConfigError(f"meter configuration: {exc}") from exc
-    except ValidationError as exc:
-        raise ConfigError(str(exc)) from exc
+        table: Any = msgspec.convert(raw, MeterTable, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _schema_error(exc, "meter") from exc
+    kwargs = _build("meter", lambda: _meter_kwargs(table))
+    if "meter_id" not in kwargs or table.count is not UNSET or table.id_prefix is not UNSET:
+        raise ConfigError("meter: one meter has an id (count and id_prefix are for a fleet)")
+    return _build("meter", lambda: MeterConfig(**kwargs))
 
 
 def fleet_from_mapping(raw: dict[str, Any]) -> FleetConfig:
-    _unknown(raw, {"simulation", "defaults", "meters"}, "the fleet file")
-    sim_raw = dict(raw.get("simulation", {}))
-    _unknown(sim_raw, {f.name for f in fields(SimulationConfig)}, "simulation")
-    if "start" in sim_raw:
-        sim_raw["start"] = _parse_time(sim_raw["start"])
-    simulation = SimulationConfig(**sim_raw)
-    defaults = dict(raw.get("defaults", {}))
+    """A FleetConfig from a parsed fleet file; every problem is one ConfigError with the key's
+    path."""
+    try:
+        document: Any = msgspec.convert(raw, FleetTable, strict=True)
+    except msgspec.ValidationError as exc:
+        raise _schema_error(exc) from exc
+    sim = _present(document.simulation) if document.simulation is not UNSET else {}
+    if "start" in sim:
+        sim["start"] = _epoch(sim["start"])
+    simulation = _build("simulation", lambda: SimulationConfig(**sim))
+    defaults: dict[str, Any] = {}
+    if document.defaults is not UNSET:
+        defaults = _build("defaults", lambda: _meter_kwargs(document.defaults))
     meters: list[MeterConfig] = []
-    for raw_entry in raw.get("meters", []):
-        entry = {**defaults, **raw_entry}
-        count = entry.pop("count", None)
-        if count is None:
-            meters.append(meter_from_mapping(entry))
+    for index, entry in enumerate(document.meters):
+        where = f"meters[{index}]"
+        kwargs = {**defaults, **_build(where, partial(_meter_kwargs, entry))}
+        if entry.count is UNSET:
+            if entry.id_prefix is not UNSET:
+                raise ConfigError(f"{where}.id_prefix: goes with count")
+            if "meter_id" not in kwargs:
+                raise ConfigError(f"{where}.id: required key is missing (or give count)")
+            meters.append(_build(where, partial(MeterConfig, **kwargs)))
             continue
-        prefix = str(entry.pop("id_prefix", "MTR-"))
-        first_unit = int(entry.pop("modbus_unit", 1))
-        width = max(4, len(str(count)))
-        for n in range(1, int(count) + 1):
-            unit = (first_unit + n - 2) % 247 + 1
-            meters.append(
-                meter_from_mapping({**entry, "id": f"{prefix}{n:0{width}d}", "modbus_unit": unit})
-            )
-    return FleetConfig(simulation, tuple(meters))
+        if entry.id is not UNSET:
+            raise ConfigError(f"{where}: give id (one meter) or count, not both")
+        prefix = "MTR-" if entry.id_prefix is UNSET else entry.id_prefix
+        first_unit = kwargs.pop("modbus_unit", 1)
+        width = max(4, len(str(entry.count)))
+        for n in range(1, entry.count + 1):
+            meter = {
+                **kwargs,
+                "meter_id": f"{prefix}{n:0{width}d}",
+                "modbus_unit": (first_unit + n - 2) % 247 + 1,
+            }
+            meters.append(_build(where, partial(MeterConfig, **meter)))
+    secret = None
+    if document.mqtt is not UNSET and document.mqtt.password_secret is not UNSET:
+        secret = document.mqtt.password_secret
+    return _build("the fleet file", lambda: FleetConfig(simulation, tuple(meters), secret))
 
 
 def load_fleet(path: Path) -> FleetConfig:
@@ -335,15 +590,18 @@ def load_fleet(path: Path) -> FleetConfig:
 
 
 def default_fleet(count: int = 3, **overrides: Any) -> FleetConfig:
-    """A small fleet with every default, for the demo and tests."""
+    """A small fleet with every default and a fresh MQTT password secret, for the demo and
+    tests."""
     meters = tuple(
         replace(MeterConfig(f"MTR-{n:04d}"), modbus_unit=(n - 1) % 247 + 1, **overrides)
         for n in range(1, count + 1)
     )
-    return FleetConfig(SimulationConfig(), meters)
+    return FleetConfig(SimulationConfig(), meters, new_password_secret())
 
 
 # -- documentation: every key, generated into docs/configuration.md -------------------------------
+
+_TIME_PAIRS = {"friendly_hours"}
 
 #: (table, key) -> what it means. A test checks that every field of every table is described.
 FIELD_DOCS: dict[tuple[str, str], str] = {
@@ -362,7 +620,9 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("meter", "credit_unit"): "`money`: credit in minor currency units, charged at the unit price "
     "of the rate in force; `energy`: credit in Wh (STS tokens add 0.1 kWh steps).",
     ("meter", "currency"): "ISO 4217 code of a monetary account.",
-    ("meter", "currency_exponent"): "Decimals of the currency (2: amounts are in cents).",
+    ("meter", "currency_scale"): "Power of ten of the account's minor unit, -4..0 (-2: amounts "
+    "are in cents; 0 for a currency without decimals), as the snapshot and the COSEM Account "
+    "carry it.",
     ("meter", "initial_credit"): "Credit of a new meter, in the account's unit.",
     ("meter", "low_credit_threshold"): "A low-credit event when available credit falls below it.",
     ("meter", "max_credit"): "Most credit the meter may hold; a larger top-up is refused.",
@@ -377,8 +637,9 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("meter", "debt_recovery_percent"): "Share of each top-up that repays debt before it "
     "becomes credit.",
     ("meter", "control_mode"): "Disconnect control mode 0..6 (DLMS class 70); see "
-    "the mode table in the design notes. 6: remote disconnect, local disconnect for credit, "
-    "automatic local reconnection after a top-up, remote reconnection to ready-for-reconnection.",
+    "[the mode table](register-map.md#disconnect-control-modes). 6: remote disconnect, "
+    "local disconnect for credit, automatic local reconnection after a top-up, remote "
+    "reconnection to ready-for-reconnection.",
     ("meter", "limiter_watts"): "Power limit in W (0: limiter off).",
     ("meter", "limiter_over_seconds"): "How long power must exceed the limit before the relay "
     "trips.",
@@ -398,7 +659,8 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     "`little`.",
     ("meter", "auth_key"): "Hex key for command authentication tags (HMAC-SHA256); unset: "
     "commands need no tag (lab use).",
-    ("meter", "mqtt_password"): "The meter's MQTT password; unset: derived for local brokers.",
+    ("meter", "mqtt_password"): "The meter's MQTT password; unset: derived from the fleet's "
+    "`[mqtt] password_secret` (serving MQTT without either is refused).",
     ("meter", "sts"): "STS keypad parameters (table below); unset: no keypad.",
     ("tariff", "prices"): "Unit price of each rate (1..4), minor currency units per kWh.",
     ("tariff", "weekday"): 'Rate switch points Monday-Friday: `[["00:00", 2], ["07:00", 1], '
@@ -417,6 +679,11 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("sts", "kt"): "Key type (2: unique decoder key).",
     ("sts", "ken"): "Key expiry number (255: never expires).",
     ("sts", "base_date"): "Base date of token ids: 1993, 2014 or 2035.",
+    ("mqtt", "password_secret"): "The fleet's secret (64 hex digits; `meter-sim init` writes a "
+    "fresh one): a meter without `mqtt_password` logs in to the broker with the first 32 hex "
+    "digits of HMAC-SHA256 over its id keyed with this secret, so a broker's password file can "
+    "be generated from the fleet file. Keep it out of version control. Unset: every meter that "
+    "serves MQTT needs its own `mqtt_password`.",
 }
 
 DOC_TABLES: tuple[tuple[str, str, type[Any]], ...] = (
@@ -425,6 +692,7 @@ DOC_TABLES: tuple[tuple[str, str, type[Any]], ...] = (
     ("tariff", "tariff (inside a meter or [defaults])", TariffConfig),
     ("load", "load (inside a meter or [defaults])", LoadConfig),
     ("sts", "sts (inside a meter or [defaults])", StsConfig),
+    ("mqtt", "[mqtt]", MqttConfig),
 )
 
 
@@ -460,7 +728,10 @@ def render_markdown() -> str:
         "A fleet file is TOML. `[simulation]` sets the clock; `[defaults]` sets keys for every "
         "meter; each `[[meters]]` entry is one meter (`id = ...`) or `count` meters named "
         "`<id_prefix><n>` with consecutive Modbus unit ids from `modbus_unit`. "
-        "`meter-sim init` writes a starting file. Every key is optional except a meter's id.",
+        "`meter-sim init` writes a starting file. Every key is optional except a meter's id. "
+        "Each key is checked for the type and range its table gives, and an unknown key is "
+        "refused: a problem is one line naming the file and the key's path, e.g. "
+        "`fleet.toml: meters[2].count: expected int, got string`.",
         "",
         "```toml",
         "[simulation]",
@@ -484,14 +755,66 @@ def render_markdown() -> str:
         'credit_unit = "energy"',
         "limiter_watts = 3000",
         'auth_key = "00112233445566778899aabbccddeeff"',
+        "",
+        "[mqtt]",
+        'password_secret = "<64 hex digits written by meter-sim init>"',
         "```",
         "",
     ]
     for section, title, cls in DOC_TABLES:
-        lines += [f"## {title}", "", "| key | default | meaning |", "|---|---|---|"]
+        keys = SCHEMA[section][0]
+        lines += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         for spec in fields(cls):
             key = "id" if spec.name == "meter_id" else spec.name
             meaning = FIELD_DOCS[(section, spec.name)]
-            lines.append(f"| `{key}` | {_default_text(cls, spec.name)} | {meaning} |")
+            kind = _type_text(msgspec.inspect.type_info(keys[key]), key)
+            lines.append(f"| `{key}` | {kind} | {_default_text(cls, spec.name)} | {meaning} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
+
+
+def _bounds(info: Any) -> str:
+    if info.gt is not None:
+        return f" > {_number(info.gt)}" + (f", at most {_number(info.le)}" if info.le else "")
+    if info.ge is not None and info.le is not None:
+        return f" {_number(info.ge)}..{_number(info.le)}"
+    return ""
+
+
+def _type_text(info: Any, key: str = "") -> str:
+    """A key's type and range as the schema checks them, for the tables of the document."""
+    inspect = msgspec.inspect
+    if isinstance(info, inspect.IntType):
+        return "integer" + _bounds(info)
+    if isinstance(info, inspect.FloatType):
+        return "number" + _bounds(info)
+    if isinstance(info, inspect.BoolType):
+        return "boolean"
+    if isinstance(info, inspect.LiteralType):
+        return " or ".join(f"`{value!r}`".replace("'", '"') for value in info.values)
+    if isinstance(info, inspect.StrType):
+        if info.pattern == HHMM_PATTERN:
+            return "HH:MM"
+        if key in _FORMS:
+            return _FORMS[key].removesuffix(" (meter-sim init writes one)")
+        if info.max_length is not None and info.max_length < 256:
+            return f"string (up to {info.max_length})"
+        return "string"
+    if isinstance(info, inspect.VarTupleType):
+        items = f"array of {_type_text(info.item_type)}"
+        if info.max_length is not None:
+            items += f" ({info.min_length or 0}..{info.max_length})"
+        return items
+    if isinstance(info, inspect.TupleType):
+        return "[" + ", ".join(_type_text(item) for item in info.item_types) + "]"
+    if isinstance(info, inspect.StructType):
+        return "table"
+    if isinstance(info, inspect.DateTimeType):
+        return "date-time (UTC unless given)"
+    if isinstance(info, inspect.UnionType):
+        return " or ".join(_type_text(member, key) for member in info.types)
+    return "value"

@@ -83,7 +83,9 @@ def handle_line(runtime: MeterRuntime, line: str) -> dict[str, Any] | None:
                 "last_transfer": snap.last_transfer,
             }
         if verb == "events":
-            since = int(args[0]) if args and args[0].isdigit() else 0
+            if len(args) > 1 or (args and not args[0].isdigit()):
+                return {"error": "usage: events [SINCE] (a whole number)"}
+            since = int(args[0]) if args else 0
             return {
                 "events": [
                     [e.seq, e.time, e.code.name.lower(), e.a, e.b]

@@ -6,28 +6,52 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 from meter_sim.config import FleetConfig
 from meter_sim.runtime import MeterRuntime
-from protocols.clock import AcceleratedClock, Clock
+from protocols.clock import AcceleratedClock, Clock, SystemClock
+from protocols.errors import StateFileError
 
 log = logging.getLogger(__name__)
 CLOCK_FILE = "clock.json"
 
 
-def resume_time(config: FleetConfig, state_dir: Path) -> float:
+def resume_time(config: FleetConfig, state_dir: Path, clock: Clock | None = None) -> float:
     """Where a fleet's simulated time starts: ``simulation.start`` if set, else the later of
-    the time its last run saved and now (so a run after a batch run continues from it)."""
+    the time its last run saved and ``clock``'s now (the wall clock by default), so a run after
+    a batch run continues from it.
+
+    A clock file that cannot be read or does not hold a time raises StateFileError, as a
+    corrupt meter state file does: the fleet must not restart earlier than its meters' time.
+    """
     if config.simulation.start is not None:
         return config.simulation.start
-    now = time.time()
+    now = (clock or SystemClock()).now()
+    saved = read_clock_file(state_dir / CLOCK_FILE)
+    return now if saved is None else max(now, saved)
+
+
+def read_clock_file(path: Path) -> float | None:
+    """The simulated time a fleet's last run saved; None when it never saved one."""
     try:
-        saved = float(json.loads((state_dir / CLOCK_FILE).read_text())["time"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return now
-    return max(now, saved)
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StateFileError(f"{path}: cannot read: {exc.strerror}") from exc
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StateFileError(f"{path}: corrupt clock file: {exc}") from exc
+    saved = document.get("time") if isinstance(document, dict) else None
+    if not isinstance(saved, int | float) or isinstance(saved, bool):
+        saved = -1.0
+    if not (math.isfinite(saved) and saved >= 0):
+        raise StateFileError(f'{path}: corrupt clock file: no "time" in epoch seconds')
+    return float(saved)
 
 
 class Fleet:
@@ -74,10 +98,27 @@ class Fleet:
     def save_all(self) -> None:
         for runtime in self.runtimes.values():
             runtime.save()
+        self._write_clock(self.clock.now())
+
+    async def save_all_async(self) -> None:
+        """:meth:`save_all` with the files written in a worker thread: every meter's state and
+        the time are taken on the event loop, at one instant of the fleet."""
+        taken = [(rt, rt.prepare_save()) for rt in self.runtimes.values()]
+        now = self.clock.now()
+
+        def write() -> None:
+            for runtime, prepared in taken:
+                if prepared is not None and runtime.store is not None:
+                    runtime.store.write(prepared)
+            self._write_clock(now)
+
+        await asyncio.to_thread(write)
+
+    def _write_clock(self, now: float) -> None:
         if self.state_dir is not None:
             clock_file = self.state_dir / CLOCK_FILE
             tmp = clock_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"time": self.clock.now()}))
+            tmp.write_text(json.dumps({"time": now}))
             tmp.replace(clock_file)
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -96,7 +137,7 @@ class Fleet:
                     if index % 50 == 49:
                         await asyncio.sleep(0)
                 if time.monotonic() - last_save >= self.save_interval:
-                    self.save_all()
+                    await self.save_all_async()
                     last_save = time.monotonic()
                 elapsed = time.monotonic() - started
                 if elapsed > tick:
@@ -104,5 +145,6 @@ class Fleet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(tick - elapsed, 0.0))
         finally:
+            # the last save stays on this thread: it must complete even when run() is cancelled
             self.sync_all()
             self.save_all()

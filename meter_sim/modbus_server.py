@@ -1,15 +1,24 @@
 """Modbus TCP and Modbus RTU servers whose datastore is the live meter.
 
 The seam is pymodbus 3.16's ``SimDevice`` with an ``action``: pymodbus calls the action for
-every request with the request's function code, address and count, and the action fills the
-registers from :class:`MeterRegisters`, which reads the meter (``MeterRuntime``) through the
-register map at that moment. pymodbus' own register list for the device is only a scratch buffer
-for the reply; nothing is copied from it. (``ModbusServerContext``/``ModbusDeviceContext`` are
-deprecated in 3.16 and not used.)
+every register read and write with the request's function code, address and count, and the
+action fills the registers from :class:`MeterRegisters`, which reads the meter
+(``MeterRuntime``) through the register map at that moment. pymodbus' own register list for the
+device is only a scratch buffer for the reply; nothing is copied from it.
+(``ModbusServerContext``/``ModbusDeviceContext`` are deprecated in 3.16 and not used.)
 
 The only state kept here is what a master writes: the command block, the window starts and the
 token registers, i.e. the transport's input buffers, and the result of the last token entered
 through the token block. Everything read comes from the meter.
+
+Requests: which function codes a meter serves, and the exception every other or malformed
+request gets, is decided by ``protocols.modbus_functions``; the servers decode requests with it
+instead of pymodbus's own table (see "requests" below). Function 23 checks its read half against
+the map before its write is applied, so a refused request changes nothing. Read device
+identification (0x2B/0x0E) answers from the meter's identification. On a serial line a frame
+also ends with 3.5 characters of silence at the line's speed: what is left over then is
+answered if it is a whole frame and discarded if not, so a truncated frame never swallows the
+next request.
 
 Unit ids: every server also holds a catch-all device (id 0, which pymodbus uses for any unit id
 without a device of its own) that raises ``NoSuchIdException``: over TCP pymodbus answers it
@@ -21,18 +30,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from pymodbus.constants import ExcCodes
+from pymodbus.datastore import ModbusServerContext
 from pymodbus.exceptions import NoSuchIdException
+from pymodbus.framer import FramerRTU
+from pymodbus.pdu import DecodePDU, ExceptionResponse, ModbusPDU
+from pymodbus.pdu.mei_message import ReadDeviceInformationResponse
+from pymodbus.pdu.register_message import (
+    ReadHoldingRegistersRequest,
+    ReadInputRegistersRequest,
+    ReadWriteMultipleRegistersRequest,
+    WriteMultipleRegistersRequest,
+    WriteSingleRegisterRequest,
+)
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
 from meter_sim.runtime import MeterRuntime
+from protocols import modbus_functions as mf
 from protocols import registermap as rm
 from protocols.commands import ResultCode
 from protocols.cosem import OBIS_SERIAL, OBIS_TOKEN_GATEWAY
@@ -45,7 +67,6 @@ log = logging.getLogger(__name__)
 #: answered with exception 02 by pymodbus itself)
 SPAN = max(rm.table_size(rm.Table.INPUT), rm.table_size(rm.Table.HOLDING))
 _FOREVER = 2**64 - 2
-_BIT_FUNCTIONS = frozenset({1, 2, 5, 15})
 _SNAPSHOT_BLOCKS = frozenset({rm.Block.MEASUREMENTS, rm.Block.ACCOUNT, rm.Block.STATUS})
 
 
@@ -73,6 +94,24 @@ _BLOCKS_BY_TABLE = {table: _block_index(table) for table in rm.Table}
 _WRITABLE: dict[int, rm.Row] = {
     address: row for row in rm.ROWS if row.writable for address in range(row.address, row.end)
 }
+
+
+def covering_blocks(table: rm.Table, address: int, count: int) -> list[rm.BlockSpec]:
+    """The blocks that hold registers ``address .. address + count - 1`` of ``table``, in order;
+    RegisterRefused (02) unless every one of them is mapped."""
+    end = address + count
+    covered = address
+    found: list[rm.BlockSpec] = []
+    for spec in _BLOCKS_BY_TABLE[table]:
+        if spec.end <= address or spec.start >= end:
+            continue
+        if spec.start > covered:
+            break
+        found.append(spec)
+        covered = min(end, spec.end)
+    if covered < end:
+        raise _illegal_address(f"{table} register {covered} is not mapped")
+    return found
 
 
 @dataclass(slots=True)
@@ -103,19 +142,29 @@ class MeterRegisters:
         end = address + count
         out: list[int] = []
         reading = _Reading()
-        covered = address
-        for spec in _BLOCKS_BY_TABLE[table]:
-            if spec.end <= address or spec.start >= end:
-                continue
-            if spec.start > covered:
-                break
+        for spec in covering_blocks(table, address, count):
             start, registers = self._block(spec, reading)
             low, high = max(address, spec.start), min(end, spec.end)
             out += registers[low - start : high - start]
-            covered = high
-        if covered < end:
-            raise _illegal_address(f"{table} register {covered} is not mapped")
         return out
+
+    def identification(self) -> rm.Identification:
+        config = self.runtime.config
+        return rm.Identification(
+            meter_id=self.meter_id,
+            manufacturer=config.manufacturer,
+            model=config.model,
+            firmware=config.firmware,
+            serial=str(self.runtime.read(OBIS_SERIAL, 2)),
+            word_order=self.order,
+        )
+
+    def device_objects(self) -> dict[int, bytes]:
+        """The read device identification objects (0x2B/0x0E) of this meter, by object id."""
+        ident = self.identification()
+        return {
+            obj.object_id: str(getattr(ident, obj.source)).encode() for obj in mf.DEVICE_OBJECTS
+        }
 
     def _block(self, spec: rm.BlockSpec, reading: _Reading) -> tuple[int, list[int]]:
         """(first address, registers) of the group that holds ``spec``."""
@@ -131,16 +180,7 @@ class MeterRegisters:
             return found
         registers: list[int]
         if block is rm.Block.IDENTIFICATION:
-            config = self.runtime.config
-            ident = rm.Identification(
-                meter_id=self.meter_id,
-                manufacturer=config.manufacturer,
-                model=config.model,
-                firmware=config.firmware,
-                serial=str(self.runtime.read(OBIS_SERIAL, 2)),
-                word_order=order,
-            )
-            registers = rm.encode_identification(ident)
+            registers = rm.encode_identification(self.identification())
         elif block is rm.Block.FLOATS:
             registers = rm.encode_block(block, rm.float_values(self._snapshot(reading)), order)
         elif block is rm.Block.SETTINGS:
@@ -238,13 +278,31 @@ class MeterRegisters:
         self.token_result = outcome.result
 
 
+def char_seconds(baudrate: int, bytesize: int, parity: str, stopbits: int) -> float:
+    """The time one character takes on the line: a start bit, the data bits, the parity bit
+    (unless parity is N) and the stop bits (11 bits for 8E1, 8O1 and 8N2, 10 for 8N1)."""
+    bits = 1 + bytesize + (0 if parity.upper() == "N" else 1) + stopbits
+    return bits / baudrate
+
+
+#: Modbus over serial line v1.02 (2.5.1.1): above 19,200 baud the silence is a fixed 1.75 ms
+_FAST_LINE_BAUD = 19_200
+_FAST_LINE_SILENCE = 0.00175
+
+
+def frame_silence(baudrate: int, bytesize: int, parity: str, stopbits: int) -> float:
+    """The silence that ends an RTU frame: 3.5 characters, or 1.75 ms above 19,200 baud."""
+    if baudrate > _FAST_LINE_BAUD:
+        return _FAST_LINE_SILENCE
+    return 3.5 * char_seconds(baudrate, bytesize, parity, stopbits)
+
+
 class _Pacer:
     """Delays each answer by the time a real line at the configured speed would take: the
     request, the answer and the two 3.5-character silences; one request at a time per line."""
 
     def __init__(self, baudrate: int, bytesize: int, parity: str, stopbits: int) -> None:
-        bits = 1 + bytesize + (0 if parity.upper() == "N" else 1) + stopbits
-        self.char_seconds = bits / baudrate
+        self.char_seconds = char_seconds(baudrate, bytesize, parity, stopbits)
         self.lock = asyncio.Lock()
 
     @staticmethod
@@ -281,8 +339,6 @@ class _Device:
     ) -> ExcCodes | None:
         meter_id = self.registers.meter_id
         try:
-            if function_code in _BIT_FUNCTIONS:
-                raise _illegal_address("this meter has no coils or discrete inputs")
             table = rm.Table.INPUT if function_code == 4 else rm.Table.HOLDING
             if set_values is None:
                 if self.pacer is not None:
@@ -313,6 +369,222 @@ class _Device:
                 "meter %s: function %d at %d failed: %s", meter_id, function_code, address, exc
             )
             return ExcCodes.DEVICE_FAILURE
+
+
+# -- requests ----------------------------------------------------------------------------------
+#
+# pymodbus decodes a request with a table of every function it implements (coils, FIFO, file
+# records, diagnostics with canned data) and answers a request it cannot decode with `80 01`.
+# The meter answers the functions of protocols.modbus_functions instead: the decoder below
+# classifies each request there and hands pymodbus's own request class only the served ones;
+# every other request becomes a refusal with the request's own function code. pymodbus 3.16
+# takes no decoder argument, so the servers are given this decoder as their ``decoder``
+# attribute before they listen (each connection builds its framer from it).
+
+
+class _Refused(ModbusPDU):
+    """A request answered with an exception: an unserved function or a malformed request."""
+
+    def __init__(
+        self,
+        function_code: int,
+        exception: mf.ExceptionCode,
+        reason: str,
+        meters: Mapping[int, MeterRegisters],
+    ) -> None:
+        super().__init__()
+        self.function_code = function_code
+        self.exception = exception
+        self.reason = reason
+        self.meters = meters
+
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        if device_id not in self.meters:  # a unit without a meter is answered as such
+            raise NoSuchIdException("no meter has this unit id")
+        log.info(
+            "meter %s: function %#04x refused with exception %02d: %s",
+            self.meters[device_id].meter_id,
+            self.function_code,
+            self.exception,
+            self.reason,
+        )
+        return ExceptionResponse(self.function_code, int(self.exception))
+
+
+class _ReadWriteRegisters(ReadWriteMultipleRegistersRequest):
+    """Function 23 with both halves checked before the write: pymodbus writes first and reads
+    after, so a read of an unmapped address was refused only once the write had been applied
+    (and a command executed)."""
+
+    meters: Mapping[int, MeterRegisters] = {}
+
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        registers = self.meters.get(device_id)
+        if registers is not None:
+            try:
+                covering_blocks(rm.Table.HOLDING, self.read_address, self.read_count)
+            except RegisterRefused as exc:
+                log.info(
+                    "meter %s: function 23 reading %d (+%d) refused with exception %02d: %s",
+                    registers.meter_id,
+                    self.read_address,
+                    self.read_count,
+                    exc.code,
+                    exc,
+                )
+                return ExceptionResponse(self.function_code, exc.code)
+        return await super().datastore_update(context, device_id)
+
+
+class _ReadDeviceIdentification(ModbusPDU):
+    """Function 0x2B / MEI type 0x0E from the meter's identification; pymodbus's own answers
+    from one process-wide identity block, the same for every unit."""
+
+    function_code = 0x2B
+    rtu_frame_size = 7  # unit, 0x2B, 0x0E, read code, object id, CRC
+
+    def __init__(
+        self, read_code: int, object_id: int, meters: Mapping[int, MeterRegisters]
+    ) -> None:
+        super().__init__()
+        self.read_code = read_code
+        self.object_id = object_id
+        self.meters = meters
+
+    async def datastore_update(self, context: ModbusServerContext, device_id: int) -> ModbusPDU:
+        registers = self.meters.get(device_id)
+        if registers is None:
+            raise NoSuchIdException("no meter has this unit id")
+        try:
+            objects = registers.device_objects()
+            chosen = mf.select_objects(objects, self.read_code, self.object_id)
+        except mf.RequestRefused as exc:
+            log.info(
+                "meter %s: device identification %d/%#04x refused with exception %02d: %s",
+                registers.meter_id,
+                self.read_code,
+                self.object_id,
+                exc.code,
+                exc,
+            )
+            return ExceptionResponse(self.function_code, int(exc.code))
+        except HesError as exc:
+            log.error("meter %s: device identification failed: %s", registers.meter_id, exc)
+            return ExceptionResponse(self.function_code, ExcCodes.DEVICE_FAILURE)
+        response = ReadDeviceInformationResponse(
+            read_code=self.read_code,
+            information={object_id: objects[object_id] for object_id in chosen},
+            dev_id=device_id,
+            transaction_id=self.transaction_id,
+        )
+        response.conformity = mf.CONFORMITY_LEVEL
+        return response
+
+
+class _Unframed(ModbusPDU):
+    """What the RTU framer is told of a request it cannot size (an unserved function): its
+    frame ends with the line's silence (see ``_RtuRequestHandler``)."""
+
+    @classmethod
+    def calculateRtuFrameSize(cls, data: bytes) -> int:  # noqa: N802 - pymodbus's name
+        return 0  # "need more": the silence after the frame decides
+
+
+_REQUESTS: dict[int, type[ModbusPDU]] = {
+    0x03: ReadHoldingRegistersRequest,
+    0x04: ReadInputRegistersRequest,
+    0x06: WriteSingleRegisterRequest,
+    0x10: WriteMultipleRegistersRequest,
+    0x17: _ReadWriteRegisters,
+    0x2B: _ReadDeviceIdentification,
+}
+
+
+class _MeterDecoder(DecodePDU):
+    """Requests as protocols.modbus_functions decides them (see the comment above)."""
+
+    def __init__(self, meters: Mapping[int, MeterRegisters]) -> None:
+        super().__init__(True)
+        self.meters = meters
+
+    def lookupPduClass(self, data: bytes) -> type[ModbusPDU] | None:  # noqa: N802 - pymodbus's
+        """The class that sizes an RTU frame (unit id, function code, data, CRC)."""
+        code = data[1]
+        if code in mf.MEI_FUNCTION_CODES and len(data) < 3:
+            return _Unframed
+        function = mf.lookup(code, data[2] if code in mf.MEI_FUNCTION_CODES else None)
+        return _REQUESTS[code] if function.served else _Unframed
+
+    def decode(self, frame: bytes) -> ModbusPDU | None:
+        try:
+            function = mf.classify(frame)
+        except mf.RequestRefused as exc:
+            return _Refused(frame[0] if frame else 0, exc.code, str(exc), self.meters)
+        if function.code == 0x2B:
+            return _ReadDeviceIdentification(frame[2], frame[3], self.meters)
+        pdu = _REQUESTS[function.code]()
+        pdu.decode(frame[1:])  # well-formed: classify has checked its length and counts
+        if isinstance(pdu, _ReadWriteRegisters):
+            pdu.meters = self.meters
+        return pdu
+
+
+class _RtuRequestHandler(ServerRequestHandler):
+    """The request handler of a serial line, with the RTU rule pymodbus lacks: a frame ends
+    with 3.5 characters of silence. pymodbus sizes a frame from its function code and waits for
+    the rest of it for ever, so a truncated frame, or one it cannot size, swallowed the next
+    request. When the line has been silent that long with bytes left over, they are a whole
+    frame: one with a good CRC is answered (an unserved function gets exception 01, a short
+    request 03), anything else is discarded."""
+
+    def __init__(self, owner: _RtuServer) -> None:
+        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+        self.silence = owner.silence
+        self.frame_end: asyncio.TimerHandle | None = None
+
+    def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
+        used = int(super().callback_data(data, addr))
+        if self.frame_end is not None:
+            self.frame_end.cancel()
+            self.frame_end = None
+        if used < len(data):
+            self.frame_end = self.loop.call_later(self.silence, self._silence)
+        return used
+
+    def callback_disconnected(self, exc: Exception | None) -> None:
+        if self.frame_end is not None:
+            self.frame_end.cancel()
+            self.frame_end = None
+        super().callback_disconnected(exc)
+
+    def _silence(self) -> None:
+        self.frame_end = None
+        frame, self.recv_buffer = self.recv_buffer, b""
+        crc = int.from_bytes(frame[-2:], "big")
+        if len(frame) < FramerRTU.MIN_SIZE or not FramerRTU.check_CRC(frame[:-2], crc):
+            log.debug(
+                "discarded %d byte(s) of a partial frame after the line fell silent", len(frame)
+            )
+            return
+        pdu = self.framer.decoder.decode(frame[1:-2])
+        if pdu is None:  # pragma: no cover - the meter's decoder answers every request
+            return
+        pdu.dev_id = frame[0]
+        self.last_pdu, self.last_addr = pdu, None
+        self.loop.call_soon(self.handle_later)
+
+
+class _RtuServer(ModbusSerialServer):
+    """pymodbus's serial server with the meter's decoder and the RTU silence rule; it exists
+    only to hand each connection an ``_RtuRequestHandler``."""
+
+    def __init__(self, devices: list[SimDevice], decoder: DecodePDU, silence: float, **kwargs: Any):
+        super().__init__(devices, **kwargs)
+        self.decoder = decoder
+        self.silence = silence
+
+    def callback_new_connection(self) -> ServerRequestHandler:
+        return _RtuRequestHandler(self)
 
 
 async def _no_such_device(  # noqa: PLR0917 - the signature pymodbus calls
@@ -399,6 +671,7 @@ async def serve_tcp(
     connections when the context is entered."""
     devices, meters = _devices(runtimes)
     server = ModbusTcpServer(devices, address=(host, port), ignore_missing_devices=False)
+    server.decoder = _MeterDecoder(meters)  # see "requests" above
     await _start(server, f"{host}:{port}")
     try:
         service = ModbusService(meters, host, _bound_port(server))
@@ -445,8 +718,10 @@ async def serve_rtu(
         raise ConfigError("stop bits are 1 or 2, byte size 7 or 8, baud rate positive")
     pacer = _Pacer(baudrate, bytesize, parity, stopbits) if pace else None
     devices, meters = _devices(runtimes, pacer)
-    server = ModbusSerialServer(
+    server = _RtuServer(
         devices,
+        _MeterDecoder(meters),
+        frame_silence(baudrate, bytesize, parity, stopbits),
         port=url,
         baudrate=baudrate,
         parity=parity.upper(),

@@ -6,8 +6,10 @@ persistent MQTT 5 session, a retained ``online`` state and a last will that mark
 ``offline``. It publishes telemetry every ``telemetry_interval`` seconds and every event the
 moment the firmware logs it (QoS 1), and it serves the head-end: commands on ``…/cmd`` are
 executed through :meth:`MeterRuntime.execute` (the same envelope, sequence and tag checks as
-over Modbus; ENTER_TOKEN too) and answered on the command's response topic with its
-correlation data; read requests on ``…/req`` are answered on ``…/reply``.
+over Modbus; ENTER_TOKEN too) and answered with its correlation data on its response topic
+when that lies in the result subtree ``…/cmd/result[/…]``, else on ``…/cmd/result``; read
+requests on ``…/req`` are answered likewise in the reply subtree ``…/reply[/…]``. A command or
+request whose ``schema`` user property is not this meter's is refused as one whose ``v`` is.
 
 Telemetry and events go through a bounded outbox: produced whether or not the broker is
 reachable, published in order, one at a time, and removed only once the broker acknowledged
@@ -30,7 +32,7 @@ import random
 import secrets
 import socket
 import ssl
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,6 +165,26 @@ def _tls_context(settings: BrokerSettings) -> _TlsContext | None:
 
 def _payload_bytes(message: aiomqtt.Message) -> bytes:
     return bytes(message.payload)
+
+
+def _schemas(message: aiomqtt.Message) -> tuple[str, ...]:
+    """The values of the message's ``schema`` user properties (MQTT 5 allows several)."""
+    pairs = getattr(message.properties, "UserProperty", None) or ()
+    return tuple(str(value) for key, value in pairs if key == SCHEMA_PROPERTY)
+
+
+def check_schema(schemas: Iterable[str]) -> None:
+    """DecodeError unless every ``schema`` user property names the schema this agent speaks
+    (a message without one is read as this schema, as its ``v`` field then decides)."""
+    for schema in schemas:
+        if schema != SCHEMA_PROPERTY_VALUE:
+            raise DecodeError(f"schema {schema!r}; this meter speaks {SCHEMA_PROPERTY_VALUE}")
+
+
+def in_subtree(topic: str, root: str) -> bool:
+    """True when ``topic`` is ``root`` or a topic below it, with no wildcard or NUL: where a
+    meter may answer a command (``…/cmd/result``) or a read request (``…/reply``)."""
+    return (topic == root or topic.startswith(root + "/")) and not any(c in topic for c in "+#\0")
 
 
 class MeterAgent:
@@ -386,14 +408,17 @@ class MeterAgent:
                 log.debug("meter %s: ignoring a message on %s", self.meter_id, topic)
 
     def _answer_topic(self, message: aiomqtt.Message, default: str) -> str:
+        """The message's response topic when it lies in ``default``'s subtree, else ``default``."""
         wanted = getattr(message.properties, "ResponseTopic", None)
-        if wanted and self.topics.owns(self.meter_id, wanted):
-            return str(wanted)
+        if isinstance(wanted, str) and in_subtree(wanted, default):
+            return wanted
+        if wanted:
+            log.info("meter %s: answering on %s, not on %s", self.meter_id, default, wanted)
         return default
 
     async def _command(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.stats.commands += 1
-        result = self.execute_payload(_payload_bytes(message))
+        result = self.execute_payload(_payload_bytes(message), _schemas(message))
         correlation = getattr(message.properties, "CorrelationData", None)
         await client.publish(
             self._answer_topic(message, self.topics.cmd_result(self.meter_id)),
@@ -402,9 +427,15 @@ class MeterAgent:
             properties=_answer_properties(bytes(correlation) if correlation else None),
         )
 
-    def execute_payload(self, payload: bytes) -> CommandResult:
-        """A command payload's result: executed by the runtime, or refused as unreadable."""
+    def execute_payload(self, payload: bytes, schemas: Sequence[str] = ()) -> CommandResult:
+        """A command payload's result: executed by the runtime, or refused as unreadable.
+
+        ``schemas`` are the values of the message's ``schema`` user properties: a command that
+        names a schema other than the one this meter speaks is refused like a payload whose
+        ``v`` is not 1 (sequence 0, BAD_ARGUMENT), and nothing is executed.
+        """
         try:
+            check_schema(schemas)
             message = decode_command_message(payload)
         except DecodeError as exc:
             log.warning("meter %s: unreadable command: %s", self.meter_id, exc)
@@ -422,7 +453,7 @@ class MeterAgent:
 
     async def _request(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.stats.requests += 1
-        reply = self.answer_request(_payload_bytes(message))
+        reply = self.answer_request(_payload_bytes(message), _schemas(message))
         correlation = getattr(message.properties, "CorrelationData", None)
         await client.publish(
             self._answer_topic(message, self.topics.reply(self.meter_id)),
@@ -431,9 +462,12 @@ class MeterAgent:
             properties=_answer_properties(bytes(correlation) if correlation else None),
         )
 
-    def answer_request(self, payload: bytes) -> Reply:
+    def answer_request(self, payload: bytes, schemas: Sequence[str] = ()) -> Reply:
+        """The reply to a read request; an error reply for one that is unreadable or names a
+        ``schema`` user property other than this meter's (``schemas``, as for commands)."""
         meter_id = self.meter_id
         try:
+            check_schema(schemas)
             request = decode_request(payload)
             if request.meter_id != meter_id:
                 return ErrorReply(meter_id=meter_id, error=f"request for {request.meter_id}")

@@ -5,6 +5,11 @@ A save writes a temporary file in the same directory, fsyncs it, renames it over
 fsyncs the directory, so a kill -9 at any instant leaves either the old or the new state, whole.
 A file that does not parse or whose checksum does not match raises StateFileError: a meter
 never silently starts from zero.
+
+A save can be split so that the file is written off the event loop: :meth:`StateStore.prepare`
+encodes the state where it is taken (the meter's own thread), :meth:`StateStore.write` writes and
+fsyncs it in any thread. Writes of one store are serialised and a prepared state never replaces
+a newer one already on disk.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import json
 import logging
 import os
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +34,22 @@ def _canonical(state: dict[str, Any]) -> bytes:
     return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class PreparedState:
+    """A meter state encoded for its file, numbered in the order it was taken."""
+
+    generation: int
+    document: bytes
+
+
 class StateStore:
     """The state file of one meter."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = threading.Lock()
+        self._taken = 0  # generations handed out by prepare()
+        self._written = 0  # the newest generation on disk
 
     @classmethod
     def for_meter(cls, state_dir: Path, meter_id: str) -> StateStore:
@@ -41,6 +59,11 @@ class StateStore:
         return self.path.exists()
 
     def save(self, state: dict[str, Any]) -> None:
+        """Write ``state`` durably; returns once it is on disk."""
+        self.write(self.prepare(state))
+
+    def prepare(self, state: dict[str, Any]) -> PreparedState:
+        """``state`` encoded for :meth:`write`; call it where the state is taken."""
         body = _canonical(state)
         document = (
             b'{"format":%d,"sha256":"%s","state":'
@@ -48,11 +71,22 @@ class StateStore:
             + body
             + b"}"
         )
-        try:
-            self._write(document)
-        except OSError as exc:
-            log.error("cannot save %s: %s", self.path, exc)
-            raise StateFileError(f"{self.path}: cannot save the meter's state: {exc}") from exc
+        with self._lock:
+            self._taken += 1
+            return PreparedState(self._taken, document)
+
+    def write(self, prepared: PreparedState) -> None:
+        """Write a prepared state durably (from any thread); nothing when a newer one already
+        is on disk."""
+        with self._lock:
+            if prepared.generation <= self._written:
+                return
+            try:
+                self._write(prepared.document)
+            except OSError as exc:
+                log.error("cannot save %s: %s", self.path, exc)
+                raise StateFileError(f"{self.path}: cannot save the meter's state: {exc}") from exc
+            self._written = prepared.generation
 
     def _write(self, document: bytes) -> None:
         directory = self.path.parent

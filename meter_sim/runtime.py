@@ -2,11 +2,14 @@
 
 Adapters (Modbus datastore, MQTT agent, CLI) call this, never the firmware's state directly:
 every read first advances the meter to the clock's now, and every command is persisted before
-it is acknowledged, so a kill -9 never loses an acknowledged top-up.
+it is acknowledged, so a kill -9 never loses an acknowledged top-up. Async callers use the
+``*_async`` methods: the state is taken on the event loop and written and fsynced in a worker
+thread, and the call returns once it is durable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +17,7 @@ from typing import Any
 
 from meter_sim.config import MeterConfig
 from meter_sim.firmware import Meter, TokenEntryResult
-from meter_sim.nvm import StateStore
+from meter_sim.nvm import PreparedState, StateStore
 from protocols.clock import Clock, ManualClock
 from protocols.commands import CommandEnvelope, CommandResult
 from protocols.errors import StateFileError, ValidationError
@@ -106,6 +109,18 @@ class MeterRuntime:
         self.sync()
         result = self.meter.execute(envelope)
         self.save()
+        self._log_command(envelope, result)
+        return result
+
+    async def execute_async(self, envelope: CommandEnvelope) -> CommandResult:
+        """:meth:`execute` with its save off the event loop; returns once the state is on disk."""
+        self.sync()
+        result = self.meter.execute(envelope)
+        await self.save_async()
+        self._log_command(envelope, result)
+        return result
+
+    def _log_command(self, envelope: CommandEnvelope, result: CommandResult) -> None:
         log.info(
             "meter %s command %s seq %d: %s",
             self.meter_id,
@@ -113,7 +128,6 @@ class MeterRuntime:
             envelope.sequence,
             result.code.name,
         )
-        return result
 
     def last_result(self) -> CommandResult:
         return self.meter.last_result
@@ -122,6 +136,13 @@ class MeterRuntime:
         self.sync()
         outcome = self.meter.enter_token(digits, method)
         self.save()
+        return outcome
+
+    async def enter_token_async(self, digits: str, method: int = 1) -> TokenEntryResult:
+        """:meth:`enter_token` with its save off the event loop."""
+        self.sync()
+        outcome = self.meter.enter_token(digits, method)
+        await self.save_async()
         return outcome
 
     def press_button(self) -> Any:
@@ -153,3 +174,14 @@ class MeterRuntime:
     def save(self) -> None:
         if self.store is not None:
             self.store.save(self.meter.to_state())
+
+    def prepare_save(self) -> PreparedState | None:
+        """The meter's state as of now, ready to be written in another thread."""
+        return self.store.prepare(self.meter.to_state()) if self.store is not None else None
+
+    async def save_async(self) -> None:
+        """Save without blocking the event loop: the state is taken here, written and fsynced in
+        a worker thread; returns once it is durable."""
+        prepared = self.prepare_save()
+        if prepared is not None and self.store is not None:
+            await asyncio.to_thread(self.store.write, prepared)

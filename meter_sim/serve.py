@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from meter_sim.config import FleetConfig
 from meter_sim.fleet import Fleet
 from meter_sim.modbus_server import serve_rtu, serve_tcp, serve_tcp_per_meter
 from meter_sim.mqtt_agent import AgentOptions, run_agents
@@ -46,6 +47,25 @@ class ServeOptions:
             and self.broker is None
         ):
             raise ConfigError("nothing to serve: give Modbus TCP, serial or MQTT options")
+        if not self.telemetry_interval > 0:  # 0 would publish as fast as the broker acknowledges
+            raise ConfigError(f"the telemetry interval is > 0 s, got {self.telemetry_interval!r}")
+
+
+def mqtt_password_secret(config: FleetConfig) -> str | None:
+    """The secret the meters of ``config`` derive their MQTT passwords from; ConfigError when a
+    meter without ``mqtt_password`` would need it and the fleet file has none."""
+    secret = config.mqtt_password_secret
+    lacking = config.meters_without_mqtt_password()
+    if secret is None and lacking:
+        shown = ", ".join(lacking[:3]) + (
+            f" and {len(lacking) - 3} more" if len(lacking) > 3 else ""
+        )
+        raise ConfigError(
+            f"{shown} have no mqtt_password and the fleet file no [mqtt] password_secret: "
+            "set password_secret (64 hex digits; meter-sim init writes one) or give each meter "
+            "an mqtt_password"
+        )
+    return secret
 
 
 @dataclass(slots=True)
@@ -76,6 +96,7 @@ async def serve_fleet(
 ) -> None:
     """Serve ``fleet`` until ``stop`` is set; ``ready`` is called once every transport listens."""
     runtimes = list(fleet.runtimes.values())
+    secret = mqtt_password_secret(fleet.config) if options.broker is not None else None
     units = [runtime.config.modbus_unit for runtime in runtimes]
     shared_listener = options.modbus_port is not None or options.serial
     if shared_listener and len(set(units)) != len(units):
@@ -115,7 +136,7 @@ async def serve_fleet(
                     runtimes,
                     options.broker,
                     prefix=options.mqtt_prefix,
-                    options=AgentOptions(telemetry_interval=options.telemetry_interval),
+                    options=_agent_options(options, secret),
                 )
             )
             endpoints.mqtt = options.broker.url()
@@ -131,3 +152,9 @@ async def serve_fleet(
         if ready is not None:
             ready(endpoints)
         await fleet.run(stop)
+
+
+def _agent_options(options: ServeOptions, secret: str | None) -> AgentOptions:
+    if secret is None:  # every meter has its own mqtt_password
+        return AgentOptions(telemetry_interval=options.telemetry_interval)
+    return AgentOptions(telemetry_interval=options.telemetry_interval, meter_secret=secret)

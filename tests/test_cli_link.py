@@ -38,7 +38,7 @@ async def main() -> None:
         ),
         MeterRuntime.open(
             MeterConfig(
-                "CLI-0003", modbus_unit=3, currency="BHD", currency_exponent=3, initial_credit=1500
+                "CLI-0003", modbus_unit=3, currency="BHD", currency_scale=-3, initial_credit=1500
             ),
             clock,
         ),

@@ -8,11 +8,17 @@ import pytest
 from meter_sim.config import (
     DOC_TABLES,
     FIELD_DOCS,
+    SCHEMA,
+    FleetConfig,
     MeterConfig,
+    SimulationConfig,
     TariffConfig,
+    default_fleet,
     fleet_from_mapping,
     load_fleet,
+    meter_from_mapping,
     parse_hhmm,
+    render_markdown,
 )
 from protocols.errors import ConfigError
 
@@ -75,15 +81,15 @@ def test_tariff_rate_lookup() -> None:
     ("raw", "message"),
     [
         ({"meters": [{"id": "A", "colour": "red"}]}, "unknown key"),
-        ({"meters": [{"id": "bad id!"}]}, "meter id"),
+        ({"meters": [{"id": "bad id!"}]}, r"meters\[0\]\.id: must be letters"),
         ({"meters": [{"id": "A"}, {"id": "A"}]}, "appears twice"),
         ({"meters": [{"id": "A", "control_mode": 9}]}, "control_mode"),
         ({"meters": [{"id": "A", "modbus_unit": 0}]}, "modbus_unit"),
         ({"meters": [{"id": "A", "credit_unit": "gold"}]}, "credit_unit"),
         ({"meters": [{"id": "A", "initial_credit": -1}]}, "initial_credit"),
         ({"meters": [{"id": "A", "currency": "kes"}]}, "ISO 4217"),
-        ({"meters": [{"id": "A", "currency_exponent": 5}]}, "exponent is 0..4"),
-        ({"meters": [{"id": "A", "auth_key": "xyz"}]}, "not hex"),
+        ({"meters": [{"id": "A", "currency_scale": 2}]}, r"currency_scale: must be <= 0"),
+        ({"meters": [{"id": "A", "auth_key": "xyz"}]}, "auth_key: must be hex digits"),
         ({"meters": [{"id": "A", "friendly_hours": [["10:00", "09:00"]]}]}, "friendly_hours"),
         (
             {"meters": [{"id": "A", "tariff": {"prices": [1, 2], "weekday": [["01:00", 1]]}}]},
@@ -128,3 +134,75 @@ def test_defaults_are_valid() -> None:
     meter = MeterConfig("M")
     assert meter.credit_unit == "money"
     assert meter.key_bytes is None
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            '[simulation]\nspeed = "fast"\n[[meters]]\nid = "A"\n',
+            "simulation.speed: expected float",
+        ),
+        ('[[meters]]\nid = "A"\n[[meters]]\ncount = "two"\n', r"meters\[1\]\.count: expected int"),
+        (
+            '[defaults.load]\nwatts = "x"\n[[meters]]\nid = "A"\n',
+            "defaults.load.watts: expected int, got string",
+        ),
+        ('meters = "abc"\n', "meters: expected array, got string"),
+        ('simulation = 5\n[[meters]]\nid = "A"\n', "simulation: expected table, got int"),
+        ("[simulation]\nspeed = 0\n[[meters]]\nid = 'A'\n", "simulation.speed: must be > 0$"),
+        ("[simulation]\nspeed = 60\n", "the fleet has no meters"),
+        ("meters = []\n", "the fleet has no meters"),
+        ("[[meters]]\nid = 'A'\nemergency_auto = 1\n", "emergency_auto: expected bool, got int"),
+        ("[[meters]]\nid = 'A'\nmanufacturer = 'ACME METERS'\n", "manufacturer: must be a str"),
+        ("[[meters]]\nid = 'A'\ncount = 2\n", "id .* or count, not both"),
+        ("[[meters]]\nmodbus_unit = 2\n", r"meters\[0\]\.id: required"),
+        ("[mqtt]\npassword_secret = 'abc'\n[[meters]]\nid = 'A'\n", "mqtt.password_secret"),
+    ],
+)
+def test_every_problem_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "fleet.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_fleet(path)
+    assert str(caught.value).startswith(f"{path}: ")
+    assert "\n" not in str(caught.value)
+
+
+def test_the_schema_names_every_field_of_every_table() -> None:
+    for section, (keys, cls) in SCHEMA.items():
+        names = {"id" if f.name == "meter_id" else f.name for f in fields(cls)}
+        assert set(keys) == names, section
+
+
+def test_currency_scale_is_the_snapshot_scale() -> None:
+    meter = meter_from_mapping({"id": "J", "currency": "JPY", "currency_scale": 0})
+    assert (meter.currency_scale, meter.currency_exponent) == (0, 0)
+    assert MeterConfig("K").currency_scale == -2
+    with pytest.raises(ConfigError, match="currency_scale"):
+        MeterConfig("K", currency_scale=2)
+
+
+def test_the_mqtt_password_secret() -> None:
+    secret = "ab" * 32
+    fleet = fleet_from_mapping({"mqtt": {"password_secret": secret}, "meters": [{"id": "A"}]})
+    assert fleet.mqtt_password_secret == secret
+    assert fleet_from_mapping({"meters": [{"id": "A"}]}).mqtt_password_secret is None
+    one, two = default_fleet(), default_fleet()
+    assert one.mqtt_password_secret is not None
+    assert len(one.mqtt_password_secret) == 64
+    assert one.mqtt_password_secret != two.mqtt_password_secret
+
+
+def test_a_fleet_has_meters() -> None:
+    with pytest.raises(ConfigError, match="no meters"):
+        FleetConfig(SimulationConfig(), ())
+
+
+def test_the_document_gives_each_key_its_type_and_range() -> None:
+    text = render_markdown()
+    assert "| `modbus_unit` | integer 1..247 | `1` |" in text
+    assert "| `speed` | number > 0, at most 1,000,000,000 | `60.0` |" in text
+    assert "| `password_secret` | 64 hex digits | unset |" in text
+    assert "register-map.md#disconnect-control-modes" in text
+    assert "design notes" not in text

@@ -43,6 +43,9 @@ def test_a_session(runtime: MeterRuntime) -> None:
         ("topup 0 5", "transfer"),
         ("topup 1 99999999999", "amount"),
         ("token", "usage: token"),
+        ("events abc", "usage: events"),
+        ("events -1", "usage: events"),
+        ("events 1 2", "usage: events"),
         ("fly away", "unknown command"),
     ],
 )

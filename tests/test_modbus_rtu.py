@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import serial
 from pymodbus.client import AsyncModbusSerialClient
+from pymodbus.framer import FramerRTU
 
 from headend.links.endpoint import open_link
 from headend.links.modbus import LinkSettings, ModbusRtuLink, SerialLine
-from meter_sim.modbus_server import serve_rtu
+from meter_sim.modbus_server import frame_silence, serve_rtu
 from meter_sim.runtime import MeterRuntime
 from protocols import registermap as rm
 from protocols.clock import ManualClock
@@ -241,3 +243,146 @@ async def test_mbpoll_reads_the_meters_on_the_line(
         out, err = await asyncio.wait_for(process.communicate(), 20)
         assert process.returncode == 0, err.decode()
         assert mbpoll_values(out.decode()) == {probe: rm.ORDER_PROBE}
+
+
+# -- a raw master: hand-built frames, the RTU framing rules -------------------------------------
+
+
+class RawRtuMaster:
+    """A master on the pty that writes hand-built RTU frames and reads raw answers (pyserial's
+    blocking reads run in a worker thread; the server runs in the test's event loop)."""
+
+    def __init__(self, port: str, baudrate: int) -> None:
+        self.line = serial.serial_for_url(port, baudrate=baudrate, timeout=1.0)
+
+    def close(self) -> None:
+        self.line.close()
+
+    async def send(self, frame: bytes) -> None:
+        await asyncio.to_thread(self.line.write, frame)
+
+    async def receive(self, size: int) -> bytes:
+        """Up to ``size`` bytes, or fewer when the line stays quiet for a second."""
+        return bytes(await asyncio.to_thread(self.line.read, size))
+
+
+def rtu(unit: int, pdu: bytes) -> bytes:
+    frame = bytes([unit]) + pdu
+    return frame + FramerRTU.compute_CRC(frame).to_bytes(2, "big")
+
+
+def read_input(unit: int, address: int, count: int) -> bytes:
+    return rtu(unit, bytes([4]) + address.to_bytes(2, "big") + count.to_bytes(2, "big"))
+
+
+@pytest.fixture
+async def raw_line(
+    pty_pair: tuple[str, str], bus_meters: list[MeterRuntime]
+) -> AsyncIterator[tuple[RawRtuMaster, float]]:
+    """The meters on a 9600 baud line and a raw master on its other end, with the line's
+    3.5-character silence."""
+    async with serve_rtu(bus_meters, pty_pair[0], baudrate=9600):
+        master = RawRtuMaster(pty_pair[1], 9600)
+        try:
+            yield master, frame_silence(9600, 8, "N", 1)
+        finally:
+            master.close()
+
+
+async def _answered_map_version(master: RawRtuMaster, unit: int = 3) -> None:
+    await master.send(read_input(unit, 0, 1))
+    assert await master.receive(7) == rtu(unit, bytes([4, 2]) + rm.MAP_VERSION.to_bytes(2, "big"))
+
+
+@pytest.mark.parametrize(
+    "partial",
+    [
+        pytest.param(bytes.fromhex("0304000000"), id="truncated"),
+        pytest.param(read_input(3, 0, 1)[:-1], id="no-crc-end"),
+        pytest.param(bytes.fromhex("031000000002"), id="truncated-fc16"),
+        pytest.param(rtu(3, bytes([4, 0, 0, 0, 1]))[:-2] + b"\x00\x00", id="bad-crc"),
+        pytest.param(b"\x03", id="one-byte"),
+    ],
+)
+async def test_a_partial_frame_is_discarded_after_the_silence(
+    raw_line: tuple[RawRtuMaster, float], partial: bytes
+) -> None:
+    master, silence = raw_line
+    await master.send(partial)
+    await asyncio.sleep(20 * silence)  # the line is silent: the partial frame ends here
+    await _answered_map_version(master)
+
+
+async def test_unserved_functions_and_short_requests_are_answered_after_the_silence(
+    raw_line: tuple[RawRtuMaster, float],
+) -> None:
+    master, _ = raw_line
+    for pdu, answer in (
+        (bytes([0x63, 0, 0, 0, 1]), bytes([0xE3, 0x01])),  # no such function
+        (bytes([0x99]), bytes([0x99, 0x01])),
+        (bytes([0x01, 0, 0, 0, 1]), bytes([0x81, 0x01])),  # coils
+        (bytes([0x18, 0, 0]), bytes([0x98, 0x01])),  # FIFO
+        (bytes([0x08, 0, 0, 0x12, 0x34]), bytes([0x88, 0x01])),  # diagnostics
+        (bytes([0x2B, 0x0D, 0, 0]), bytes([0xAB, 0x01])),
+        (bytes([0x03, 0x04, 0x4C]), bytes([0x83, 0x03])),  # a read without its count
+        (bytes([0x04, 0, 0, 0, 0]), bytes([0x84, 0x03])),  # count 0
+    ):
+        await master.send(rtu(3, pdu))
+        assert await master.receive(5) == rtu(3, answer), pdu.hex()
+        await _answered_map_version(master)
+
+
+async def test_other_units_frames_get_no_answer_whatever_they_hold(
+    raw_line: tuple[RawRtuMaster, float],
+) -> None:
+    master, _ = raw_line
+    master.line.timeout = 0.3
+    for pdu in (bytes([0x63, 0, 0]), bytes([0x04, 0, 0, 0, 0]), bytes([0x04, 0, 0, 0, 1])):
+        await master.send(rtu(9, pdu))
+        assert await master.receive(5) == b""
+        await _answered_map_version(master)
+
+
+async def test_device_identification_over_rtu(
+    raw_line: tuple[RawRtuMaster, float], bus_meters: list[MeterRuntime]
+) -> None:
+    master, _ = raw_line
+    runtime = bus_meters[1]
+    await master.send(rtu(5, bytes([0x2B, 0x0E, 4, 0x80])))
+    meter_id = runtime.meter_id.encode()
+    expected = rtu(5, bytes([0x2B, 0x0E, 4, 0x83, 0, 0, 1, 0x80, len(meter_id)]) + meter_id)
+    assert await master.receive(len(expected)) == expected
+
+
+async def test_a_frame_in_pieces_within_the_silence_is_one_frame(
+    pty_pair: tuple[str, str], bus_meters: list[MeterRuntime]
+) -> None:
+    baud = 300  # 3.5 characters take 117 ms: pieces 5 ms apart are one frame
+    async with serve_rtu(bus_meters, pty_pair[0], baudrate=baud):
+        master = RawRtuMaster(pty_pair[1], baud)
+        try:
+            frame = read_input(3, 0, 1)
+            await master.send(frame[:3])
+            await asyncio.sleep(0.005)
+            await master.send(frame[3:])
+            answer = await master.receive(7)
+            assert answer == rtu(3, bytes([4, 2]) + rm.MAP_VERSION.to_bytes(2, "big"))
+        finally:
+            master.close()
+
+
+async def test_pymodbus_recovers_after_a_truncated_frame(
+    raw_line: tuple[RawRtuMaster, float], pty_pair: tuple[str, str]
+) -> None:
+    master, silence = raw_line
+    await master.send(bytes.fromhex("0204000000"))
+    master.close()
+    await asyncio.sleep(20 * silence)
+    client = AsyncModbusSerialClient(pty_pair[1], baudrate=9600, timeout=1, retries=0)
+    assert await client.connect()
+    try:
+        response = await client.read_input_registers(0, count=1, device_id=3)
+        assert not response.isError()
+        assert response.registers == [rm.MAP_VERSION]
+    finally:
+        client.close()

@@ -300,7 +300,7 @@ async def test_floats_and_word_order_as_a_third_party_reads_them(
     assert math.isclose(value, little.snapshot().voltage_dv / 10, rel_tol=1e-6)
 
 
-async def test_reads_of_unmapped_addresses_and_coils_are_exception_02(
+async def test_reads_of_unmapped_addresses_are_02_and_coils_are_01(
     client: AsyncModbusTcpClient,
 ) -> None:
     gap = rm.BLOCKS[rm.Block.IDENTIFICATION].end  # 72..99 are not mapped
@@ -309,11 +309,17 @@ async def test_reads_of_unmapped_addresses_and_coils_are_exception_02(
         client.read_input_registers(gap - 2, count=4, device_id=1),  # partly mapped
         client.read_input_registers(9000, count=2, device_id=1),  # beyond the table
         client.read_holding_registers(0, count=1, device_id=1),
-        client.read_coils(0, count=1, device_id=1),
     ):
         response = await request
         assert response.isError()
         assert response.exception_code == 2
+    for request in (  # the map has no coils or discrete inputs: illegal function
+        client.read_coils(0, count=1, device_id=1),
+        client.read_discrete_inputs(0, count=1, device_id=1),
+    ):
+        response = await request
+        assert response.isError()
+        assert response.exception_code == 1
 
 
 async def test_a_unit_without_a_meter_gets_exception_0b(server: Any) -> None:
@@ -525,7 +531,8 @@ async def test_bad_writes_get_02_or_03_and_change_nothing(
         (lambda: client.write_registers(rm.COMMAND_START, [*good, 0], device_id=1), 2),  # spills
         (lambda: client.write_register(999, 1, device_id=1), 2),  # unmapped
         (lambda: client.write_register(rm.ROW["profile_count"].address, 1, device_id=1), 2),
-        (lambda: client.write_coil(0, True, device_id=1), 2),
+        # no coils -> 01
+        (lambda: client.write_coil(0, True, device_id=1), 1),
         # values no meter accepts -> 03
         (lambda: client.write_register(rm.ROW["cmd_go"].address, 2, device_id=1), 3),
         (lambda: client.write_register(rm.ROW["cmd_code"].address, 10, device_id=1), 3),

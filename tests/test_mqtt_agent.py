@@ -12,6 +12,8 @@ from pathlib import Path
 
 import aiomqtt
 import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from headend.broker import LocalBroker
 from headend.ingest import Ingest, MemorySink
@@ -19,7 +21,7 @@ from headend.links.base import MeterLink, send_command
 from headend.links.endpoint import open_link
 from headend.links.mqtt import MqttLinkHub, MqttMeterLink, publish_properties
 from meter_sim.describe import snapshot_rows
-from meter_sim.mqtt_agent import AgentOptions, MeterAgent, run_agents
+from meter_sim.mqtt_agent import AgentOptions, MeterAgent, in_subtree, run_agents
 from protocols import mqtt
 from protocols.clock import ManualClock
 from protocols.commands import Command, CommandEnvelope, ResultCode
@@ -137,7 +139,7 @@ async def test_commands_and_reads_through_the_link(
 async def test_a_snapshot_carries_the_currency_scale(
     broker: LocalBroker, make_runtime: RuntimeFactory, hub: MqttLinkHub
 ) -> None:
-    runtime = make_runtime(M2, currency="JPY", currency_exponent=0, initial_credit=500)
+    runtime = make_runtime(M2, currency="JPY", currency_scale=0, initial_credit=500)
     async with run_agents([runtime], broker.settings(), telemetry_interval=60) as group:
         await group.wait_connected(5)
         snapshot = await hub.link(M2).read_snapshot()
@@ -385,3 +387,152 @@ async def test_endpoint_links_share_one_connection(
 async def test_bad_mqtt_endpoints(endpoint: str) -> None:
     with pytest.raises(ConfigError):
         await open_link(endpoint)
+
+
+def _raw_properties(
+    schema: str | None, correlation: bytes, response_topic: str | None = None
+) -> Properties:
+    """PUBLISH properties as any MQTT 5 client may send them (not the head-end's helper)."""
+    props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
+    if schema is not None:
+        props.UserProperty = [(mqtt.SCHEMA_PROPERTY, schema)]
+    props.CorrelationData = correlation
+    if response_topic is not None:
+        props.ResponseTopic = response_topic
+    return props
+
+
+def _headend_client(broker: LocalBroker, identifier: str) -> aiomqtt.Client:
+    return aiomqtt.Client(
+        broker.host,
+        broker.port,
+        username="hes",
+        password=broker.headend_password,
+        identifier=identifier,
+        protocol=aiomqtt.ProtocolVersion.V5,
+    )
+
+
+async def _answer(
+    client: aiomqtt.Client, correlation: bytes, timeout: float = 5.0
+) -> aiomqtt.Message:
+    """The next message carrying ``correlation`` that is not the question itself: the meter's
+    answer, whatever its topic."""
+    async with asyncio.timeout(timeout):
+        async for message in client.messages:
+            question = message.topic.value.endswith(("/cmd", "/req"))
+            if not question and getattr(message.properties, "CorrelationData", None) == correlation:
+                return message
+    raise AssertionError("the subscription ended")
+
+
+async def test_a_foreign_schema_user_property_is_refused_and_nothing_runs(
+    broker: LocalBroker, make_runtime: RuntimeFactory
+) -> None:
+    runtime = make_runtime(M2, auth_key=None)  # keyless, as the meter the problem was seen on
+    command = b'{"v":1,"meter_id":"MTR-0002","sequence":12,"code":3,"args":[1,100]}'
+    request = mqtt.encode_request(mqtt.SnapshotRequest(meter_id=M2))
+    async with (
+        run_agents([runtime], broker.settings(), telemetry_interval=60) as group,
+        _headend_client(broker, "hes-schema") as hes,
+    ):
+        await group.wait_connected(5)
+        await hes.subscribe(TOPICS.cmd_result(M2), qos=1)
+        await hes.subscribe(TOPICS.reply(M2), qos=1)
+        # a third-party client, exactly as an operator would type it
+        pub = await asyncio.create_subprocess_exec(
+            "mosquitto_pub", "-V", "5", "-q", "1", "-h", broker.host, "-p", str(broker.port),
+            "-u", "hes", "-P", broker.headend_password, "-i", "hes-mosquitto-pub",
+            "-t", TOPICS.cmd(M2), "-m", command.decode(),
+            "-D", "publish", "user-property", "schema", "2",
+            "-D", "publish", "correlation-data", "pub",
+        )  # fmt: skip
+        assert await asyncio.wait_for(pub.wait(), 10) == 0
+        by_cli = mqtt.decode_result(bytes((await _answer(hes, b"pub")).payload)).result
+        for schema, number in (("2", b"\x01"), ("1", b"\x02")):  # paho: refused, then accepted
+            await hes.publish(
+                TOPICS.cmd(M2), command, qos=1, properties=_raw_properties(schema, number)
+            )
+            answer = await _answer(hes, number)
+            if schema == "2":
+                by_paho = mqtt.decode_result(bytes(answer.payload)).result
+                assert runtime.snapshot().last_command_seq == 0  # nothing ran before the "1"
+        assert mqtt.decode_result(bytes(answer.payload)).result.code == ResultCode.OK
+        replies = []
+        for schema, number in (("2", b"\x03"), ("1", b"\x04")):
+            await hes.publish(
+                TOPICS.request(M2), request, qos=1, properties=_raw_properties(schema, number)
+            )
+            replies.append(mqtt.decode_reply(bytes((await _answer(hes, number)).payload)))
+    for refused in (by_cli, by_paho):
+        assert (refused.sequence, refused.code) == (0, ResultCode.BAD_ARGUMENT)
+        assert "schema '2'" in refused.detail
+    assert isinstance(replies[0], mqtt.ErrorReply)
+    assert "schema '2'" in replies[0].error
+    assert isinstance(replies[1], mqtt.SnapshotReply)
+    topups = [e for e in runtime.events_since(0) if e.code is EventCode.TOPUP_ACCEPTED]
+    assert [(e.a, e.b) for e in topups] == [(1, 100)]  # once: only the schema-1 copy ran
+
+
+@pytest.mark.parametrize(
+    ("kind", "response_topic", "answered_on"),
+    [
+        ("cmd", None, "cmd/result"),
+        ("cmd", "cmd/result", "cmd/result"),
+        ("cmd", "cmd/result/hes-7", "cmd/result/hes-7"),
+        ("cmd", "telemetry", "cmd/result"),  # where Telemetry is documented: refused
+        ("cmd", "events", "cmd/result"),
+        ("cmd", "state", "cmd/result"),
+        ("cmd", "cmd", "cmd/result"),
+        ("cmd", "cmd/resultant", "cmd/result"),
+        ("cmd", "reply", "cmd/result"),
+        ("req", None, "reply"),
+        ("req", "reply/hes-7", "reply/hes-7"),
+        ("req", "telemetry", "reply"),
+        ("req", "cmd/result", "reply"),
+        ("req", "replyx", "reply"),
+    ],
+)
+async def test_answers_go_to_the_response_topic_only_inside_its_subtree(
+    broker: LocalBroker,
+    make_runtime: RuntimeFactory,
+    kind: str,
+    response_topic: str | None,
+    answered_on: str,
+) -> None:
+    runtime = make_runtime(M1)
+    root = TOPICS.meter_root(M1)
+    payload = (
+        mqtt.encode_command(_envelope(1, Command.credit_transfer(1, 100)))
+        if kind == "cmd"
+        else mqtt.encode_request(mqtt.LastResultRequest(meter_id=M1))
+    )
+    wanted = f"{root}/{response_topic}" if response_topic else None
+    async with (
+        run_agents([runtime], broker.settings(), telemetry_interval=60) as group,
+        _headend_client(broker, "hes-response-topic") as hes,
+    ):
+        await group.wait_connected(5)
+        await hes.subscribe(f"{root}/#", qos=1)
+        await hes.publish(
+            f"{root}/{kind}", payload, qos=1, properties=_raw_properties("1", b"rt", wanted)
+        )
+        answer = await _answer(hes, b"rt")
+    assert answer.topic.value == f"{root}/{answered_on}"
+
+
+@pytest.mark.parametrize(
+    ("topic", "inside"),
+    [
+        ("a/b", True),
+        ("a/b/c/d", True),
+        ("a/bc", False),
+        ("a", False),
+        ("a/b/+", False),
+        ("a/b/#", False),
+        ("a/b/c\0", False),
+        ("x/a/b", False),
+    ],
+)
+def test_the_answer_subtree(topic: str, inside: bool) -> None:
+    assert in_subtree(topic, "a/b") is inside

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import json
 import shutil
 import subprocess
 import sys
@@ -19,17 +21,21 @@ from headend.broker import (
     LocalBroker,
     choose_broker,
     free_port,
-    hash_password,
+    password_fields,
     probe,
 )
-from headend.links.mqtt import Incoming, MqttConnection
+from headend.links.mqtt import Incoming, MqttConnection, MqttLinkHub
+from meter_sim.mqtt_agent import AgentOptions, MeterAgent
+from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.errors import LinkClosed
 from protocols.mqtt import BrokerSettings, TopicKind, TopicScheme
-from tests.mqtt_broker import TEST_METERS, BrokerFactory
+from protocols.readings import EventCode
+from tests.mqtt_broker import TEST_KEY, TEST_METERS, BrokerFactory, RuntimeFactory
 
 pytestmark = pytest.mark.mqtt
 TOPICS = TopicScheme()
 M1, M2 = TEST_METERS[0], TEST_METERS[1]
+KEY = bytes.fromhex(TEST_KEY)
 
 
 def _client(settings: BrokerSettings, identifier: str | None = None) -> aiomqtt.Client:
@@ -48,19 +54,17 @@ async def _next_message(client: aiomqtt.Client, timeout: float = 5.0) -> aiomqtt
         return await anext(aiter(client.messages))
 
 
-def test_password_hashes_match_mosquitto_passwd(tmp_path: Path) -> None:
-    tool = shutil.which("mosquitto_passwd")
+def test_password_hashes_match_mosquitto_ctrl(tmp_path: Path) -> None:
+    tool = shutil.which("mosquitto_ctrl")
     if tool is None:
-        pytest.skip("mosquitto_passwd is not installed")
-    path = tmp_path / "passwd"
-    path.touch()
-    subprocess.run([tool, "-b", str(path), "alice", "s3cret"], check=True)
-    written = path.read_text().strip().split(":", 1)[1]
-    _, seven, iterations, salt, _ = written.split("$")
-    import base64
-
-    assert seven == "7"
-    assert hash_password("s3cret", base64.b64decode(salt), int(iterations)) == written
+        pytest.skip("mosquitto_ctrl is not installed")
+    path = tmp_path / "dynsec.json"
+    subprocess.run(
+        [tool, "dynsec", "init", str(path), "alice", "s3cret"], check=True, capture_output=True
+    )
+    written = json.loads(path.read_text())["clients"][0]
+    fields = password_fields("s3cret", base64.b64decode(written["salt"]), written["iterations"])
+    assert fields == {k: written[k] for k in ("password", "salt", "iterations")}
 
 
 async def test_a_wrong_password_cannot_connect(broker: LocalBroker) -> None:
@@ -73,7 +77,7 @@ async def test_a_wrong_password_cannot_connect(broker: LocalBroker) -> None:
             pass
     unknown = broker.settings("nobody", "whatever")
     assert not (await probe(unknown)).accepted
-    assert (await probe(broker.meter_settings(M1))).accepted
+    assert (await probe(broker.meter_settings(M1), client_id=M1)).accepted
     assert (await probe(broker.settings())).accepted
 
 
@@ -185,7 +189,7 @@ async def test_choosing_a_broker(tmp_path: Path, broker: LocalBroker) -> None:
         assert plan.settings is not None
         assert plan.settings.port == plan.local.port != broker.port
         assert "none at" in plan.note
-        assert (await probe(plan.local.meter_settings(M1))).accepted
+        assert (await probe(plan.local.meter_settings(M1), client_id=M1)).accepted
     finally:
         plan.close()
 
@@ -286,3 +290,118 @@ def test_a_connection_collected_after_its_loop_closed_stays_quiet(
     worker.start()
     worker.join()
     assert [u.exc_value for u in unraisable] == []  # type: ignore[attr-defined]
+
+
+def _takeover(broker: LocalBroker, victim: str, thief: str) -> list[str]:
+    """``mosquitto_sub`` with the thief's user name and password and the victim's client id,
+    asking for the victim's persistent session (the argv of the attempt)."""
+    return [
+        "mosquitto_sub", "-V", "5", "-h", broker.host, "-p", str(broker.port),
+        "-u", thief, "-P", broker.passwords[thief], "-i", victim, "-c", "-x", "604800",
+        "-t", TOPICS.cmd(victim), "-q", "1", "-C", "1", "-W", "3",
+    ]  # fmt: skip
+
+
+async def _run(argv: list[str]) -> tuple[int, str]:
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), 10)
+    assert process.returncode is not None
+    return process.returncode, output.decode(errors="replace")
+
+
+async def test_a_meter_cannot_take_over_another_meters_session(
+    broker: LocalBroker, make_runtime: RuntimeFactory
+) -> None:
+    if shutil.which("mosquitto_sub") is None:
+        pytest.skip("mosquitto_sub is not installed")
+    runtime = make_runtime(M2)
+    options = AgentOptions(telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2)
+    victim = MeterAgent(runtime, broker.settings(), TOPICS, options)
+    task = asyncio.create_task(victim.run())
+    try:
+        await asyncio.wait_for(victim.connected.wait(), 5)
+        # while the victim is online: refused, and the victim keeps its connection
+        code, output = await _run(_takeover(broker, M2, M1))
+        assert code != 0
+        assert "not authori" in output.lower()
+        assert victim.connected.is_set()
+        assert victim.stats.connects == 1
+    finally:
+        victim.stop()
+        await task  # offline now; its session (and subscription) stay on the broker
+
+    envelope = CommandEnvelope.signed(M2, 300, Command.credit_transfer(1, 500), KEY)
+    async with (
+        MqttLinkHub(broker.settings()) as hub,
+        _client(broker.settings(), "hes-watch-cmd") as watcher,
+    ):
+        await watcher.subscribe(TOPICS.cmd(M2), qos=1)
+        queued = asyncio.create_task(hub.execute(envelope, 30))  # message expiry 30 s
+        await _next_message(watcher)  # the broker holds it now, for the offline victim too
+        code, output = await _run(_takeover(broker, M2, M1))
+        assert code != 0
+        assert "not authori" in output.lower()
+        with pytest.raises(aiomqtt.MqttError):  # the same attempt through paho
+            async with aiomqtt.Client(
+                broker.host,
+                broker.port,
+                username=M1,
+                password=broker.passwords[M1],
+                identifier=M2,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                clean_start=False,
+            ):
+                pass
+        assert not queued.done()
+        returned = MeterAgent(runtime, broker.settings(), TOPICS, options)
+        task = asyncio.create_task(returned.run())
+        try:
+            result = await asyncio.wait_for(queued, 10)
+        finally:
+            returned.stop()
+            await task
+    assert (result.sequence, result.code) == (300, ResultCode.OK)
+    assert returned.stats.commands == 1
+    topups = [e for e in runtime.events_since(0) if e.code is EventCode.TOPUP_ACCEPTED]
+    assert [(e.a, e.b) for e in topups] == [(1, 500)]
+
+
+async def test_the_probe_logs_in_through_paho_with_mqtt_5(broker: LocalBroker) -> None:
+    assert (await probe(broker.settings())).accepted
+    logged = [line for line in broker.log_text().splitlines() if " as hes-probe-" in line]
+    assert logged
+    assert "(p5," in logged[-1]  # MQTT 5, as every client of the project speaks
+
+
+async def test_checking_a_meters_login_leaves_its_queued_commands(
+    tmp_path: Path, broker: LocalBroker, make_runtime: RuntimeFactory
+) -> None:
+    runtime = make_runtime(M1)
+    options = AgentOptions(telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2)
+    first = MeterAgent(runtime, broker.settings(), TOPICS, options)
+    task = asyncio.create_task(first.run())
+    await asyncio.wait_for(first.connected.wait(), 5)
+    first.stop()
+    await task
+    envelope = CommandEnvelope.signed(M1, 1, Command.credit_transfer(1, 700), KEY)
+    async with (
+        MqttLinkHub(broker.settings()) as hub,
+        _client(broker.settings(), "hes-watch-cmd") as watcher,
+    ):
+        await watcher.subscribe(TOPICS.cmd(M1), qos=1)
+        queued = asyncio.create_task(hub.execute(envelope, 30))
+        await _next_message(watcher)
+        # the fleet check logs in as the meter, into its session with the command waiting
+        plan = await choose_broker(None, tmp_path, [M1], default_url=broker.settings().url(True))
+        assert plan.local is None
+        returned = MeterAgent(runtime, broker.settings(), TOPICS, options)
+        task = asyncio.create_task(returned.run())
+        try:
+            result = await asyncio.wait_for(queued, 10)
+        finally:
+            returned.stop()
+            await task
+    assert (result.sequence, result.code) == (1, ResultCode.OK)
+    assert runtime.snapshot().last_transfer == 1

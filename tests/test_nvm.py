@@ -58,3 +58,14 @@ def test_a_failed_save_is_a_state_file_error(tmp_path: Path) -> None:
     blocker.write_text("a file where the state directory should be")
     with pytest.raises(StateFileError, match="cannot save"):
         StateStore.for_meter(blocker, "M1").save(_meter().to_state())
+
+
+def test_a_prepared_state_never_replaces_a_newer_one(tmp_path: Path) -> None:
+    store = StateStore.for_meter(tmp_path, "M1")
+    older = store.prepare({"n": 1})
+    newer = store.prepare({"n": 2})
+    store.write(newer)
+    store.write(older)  # a slow writer finishing late
+    assert store.load() == {"n": 2}
+    store.save({"n": 3})
+    assert store.load() == {"n": 3}

@@ -22,9 +22,9 @@ __all__ = ["db_url", "postgres_server"]  # fixtures
 runner = CliRunner()
 
 GOOD = """meter_id,endpoint,customer,account,tariff,control_mode,currency_scale
-MTR-0001,tcp://127.0.0.1:5020/1,Wanjiru,ACC-1,RES-1,6,2
-MTR-0002,tcp://127.0.0.1:5020/2,Otieno,ACC-2,RES-1,2,2
-MTR-0003,mqtt://127.0.0.1:1883/MTR-0003,Achieng,ACC-3,,6,2
+MTR-0001,tcp://127.0.0.1:5020/1,Wanjiru,ACC-1,RES-1,6,-2
+MTR-0002,tcp://127.0.0.1:5020/2,Otieno,ACC-2,RES-1,2,-2
+MTR-0003,mqtt://127.0.0.1:1883/MTR-0003,Achieng,ACC-3,,6,-2
 """
 
 
@@ -83,12 +83,12 @@ def test_a_file_with_bad_rows_is_refused_whole_and_the_database_is_unchanged(
     path = tmp_path / "meters.csv"
     path.write_text(
         GOOD
-        + "MTR-0004,tcp://127.0.0.1:5020/999,A,ACC-4,RES-1,6,2\n"  # unit id out of range
-        + "MTR-0005,tcp://127.0.0.1:5020/5,A,ACC-5,NOPE,6,2\n"  # unknown tariff
-        + "MTR-0001,tcp://127.0.0.1:5020/6,A,ACC-6,RES-1,6,2\n"  # id twice
-        + "MTR-0007,bogus,A,ACC-7,RES-1,6,2\n"  # malformed endpoint
-        + "MTR-0008,tcp://127.0.0.1:5020/8,A,ACC-8,RES-1,x,2\n"  # bad value
-        + "MTR-0009,tcp://127.0.0.1:5020/9,A,ACC-9,RES-1,6,2,extra\n"  # too many fields
+        + "MTR-0004,tcp://127.0.0.1:5020/999,A,ACC-4,RES-1,6,-2\n"  # unit id out of range
+        + "MTR-0005,tcp://127.0.0.1:5020/5,A,ACC-5,NOPE,6,-2\n"  # unknown tariff
+        + "MTR-0001,tcp://127.0.0.1:5020/6,A,ACC-6,RES-1,6,-2\n"  # id twice
+        + "MTR-0007,bogus,A,ACC-7,RES-1,6,-2\n"  # malformed endpoint
+        + "MTR-0008,tcp://127.0.0.1:5020/8,A,ACC-8,RES-1,x,-2\n"  # bad value
+        + "MTR-0009,tcp://127.0.0.1:5020/9,A,ACC-9,RES-1,6,-2,extra\n"  # too many fields
     )
     code, out = hes(db, "meters", "import", str(path), "--json")
     assert code == 1
@@ -183,7 +183,7 @@ def test_one_meter_added_shown_and_retired(db: str) -> None:
     assert code == 0, out
     assert hes(db, *add, "--auth-key", "00ff" * 8)[1].strip() == "LAB-1: unchanged"
     code, out = hes(db, "meters", "show", "LAB-1", "--json")
-    shown = json.loads(out)
+    shown = json.loads(out)["meter"]
     assert (shown["transport"], shown["gateway"], shown["unit_id"]) == ("rtu", "/dev/ttyUSB0", 3)
     assert shown["has_command_key"] is True
     assert "00ff" not in out  # the key is never shown
@@ -258,7 +258,7 @@ def test_malformed_routes(endpoint: str) -> None:
 
 def test_every_documented_column_is_read() -> None:
     header = ",".join(column.name for column in COLUMNS)
-    row = "M-1,tcp://h:1/2,S-1,C,ACC,T,3,energy,USD,2,g2,300,00ff"
+    row = "M-1,tcp://h:1/2,S-1,C,ACC,T,3,energy,USD,-2,g2,300,00ff"
     records, refused = parse_meters_csv(f"{header}\n{row}\n", route_of)
     assert refused == []
     ((line, record),) = records

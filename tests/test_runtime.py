@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import threading
 from pathlib import Path
 
 import pytest
 
-from meter_sim.config import LoadConfig, MeterConfig
+from meter_sim.config import LoadConfig, MeterConfig, default_fleet
+from meter_sim.fleet import CLOCK_FILE, Fleet, resume_time
 from meter_sim.nvm import StateStore
 from meter_sim.runtime import MeterRuntime
 from protocols.clock import ManualClock
@@ -195,3 +199,58 @@ def test_button_is_saved(tmp_path: Path) -> None:
     assert runtime.press_button() is ResultCode.OK
     reopened = MeterRuntime.open_stopped(config(control_mode=5), tmp_path)
     assert not reopened.meter.disconnect.output_state
+
+
+def test_resume_time_takes_the_later_of_the_saved_time_and_the_clock(tmp_path: Path) -> None:
+    fleet = default_fleet(1)
+    assert resume_time(fleet, tmp_path, ManualClock(THU_10)) == THU_10
+    (tmp_path / CLOCK_FILE).write_text(json.dumps({"time": THU_10 + 60}))
+    assert resume_time(fleet, tmp_path, ManualClock(THU_10)) == THU_10 + 60
+    assert resume_time(fleet, tmp_path, ManualClock(THU_10 + 120)) == THU_10 + 120
+
+
+@pytest.mark.parametrize(
+    "text", ["", "{not json", "[]", "{}", '{"time": "soon"}', '{"time": -1}', '{"time": 1e999}']
+)
+def test_a_corrupt_clock_file_raises_state_file_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / CLOCK_FILE
+    path.write_text(text)
+    with pytest.raises(StateFileError, match=r"clock\.json: corrupt clock file"):
+        resume_time(default_fleet(1), tmp_path, ManualClock(THU_10))
+
+
+async def test_an_async_command_is_durable_when_it_returns_and_fsync_is_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        if not release.wait(10):
+            raise AssertionError("fsync ran on the event loop: the test could not release it")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    envelope = CommandEnvelope("RT1", 1, Command.credit_transfer(1, 500))
+    executing = asyncio.create_task(runtime.execute_async(envelope))
+    await asyncio.to_thread(entered.wait, 10)
+    assert not executing.done(), "not acknowledged before the state is on disk"
+    release.set()  # the event loop runs while the save waits in its thread
+    result = await executing
+    assert result.code is ResultCode.OK
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert StateStore.for_meter(tmp_path, "RT1").load()["last_transfer"] == 1
+
+
+async def test_a_fleet_saves_off_the_loop(tmp_path: Path) -> None:
+    clock = ManualClock(THU_10)
+    fleet = Fleet.from_config(default_fleet(2), clock, tmp_path)
+    clock.advance(3600)
+    fleet.sync_all()
+    await fleet.save_all_async()
+    assert resume_time(default_fleet(1), tmp_path, ManualClock(THU_10)) == THU_10 + 3600
+    for meter_id, runtime in fleet.runtimes.items():
+        saved = StateStore.for_meter(tmp_path, meter_id).load()
+        assert saved == json.loads(json.dumps(runtime.meter.to_state()))

@@ -68,7 +68,7 @@ async def _meter(db_url: str) -> None:
                 control_mode=6,
                 credit_unit="money",
                 currency="KES",
-                currency_scale=2,
+                currency_scale=-2,
                 created_at=NOW,
             )
         )

@@ -43,7 +43,7 @@ async def db(db_url: str) -> AsyncIterator[Database]:
             Meter(
                 id="M-1", serial="S", endpoint="tcp://127.0.0.1:5020/1", transport="tcp",
                 gateway="127.0.0.1:5020", unit_id=1, control_mode=6, credit_unit="money",
-                currency="KES", currency_scale=2, created_at=NOW,
+                currency="KES", currency_scale=-2, created_at=NOW,
             )
         )  # fmt: skip
     try:

@@ -46,7 +46,7 @@ class MeterRecord:
     control_mode: int = 6
     credit_unit: CreditUnit = "money"
     currency: str = "KES"
-    currency_scale: int = 2
+    currency_scale: int = -2  # power of ten of the minor unit, as in the snapshot
     poll_group: str = "default"
     profile_period: int = 900
     auth_key: bytes | None = None
@@ -58,7 +58,7 @@ class MeterRecord:
             raise ValidationError(f"control_mode is 0..6, got {self.control_mode}")
         if self.credit_unit not in ("money", "energy"):
             raise ValidationError(f"credit_unit is money or energy, got {self.credit_unit!r}")
-        Money(0, self.currency, self.currency_scale)  # refuses a bad code or scale
+        Money(0, self.currency, -self.currency_scale)  # refuses a bad code or scale
         if self.account and not _ID.fullmatch(self.account):
             raise ValidationError(f"account {self.account!r}: letters, digits, _ . - (max 64)")
         if self.profile_period < 60 or 86400 % self.profile_period:
@@ -90,7 +90,7 @@ COLUMNS: Final = (
     Column("control_mode", False, "Disconnect control mode 0..6 (default 6)."),
     Column("credit_unit", False, "`money` (minor currency units) or `energy` (Wh)."),
     Column("currency", False, "ISO 4217 code (default KES)."),
-    Column("currency_scale", False, "Decimals of the currency, 0..4 (default 2)."),
+    Column("currency_scale", False, "Power of ten of the minor unit, -4..0 (default -2: cents)."),
     Column("poll_group", False, "The group whose poll plan reads it (default `default`)."),
     Column("profile_period", False, "The meter's load-profile period in seconds (default 900)."),
     Column("auth_key", False, "The meter's command key, hex (none: commands carry no tag)."),
@@ -141,7 +141,7 @@ def record_from_row(row: dict[str, str], route_of: RouteOf) -> MeterRecord:
         control_mode=_int(row, "control_mode", 6),
         credit_unit="energy" if unit == "energy" else "money",
         currency=row.get("currency", "").strip() or "KES",
-        currency_scale=_int(row, "currency_scale", 2),
+        currency_scale=_int(row, "currency_scale", -2),
         poll_group=row.get("poll_group", "").strip() or "default",
         profile_period=_int(row, "profile_period", 900),
         auth_key=key,
@@ -214,7 +214,7 @@ class TariffRecord:
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.tariff_id):
             raise ValidationError(f"tariff id {self.tariff_id!r}: letters, digits, _ . - (max 64)")
-        Money(0, self.currency, self.currency_scale)
+        Money(0, self.currency, -self.currency_scale)
         if not 1 <= len(self.prices) <= 4:
             raise ValidationError("a tariff has 1 to 4 rate prices")
         if any(type(price) is not int or price < 0 for price in self.prices):

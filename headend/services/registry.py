@@ -65,7 +65,7 @@ def records_from_fleet(
                 control_mode=meter.control_mode,
                 credit_unit=meter.credit_unit,
                 currency=meter.currency,
-                currency_scale=meter.currency_exponent,
+                currency_scale=meter.currency_scale,
                 profile_period=meter.profile_period,
                 auth_key=meter.key_bytes,
             )

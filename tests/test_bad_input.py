@@ -1,0 +1,273 @@
+"""Bad input gets one clear line, never a traceback.
+
+Every configuration key (from the fleet file's schema, the table docs/configuration.md is
+generated from) and every option of `meter-sim` and `hes token` (from the typer apps, which
+docs/cli.md is generated from) is given a value of the wrong type and values out of range. Each
+must end the command with a non-zero exit and one line that names the key or the option.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import msgspec
+import pytest
+import tomli_w
+import typer.main
+from typer.testing import CliRunner
+
+from cli import hes, meter_sim
+from meter_sim.config import DOC_TABLES, FIELD_DOCS, SCHEMA
+
+runner = CliRunner()
+
+# -- configuration keys ---------------------------------------------------------------------------
+
+VALID_STS = {"vending_key": "0123456789abcdef", "drn": "01234567890"}
+
+
+def _wrong_type(info: Any) -> Any:
+    """A TOML value of a type the key does not take."""
+    if isinstance(info, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        return "x"
+    if isinstance(info, msgspec.inspect.StrType | msgspec.inspect.LiteralType):
+        return [1]
+    if isinstance(info, msgspec.inspect.BoolType):
+        return "yes"
+    if isinstance(info, msgspec.inspect.VarTupleType | msgspec.inspect.TupleType):
+        return "abc"
+    if isinstance(info, msgspec.inspect.StructType):
+        return 5
+    if isinstance(info, msgspec.inspect.UnionType):
+        return [1]
+    raise AssertionError(f"no wrong-type value for {info}")
+
+
+def _numbers_out_of_range(info: Any) -> list[Any]:
+    out: list[Any] = []
+    if info.gt is not None:
+        out.append(info.gt)
+    if info.ge is not None:
+        out.append(info.ge - 1)
+    if info.le is not None:
+        out.append(info.le + 1)
+    return out
+
+
+def _valid(info: Any) -> Any:
+    """A valid TOML value for a table item (to pad an over-long array)."""
+    if isinstance(info, msgspec.inspect.IntType):
+        return info.ge if info.ge is not None else 0
+    if isinstance(info, msgspec.inspect.TupleType):
+        return [_valid(item) for item in info.item_types]
+    if isinstance(info, msgspec.inspect.StrType):
+        return "00:00"
+    raise AssertionError(f"no valid value for {info}")
+
+
+def _out_of_range(info: Any) -> list[Any]:
+    """TOML values of the right type that the key does not take."""
+    if isinstance(info, msgspec.inspect.IntType | msgspec.inspect.FloatType):
+        return _numbers_out_of_range(info)
+    if isinstance(info, msgspec.inspect.StrType):
+        out: list[Any] = []
+        if info.pattern is not None:
+            out.append("!")
+        if info.max_length is not None:
+            out.append("A" * (info.max_length + 1))
+        if info.min_length:
+            out.append("")
+        return out
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return ["nope"] if isinstance(info.values[0], str) else [0]
+    if isinstance(info, msgspec.inspect.VarTupleType):
+        out = [[bad] for bad in _out_of_range(info.item_type)]
+        if info.min_length:
+            out.append([])
+        if info.max_length is not None:
+            out.append([_valid(info.item_type)] * (info.max_length + 1))
+        return out
+    if isinstance(info, msgspec.inspect.TupleType):
+        out = []
+        for index, item in enumerate(info.item_types):
+            for bad in _out_of_range(item):
+                value = [_valid(other) for other in info.item_types]
+                value[index] = bad
+                out.append(value)
+        return out
+    if isinstance(info, msgspec.inspect.UnionType):
+        return [bad for member in info.types for bad in _out_of_range(member)]
+    return []  # a bool; a datetime or a table (its keys are tested one by one)
+
+
+def _fleet_with(section: str, key: str, value: Any) -> tuple[dict[str, Any], str]:
+    """A fleet document with ``key`` of ``section`` set to ``value``; the key's path."""
+    meter: dict[str, Any] = {"id": "A"}
+    document: dict[str, Any] = {"meters": [meter]}
+    if section == "simulation":
+        document["simulation"] = {key: value}
+        return document, f"simulation.{key}"
+    if section == "mqtt":
+        document["mqtt"] = {key: value}
+        return document, f"mqtt.{key}"
+    if section == "meter":
+        meter[key] = value
+        return document, f"meters[0].{key}"
+    if section == "sts":
+        meter["credit_unit"] = "energy"
+        meter["sts"] = {**VALID_STS, key: value}
+    else:
+        meter[section] = {key: value}
+    return document, f"meters[0].{section}.{key}"
+
+
+def _config_cases() -> Iterator[Any]:
+    for section, _title, cls in DOC_TABLES:
+        keys, schema_cls = SCHEMA[section]
+        assert schema_cls is cls
+        for name in (f.name for f in cls.__dataclass_fields__.values()):
+            key = "id" if name == "meter_id" else name
+            assert (section, name) in FIELD_DOCS
+            info = msgspec.inspect.type_info(keys[key])
+            yield pytest.param(section, key, _wrong_type(info), id=f"{section}.{key}-type")
+            bad_values = _out_of_range(info)
+            if not bad_values:
+                kinds = (msgspec.inspect.BoolType, msgspec.inspect.StructType)
+                assert isinstance(info, kinds), f"{section}.{key} has no range"
+            for n, bad in enumerate(bad_values):
+                yield pytest.param(section, key, bad, id=f"{section}.{key}-range{n}")
+
+
+def _one_line(output: str) -> str:
+    lines = output.strip().splitlines()
+    assert len(lines) == 1, output
+    assert "Traceback" not in output
+    return lines[0]
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(("section", "key", "value"), list(_config_cases()))
+def test_every_key_refuses_a_bad_value(workdir: Path, section: str, key: str, value: Any) -> None:
+    document, path = _fleet_with(section, key, value)
+    (workdir / "fleet.toml").write_text(tomli_w.dumps(document))
+    result = runner.invoke(meter_sim.app, ["run", "-c", "fleet.toml", "--for", "1h", "--batch"])
+    assert result.exit_code == 1, result.output
+    line = _one_line(result.output)
+    assert line.startswith("error: fleet.toml: "), line
+    if path.startswith("meters[0].id") and value == "!":
+        assert "meters[0].id" in line
+    else:
+        assert path in line, line
+    assert not (workdir / "var").exists(), "a refused fleet file changes nothing stored"
+
+
+# -- command-line options -------------------------------------------------------------------------
+
+KEY = ["--vending-key", "abababababababab", "--pan", "600727000000000009"]
+#: a valid command line for each command, to which the option under test is added
+BASE: dict[str, list[str]] = {
+    "meter-sim init": ["init", "out.toml"],
+    "meter-sim run": ["run", "--for", "1h", "--batch"],
+    "meter-sim show": ["show"],
+    "meter-sim events": ["events", "MTR-0001"],
+    "meter-sim token": ["token", "12345678901234567890"],
+    "meter-sim button": ["button"],
+    "meter-sim console": ["console"],
+    "meter-sim serve": ["serve", "--modbus-port", "0"],
+    "meter-sim register-map": ["register-map"],
+    "hes token credit": ["token", "credit", "--amount", "1", *KEY],
+    "hes token power-limit": ["token", "power-limit", "--value", "1000", *KEY],
+    "hes token phase-unbalance-limit": ["token", "phase-unbalance-limit", "--value", "10", *KEY],
+    "hes token clear-credit": ["token", "clear-credit", *KEY],
+    "hes token clear-tamper": ["token", "clear-tamper", *KEY],
+    "hes token test": ["token", "test", "--control", "1"],
+    "hes token key-change": ["token", "key-change", *KEY],
+    "hes token decode": ["token", "decode", "12345678901234567890", *KEY],
+}
+#: values of the right form that an option refuses, where its range is checked by the command
+#: rather than declared on the option; and the bad values of text options
+BAD_VALUES: dict[str, list[str]] = {
+    "--random": ["-1", "16"],
+    "--new-base-date": ["2000"],
+    "--config": ["missing.toml"],
+    "--state-dir": ["a-file"],
+    "--meter": ["NO-SUCH-METER"],
+    "--for": ["soon", "-1h", "1e400s"],
+    "--currency": ["kes"],
+    "--modbus-host": ["256.0.0.1"],
+    "--serial": ["/nonexistent/tty"],
+    "--mqtt": ["bogus://x"],
+    "--mqtt-prefix": ["a//b"],
+    "--vending-key": ["xyz"],
+    "--pan": ["12"],
+    "--amount": ["lots", "-1"],
+    "--issued-at": ["soon"],
+    "--value": ["lots"],
+    "--control": ["lamp"],
+    "--new-vending-key": ["xyz"],
+}
+NUMBERS = (int, float)
+
+
+def _options() -> Iterator[tuple[str, Any]]:
+    for name, app in (("meter-sim", meter_sim.app), ("hes token", hes.app)):
+        group: Any = typer.main.get_command(app)
+        if name == "hes token":
+            group = group.commands["token"]
+        for command_name, command in sorted(group.commands.items()):
+            ctx = command.make_context(command_name, [], resilient_parsing=True)
+            for param in command.get_params(ctx):
+                is_option = param.param_type_name == "option" and param.name != "help"
+                if is_option and not param.is_flag and not param.count:
+                    yield f"{name} {command_name}", param
+
+
+def _annotation(param: Any) -> Any:
+    kind = param.type_descriptor.annotation
+    args = [a for a in get_args(kind) if a is not type(None)]
+    if get_origin(kind) is not None and len(args) == 1 and get_origin(kind) is not list:
+        return args[0]  # X | None
+    return kind
+
+
+def _option_cases() -> Iterator[Any]:
+    for command, param in _options():
+        option = max(param.opts, key=len)
+        kind = _annotation(param)
+        bad: list[str] = list(BAD_VALUES.get(option, []))
+        if kind in NUMBERS:
+            yield pytest.param(command, option, "abc", id=f"{command} {option}-type")
+            if param.min is not None:
+                bad.append(str(param.min - 1))
+            if param.max is not None:
+                bad.append(str(param.max + 1))
+        elif get_origin(kind) is Literal:
+            bad.append("nope")
+        assert bad, f"{command} {option}: no bad value to try"
+        for n, value in enumerate(bad):
+            yield pytest.param(command, option, value, id=f"{command} {option}-bad{n}")
+
+
+@pytest.mark.parametrize(("command", "option", "value"), list(_option_cases()))
+def test_every_option_refuses_a_bad_value(
+    workdir: Path, command: str, option: str, value: str
+) -> None:
+    (workdir / "a-file").write_text("")
+    app = meter_sim.app if command.startswith("meter-sim") else hes.app
+    args = [*BASE[command], option, value]
+    result = runner.invoke(app, args, input="quit\n")
+    assert result.exit_code in (1, 2), (args, result.output)
+    line = _one_line(result.output)
+    assert line.startswith("error: "), line
+    assert option in line or value in line, line
+
+
+def test_every_command_has_a_base_command_line() -> None:
+    assert {command for command, _ in _options()} <= set(BASE)
