@@ -6,9 +6,13 @@ import typer
 
 from cli.common import OneLineErrors, setup_logging
 from cli.hes_broker import broker_app
+from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
+from cli.hes_poll import register as register_poll
+from cli.hes_registry import customers_app, meters_app, tariffs_app
 from cli.hes_token import token_app
+from cli.hes_views import register as register_views
 
 app = typer.Typer(
     name="hes",
@@ -31,8 +35,14 @@ def _root(
 # sub-apps
 app.add_typer(token_app, name="token")
 app.add_typer(broker_app, name="broker")
+app.add_typer(db_app, name="db")
+app.add_typer(meters_app, name="meters")
+app.add_typer(customers_app, name="customers")
+app.add_typer(tariffs_app, name="tariffs")
 register_link_commands(app)
 register_demo(app)
+register_poll(app)
+register_views(app)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""The head-end's rules as pure functions and tables: no I/O, no SQLAlchemy."""

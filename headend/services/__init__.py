@@ -1,0 +1,1 @@
+"""The parts that fetch, apply a domain rule and store the outcome."""

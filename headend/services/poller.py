@@ -1,0 +1,400 @@
+"""Automated meter reading: read every active meter once per interval, validate, store.
+
+A read is one transaction per meter: the snapshot (validated against the meter's previous
+reading), the load-profile intervals since the last stored one (gaps the meter can no longer
+fill recorded and estimated), the events since the last stored sequence, and the meter's read
+health. A read killed half-way stores nothing, and the next read picks up from what is stored,
+so the store has no gap that the meter could still fill and no duplicate.
+
+Each transport has its own concurrency bound, each gateway (a Modbus TCP host:port, a serial
+line, a broker) its own; a serial line carries one request at a time. Meters are spread over
+the interval by a stable slot, claimed through the database (leases), so several workers share
+a fleet and a dead worker's meters are read by the others once its leases expire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
+
+from headend.domain.schedule import next_due, retry_delay
+from headend.domain.validation import (
+    CheckedInterval,
+    Findings,
+    Limits,
+    check_intervals,
+    estimate_gap,
+    validate_reading,
+)
+from headend.links.base import MeterLink
+from headend.storage import Database
+from headend.storage.polling import (
+    PollTarget,
+    active_targets,
+    claim_due,
+    ensure_health_rows,
+    release,
+)
+from headend.storage.readings import (
+    last_event_seq,
+    last_interval,
+    latest_reading,
+    reading_row,
+    record_read,
+    store_events,
+    store_gap,
+    store_intervals,
+    store_readings,
+)
+from protocols.clock import Clock
+from protocols.errors import HesError, LinkError, StorageError, ValidationError
+from protocols.readings import Event, MeterSnapshot, ProfileRow
+
+log = logging.getLogger(__name__)
+
+
+class LinkSource(Protocol):
+    """Where the poller gets a meter's link; the source owns and closes the links."""
+
+    async def link(self, target: PollTarget) -> MeterLink: ...
+
+    async def discard(self, target: PollTarget) -> None:
+        """Forget the meter's link after a failure, so the next read reconnects."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PollPlan:
+    interval: float = 900.0  # seconds between two reads of a meter
+    read_deadline: float = 20.0  # the longest one meter's read may take, retries included
+    attempts: int = 3
+    retry_base: float = 0.5
+    retry_cap: float = 5.0
+    concurrency: dict[str, int] = field(
+        default_factory=lambda: {"tcp": 64, "rtu": 8, "mqtt": 256}
+    )  # reads in flight per transport
+    per_gateway: dict[str, int] = field(
+        default_factory=lambda: {"tcp": 8, "rtu": 1, "mqtt": 256}
+    )  # reads in flight per gateway
+    unreachable_after: int = 3
+    initial_history: int = 86400  # how far back the first read of a meter fetches, s
+    event_page: int = 500
+    lease: float = 120.0  # how long a claim holds before another worker may take the meter
+    limits: Limits = field(default_factory=Limits)
+
+    def __post_init__(self) -> None:
+        if not self.interval > 0 or not self.read_deadline > 0 or self.attempts < 1:
+            raise ValidationError("interval and read_deadline are positive, attempts >= 1")
+        if self.lease <= self.read_deadline:
+            raise ValidationError("a lease must outlast a read (lease > read_deadline)")
+
+
+@dataclass(slots=True)
+class ReadOutcome:
+    meter_id: str
+    ok: bool
+    error: str = ""
+    reading_new: bool = False
+    intervals: int = 0
+    estimated: int = 0
+    events: int = 0
+    gaps: int = 0
+    flagged: int = 0
+    duplicates: int = 0
+    backfilled: bool = False
+    attempts: int = 0
+
+
+@dataclass(slots=True)
+class RoundSummary:
+    outcomes: list[ReadOutcome] = field(default_factory=list)
+
+    @property
+    def read(self) -> int:
+        return sum(o.ok for o in self.outcomes)
+
+    @property
+    def failed(self) -> int:
+        return sum(not o.ok for o in self.outcomes)
+
+    def total(self, name: str) -> int:
+        return sum(int(getattr(o, name)) for o in self.outcomes)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "meters": len(self.outcomes),
+            "read": self.read,
+            "failed": self.failed,
+            "backfilled": self.total("backfilled"),
+            "flagged": self.total("flagged"),
+            "intervals": self.total("intervals"),
+            "estimated": self.total("estimated"),
+            "events": self.total("events"),
+            "gaps": self.total("gaps"),
+            "duplicates": self.total("duplicates"),
+            "failures": {o.meter_id: o.error for o in self.outcomes if not o.ok},
+        }
+
+
+@dataclass(slots=True)
+class _Fetched:
+    snapshot: MeterSnapshot
+    profile: list[ProfileRow]
+    events: list[Event]
+    asked_profile_from: int | None
+
+
+class Poller:
+    def __init__(
+        self,
+        db: Database,
+        links: LinkSource,
+        clock: Clock,
+        *,
+        plan: PollPlan | None = None,
+        worker: str = "hes",
+        draw: Callable[[], float] = random.random,
+    ) -> None:
+        self.db = db
+        self.links = links
+        self.clock = clock
+        self.plan = plan or PollPlan()
+        self.worker = worker
+        self._draw = draw
+        self._transport: dict[str, asyncio.Semaphore] = {}
+        self._gateway: dict[tuple[str, str], asyncio.Semaphore] = {}
+        self.counts: Counter[str] = Counter()
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock.now(), UTC)
+
+    def _limits(self, target: PollTarget) -> tuple[asyncio.Semaphore, asyncio.Semaphore]:
+        kind = target.transport
+        if kind not in self._transport:
+            self._transport[kind] = asyncio.Semaphore(self.plan.concurrency.get(kind, 16))
+        key = (kind, target.gateway)
+        if key not in self._gateway:
+            self._gateway[key] = asyncio.Semaphore(self.plan.per_gateway.get(kind, 1))
+        return self._transport[kind], self._gateway[key]
+
+    # -- one round ------------------------------------------------------------------------------
+
+    async def poll_once(
+        self,
+        meter_ids: list[str] | None = None,
+        progress: Callable[[ReadOutcome], None] | None = None,
+    ) -> RoundSummary:
+        """Read every active meter (or the ones named) once, now; for `hes poll --once`."""
+        targets = await active_targets(self.db, meter_ids)
+        if meter_ids is not None:
+            missing = sorted(set(meter_ids) - {t.meter_id for t in targets})
+            if missing:
+                raise StorageError(f"not registered or retired: {', '.join(missing)}")
+        return await self._round(targets, progress)
+
+    async def _round(
+        self, targets: Sequence[PollTarget], progress: Callable[[ReadOutcome], None] | None
+    ) -> RoundSummary:
+        summary = RoundSummary()
+
+        async def one(target: PollTarget) -> None:
+            outcome = await self.read(target)
+            summary.outcomes.append(outcome)
+            if progress is not None:
+                progress(outcome)
+
+        async with asyncio.TaskGroup() as group:
+            for target in targets:
+                group.create_task(one(target))
+        summary.outcomes.sort(key=lambda o: o.meter_id)
+        return summary
+
+    # -- one meter ------------------------------------------------------------------------------
+
+    async def read(self, target: PollTarget) -> ReadOutcome:
+        """Read one meter with retries inside its deadline, store what it gave, record its
+        health; never raises for the meter's own failures."""
+        outcome = ReadOutcome(target.meter_id, ok=False)
+        transport, gateway = self._limits(target)
+        error = ""
+        try:
+            async with asyncio.timeout(self.plan.read_deadline):
+                for attempt in range(self.plan.attempts):
+                    outcome.attempts = attempt + 1
+                    try:
+                        async with transport, gateway:
+                            fetched = await self._fetch(target)
+                        await self._store(target, fetched, outcome)
+                        outcome.ok = True
+                        break
+                    except LinkError as exc:
+                        error = str(exc) or type(exc).__name__
+                        await self.links.discard(target)
+                        if attempt + 1 < self.plan.attempts:
+                            await asyncio.sleep(
+                                retry_delay(
+                                    attempt,
+                                    self.plan.retry_base,
+                                    self.plan.retry_cap,
+                                    self._draw(),
+                                )
+                            )
+        except TimeoutError:
+            error = f"no complete read within {self.plan.read_deadline:g} s ({error or 'slow'})"
+            await self.links.discard(target)
+        except HesError as exc:
+            if isinstance(exc, StorageError):
+                raise
+            error = f"{type(exc).__name__}: {exc}"
+            await self.links.discard(target)
+        if not outcome.ok:
+            outcome.error = error
+            async with self.db.begin() as session:
+                change = await record_read(
+                    session,
+                    target.meter_id,
+                    False,
+                    now=self._now(),
+                    error=error,
+                    unreachable_after=self.plan.unreachable_after,
+                )
+            if change is not None:
+                log.warning("meter %s is %s: %s", target.meter_id, change.new, error)
+        self.counts["read" if outcome.ok else "failed"] += 1
+        return outcome
+
+    async def _fetch(self, target: PollTarget) -> _Fetched:
+        link = await self.links.link(target)
+        snapshot = await link.read_snapshot()
+        if snapshot.meter_id != target.meter_id:
+            raise LinkError(
+                f"{target.endpoint} answers as {snapshot.meter_id}, not {target.meter_id}"
+            )
+        async with self.db.begin() as session:
+            last = await last_interval(session, target.meter_id)
+            since = await last_event_seq(session, target.meter_id)
+        if last is not None:
+            start = last.start + 2 * target.profile_period  # the next interval's end
+        else:
+            start = snapshot.time - self.plan.initial_history
+        profile = await link.read_profile(start, snapshot.time) if start <= snapshot.time else []
+        events: list[Event] = []
+        while since < snapshot.last_event_seq:
+            page = await link.read_events(since, self.plan.event_page)
+            if not page:
+                break
+            events += page
+            since = page[-1].seq
+        return _Fetched(snapshot, profile, events, start if last is not None else None)
+
+    async def _store(self, target: PollTarget, fetched: _Fetched, outcome: ReadOutcome) -> None:
+        now = self._now()
+        head_end_time = int(self.clock.now())
+        snapshot = fetched.snapshot
+        async with self.db.begin() as session:
+            previous = await latest_reading(session, target.meter_id)
+            if previous is not None and previous.meter_time == snapshot.time:
+                findings = Findings()  # the same reading again: stored already
+            else:
+                findings = validate_reading(snapshot, previous, head_end_time, self.plan.limits)
+            outcome.reading_new = (
+                await store_readings(session, [reading_row(snapshot, findings, now, "poll")]) == 1
+            )
+            if not outcome.reading_new:
+                outcome.duplicates += 1
+            elif findings.flags:
+                outcome.flagged += 1
+                log.info("meter %s: %s", target.meter_id, findings.reason)
+            last = await last_interval(session, target.meter_id)
+            checked, gaps = check_intervals(
+                fetched.profile, target.profile_period, last, self.plan.limits
+            )
+            estimates = _estimates(last, checked)
+            stored = await store_intervals(session, target.meter_id, [*checked, *estimates])
+            outcome.intervals = len(checked)
+            outcome.estimated = len(estimates)
+            outcome.duplicates += len(checked) + len(estimates) - stored
+            outcome.flagged += sum(bool(c.findings.flags) for c in checked)
+            outcome.backfilled = len(checked) > 1 and last is not None
+            for first, end in gaps:
+                outcome.gaps += await store_gap(
+                    session, target.meter_id, "intervals", first, end, found_at=now
+                )
+            since = await last_event_seq(session, target.meter_id)
+            events = [e for e in fetched.events if e.seq > since]
+            if events and events[0].seq > since + 1:
+                outcome.gaps += await store_gap(
+                    session, target.meter_id, "events", since + 1, events[0].seq - 1, found_at=now
+                )
+            outcome.events = await store_events(session, target.meter_id, events, now)
+            await record_read(
+                session,
+                target.meter_id,
+                True,
+                now=now,
+                unreachable_after=self.plan.unreachable_after,
+            )
+
+    # -- the schedule ---------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:
+        """Read meters as they fall due until ``stop`` is set; finishes the reads in flight."""
+        await ensure_health_rows(self.db)
+        in_flight: set[asyncio.Task[None]] = set()
+        rounds = 0
+        while not stop.is_set():
+            if rounds % 30 == 0:
+                await ensure_health_rows(self.db)  # meters registered meanwhile
+            rounds += 1
+            now = self._now()
+            lease_until = now + timedelta(seconds=self.plan.lease * _speed(self.clock))
+            room = max(0, sum(self.plan.concurrency.values()) - len(in_flight))
+            claimed = await claim_due(self.db, self.worker, now, lease_until, room) if room else []
+            if claimed:
+                targets = {t.meter_id: t for t in await active_targets(self.db, claimed)}
+                for meter_id in claimed:
+                    target = targets.get(meter_id)
+                    if target is None:
+                        continue
+                    task = asyncio.create_task(self._scheduled(target))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), tick)
+        if in_flight:
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _scheduled(self, target: PollTarget) -> None:
+        try:
+            await self.read(target)
+        except StorageError as exc:
+            log.error("storing a read of %s failed: %s", target.meter_id, exc)
+        due = next_due(target.meter_id, self.plan.interval, self.clock.now())
+        try:
+            await release(self.db, self.worker, target.meter_id, datetime.fromtimestamp(due, UTC))
+        except StorageError as exc:
+            log.error("releasing %s failed (its lease will expire): %s", target.meter_id, exc)
+
+
+def _speed(clock: Clock) -> float:
+    """How many clock seconds pass per real second (an accelerated clock's leases stretch)."""
+    return float(getattr(clock, "speed", 1.0))
+
+
+def _estimates(
+    last: CheckedInterval | None, checked: Sequence[CheckedInterval]
+) -> list[CheckedInterval]:
+    estimates: list[CheckedInterval] = []
+    before = last
+    for interval in checked:
+        if before is not None:
+            estimates += estimate_gap(before, interval)
+        before = interval
+    return estimates

@@ -1,0 +1,230 @@
+"""Opening the database: URL rules, engines, the schema check, migrations, insert-or-ignore.
+
+``sqlite:///hes.db`` (the default, a file in the current directory) and
+``postgresql://user@host/db`` are the URLs an operator writes; the async drivers (aiosqlite,
+psycopg) are chosen here. Every SQLAlchemy exception that leaves this package is a
+:class:`~protocols.errors.StorageError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, Table, event
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+
+from headend.storage.schema import Base
+from protocols.errors import ConfigError, StorageError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:///hes.db"
+ENV_VAR = "HES_DB"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+
+
+class SchemaBehind(StorageError):
+    """The database's schema is older (or newer) than this code's."""
+
+
+def database_url(url: str | None = None) -> str:
+    """The URL to use: ``url``, else ``$HES_DB``, else :data:`DEFAULT_URL`."""
+    return url or os.environ.get(ENV_VAR) or DEFAULT_URL
+
+
+def _async_url(text: str) -> URL:
+    try:
+        url = make_url(text)
+    except ArgumentError as exc:
+        raise ConfigError(f"not a database URL: {text!r} (e.g. {DEFAULT_URL})") from exc
+    backend = url.get_backend_name()
+    if backend not in _DRIVERS:
+        raise ConfigError(
+            f"database URL {url.render_as_string(hide_password=True)!r}: sqlite:// or "
+            "postgresql:// only"
+        )
+    return url.set(drivername=_DRIVERS[backend])
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Translate SQLAlchemy's (and the drivers') exceptions into :class:`StorageError`."""
+    try:
+        yield
+    except SQLAlchemyError as exc:
+        raise StorageError(f"{what}: {exc.__class__.__name__}: {_first_line(exc)}") from exc
+    except OSError as exc:
+        raise StorageError(f"{what}: {exc}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(getattr(exc, "orig", None) or exc)
+    return text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+def head_revision() -> str:
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, "the migrations have no head"
+    return head
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    # The driver's own transaction handling starts a transaction only at the first write, so a
+    # SAVEPOINT could open (and its RELEASE commit) the outermost one: take it over, as
+    # SQLAlchemy's SQLite notes advise, and begin every transaction ourselves (_sqlite_begin).
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # IMMEDIATE: take the write lock at the start, so two writers wait for each other (up to
+    # busy_timeout) instead of one failing when its read turns into a write
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@dataclass(slots=True)
+class Database:
+    """An engine and its session factory; make one per process with :func:`open_database`."""
+
+    url: str
+    engine: AsyncEngine
+    sessions: async_sessionmaker[AsyncSession]
+
+    @property
+    def shown_url(self) -> str:
+        """The URL with any password masked, for messages."""
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    @property
+    def dialect(self) -> str:
+        return self.engine.dialect.name
+
+    @contextlib.asynccontextmanager
+    async def begin(self) -> AsyncIterator[AsyncSession]:
+        """One transaction: committed when the block ends, rolled back if it raises."""
+        with storage_errors("database"):
+            async with self.sessions() as session, session.begin():
+                yield session
+
+    async def revision(self) -> str | None:
+        """The schema revision the database is at (None: never migrated)."""
+        with storage_errors("reading the schema revision"):
+            async with self.engine.connect() as conn:
+                return await conn.run_sync(_current_revision)
+
+    async def check_schema(self) -> None:
+        """Refuse a schema that is not this code's, with the one line that says what to do."""
+        current, wanted = await self.revision(), head_revision()
+        if current != wanted:
+            raise SchemaBehind(
+                f"database schema is at {current or 'nothing (empty database)'}, this hes "
+                f"needs {wanted}: run 'hes db upgrade'"
+            )
+
+    async def upgrade(self, revision: str = "head") -> tuple[str | None, str | None]:
+        """Run the migrations up to ``revision``; returns (before, after)."""
+        before = await self.revision()
+        with storage_errors("upgrading the schema"):
+            async with self.engine.begin() as conn:
+                await conn.run_sync(_upgrade, revision)
+        return before, await self.revision()
+
+    async def close(self) -> None:
+        await self.engine.dispose()
+
+
+def _engine(text: str) -> AsyncEngine:
+    async_url = _async_url(text)
+    options: dict[str, Any] = {}
+    if async_url.get_backend_name() == "sqlite":
+        database = async_url.database
+        if database and database != ":memory:":
+            parent = Path(database).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise ConfigError(f"database {text!r}: the directory {parent} does not exist")
+    else:
+        options["pool_pre_ping"] = True
+    with storage_errors("opening the database"):
+        engine = create_async_engine(async_url, **options)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _current_revision(conn: Connection) -> str | None:
+    return MigrationContext.configure(conn).get_current_revision()
+
+
+def _upgrade(conn: Connection, revision: str) -> None:
+    config = _alembic_config()
+    config.attributes["connection"] = conn
+    command.upgrade(config, revision)
+
+
+async def open_database(url: str | None = None, *, check: bool = True) -> Database:
+    """Open the database at ``url`` (see :func:`database_url`); with ``check``, refuse a schema
+    that is behind (:class:`SchemaBehind`)."""
+    text = database_url(url)
+    engine = _engine(text)
+    db = Database(text, engine, async_sessionmaker(engine, expire_on_commit=False))
+    if check:
+        try:
+            await db.check_schema()
+        except BaseException:
+            await db.close()
+            raise
+    return db
+
+
+async def insert_ignore(
+    conn: AsyncConnection | AsyncSession, model: type[Base] | Table, rows: Sequence[dict[str, Any]]
+) -> int:
+    """Insert ``rows``, skipping any whose primary or unique key is already stored; returns how
+    many were new. The one upsert helper: SQLite and PostgreSQL spell it differently."""
+    if not rows:
+        return 0
+    table = model if isinstance(model, Table) else model.__table__
+    assert isinstance(table, Table)
+    dialect = (
+        conn.dialect.name if isinstance(conn, AsyncConnection) else conn.get_bind().dialect.name
+    )
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    # RETURNING the key of each row actually inserted is the one count that both dialects give
+    # for a batch (psycopg's executemany reports no row count)
+    key = list(table.primary_key.columns)[:1]
+    statement = insert(table).on_conflict_do_nothing().returning(*key)
+    with storage_errors(f"storing {table.name}"):
+        result = await conn.execute(statement, list(rows))
+        return len(result.all())

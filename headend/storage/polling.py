@@ -1,0 +1,86 @@
+"""What the poller needs from the store: the meters to read, and claims on them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from headend.storage.database import Database, storage_errors
+from headend.storage.schema import Meter, PollHealth
+
+
+@dataclass(frozen=True, slots=True)
+class PollTarget:
+    """A registered meter as the poller reads it."""
+
+    meter_id: str
+    endpoint: str
+    transport: str
+    gateway: str
+    profile_period: int
+    poll_group: str
+
+
+async def active_targets(db: Database, meter_ids: list[str] | None = None) -> list[PollTarget]:
+    """The active meters (all, or those named), in id order."""
+    query = select(Meter).where(Meter.status == "active").order_by(Meter.id)
+    if meter_ids is not None:
+        query = query.where(Meter.id.in_(meter_ids))
+    async with db.begin() as session:
+        meters = (await session.scalars(query)).all()
+    return [
+        PollTarget(m.id, m.endpoint, m.transport, m.gateway, m.profile_period, m.poll_group)
+        for m in meters
+    ]
+
+
+async def ensure_health_rows(db: Database) -> None:
+    """A poll-health row for every active meter (new meters get theirs here)."""
+    insert = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
+    source = select(Meter.id).where(Meter.status == "active")
+    statement = insert(PollHealth).from_select(["meter_id"], source).on_conflict_do_nothing()
+    async with db.begin() as session:
+        await session.execute(statement)
+
+
+async def claim_due(
+    db: Database, worker: str, now: datetime, lease_until: datetime, limit: int
+) -> list[str]:
+    """Claim up to ``limit`` meters that are due (never read, or next_due passed) and not
+    leased by another live worker; returns their ids. One statement: on PostgreSQL the
+    candidates are locked with SKIP LOCKED, so two workers never claim one meter; on SQLite the
+    write lock taken at BEGIN does the same."""
+    candidates = (
+        select(PollHealth.meter_id)
+        .join(Meter, Meter.id == PollHealth.meter_id)
+        .where(Meter.status == "active")
+        .where(or_(PollHealth.next_due.is_(None), PollHealth.next_due <= now))
+        .where(or_(PollHealth.lease_until.is_(None), PollHealth.lease_until < now))
+        .order_by(PollHealth.next_due.is_(None).desc(), PollHealth.next_due)
+        .limit(limit)
+        .with_for_update(skip_locked=True, of=PollHealth)
+        .scalar_subquery()
+    )
+    statement = (
+        update(PollHealth)
+        .where(PollHealth.meter_id.in_(candidates))
+        .values(lease_owner=worker, lease_until=lease_until)
+        .returning(PollHealth.meter_id)
+    )
+    with storage_errors("claiming meters to read"):
+        async with db.begin() as session:
+            claimed = (await session.execute(statement)).scalars().all()
+    return sorted(claimed)
+
+
+async def release(db: Database, worker: str, meter_id: str, next_due: datetime | None) -> None:
+    """Give a claimed meter back, due again at ``next_due``."""
+    async with db.begin() as session:
+        await session.execute(
+            update(PollHealth)
+            .where(PollHealth.meter_id == meter_id, PollHealth.lease_owner == worker)
+            .values(lease_owner=None, lease_until=None, next_due=next_due)
+        )

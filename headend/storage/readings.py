@@ -1,0 +1,209 @@
+"""Readings, intervals, events, gaps and read health: written exactly once by their keys."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from headend.domain.health import Change, Health, after_read
+from headend.domain.validation import CheckedInterval, Findings, Flag, Previous
+from headend.storage.database import insert_ignore
+from headend.storage.schema import Gap, HealthChange, Interval, MeterEvent, PollHealth, Reading
+from protocols.readings import Event, MeterSnapshot
+
+
+def reading_row(
+    snapshot: MeterSnapshot, findings: Findings, received_at: datetime, source: str
+) -> dict[str, Any]:
+    rates = snapshot.energy_rates_wh
+    return {
+        "meter_id": snapshot.meter_id,
+        "meter_time": snapshot.time,
+        "received_at": received_at,
+        "source": source,
+        "energy_import_wh": snapshot.energy_import_wh,
+        "rate1_wh": rates[0],
+        "rate2_wh": rates[1],
+        "rate3_wh": rates[2],
+        "rate4_wh": rates[3],
+        "power_w": snapshot.power_w,
+        "voltage_dv": snapshot.voltage_dv,
+        "current_ma": snapshot.current_ma,
+        "power_factor_milli": snapshot.power_factor_milli,
+        "frequency_chz": snapshot.frequency_chz,
+        "credit": snapshot.credit,
+        "emergency_credit": snapshot.emergency_credit,
+        "debt": snapshot.debt,
+        "low_credit_threshold": snapshot.low_credit_threshold,
+        "control_state": int(snapshot.control_state),
+        "control_mode": snapshot.control_mode,
+        "status": int(snapshot.status),
+        "last_event_seq": snapshot.last_event_seq,
+        "last_transfer": snapshot.last_transfer,
+        "last_command_seq": snapshot.last_command_seq,
+        "flags": int(findings.flags),
+        "flag_reason": findings.reason,
+    }
+
+
+async def latest_reading(session: AsyncSession, meter_id: str) -> Previous | None:
+    """The meter's latest stored reading, by meter time."""
+    row = (
+        await session.execute(
+            select(Reading.meter_time, Reading.energy_import_wh)
+            .where(Reading.meter_id == meter_id)
+            .order_by(Reading.meter_time.desc())
+            .limit(1)
+        )
+    ).first()
+    return None if row is None else Previous(row[0], row[1])
+
+
+async def store_readings(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> int:
+    """Store reading rows (from :func:`reading_row`); returns how many were new."""
+    return await insert_ignore(session, Reading, rows)
+
+
+def interval_row(meter_id: str, interval: CheckedInterval) -> dict[str, Any]:
+    return {
+        "meter_id": meter_id,
+        "start": interval.start,
+        "period": interval.period,
+        "energy_wh": interval.energy_wh,
+        "register_wh": interval.register_wh,
+        "credit": interval.credit,
+        "status": interval.status,
+        "estimated": interval.estimated,
+        "flags": int(interval.findings.flags),
+        "flag_reason": interval.findings.reason,
+    }
+
+
+async def last_interval(session: AsyncSession, meter_id: str) -> CheckedInterval | None:
+    """The meter's latest stored interval, actual or estimated."""
+    row = (
+        await session.scalars(
+            select(Interval)
+            .where(Interval.meter_id == meter_id)
+            .order_by(Interval.start.desc())
+            .limit(1)
+        )
+    ).first()
+    if row is None:
+        return None
+    reasons = tuple(row.flag_reason.split("; ")) if row.flag_reason else ()
+    return CheckedInterval(
+        row.start,
+        row.period,
+        row.energy_wh,
+        row.register_wh,
+        row.credit,
+        row.status,
+        Findings(Flag(row.flags), reasons),
+        row.estimated,
+    )
+
+
+async def store_intervals(
+    session: AsyncSession, meter_id: str, intervals: Sequence[CheckedInterval]
+) -> int:
+    return await insert_ignore(session, Interval, [interval_row(meter_id, i) for i in intervals])
+
+
+async def last_event_seq(session: AsyncSession, meter_id: str) -> int:
+    """The highest event sequence stored for the meter (0: none)."""
+    value = await session.scalar(
+        select(func.max(MeterEvent.seq)).where(MeterEvent.meter_id == meter_id)
+    )
+    return int(value or 0)
+
+
+async def store_events(
+    session: AsyncSession,
+    meter_id: str,
+    events: Sequence[Event],
+    received_at: datetime,
+    boot: int = 0,
+) -> int:
+    """Store events; ``boot`` 0 for events read from the log (their sequence is lifelong)."""
+    rows = [
+        {
+            "meter_id": meter_id,
+            "boot": boot,
+            "seq": event.seq,
+            "meter_time": event.time,
+            "code": int(event.code),
+            "a": event.a,
+            "b": event.b,
+            "received_at": received_at,
+        }
+        for event in events
+    ]
+    return await insert_ignore(session, MeterEvent, rows)
+
+
+async def store_gap(
+    session: AsyncSession, meter_id: str, kind: str, first: int, last: int, *, found_at: datetime
+) -> bool:
+    """Record that the meter can no longer give ``first..last`` (interval starts or event
+    sequence numbers); False if that gap was recorded already."""
+    row = {"meter_id": meter_id, "kind": kind, "first": first, "last": last, "found_at": found_at}
+    return await insert_ignore(session, Gap, [row]) == 1
+
+
+@dataclass(frozen=True, slots=True)
+class HealthState:
+    health: Health
+    failures: int
+
+
+async def record_read(
+    session: AsyncSession,
+    meter_id: str,
+    ok: bool,
+    *,
+    now: datetime,
+    error: str = "",
+    next_due: datetime | None = None,
+    unreachable_after: int = 3,
+) -> Change | None:
+    """Update the meter's read health after one read; a change is stored as an event."""
+    row = await session.get(PollHealth, meter_id)
+    if row is None:
+        row = PollHealth(meter_id=meter_id, health=Health.UNKNOWN.value, consecutive_failures=0)
+        session.add(row)
+    health, failures, change = after_read(
+        Health(row.health), row.consecutive_failures, ok, error, unreachable_after
+    )
+    row.health = health.value
+    row.consecutive_failures = failures
+    row.last_attempt = now
+    if ok:
+        row.last_seen = now
+        row.last_error = None
+    else:
+        row.last_error = error
+    row.next_due = next_due
+    if change is not None:
+        session.add(
+            HealthChange(
+                meter_id=meter_id,
+                at=now,
+                old=change.old.value,
+                new=change.new.value,
+                reason=change.reason,
+            )
+        )
+    return change
+
+
+async def health_of(session: AsyncSession, meter_id: str) -> HealthState:
+    row = await session.get(PollHealth, meter_id)
+    if row is None:
+        return HealthState(Health.UNKNOWN, 0)
+    return HealthState(Health(row.health), row.consecutive_failures)

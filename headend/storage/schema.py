@@ -1,0 +1,348 @@
+"""The tables, as SQLAlchemy 2 typed ORM models.
+
+Money is in integer minor units and energy in integer Wh (``BigInteger``); meter times are the
+meter's clock in integer seconds since the epoch, head-end times are UTC datetimes. The natural
+keys that make storage exactly-once are primary keys: a reading per (meter, meter time), an
+interval per (meter, interval start), an event per (meter, boot, sequence), MQTT telemetry per
+(meter, boot, message number).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: constraint names Alembic can find again (SQLite batch mode and PostgreSQL both need names)
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """An aware UTC datetime on every dialect (SQLite keeps no time zone of its own)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("a naive datetime cannot be stored: give it a time zone")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {int: BigInteger, datetime: UtcDateTime, str: Text, bytes: LargeBinary}
+
+
+# -- registry -------------------------------------------------------------------------------------
+
+
+class Customer(Base):
+    __tablename__ = "customers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str]
+    email: Mapped[str | None]
+    phone: Mapped[str | None]
+    notice_channel: Mapped[str] = mapped_column(String(16), default="sms")  # sms email webhook none
+    language: Mapped[str] = mapped_column(String(8), default="en")
+    created_at: Mapped[datetime]
+
+
+class Account(Base):
+    __tablename__ = "accounts"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    customer_id: Mapped[int] = mapped_column(ForeignKey("customers.id"))
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active suspended closed
+    protected: Mapped[bool] = mapped_column(Boolean, default=False)
+    protection_reason: Mapped[str | None]
+    protected_until: Mapped[datetime | None]
+    created_at: Mapped[datetime]
+
+
+class Tariff(Base):
+    __tablename__ = "tariffs"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(16))  # flat tou block
+    currency: Mapped[str] = mapped_column(String(3))
+    currency_scale: Mapped[int] = mapped_column(Integer)
+    #: the tariff's prices, rates and blocks as JSON text (integers only)
+    definition: Mapped[str]
+    low_threshold: Mapped[int]
+    critical_threshold: Mapped[int]
+    created_at: Mapped[datetime]
+
+
+class KeyMaterial(Base):
+    """Secret key data, kept apart from the meters that refer to it and never logged."""
+
+    __tablename__ = "key_material"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # command (HMAC) or sts (vending key data)
+    secret: Mapped[bytes]
+    created_at: Mapped[datetime]
+
+
+class Meter(Base):
+    __tablename__ = "meters"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    serial: Mapped[str]
+    endpoint: Mapped[str]  # tcp://host:port/unit, rtu:///dev/tty?unit=N, mqtt://host:port/ID
+    transport: Mapped[str] = mapped_column(String(8))  # tcp rtu mqtt
+    gateway: Mapped[str]  # host:port, serial device or broker: what its reads share
+    unit_id: Mapped[int | None] = mapped_column(Integer)
+    control_mode: Mapped[int] = mapped_column(Integer)
+    credit_unit: Mapped[str] = mapped_column(String(8))  # money energy
+    currency: Mapped[str] = mapped_column(String(3))
+    currency_scale: Mapped[int] = mapped_column(Integer)
+    account_id: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"))
+    tariff_id: Mapped[str | None] = mapped_column(ForeignKey("tariffs.id"))
+    command_key_id: Mapped[int | None] = mapped_column(ForeignKey("key_material.id"))
+    sts_key_id: Mapped[int | None] = mapped_column(ForeignKey("key_material.id"))
+    poll_group: Mapped[str] = mapped_column(String(64), default="default")
+    profile_period: Mapped[int] = mapped_column(Integer, default=900)  # load-profile capture, s
+    #: the last command sequence number the head-end used for this meter
+    last_command_seq: Mapped[int] = mapped_column(default=0)
+    status: Mapped[str] = mapped_column(String(16), default="active")  # active retired
+    created_at: Mapped[datetime]
+    retired_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_meters_account", "account_id"),)
+
+
+# -- readings -------------------------------------------------------------------------------------
+
+
+class Reading(Base):
+    """One register snapshot; ``flags`` holds validation findings (see ``flag_reason``)."""
+
+    __tablename__ = "readings"
+
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"), primary_key=True)
+    meter_time: Mapped[int] = mapped_column(primary_key=True)
+    received_at: Mapped[datetime]
+    source: Mapped[str] = mapped_column(String(8))  # poll mqtt
+    energy_import_wh: Mapped[int]
+    rate1_wh: Mapped[int]
+    rate2_wh: Mapped[int]
+    rate3_wh: Mapped[int]
+    rate4_wh: Mapped[int]
+    power_w: Mapped[int]
+    voltage_dv: Mapped[int]
+    current_ma: Mapped[int]
+    power_factor_milli: Mapped[int]
+    frequency_chz: Mapped[int]
+    credit: Mapped[int]
+    emergency_credit: Mapped[int]
+    debt: Mapped[int]
+    low_credit_threshold: Mapped[int]
+    control_state: Mapped[int] = mapped_column(Integer)
+    control_mode: Mapped[int] = mapped_column(Integer)
+    status: Mapped[int]
+    last_event_seq: Mapped[int]
+    last_transfer: Mapped[int]
+    last_command_seq: Mapped[int]
+    flags: Mapped[int] = mapped_column(default=0)
+    flag_reason: Mapped[str | None]
+
+
+class Interval(Base):
+    """One load-profile interval; estimated intervals are kept apart from actual reads."""
+
+    __tablename__ = "intervals"
+
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"), primary_key=True)
+    start: Mapped[int] = mapped_column(primary_key=True)  # meter clock, seconds
+    period: Mapped[int] = mapped_column(Integer)  # seconds
+    energy_wh: Mapped[int]
+    register_wh: Mapped[int]  # the energy register at the interval's end
+    credit: Mapped[int]
+    status: Mapped[int]
+    estimated: Mapped[bool] = mapped_column(Boolean, default=False)
+    flags: Mapped[int] = mapped_column(default=0)
+    flag_reason: Mapped[str | None]
+
+
+class MeterEvent(Base):
+    __tablename__ = "meter_events"
+
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"), primary_key=True)
+    boot: Mapped[int] = mapped_column(primary_key=True)  # 0: read by poll (sequence is lifelong)
+    seq: Mapped[int] = mapped_column(primary_key=True)
+    meter_time: Mapped[int]
+    code: Mapped[int] = mapped_column(Integer)
+    a: Mapped[int]
+    b: Mapped[int]
+    received_at: Mapped[datetime]
+
+
+class TelemetrySeen(Base):
+    """MQTT telemetry messages stored, by the agent's boot and message number."""
+
+    __tablename__ = "telemetry_seen"
+
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"), primary_key=True)
+    boot: Mapped[int] = mapped_column(primary_key=True)
+    n: Mapped[int] = mapped_column(primary_key=True)
+    meter_time: Mapped[int]
+
+
+class Gap(Base):
+    """Data the meter could no longer give (its ring buffer overwrote it)."""
+
+    __tablename__ = "gaps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"))
+    kind: Mapped[str] = mapped_column(String(16))  # intervals events
+    first: Mapped[int]  # intervals: meter time; events: sequence number
+    last: Mapped[int]
+    found_at: Mapped[datetime]
+
+    __table_args__ = (UniqueConstraint("meter_id", "kind", "first"),)
+
+
+class PollHealth(Base):
+    __tablename__ = "poll_health"
+
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"), primary_key=True)
+    health: Mapped[str] = mapped_column(String(16), default="unknown")
+    last_seen: Mapped[datetime | None]
+    last_attempt: Mapped[datetime | None]
+    consecutive_failures: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None]
+    next_due: Mapped[datetime | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+
+
+class HealthChange(Base):
+    __tablename__ = "health_changes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"))
+    at: Mapped[datetime]
+    old: Mapped[str] = mapped_column(String(16))
+    new: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str]
+
+    __table_args__ = (Index("ix_health_changes_meter", "meter_id", "at"),)
+
+
+# -- commands, notices, audit ---------------------------------------------------------------------
+
+
+class CommandRow(Base):
+    """A command to a meter; its signed envelope is stored before it is first sent."""
+
+    __tablename__ = "commands"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"))
+    kind: Mapped[str] = mapped_column(String(32))
+    sequence: Mapped[int]
+    envelope: Mapped[bytes]
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str]
+    actor: Mapped[str]
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    result_code: Mapped[int | None] = mapped_column(Integer)
+    superseded_by: Mapped[int | None] = mapped_column(ForeignKey("commands.id"))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("meter_id", "sequence"),
+        Index("ix_commands_state", "state", "updated_at"),
+    )
+
+
+class CommandTransition(Base):
+    __tablename__ = "command_transitions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    command_id: Mapped[int] = mapped_column(ForeignKey("commands.id"))
+    at: Mapped[datetime]
+    old: Mapped[str] = mapped_column(String(16))
+    new: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str]
+
+
+class Notification(Base):
+    """The outbox of notices; ``idempotency_key`` goes to the sender with every attempt."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    account_id: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"))
+    meter_id: Mapped[str | None] = mapped_column(ForeignKey("meters.id"))
+    channel: Mapped[str] = mapped_column(String(16))
+    language: Mapped[str] = mapped_column(String(8))
+    payload: Mapped[str]  # JSON text
+    state: Mapped[str] = mapped_column(String(16), default="pending")  # pending sent failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    sent_at: Mapped[datetime | None]
+    last_error: Mapped[str | None]
+
+    __table_args__ = (Index("ix_notifications_due", "state", "next_attempt_at"),)
+
+
+class AuditEntry(Base):
+    """Append-only; each entry carries the SHA-256 of the one before it (a hash chain)."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    actor: Mapped[str]
+    action: Mapped[str]
+    subject: Mapped[str]
+    reason: Mapped[str]
+    outcome: Mapped[str]
+    detail: Mapped[str]  # JSON text
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+metadata = Base.metadata

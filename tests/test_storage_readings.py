@@ -1,0 +1,114 @@
+"""Readings, intervals, events, gaps and health in the store, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select
+
+from headend.domain.health import Health
+from headend.domain.validation import Findings, Flag, check_intervals, estimate_gap
+from headend.storage import Database, open_database
+from headend.storage.readings import (
+    health_of,
+    last_event_seq,
+    last_interval,
+    latest_reading,
+    reading_row,
+    record_read,
+    store_events,
+    store_gap,
+    store_intervals,
+    store_readings,
+)
+from headend.storage.schema import HealthChange, Interval, Meter
+from protocols.readings import Event, EventCode, ProfileRow
+from tests.databases import db_url, postgres_server
+from tests.test_domain_readings import LIMITS, SNAP, T0
+
+__all__ = ["db_url", "postgres_server"]  # fixtures
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = await open_database(db_url, check=False)
+    await database.upgrade()
+    async with database.begin() as session:
+        session.add(
+            Meter(
+                id="M-1", serial="S", endpoint="tcp://127.0.0.1:5020/1", transport="tcp",
+                gateway="127.0.0.1:5020", unit_id=1, control_mode=6, credit_unit="money",
+                currency="KES", currency_scale=-2, created_at=NOW,
+            )
+        )  # fmt: skip
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def test_a_reading_is_stored_once_with_its_findings(db: Database) -> None:
+    flagged = Findings().add(Flag.CLOCK_SKEW, "meter clock ahead by 90 s")
+    async with db.begin() as session:
+        assert await latest_reading(session, "M-1") is None
+        rows = [reading_row(SNAP, flagged, NOW, "poll")]
+        assert await store_readings(session, rows) == 1
+    async with db.begin() as session:
+        later = replace(SNAP, time=T0 + 900, energy_import_wh=1100)
+        new = [reading_row(later, Findings(), NOW, "mqtt"), rows[0]]
+        assert await store_readings(session, new) == 1
+        previous = await latest_reading(session, "M-1")
+        assert previous is not None
+        assert (previous.meter_time, previous.energy_import_wh) == (T0 + 900, 1100)
+
+
+async def test_intervals_with_a_gap_and_its_estimate(db: Database) -> None:
+    rows = [ProfileRow(T0 + 900, 10, 10, 100, 1), ProfileRow(T0 + 3600, 40, 10, 90, 1)]
+    checked, gaps = check_intervals(rows, 900, None, LIMITS)
+    estimates = estimate_gap(checked[0], checked[1])
+    async with db.begin() as session:
+        assert await store_intervals(session, "M-1", [*checked, *estimates]) == 4
+        assert await store_intervals(session, "M-1", checked) == 0
+        for first, last in gaps:
+            assert await store_gap(session, "M-1", "intervals", first, last, found_at=NOW)
+            assert not await store_gap(session, "M-1", "intervals", first, last, found_at=NOW)
+    async with db.begin() as session:
+        stored = (await session.scalars(select(Interval).order_by(Interval.start))).all()
+        assert [(i.start - T0, i.energy_wh, i.estimated) for i in stored] == [
+            (0, 10, False), (900, 10, True), (1800, 10, True), (2700, 10, False)]  # fmt: skip
+        assert stored[3].flags == Flag.GAP_BEFORE
+        assert stored[3].flag_reason == "2 interval(s) missing before"
+        last = await last_interval(session, "M-1")
+        assert last == checked[1]
+
+
+async def test_events_by_sequence(db: Database) -> None:
+    events = [Event(n, T0 + n, EventCode.POWER_UP) for n in (1, 2, 3)]
+    async with db.begin() as session:
+        assert await last_event_seq(session, "M-1") == 0
+        assert await store_events(session, "M-1", events, NOW) == 3
+        assert await store_events(session, "M-1", events[1:], NOW) == 0
+        assert await store_events(session, "M-1", events[1:], NOW, boot=7) == 2  # MQTT boot
+        assert await last_event_seq(session, "M-1") == 3
+
+
+async def test_health_changes_are_stored_as_events(db: Database) -> None:
+    outcomes = [True, False, False, False, False, True]
+    async with db.begin() as session:
+        for n, ok in enumerate(outcomes):
+            at = NOW + timedelta(minutes=15 * n)
+            await record_read(session, "M-1", ok, now=at, error="" if ok else "timed out")
+    async with db.begin() as session:
+        state = await health_of(session, "M-1")
+        assert state.health is Health.ONLINE
+        assert state.failures == 0
+        changes = (await session.scalars(select(HealthChange).order_by(HealthChange.id))).all()
+        assert [(c.old, c.new) for c in changes] == [
+            ("unknown", "online"), ("online", "degraded"), ("degraded", "unreachable"),
+            ("unreachable", "online")]  # fmt: skip
+        assert changes[2].reason == "3 consecutive failed read(s): timed out"
