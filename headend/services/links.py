@@ -7,15 +7,18 @@ import contextlib
 
 from headend.links.base import MeterLink
 from headend.links.endpoint import LinkOptions, open_link
+from headend.links.pool import LinkPool
 from headend.storage.polling import PollTarget
 from protocols.errors import HesError, LinkError
 
 
 class EndpointLinks:
-    """Opens each meter's link from its registered endpoint; closes them all at the end."""
+    """Opens each meter's link from its registered endpoint, over connections shared per
+    gateway (one link pool); :meth:`close` closes them all."""
 
     def __init__(self, options: LinkOptions | None = None) -> None:
         self.options = options
+        self._pool: LinkPool | None = None  # connections shared per gateway, serial line, broker
         self._links: dict[str, MeterLink] = {}
         self._opening: dict[str, asyncio.Lock] = {}
 
@@ -28,7 +31,9 @@ class EndpointLinks:
             link = self._links.get(target.meter_id)
             if link is None:
                 try:
-                    link = await open_link(target.endpoint, self.options)
+                    if self._pool is None:
+                        self._pool = LinkPool()
+                    link = await open_link(target.endpoint, self.options, pool=self._pool)
                 except LinkError:
                     raise
                 except HesError as exc:  # a malformed endpoint is this meter's failure
@@ -46,6 +51,9 @@ class EndpointLinks:
         links, self._links = list(self._links.values()), {}
         for link in links:
             await _close(link)
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
 
 
 async def _close(link: MeterLink) -> None:
