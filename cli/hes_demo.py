@@ -10,8 +10,9 @@ import typer
 from rich.rule import Rule
 from rich.table import Table
 
-from cli.common import console, handle_errors
+from cli.common import console, fail, handle_errors
 from headend.demo import DemoOptions, run_demo
+from protocols.mqtt import BrokerSettings
 
 
 class RichReporter:
@@ -48,6 +49,12 @@ def demo(
     """Run a simulated fleet and work it from the head-end over Modbus and MQTT, checking
     every step: readings, a payment applied exactly once, remote disconnect and reconnect, an
     STS token, a meter running out of credit and a top-up restoring it, reconciliation."""
+    if broker is not None and no_mqtt:
+        raise fail("--broker and --no-mqtt contradict each other: give one")
+    if broker is not None and broker != "local":
+        BrokerSettings.parse_url(broker)  # a malformed URL is refused before anything starts
+    if workdir is not None and workdir.exists() and not workdir.is_dir():
+        raise fail(f"--workdir {workdir} is a file, not a directory")
     options = DemoOptions(meters, speed, broker, not no_mqtt, workdir, timeout)
     result = asyncio.run(run_demo(options, RichReporter()))
     passed = sum(ok for _, ok in result.checks)

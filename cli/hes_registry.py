@@ -21,6 +21,7 @@ from headend.domain.registry import (
     CustomerRecord,
     MeterRecord,
     TariffRecord,
+    account_id,
     notice_channel,
     record_from_row,
 )
@@ -289,6 +290,8 @@ def customers_add(
 ) -> None:
     """Register a customer (and an account of theirs); prints the customer's id."""
     record = CustomerRecord(name, email, phone, notice_channel(channel), language)
+    if account is not None:
+        account_id(account)
     customer_id = _with_db(db, lambda database: add_customer(database, record, account, _now()))
     if as_json:
         print_json({"customer_id": customer_id, "account": account})

@@ -257,7 +257,7 @@ async def _steps(
 def _money(snapshot: MeterSnapshot, amount: int) -> str:
     if snapshot.credit_unit == 1:
         return f"{decimal_text(amount, -3)} kWh"
-    return f"{decimal_text(amount, -2)} {snapshot.currency}"
+    return f"{decimal_text(amount, snapshot.currency_scale)} {snapshot.currency}"
 
 
 async def _read_fleet(head_end: _HeadEnd) -> None:

@@ -59,6 +59,10 @@ class MeterRecord:
         if self.credit_unit not in ("money", "energy"):
             raise ValidationError(f"credit_unit is money or energy, got {self.credit_unit!r}")
         Money(0, self.currency, -self.currency_scale)  # refuses a bad code or scale
+        if not _ID.fullmatch(self.poll_group):
+            raise ValidationError(
+                f"poll_group {self.poll_group!r}: letters, digits, _ . - (max 64)"
+            )
         if self.account and not _ID.fullmatch(self.account):
             raise ValidationError(f"account {self.account!r}: letters, digits, _ . - (max 64)")
         if self.profile_period < 60 or 86400 % self.profile_period:
@@ -227,6 +231,13 @@ class TariffRecord:
         return "flat" if len(self.prices) == 1 else "tou"
 
 
+def account_id(text: str) -> str:
+    """An account id as the registry keeps it; ValidationError if it is not one."""
+    if not _ID.fullmatch(text):
+        raise ValidationError(f"account {text!r}: letters, digits, _ . - (max 64)")
+    return text
+
+
 def notice_channel(text: str) -> NoticeChannel:
     for channel in NOTICE_CHANNELS:
         if channel == text:
@@ -248,7 +259,9 @@ class CustomerRecord:
         if self.notice_channel not in NOTICE_CHANNELS:
             raise ValidationError(f"notice channel is one of {', '.join(NOTICE_CHANNELS)}")
         if self.language not in LANGUAGES:
-            raise ValidationError(f"language is one of {', '.join(LANGUAGES)}")
+            raise ValidationError(
+                f"language is one of {', '.join(LANGUAGES)}, got {self.language!r}"
+            )
         if self.email is not None and not re.fullmatch(r"[^@\s]+@[^@\s]+\.[^@\s]+", self.email):
             raise ValidationError(f"not an e-mail address: {self.email!r}")
         if self.phone is not None and not re.fullmatch(r"\+?[0-9]{6,15}", self.phone):
@@ -267,6 +280,7 @@ __all__ = [
     "RouteOf",
     "RowRefusal",
     "TariffRecord",
+    "account_id",
     "notice_channel",
     "parse_meters_csv",
     "record_from_row",
