@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli.common import OneLineErrors, setup_logging
+from cli.hes_audit import audit_app
 from cli.hes_broker import broker_app
 from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
@@ -34,6 +35,7 @@ def _root(
 
 # sub-apps
 app.add_typer(token_app, name="token")
+app.add_typer(audit_app, name="audit")
 app.add_typer(broker_app, name="broker")
 app.add_typer(db_app, name="db")
 app.add_typer(meters_app, name="meters")

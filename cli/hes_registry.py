@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import getpass
+import os
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -63,6 +65,11 @@ def _with_db(url: str | None, work: Callable[[Database], Awaitable[T]]) -> T:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+def operator() -> str:
+    """Who is acting, for the audit trail: ``$HES_OPERATOR``, else the login name."""
+    return os.environ.get("HES_OPERATOR") or getpass.getuser()
 
 
 # -- meters ---------------------------------------------------------------------------------------
@@ -140,7 +147,13 @@ def meters_import(
     report = _with_db(
         db,
         lambda database: import_meters(
-            database, rows, refused, _now(), skip_bad_rows=skip_bad_rows, dry_run=dry_run
+            database,
+            rows,
+            refused,
+            _now(),
+            actor=operator(),
+            skip_bad_rows=skip_bad_rows,
+            dry_run=dry_run,
         ),
     )
     _print_report(report, as_json)
@@ -190,7 +203,9 @@ def meters_add(
         "auth_key": auth_key,
     }
     record: MeterRecord = record_from_row(values, route_of)
-    report = _with_db(db, lambda database: import_meters(database, [(1, record)], [], _now()))
+    report = _with_db(
+        db, lambda database: import_meters(database, [(1, record)], [], _now(), actor=operator())
+    )
     if report.refused:
         raise fail(f"{meter_id}: {report.refused[0].reason}")
     if as_json:
@@ -250,7 +265,9 @@ def meters_retire(
     as_json: JsonOption = False,
 ) -> None:
     """Retire a meter: no longer read or commanded; its history is kept."""
-    changed = _with_db(db, lambda database: retire_meter(database, meter_id, _now()))
+    changed = _with_db(
+        db, lambda database: retire_meter(database, meter_id, _now(), actor=operator())
+    )
     if as_json:
         print_json({"meter_id": meter_id, "retired": True, "changed": changed})
         return
@@ -292,7 +309,9 @@ def customers_add(
     record = CustomerRecord(name, email, phone, notice_channel(channel), language)
     if account is not None:
         account_id(account)
-    customer_id = _with_db(db, lambda database: add_customer(database, record, account, _now()))
+    customer_id = _with_db(
+        db, lambda database: add_customer(database, record, account, _now(), actor=operator())
+    )
     if as_json:
         print_json({"customer_id": customer_id, "account": account})
         return
@@ -377,7 +396,7 @@ def tariffs_add(
 ) -> None:
     """Register a tariff (a repeat with the same values changes nothing)."""
     record = TariffRecord(tariff_id, currency, scale, tuple(price), low, critical)
-    added = _with_db(db, lambda database: add_tariff(database, record, _now()))
+    added = _with_db(db, lambda database: add_tariff(database, record, _now(), actor=operator()))
     if as_json:
         print_json(_tariff_dict(record) | {"added": added})
         return

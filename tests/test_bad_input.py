@@ -211,6 +211,8 @@ BASE: dict[str, list[str]] = {
     "hes tariffs list": ["tariffs", "list"],
     "hes tariffs show": ["tariffs", "show", "T-1"],
     "hes poll": ["poll", "--once"],
+    "hes audit verify": ["audit", "verify"],
+    "hes audit show": ["audit", "show"],
     "hes status": ["status"],
     "hes readings": ["readings", "M-1"],
 }

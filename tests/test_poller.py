@@ -57,7 +57,7 @@ async def _register(db: Database, endpoints: dict[str, str]) -> None:
         (n, MeterRecord(meter_id=m, endpoint=e, route=route_of(e)))
         for n, (m, e) in enumerate(endpoints.items(), start=2)
     ]
-    report = await import_meters(db, rows, [], datetime.now(UTC))
+    report = await import_meters(db, rows, [], datetime.now(UTC), actor="test")
     assert report.applied
 
 

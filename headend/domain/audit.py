@@ -70,21 +70,30 @@ class Broken:
     why: str
 
 
+def check_link(
+    entry: Entry, previous: str, stored: str, expected_position: int, expected_previous: str
+) -> Broken | None:
+    """One link of the chain: the entry at ``expected_position`` after the one whose hash is
+    ``expected_previous``, with its stored previous hash and hash."""
+    if entry.position != expected_position:
+        return Broken(
+            entry.position,
+            f"entry {expected_position} is missing or out of order (found {entry.position})",
+        )
+    if previous != expected_previous:
+        return Broken(entry.position, "its previous hash is not the hash of the entry before")
+    if chain_hash(entry, previous) != stored:
+        return Broken(entry.position, "its contents do not match its hash (edited)")
+    return None
+
+
 def verify(entries: Iterable[tuple[Entry, str, str]]) -> Broken | None:
     """Check ``(entry, stored previous hash, stored hash)`` in position order; the first
     entry that breaks the chain, or None when the whole chain holds."""
     expected_previous = GENESIS
-    expected_position = 1
-    for entry, previous, stored in entries:
-        if entry.position != expected_position:
-            return Broken(
-                entry.position,
-                f"entry {expected_position} is missing or out of order (found {entry.position})",
-            )
-        if previous != expected_previous:
-            return Broken(entry.position, "its previous hash is not the hash of the entry before")
-        if chain_hash(entry, previous) != stored:
-            return Broken(entry.position, "its contents do not match its hash (edited)")
+    for position, (entry, previous, stored) in enumerate(entries, start=1):
+        broken = check_link(entry, previous, stored, position, expected_previous)
+        if broken is not None:
+            return broken
         expected_previous = stored
-        expected_position += 1
     return None

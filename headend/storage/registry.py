@@ -18,6 +18,7 @@ from headend.domain.registry import (
     TariffRecord,
     notice_channel,
 )
+from headend.storage import audit
 from headend.storage.database import Database
 from headend.storage.schema import Account, Customer, KeyMaterial, Meter, Tariff
 from protocols.errors import StorageError
@@ -72,6 +73,7 @@ async def import_meters(
     refused: Sequence[RowRefusal],
     now: datetime,
     *,
+    actor: str,
     skip_bad_rows: bool = False,
     dry_run: bool = False,
 ) -> ImportReport:
@@ -106,6 +108,20 @@ async def import_meters(
                         continue
                     session.add(await _meter(session, record, now))
                     await session.flush()
+                    await audit.append(
+                        session,
+                        at=now,
+                        actor=actor,
+                        action="meter.register",
+                        subject=record.meter_id,
+                        reason=f"import, line {line}",
+                        outcome="registered",
+                        detail={
+                            "endpoint": record.endpoint,
+                            "account": record.account or None,
+                            "tariff": record.tariff or None,
+                        },
+                    )
                 report.added.append(record.meter_id)
             report.refused.sort(key=lambda refusal: refusal.line)
             if dry_run or (report.refused and not skip_bad_rows):
@@ -162,7 +178,7 @@ async def get_meter(db: Database, meter_id: str) -> Meter:
     return meter
 
 
-async def retire_meter(db: Database, meter_id: str, now: datetime) -> bool:
+async def retire_meter(db: Database, meter_id: str, now: datetime, *, actor: str) -> bool:
     """Retire a meter: it is no longer read or commanded; its history stays. False if it was
     retired already."""
     async with db.begin() as session:
@@ -173,6 +189,15 @@ async def retire_meter(db: Database, meter_id: str, now: datetime) -> bool:
             return False
         meter.status = "retired"
         meter.retired_at = now
+        await audit.append(
+            session,
+            at=now,
+            actor=actor,
+            action="meter.retire",
+            subject=meter_id,
+            reason="operator",
+            outcome="retired",
+        )
         return True
 
 
@@ -203,7 +228,7 @@ def meter_dict(meter: Meter) -> dict[str, Any]:
 # -- tariffs ---------------------------------------------------------------------------------------
 
 
-async def add_tariff(db: Database, tariff: TariffRecord, now: datetime) -> bool:
+async def add_tariff(db: Database, tariff: TariffRecord, now: datetime, *, actor: str) -> bool:
     """Register ``tariff``; False if the same tariff is registered already (a repeat changes
     nothing); StorageError if the id is taken by a different one."""
     definition = json.dumps({"prices": list(tariff.prices)})
@@ -224,6 +249,16 @@ async def add_tariff(db: Database, tariff: TariffRecord, now: datetime) -> bool:
                 critical_threshold=tariff.critical_threshold,
                 created_at=now,
             )
+        )
+        await audit.append(
+            session,
+            at=now,
+            actor=actor,
+            action="tariff.register",
+            subject=tariff.tariff_id,
+            reason="operator",
+            outcome="registered",
+            detail={"prices": list(tariff.prices)},
         )
     return True
 
@@ -265,7 +300,7 @@ async def get_tariff(db: Database, tariff_id: str) -> TariffRecord:
 
 
 async def add_customer(
-    db: Database, customer: CustomerRecord, account_id: str | None, now: datetime
+    db: Database, customer: CustomerRecord, account_id: str | None, now: datetime, *, actor: str
 ) -> int:
     """Register a customer (and, with ``account_id``, an account of theirs); returns the
     customer's id."""
@@ -284,6 +319,16 @@ async def add_customer(
         await session.flush()
         if account_id is not None:
             session.add(Account(id=account_id, customer_id=row.id, created_at=now))
+        await audit.append(
+            session,
+            at=now,
+            actor=actor,
+            action="customer.register",
+            subject=f"customer:{row.id}",
+            reason="operator",
+            outcome="registered",
+            detail={"account": account_id},
+        )
         return row.id
 
 

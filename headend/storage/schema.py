@@ -333,7 +333,8 @@ class AuditEntry(Base):
 
     __tablename__ = "audit_log"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: 1, 2, 3 ... without gaps (a sequence would skip numbers on a rollback)
+    position: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
     at: Mapped[datetime]
     actor: Mapped[str]
     action: Mapped[str]
@@ -343,6 +344,8 @@ class AuditEntry(Base):
     detail: Mapped[str]  # JSON text
     prev_hash: Mapped[str] = mapped_column(String(64))
     hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+    __table_args__ = (Index("ix_audit_log_subject", "subject"),)
 
 
 metadata = Base.metadata

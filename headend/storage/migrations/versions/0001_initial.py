@@ -21,7 +21,7 @@ def upgrade() -> None:
 
     op.create_table(
         "audit_log",
-        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("position", sa.BigInteger(), autoincrement=False, nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("actor", sa.Text(), nullable=False),
         sa.Column("action", sa.Text(), nullable=False),
@@ -31,9 +31,11 @@ def upgrade() -> None:
         sa.Column("detail", sa.Text(), nullable=False),
         sa.Column("prev_hash", sa.String(length=64), nullable=False),
         sa.Column("hash", sa.String(length=64), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_audit_log")),
+        sa.PrimaryKeyConstraint("position", name=op.f("pk_audit_log")),
         sa.UniqueConstraint("hash", name=op.f("uq_audit_log_hash")),
     )
+    with op.batch_alter_table("audit_log", schema=None) as batch_op:
+        batch_op.create_index("ix_audit_log_subject", ["subject"], unique=False)
     op.create_table(
         "customers",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),

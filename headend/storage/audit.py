@@ -1,0 +1,129 @@
+"""The audit log: append-only, each entry chained to the one before by its SHA-256.
+
+Entries are appended in the transaction of the action they record, one writer at a time (on
+PostgreSQL a transaction-scoped advisory lock; on SQLite the write lock every transaction
+takes), so positions have no gaps and the chain no forks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from headend.domain.audit import GENESIS, Broken, Entry, chain_hash, check_link
+from headend.storage.database import Database
+from headend.storage.schema import AuditEntry, Meter
+from protocols.errors import StorageError
+
+#: the advisory lock that serialises appends on PostgreSQL ("audit" in ASCII)
+_LOCK = 0x6175646974
+
+
+async def append(
+    session: AsyncSession,
+    *,
+    at: datetime,
+    actor: str,
+    action: str,
+    subject: str,
+    reason: str,
+    outcome: str,
+    detail: dict[str, Any] | None = None,
+) -> Entry:
+    """Append one entry in ``session``'s transaction; returns it."""
+    if session.get_bind().dialect.name == "postgresql":
+        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
+    last = (
+        await session.execute(
+            select(AuditEntry.position, AuditEntry.hash)
+            .order_by(AuditEntry.position.desc())
+            .limit(1)
+        )
+    ).first()
+    position, previous = (1, GENESIS) if last is None else (last[0] + 1, last[1])
+    entry = Entry(position, at, actor, action, subject, reason, outcome, detail or {})
+    digest = chain_hash(entry, previous)
+    session.add(
+        AuditEntry(
+            position=position,
+            at=at,
+            actor=actor,
+            action=action,
+            subject=subject,
+            reason=reason,
+            outcome=outcome,
+            detail=json.dumps(entry.detail, sort_keys=True),
+            prev_hash=previous,
+            hash=digest,
+        )
+    )
+    await session.flush()
+    return entry
+
+
+def _entry(row: AuditEntry) -> Entry:
+    return Entry(
+        row.position,
+        row.at,
+        row.actor,
+        row.action,
+        row.subject,
+        row.reason,
+        row.outcome,
+        json.loads(row.detail),
+    )
+
+
+async def _rows(db: Database, batch: int = 5000) -> AsyncIterator[tuple[Entry, str, str]]:
+    after = 0
+    while True:
+        async with db.begin() as session:
+            rows = (
+                await session.scalars(
+                    select(AuditEntry)
+                    .where(AuditEntry.position > after)
+                    .order_by(AuditEntry.position)
+                    .limit(batch)
+                )
+            ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield _entry(row), row.prev_hash, row.hash
+        after = rows[-1].position
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    entries: int
+    broken: Broken | None
+
+
+async def verify_chain(db: Database) -> Verification:
+    """Walk the whole log; the first entry that breaks the chain, if any."""
+    count, previous = 0, GENESIS
+    async for entry, stored_previous, stored in _rows(db):
+        count += 1
+        broken = check_link(entry, stored_previous, stored, count, previous)
+        if broken is not None:
+            return Verification(count, broken)
+        previous = stored
+    return Verification(count, None)
+
+
+async def entries(db: Database, subject: str | None = None, limit: int = 50) -> list[Entry]:
+    """The latest ``limit`` entries (about the meter ``subject``, if given), oldest first."""
+    query = select(AuditEntry).order_by(AuditEntry.position.desc()).limit(limit)
+    if subject is not None:
+        query = query.where(AuditEntry.subject == subject)
+    async with db.begin() as session:
+        if subject is not None and await session.get(Meter, subject) is None:
+            raise StorageError(f"no meter {subject!r} is registered")
+        rows = (await session.scalars(query)).all()
+    return [_entry(row) for row in reversed(rows)]
