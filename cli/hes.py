@@ -10,6 +10,7 @@ from cli.hes_broker import broker_app
 from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
+from cli.hes_notices import notices_app
 from cli.hes_poll import register as register_poll
 from cli.hes_registry import customers_app, meters_app, tariffs_app
 from cli.hes_token import token_app
@@ -39,6 +40,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(broker_app, name="broker")
 app.add_typer(db_app, name="db")
 app.add_typer(meters_app, name="meters")
+app.add_typer(notices_app, name="notices")
 app.add_typer(customers_app, name="customers")
 app.add_typer(tariffs_app, name="tariffs")
 register_link_commands(app)

@@ -16,7 +16,9 @@ so that callers never see a library's own exception types::
     │   ├── LinkTimeout              no answer in time
     │   ├── LinkClosed               the connection dropped or could not be opened
     │   └── DeviceException          the device answered with a protocol exception (e.g. Modbus 02)
-    └── StorageError                 the head-end's database refused or failed an operation
+    ├── StorageError                 the head-end's database refused or failed an operation
+    └── DeliveryError                a notice could not be handed to its channel (SMTP, HTTP)
+        └── DeliveryRefused          the channel refused it for good (retrying cannot help)
 """
 
 from __future__ import annotations
@@ -80,3 +82,11 @@ class DeviceException(LinkError):
 
 class StorageError(HesError):
     """The head-end's database refused or failed an operation."""
+
+
+class DeliveryError(HesError):
+    """A notice could not be handed to its channel now (the server is down, timed out)."""
+
+
+class DeliveryRefused(DeliveryError):
+    """The channel refused the notice for good (a bad address, a 4xx): do not retry."""

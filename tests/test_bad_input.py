@@ -213,6 +213,7 @@ BASE: dict[str, list[str]] = {
     "hes poll": ["poll", "--once"],
     "hes audit verify": ["audit", "verify"],
     "hes audit show": ["audit", "show"],
+    "hes notices list": ["notices", "list"],
     "hes status": ["status"],
     "hes readings": ["readings", "M-1"],
 }
@@ -263,6 +264,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "--since": ["soon"],
     "--until": ["soon"],
     "--stale": ["soon"],
+    "--state": ["lost"],
 }
 #: options whose every text is a valid value (names, labels)
 FREE_TEXT = frozenset({"--serial", "--customer"})

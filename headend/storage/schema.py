@@ -315,6 +315,7 @@ class Notification(Base):
     account_id: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"))
     meter_id: Mapped[str | None] = mapped_column(ForeignKey("meters.id"))
     channel: Mapped[str] = mapped_column(String(16))
+    address: Mapped[str]  # the phone number, e-mail address or operators' hook it goes to
     language: Mapped[str] = mapped_column(String(8))
     payload: Mapped[str]  # JSON text
     state: Mapped[str] = mapped_column(String(16), default="pending")  # pending sent failed
@@ -324,6 +325,8 @@ class Notification(Base):
     created_at: Mapped[datetime]
     sent_at: Mapped[datetime | None]
     last_error: Mapped[str | None]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
 
     __table_args__ = (Index("ix_notifications_due", "state", "next_attempt_at"),)
 

@@ -219,6 +219,7 @@ def upgrade() -> None:
         sa.Column("account_id", sa.String(length=64), nullable=True),
         sa.Column("meter_id", sa.String(length=64), nullable=True),
         sa.Column("channel", sa.String(length=16), nullable=False),
+        sa.Column("address", sa.Text(), nullable=False),
         sa.Column("language", sa.String(length=8), nullable=False),
         sa.Column("payload", sa.Text(), nullable=False),
         sa.Column("state", sa.String(length=16), nullable=False),
@@ -228,6 +229,8 @@ def upgrade() -> None:
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("sent_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_error", sa.Text(), nullable=True),
+        sa.Column("lease_owner", sa.String(length=64), nullable=True),
+        sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
         sa.ForeignKeyConstraint(
             ["account_id"], ["accounts.id"], name=op.f("fk_notifications_account_id_accounts")
         ),

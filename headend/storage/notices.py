@@ -1,0 +1,158 @@
+"""The notice outbox: notices are written in the transaction of what causes them, claimed by a
+sender with a lease, and marked sent, retried or failed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from headend.storage.database import Database, insert_ignore, storage_errors
+from headend.storage.schema import Notification
+
+
+@dataclass(frozen=True, slots=True)
+class Pending:
+    id: int
+    idempotency_key: str
+    kind: str
+    channel: str
+    address: str
+    language: str
+    values: dict[str, str]
+    attempts: int
+    expires_at: datetime
+    meter_id: str | None
+    account_id: str | None
+
+
+async def enqueue(
+    session: AsyncSession,
+    *,
+    key: str,
+    kind: str,
+    channel: str,
+    address: str,
+    language: str,
+    values: dict[str, str],
+    now: datetime,
+    deliver_at: datetime,
+    expires_at: datetime,
+    meter_id: str | None = None,
+    account_id: str | None = None,
+) -> bool:
+    """Write a notice into the outbox (in the caller's transaction); False if a notice with
+    this idempotency key exists already (one notice per cause, however often it is raised)."""
+    row = {
+        "idempotency_key": key,
+        "kind": kind,
+        "account_id": account_id,
+        "meter_id": meter_id,
+        "channel": channel,
+        "address": address,
+        "language": language,
+        "payload": json.dumps(values, sort_keys=True, ensure_ascii=False),
+        "state": "pending",
+        "attempts": 0,
+        "next_attempt_at": deliver_at,
+        "expires_at": expires_at,
+        "created_at": now,
+    }
+    return await insert_ignore(session, Notification, [row]) == 1
+
+
+def _pending(row: Notification) -> Pending:
+    values: dict[str, Any] = json.loads(row.payload)
+    return Pending(
+        row.id,
+        row.idempotency_key,
+        row.kind,
+        row.channel,
+        row.address,
+        row.language,
+        {str(k): str(v) for k, v in values.items()},
+        row.attempts,
+        row.expires_at,
+        row.meter_id,
+        row.account_id,
+    )
+
+
+async def claim(
+    db: Database, worker: str, now: datetime, lease_until: datetime, limit: int = 100
+) -> list[Pending]:
+    """Claim due pending notices not leased by a live worker (SKIP LOCKED on PostgreSQL)."""
+    candidates = (
+        select(Notification.id)
+        .where(Notification.state == "pending", Notification.next_attempt_at <= now)
+        .where(or_(Notification.lease_until.is_(None), Notification.lease_until < now))
+        .order_by(Notification.next_attempt_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+        .scalar_subquery()
+    )
+    statement = (
+        update(Notification)
+        .where(Notification.id.in_(candidates))
+        .values(lease_owner=worker, lease_until=lease_until)
+        .returning(Notification.id)
+    )
+    with storage_errors("claiming notices"):
+        async with db.begin() as session:
+            ids = list((await session.execute(statement)).scalars().all())
+            if not ids:
+                return []
+            rows = (
+                await session.scalars(select(Notification).where(Notification.id.in_(ids)))
+            ).all()
+    return sorted((_pending(row) for row in rows), key=lambda p: p.id)
+
+
+async def finish(
+    session: AsyncSession,
+    notice_id: int,
+    worker: str,
+    *,
+    state: str,
+    now: datetime,
+    error: str | None = None,
+    next_attempt_at: datetime | None = None,
+) -> bool:
+    """Record an attempt's outcome, fenced by the lease: False if another worker took the
+    notice meanwhile (its outcome wins)."""
+    values: dict[str, Any] = {
+        "state": state,
+        "attempts": Notification.attempts + 1,
+        "last_error": error,
+        "lease_owner": None,
+        "lease_until": None,
+    }
+    if state == "sent":
+        values["sent_at"] = now
+    if next_attempt_at is not None:
+        values["next_attempt_at"] = next_attempt_at
+    result = await session.execute(
+        update(Notification)
+        .where(Notification.id == notice_id, Notification.lease_owner == worker)
+        .values(**values)
+        .returning(Notification.id)
+    )
+    return result.first() is not None
+
+
+async def latest(db: Database, state: str | None = None, limit: int = 100) -> list[Notification]:
+    """The latest notices (in ``state``, if given), newest first (for operators)."""
+    query = select(Notification).order_by(Notification.id.desc()).limit(limit)
+    if state is not None:
+        query = query.where(Notification.state == state)
+    async with db.begin() as session:
+        return list((await session.scalars(query)).all())
+
+
+async def failed(db: Database, limit: int = 100) -> list[Notification]:
+    """Notices that could not be delivered, newest first."""
+    return await latest(db, "failed", limit)
