@@ -88,6 +88,13 @@ class Account(Base):
     protected: Mapped[bool] = mapped_column(Boolean, default=False)
     protection_reason: Mapped[str | None]
     protected_until: Mapped[datetime | None]
+    #: thresholds of this account instead of its tariff's (minor units or Wh), None: the tariff's
+    low_threshold: Mapped[int | None]
+    critical_threshold: Mapped[int | None]
+    #: the lowest balance level a notice was raised for: 0 none, 1 low, 2 critical, 3 exhausted;
+    #: raised on a downward crossing, lowered only when the balance climbs back above a
+    #: threshold plus the hysteresis margin (so one crossing is one notice, across restarts)
+    alert_level: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]
 
 

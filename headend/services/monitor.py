@@ -1,0 +1,120 @@
+"""The balance monitor: one notice per downward crossing of an account's low, critical or
+exhausted threshold, re-armed only once the balance is back above the threshold plus a margin.
+
+The crossing and its notice are written in one transaction, with the account's alert level
+changed by compare-and-set, so a crossing is one notice however often the monitor runs, across
+restarts and with several workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from headend.domain.notices import Channel, Kind, QuietHours, deliver_at
+from headend.storage import Database
+from headend.storage.balances import (
+    LEVEL_CRITICAL,
+    LEVEL_EXHAUSTED,
+    LEVEL_LOW,
+    LevelChange,
+    level_changes,
+    set_level,
+)
+from headend.storage.notices import enqueue
+from protocols.clock import Clock
+from protocols.errors import StorageError
+from protocols.units import decimal_text
+
+log = logging.getLogger(__name__)
+
+KIND_OF_LEVEL = {
+    LEVEL_LOW: Kind.LOW_CREDIT,
+    LEVEL_CRITICAL: Kind.CRITICAL,
+    LEVEL_EXHAUSTED: Kind.EXHAUSTED,
+}
+
+
+@dataclass(slots=True)
+class MonitorRound:
+    notices: int = 0
+    rearmed: int = 0
+    silent: int = 0  # crossings of customers who take no notices
+
+
+def balance_text(change: LevelChange) -> str:
+    if change.credit_unit == "energy":
+        return f"{decimal_text(change.credit, -3)} kWh"
+    return f"{decimal_text(change.credit, change.currency_scale)} {change.currency}"
+
+
+def _address(change: LevelChange) -> tuple[Channel, str] | None:
+    if change.channel == "sms" and change.phone:
+        return Channel.SMS, change.phone
+    if change.channel == "email" and change.email:
+        return Channel.EMAIL, change.email
+    return None
+
+
+class BalanceMonitor:
+    def __init__(
+        self,
+        db: Database,
+        clock: Clock,
+        *,
+        margin_percent: int = 10,
+        quiet: QuietHours | None = None,
+        expiry: timedelta = timedelta(hours=24),
+    ) -> None:
+        self.db = db
+        self.clock = clock
+        self.margin_percent = margin_percent
+        self.quiet = quiet or QuietHours()
+        self.expiry = expiry
+
+    async def evaluate(self) -> MonitorRound:
+        """One pass over the whole fleet."""
+        now = datetime.fromtimestamp(self.clock.now(), UTC)
+        result = MonitorRound()
+        async with self.db.begin() as session:
+            changes = await level_changes(session, self.margin_percent)
+            for change in changes:
+                if not await set_level(session, change.account_id, change.old, change.new):
+                    continue  # another worker took this crossing
+                if change.new < change.old:
+                    result.rearmed += 1
+                    continue
+                target = _address(change)
+                if target is None:
+                    result.silent += 1
+                    continue
+                channel, address = target
+                kind = KIND_OF_LEVEL[change.new]
+                await enqueue(
+                    session,
+                    key=f"{kind}:{change.account_id}:{change.meter_id}:{change.meter_time}",
+                    kind=kind,
+                    channel=channel,
+                    address=address,
+                    language=change.language,
+                    values={"meter": change.meter_id, "balance": balance_text(change)},
+                    now=now,
+                    deliver_at=deliver_at(kind, channel, now, self.quiet),
+                    expires_at=now + self.expiry,
+                    meter_id=change.meter_id,
+                    account_id=change.account_id,
+                )
+                result.notices += 1
+        return result
+
+    async def run(self, stop: asyncio.Event, tick: float = 10.0) -> None:
+        while not stop.is_set():
+            try:
+                await self.evaluate()
+            except StorageError as exc:
+                log.error("balance monitor: %s", exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), tick)

@@ -1,0 +1,123 @@
+"""The balance monitor on SQLite and PostgreSQL: one notice per downward crossing, re-armed
+only above the threshold plus the margin, never twice for one crossing (also with two
+monitors at once)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy import select
+
+from headend.domain.registry import CustomerRecord, MeterRecord, TariffRecord
+from headend.domain.validation import Findings
+from headend.services.monitor import BalanceMonitor
+from headend.services.registry import route_of
+from headend.storage import Database, open_database
+from headend.storage.readings import reading_row, store_readings
+from headend.storage.registry import add_customer, add_tariff, import_meters
+from headend.storage.schema import Notification
+from protocols.clock import ManualClock
+from tests.databases import db_url, postgres_server
+from tests.test_domain_readings import SNAP, T0
+
+__all__ = ["db_url", "postgres_server"]  # fixtures
+
+NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)  # noon: no quiet hours
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = await open_database(db_url, check=False)
+    await database.upgrade()
+    await add_tariff(database, TariffRecord("RES", "KES", -2, (2500,), 5000, 1000), NOW, actor="t")
+    for n, (name, channel) in enumerate([("Wanjiru", "sms"), ("Quiet", "none")], start=1):
+        record = CustomerRecord(
+            name,
+            None,
+            f"+25470000000{n}" if channel == "sms" else None,
+            "sms" if channel == "sms" else "none",
+        )
+        await add_customer(database, record, f"ACC-{n}", NOW, actor="t")
+    rows = [
+        (
+            2,
+            MeterRecord(
+                meter_id=f"MTR-{n}",
+                endpoint=f"tcp://127.0.0.1:1/{n}",
+                route=route_of(f"tcp://127.0.0.1:1/{n}"),
+                customer=name,
+                account=f"ACC-{n}",
+                tariff="RES",
+            ),
+        )
+        for n, name in ((1, "Wanjiru"), (2, "Quiet"))
+    ]
+    assert (await import_meters(database, rows, [], NOW, actor="t")).applied
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+async def _read(db: Database, meter: str, n: int, credit: int) -> None:
+    snapshot = replace(SNAP, meter_id=meter, time=T0 + 900 * n, credit=credit)
+    async with db.begin() as session:
+        await store_readings(session, [reading_row(snapshot, Findings(), NOW, "poll")])
+
+
+async def _kinds(db: Database) -> list[str]:
+    async with db.begin() as session:
+        rows = await session.scalars(select(Notification.kind).order_by(Notification.id))
+        return list(rows)
+
+
+async def test_one_notice_per_crossing_and_hysteresis(db: Database) -> None:
+    monitor = BalanceMonitor(db, ManualClock(NOW.timestamp()))
+    steps = [
+        (10_000, []),
+        (4_000, ["low_credit"]),
+        (3_900, []),  # still low: no second notice
+        (800, ["critical"]),
+        (0, ["exhausted"]),
+        (5_200, []),  # topped up, but within the margin above the low threshold
+        (4_900, []),  # so dipping under it again is not a new crossing
+        (6_000, []),  # clear of the margin: re-armed
+        (4_500, ["low_credit"]),  # a new crossing, a new notice
+    ]
+    expected: list[str] = []
+    for n, (credit, new) in enumerate(steps, start=1):
+        await _read(db, "MTR-1", n, credit)
+        await monitor.evaluate()
+        await monitor.evaluate()  # evaluating again changes nothing
+        expected += new
+        assert await _kinds(db) == expected, f"after credit {credit}"
+    async with db.begin() as session:
+        first = (await session.scalars(select(Notification).order_by(Notification.id))).first()
+        assert first is not None
+        assert (first.channel, first.address, first.meter_id) == ("sms", "+254700000001", "MTR-1")
+        assert "40.00 KES" in first.payload
+
+
+async def test_a_customer_without_notices_is_tracked_silently(db: Database) -> None:
+    monitor = BalanceMonitor(db, ManualClock(NOW.timestamp()))
+    await _read(db, "MTR-2", 1, 100)
+    result = await monitor.evaluate()
+    assert (result.notices, result.silent) == (0, 1)
+    assert await _kinds(db) == []
+
+
+async def test_two_monitors_at_once_make_one_notice(db: Database, db_url: str) -> None:
+    other = await open_database(db_url)
+    try:
+        await _read(db, "MTR-1", 1, 4_000)
+        clock = ManualClock(NOW.timestamp())
+        await asyncio.gather(
+            BalanceMonitor(db, clock).evaluate(), BalanceMonitor(other, clock).evaluate()
+        )
+        assert await _kinds(db) == ["low_credit"]
+    finally:
+        await other.close()
