@@ -11,6 +11,7 @@ from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
 from cli.hes_notices import notices_app
+from cli.hes_policy import policy_app
 from cli.hes_poll import register as register_poll
 from cli.hes_registry import customers_app, meters_app, tariffs_app
 from cli.hes_token import token_app
@@ -41,6 +42,7 @@ app.add_typer(broker_app, name="broker")
 app.add_typer(db_app, name="db")
 app.add_typer(meters_app, name="meters")
 app.add_typer(notices_app, name="notices")
+app.add_typer(policy_app, name="policy")
 app.add_typer(customers_app, name="customers")
 app.add_typer(tariffs_app, name="tariffs")
 register_link_commands(app)

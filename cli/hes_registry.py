@@ -6,7 +6,7 @@ import asyncio
 import getpass
 import os
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -16,6 +16,7 @@ from rich.table import Table
 from cli.common import console, fail, handle_errors, print_json
 from cli.hes_db import DbOption
 from cli.hes_views import load_story, print_story, story_dict
+from headend.domain.policy import Calendar
 from headend.domain.registry import (
     COLUMNS,
     LANGUAGES,
@@ -24,7 +25,10 @@ from headend.domain.registry import (
     MeterRecord,
     TariffRecord,
     account_id,
+    calendar_document,
     notice_channel,
+    parse_friendly_hours,
+    parse_utc_offset,
     record_from_row,
 )
 from headend.services.registry import records_from_csv, records_from_fleet, route_of
@@ -369,6 +373,7 @@ def _tariff_dict(tariff: TariffRecord) -> dict[str, Any]:
         "prices": list(tariff.prices),
         "low_threshold": tariff.low_threshold,
         "critical_threshold": tariff.critical_threshold,
+        "calendar": calendar_document(tariff.calendar),
     }
 
 
@@ -391,11 +396,42 @@ def tariffs_add(
     ] = -2,
     low: Annotated[int, typer.Option(min=0, help="Low-balance threshold, minor units.")] = 5000,
     critical: Annotated[int, typer.Option(min=0, help="Critical threshold, minor units.")] = 1000,
+    friendly_hours: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--friendly-hours",
+            help="HH:MM-HH:MM when supply is never cut for credit (may cross midnight; "
+            "repeatable).",
+        ),
+    ] = None,
+    friendly_day: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--friendly-day", min=1, max=7, help="ISO weekday never cut (7 = Sunday; repeatable)."
+        ),
+    ] = None,
+    holiday: Annotated[
+        list[str] | None,
+        typer.Option("--holiday", help="A date never cut, YYYY-MM-DD (repeatable)."),
+    ] = None,
+    utc_offset: Annotated[
+        str, typer.Option(help="The tariff's local time, e.g. +03:00.")
+    ] = "+00:00",
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Register a tariff (a repeat with the same values changes nothing)."""
-    record = TariffRecord(tariff_id, currency, scale, tuple(price), low, critical)
+    try:
+        days = frozenset(date.fromisoformat(text) for text in holiday or [])
+    except ValueError as exc:
+        raise fail(f"--holiday is YYYY-MM-DD: {exc}") from exc
+    calendar = Calendar(
+        tuple(span for text in friendly_hours or [] for span in parse_friendly_hours(text)),
+        frozenset(friendly_day or []),
+        days,
+        parse_utc_offset(utc_offset),
+    )
+    record = TariffRecord(tariff_id, currency, scale, tuple(price), low, critical, calendar)
     added = _with_db(db, lambda database: add_tariff(database, record, _now(), actor=operator()))
     if as_json:
         print_json(_tariff_dict(record) | {"added": added})

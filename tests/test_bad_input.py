@@ -214,6 +214,8 @@ BASE: dict[str, list[str]] = {
     "hes audit verify": ["audit", "verify"],
     "hes audit show": ["audit", "show"],
     "hes notices list": ["notices", "list"],
+    "hes policy explain": ["policy", "explain", "M-1"],
+    "hes policy dry-run": ["policy", "dry-run"],
     "hes status": ["status"],
     "hes readings": ["readings", "M-1"],
 }
@@ -265,6 +267,12 @@ BAD_VALUES: dict[str, list[str]] = {
     "--until": ["soon"],
     "--stale": ["soon"],
     "--state": ["lost"],
+    "--friendly-hours": ["18-06", "25:00-06:00"],
+    "--holiday": ["christmas"],
+    "--friendly-day": ["8", "sunday"],
+    "--utc-offset": ["3h"],
+    "--at": ["soon"],
+    "--grace": ["soon"],
 }
 #: options whose every text is a valid value (names, labels)
 FREE_TEXT = frozenset({"--serial", "--customer"})

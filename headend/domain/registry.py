@@ -10,9 +10,11 @@ import csv
 import io
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Final, Literal
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any, Final, Literal
 
+from headend.domain.policy import Calendar
 from protocols.errors import ConfigError, DecodeError, ValidationError
 from protocols.units import Money
 
@@ -203,6 +205,53 @@ NOTICE_CHANNELS: Final = ("sms", "email", "webhook", "none")
 LANGUAGES: Final = ("en", "zh")
 
 
+def calendar_document(calendar: Calendar) -> dict[str, object]:
+    return {
+        "friendly_hours": [list(span) for span in calendar.friendly_hours],
+        "friendly_weekdays": sorted(calendar.friendly_weekdays),
+        "holidays": sorted(day.isoformat() for day in calendar.holidays),
+        "utc_offset_minutes": calendar.utc_offset_minutes,
+    }
+
+
+def calendar_from(document: dict[str, Any]) -> Calendar:
+    return Calendar(
+        tuple((int(a), int(b)) for a, b in document.get("friendly_hours", [])),
+        frozenset(int(d) for d in document.get("friendly_weekdays", [])),
+        frozenset(date.fromisoformat(d) for d in document.get("holidays", [])),
+        int(document.get("utc_offset_minutes", 0)),
+    )
+
+
+def parse_friendly_hours(text: str) -> tuple[tuple[int, int], ...]:
+    """``18:00-06:00`` -> the spans of the day it covers (one crossing midnight is two)."""
+    match = re.fullmatch(r"(\d{1,2}):(\d{2})-(\d{1,2}):(\d{2})", text.strip())
+    if match is None:
+        raise ValidationError(f"friendly hours are HH:MM-HH:MM, got {text!r}")
+    start = int(match[1]) * 60 + int(match[2])
+    end = int(match[3]) * 60 + int(match[4])
+    if not (0 <= start <= 1440 and 0 <= end <= 1440) or int(match[2]) > 59 or int(match[4]) > 59:
+        raise ValidationError(f"not a time of day in {text!r}")
+    if start == end:
+        raise ValidationError(f"friendly hours {text!r} are empty")
+    return (
+        ((start, end),)
+        if start < end
+        else tuple(span for span in ((start, 1440), (0, end)) if span[0] < span[1])
+    )
+
+
+def parse_utc_offset(text: str) -> int:
+    """``+03:00``, ``-05:30`` or ``Z`` -> minutes."""
+    if text in ("Z", "+00:00", "0"):
+        return 0
+    match = re.fullmatch(r"([+-])(\d{2}):(\d{2})", text)
+    if match is None:
+        raise ValidationError(f"a UTC offset is like +03:00, got {text!r}")
+    minutes = int(match[2]) * 60 + int(match[3])
+    return minutes if match[1] == "+" else -minutes
+
+
 @dataclass(frozen=True, slots=True)
 class TariffRecord:
     """A tariff as the registry keeps it: unit prices (minor units per kWh) per rate, rate 1
@@ -214,6 +263,7 @@ class TariffRecord:
     prices: tuple[int, ...]
     low_threshold: int
     critical_threshold: int
+    calendar: Calendar = field(default_factory=Calendar)  # when supply is never cut for credit
 
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.tariff_id):

@@ -16,6 +16,8 @@ from headend.domain.registry import (
     MeterRecord,
     RowRefusal,
     TariffRecord,
+    calendar_document,
+    calendar_from,
     notice_channel,
 )
 from headend.storage import audit
@@ -231,7 +233,9 @@ def meter_dict(meter: Meter) -> dict[str, Any]:
 async def add_tariff(db: Database, tariff: TariffRecord, now: datetime, *, actor: str) -> bool:
     """Register ``tariff``; False if the same tariff is registered already (a repeat changes
     nothing); StorageError if the id is taken by a different one."""
-    definition = json.dumps({"prices": list(tariff.prices)})
+    definition = json.dumps(
+        {"prices": list(tariff.prices), "calendar": calendar_document(tariff.calendar)}
+    )
     async with db.begin() as session:
         existing = await session.get(Tariff, tariff.tariff_id)
         if existing is not None:
@@ -264,7 +268,8 @@ async def add_tariff(db: Database, tariff: TariffRecord, now: datetime, *, actor
 
 
 def tariff_record(row: Tariff) -> TariffRecord:
-    prices = json.loads(row.definition)["prices"]
+    document = json.loads(row.definition)
+    prices = document["prices"]
     return TariffRecord(
         row.id,
         row.currency,
@@ -272,6 +277,7 @@ def tariff_record(row: Tariff) -> TariffRecord:
         tuple(int(p) for p in prices),
         row.low_threshold,
         row.critical_threshold,
+        calendar_from(document.get("calendar", {})),
     )
 
 

@@ -1,0 +1,83 @@
+"""What the supply-control policy needs to know, per meter, fetched set-wise."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from headend.domain.policy import AccountState, Calendar, MeterState
+from headend.domain.registry import calendar_from
+from headend.storage.schema import Account, Meter, Reading, Tariff
+from protocols.disconnect import ControlState
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyInput:
+    meter_id: str
+    account_id: str | None
+    account: AccountState
+    meter: MeterState
+    calendar: Calendar
+    meter_time: int  # of the latest reading the decision rests on
+
+
+async def policy_inputs(
+    session: AsyncSession, meter_ids: list[str] | None = None
+) -> list[PolicyInput]:
+    """One row per active meter with a reading: its latest reading, account, tariff calendar,
+    and since when (meter time) its credit has been used up, if it has."""
+    latest = (
+        select(Reading.meter_id, func.max(Reading.meter_time).label("meter_time"))
+        .group_by(Reading.meter_id)
+        .subquery()
+    )
+    last_positive = (
+        select(Reading.meter_id, func.max(Reading.meter_time).label("meter_time"))
+        .where(Reading.credit > 0)
+        .group_by(Reading.meter_id)
+        .subquery()
+    )
+    exhausted = (
+        select(Reading.meter_id, func.min(Reading.meter_time).label("since"))
+        .outerjoin(last_positive, last_positive.c.meter_id == Reading.meter_id)
+        .where(Reading.credit <= 0)
+        .where(Reading.meter_time > func.coalesce(last_positive.c.meter_time, -1))
+        .group_by(Reading.meter_id)
+        .subquery()
+    )
+    query = (
+        select(Meter.id, Meter.account_id, Reading, Account, Tariff.definition, exhausted.c.since)
+        .join(latest, latest.c.meter_id == Meter.id)
+        .join(
+            Reading, and_(Reading.meter_id == Meter.id, Reading.meter_time == latest.c.meter_time)
+        )
+        .outerjoin(Account, Account.id == Meter.account_id)
+        .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
+        .outerjoin(exhausted, exhausted.c.meter_id == Meter.id)
+        .where(Meter.status == "active")
+        .order_by(Meter.id)
+    )
+    if meter_ids is not None:
+        query = query.where(Meter.id.in_(meter_ids))
+    inputs: list[PolicyInput] = []
+    for meter_id, account_id, reading, account, definition, since in (
+        await session.execute(query)
+    ).all():
+        calendar = (
+            calendar_from(json.loads(definition).get("calendar", {})) if definition else Calendar()
+        )
+        state = AccountState(
+            balance=reading.credit,
+            protected_until=account.protected_until if account and account.protected else None,
+            protection_reason=(account.protection_reason or "") if account else "",
+            exhausted_since=None if since is None else datetime.fromtimestamp(since, UTC),
+        )
+        meter = MeterState(
+            ControlState(reading.control_state), reading.control_mode, reading.emergency_credit
+        )
+        inputs.append(PolicyInput(meter_id, account_id, state, meter, calendar, reading.meter_time))
+    return inputs
