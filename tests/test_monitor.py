@@ -19,7 +19,7 @@ from headend.services.registry import route_of
 from headend.storage import Database, open_database
 from headend.storage.readings import reading_row, store_readings
 from headend.storage.registry import add_customer, add_tariff, import_meters
-from headend.storage.schema import Notification
+from headend.storage.schema import Account, Notification
 from protocols.clock import ManualClock
 from tests.databases import db_url, postgres_server
 from tests.test_domain_readings import SNAP, T0
@@ -121,3 +121,30 @@ async def test_two_monitors_at_once_make_one_notice(db: Database, db_url: str) -
         assert await _kinds(db) == ["low_credit"]
     finally:
         await other.close()
+
+
+async def test_a_forecast_reminder_once_per_run_down(db: Database) -> None:
+    monitor = BalanceMonitor(db, ManualClock(NOW.timestamp()), horizon_days=3)
+    series = [
+        (15_000, []),  # one reading: no pace yet
+        (12_000, []),  # 3,000 a day: four days left
+        (9_000, []),  # three days: not fewer than three
+        (6_000, ["forecast"]),  # two days left, still above the low threshold of 5,000
+        (5_500, []),  # reminded already
+        (20_000, []),  # topped up: re-armed
+    ]
+    expected: list[str] = []
+    for day, (credit, new) in enumerate(series):
+        snapshot = replace(SNAP, meter_id="MTR-1", time=T0 + 86400 * day, credit=credit)
+        async with db.begin() as session:
+            await store_readings(session, [reading_row(snapshot, Findings(), NOW, "poll")])
+        await monitor.evaluate()
+        expected += new
+        assert await _kinds(db) == expected, f"day {day}"
+    async with db.begin() as session:
+        notice = (await session.scalars(select(Notification))).one()
+        assert '"days": "2"' in notice.payload
+        assert "60.00 KES" in notice.payload
+        account = await session.get(Account, "ACC-1")
+        assert account is not None
+        assert account.forecast_sent is False  # re-armed by the top-up

@@ -1,5 +1,7 @@
 """The balance monitor: one notice per downward crossing of an account's low, critical or
-exhausted threshold, re-armed only once the balance is back above the threshold plus a margin.
+exhausted threshold, re-armed only once the balance is back above the threshold plus a margin;
+and one reminder when, at the account's own pace of the last two weeks, the credit lasts fewer
+than ``horizon_days`` days while it is still above the low threshold.
 
 The crossing and its notice are written in one transaction, with the account's alert level
 changed by compare-and-set, so a crossing is one notice however often the monitor runs, across
@@ -20,8 +22,11 @@ from headend.storage.balances import (
     LEVEL_CRITICAL,
     LEVEL_EXHAUSTED,
     LEVEL_LOW,
+    ForecastChange,
     LevelChange,
+    forecast_changes,
     level_changes,
+    set_forecast_sent,
     set_level,
 )
 from headend.storage.notices import enqueue
@@ -41,17 +46,18 @@ KIND_OF_LEVEL = {
 @dataclass(slots=True)
 class MonitorRound:
     notices: int = 0
+    reminders: int = 0  # forecast reminders
     rearmed: int = 0
     silent: int = 0  # crossings of customers who take no notices
 
 
-def balance_text(change: LevelChange) -> str:
+def balance_text(change: LevelChange | ForecastChange) -> str:
     if change.credit_unit == "energy":
         return f"{decimal_text(change.credit, -3)} kWh"
     return f"{decimal_text(change.credit, change.currency_scale)} {change.currency}"
 
 
-def _address(change: LevelChange) -> tuple[Channel, str] | None:
+def _address(change: LevelChange | ForecastChange) -> tuple[Channel, str] | None:
     if change.channel == "sms" and change.phone:
         return Channel.SMS, change.phone
     if change.channel == "email" and change.email:
@@ -66,12 +72,14 @@ class BalanceMonitor:
         clock: Clock,
         *,
         margin_percent: int = 10,
+        horizon_days: int = 3,
         quiet: QuietHours | None = None,
         expiry: timedelta = timedelta(hours=24),
     ) -> None:
         self.db = db
         self.clock = clock
         self.margin_percent = margin_percent
+        self.horizon_days = horizon_days
         self.quiet = quiet or QuietHours()
         self.expiry = expiry
 
@@ -108,6 +116,39 @@ class BalanceMonitor:
                     account_id=change.account_id,
                 )
                 result.notices += 1
+            for forecast in await forecast_changes(session, self.horizon_days):
+                if not await set_forecast_sent(
+                    session, forecast.account_id, not forecast.send, forecast.send
+                ):
+                    continue
+                if not forecast.send:
+                    result.rearmed += 1
+                    continue
+                target = _address(forecast)
+                if target is None:
+                    result.silent += 1
+                    continue
+                channel, address = target
+                kind = Kind.FORECAST
+                await enqueue(
+                    session,
+                    key=f"{kind}:{forecast.account_id}:{forecast.meter_id}:{forecast.meter_time}",
+                    kind=kind,
+                    channel=channel,
+                    address=address,
+                    language=forecast.language,
+                    values={
+                        "meter": forecast.meter_id,
+                        "balance": balance_text(forecast),
+                        "days": str(forecast.days_left),
+                    },
+                    now=now,
+                    deliver_at=deliver_at(kind, channel, now, self.quiet),
+                    expires_at=now + self.expiry,
+                    meter_id=forecast.meter_id,
+                    account_id=forecast.account_id,
+                )
+                result.reminders += 1
         return result
 
     async def run(self, stop: asyncio.Event, tick: float = 10.0) -> None:

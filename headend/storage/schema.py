@@ -95,6 +95,8 @@ class Account(Base):
     #: raised on a downward crossing, lowered only when the balance climbs back above a
     #: threshold plus the hysteresis margin (so one crossing is one notice, across restarts)
     alert_level: Mapped[int] = mapped_column(Integer, default=0)
+    #: a forecast reminder went out for the present run-down (re-armed with a day to spare)
+    forecast_sent: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
 
 

@@ -78,6 +78,7 @@ def upgrade() -> None:
         sa.Column("low_threshold", sa.BigInteger(), nullable=True),
         sa.Column("critical_threshold", sa.BigInteger(), nullable=True),
         sa.Column("alert_level", sa.Integer(), nullable=False),
+        sa.Column("forecast_sent", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
             ["customer_id"], ["customers.id"], name=op.f("fk_accounts_customer_id_customers")
