@@ -46,7 +46,6 @@ from protocols.errors import DecodeError, HesError
 from protocols.mqtt import (
     CONTENT_TYPE,
     DEFAULT_PREFIX,
-    LAB_METER_SECRET,
     MAX_REPLY_ITEMS,
     SCHEMA_PROPERTY,
     SCHEMA_PROPERTY_VALUE,
@@ -90,7 +89,9 @@ class AgentOptions:
     backoff_max: float = 30.0
     connect_timeout: float = 10.0
     flush_timeout: float = 2.0  # on stop, how long to try sending what is still buffered
-    meter_secret: str = LAB_METER_SECRET  # for the derived password of meters without one
+    #: the fleet's password secret, for the derived password of a meter without its own
+    #: ``mqtt_password`` (required; None when every meter has one)
+    meter_secret: str | None = field(kw_only=True)
 
 
 @dataclass(slots=True)
@@ -194,13 +195,13 @@ class MeterAgent:
         self,
         runtime: MeterRuntime,
         broker: BrokerSettings,
-        topics: TopicScheme | None = None,
-        options: AgentOptions | None = None,
+        topics: TopicScheme | None,
+        options: AgentOptions,
     ) -> None:
         self.runtime = runtime
         self.meter_id = runtime.meter_id
         self.topics = topics or TopicScheme()
-        self.options = options or AgentOptions()
+        self.options = options
         password = meter_password(
             self.meter_id, runtime.config.mqtt_password, self.options.meter_secret
         )
@@ -545,16 +546,10 @@ async def run_agents(
     broker: BrokerSettings,
     *,
     prefix: str = DEFAULT_PREFIX,
-    telemetry_interval: float = 60.0,
-    options: AgentOptions | None = None,
+    options: AgentOptions,
 ) -> AsyncIterator[AgentGroup]:
-    """Run an agent for each runtime while the block runs; stop them all cleanly after it.
-
-    ``options``, when given, is used as it is (``telemetry_interval`` is then ignored).
-    """
+    """Run an agent for each runtime while the block runs; stop them all cleanly after it."""
     topics = TopicScheme(prefix)
-    if options is None:
-        options = AgentOptions(telemetry_interval=telemetry_interval)
     group = AgentGroup({rt.meter_id: MeterAgent(rt, broker, topics, options) for rt in runtimes})
     group.start()
     try:

@@ -490,12 +490,20 @@ def test_broker_urls() -> None:
 
 
 def test_meter_passwords() -> None:
-    assert mqtt.meter_password("M1", "given") == "given"
-    derived = mqtt.meter_password("M1")
+    assert mqtt.meter_password("M1", "given", None) == "given"
+    derived = mqtt.meter_password("M1", None, "fleet")
     assert len(derived) == 32
-    assert derived == mqtt.meter_password("M1", None)
-    assert derived != mqtt.meter_password("M2")
-    assert derived != mqtt.meter_password("M1", secret="another fleet")
+    assert derived == mqtt.meter_password("M1", "", "fleet")
+    assert derived != mqtt.meter_password("M2", None, "fleet")
+    assert derived != mqtt.meter_password("M1", None, "another fleet")
+
+
+@pytest.mark.parametrize("secret", [None, ""])
+def test_no_password_is_derived_without_a_secret(secret: str | None) -> None:
+    assert not hasattr(mqtt, "LAB_METER_SECRET")
+    with pytest.raises(ConfigError, match="M1 has no mqtt_password and there is no password"):
+        mqtt.meter_password("M1", None, secret)
+    assert mqtt.meter_password("M1", "given", secret) == "given"
 
 
 # -- the generated document and the layer rule ----------------------------------------------------
