@@ -463,10 +463,14 @@ def test_a_meter_owns_only_its_tree() -> None:
     assert not topics.owns("M1", "phs/v1/meters/M1/#")
 
 
-def test_meter_id_rule_matches_the_configuration() -> None:
-    from meter_sim.config import METER_ID
+def test_the_configuration_uses_the_one_meter_id_rule() -> None:
+    from meter_sim import config
 
-    assert METER_ID.pattern == mqtt.METER_ID_PATTERN
+    assert not hasattr(config, "METER_ID"), "the rule lives in protocols.meter_id only"
+    (meta,) = config.METER_KEYS["id"].__metadata__
+    assert (meta.pattern, meta.max_length) == (mqtt.METER_ID_PATTERN, 64)
+    with pytest.raises(ConfigError, match="letters, digits"):
+        config.MeterConfig("-starts-with-a-dash")
 
 
 # -- broker settings and credentials --------------------------------------------------------------
