@@ -5,11 +5,13 @@ An agent connects as its meter (client id and user name = meter id, password fro
 persistent MQTT 5 session, a retained ``online`` state and a last will that marks it
 ``offline``. It publishes telemetry every ``telemetry_interval`` seconds and every event the
 moment the firmware logs it (QoS 1), and it serves the head-end: commands on ``…/cmd`` are
-executed through :meth:`MeterRuntime.execute` (the same envelope, sequence and tag checks as
-over Modbus; ENTER_TOKEN too) and answered with its correlation data on its response topic
-when that lies in the result subtree ``…/cmd/result[/…]``, else on ``…/cmd/result``; read
-requests on ``…/req`` are answered likewise in the reply subtree ``…/reply[/…]``. A command or
-request whose ``schema`` user property is not this meter's is refused as one whose ``v`` is.
+executed through :meth:`MeterRuntime.execute_async` (the same envelope, sequence and tag checks
+as over Modbus; ENTER_TOKEN too; the state is fsynced in a worker thread and the result sent
+only once it is on disk, while the other agents run on) and answered with its correlation
+data on its response topic when that lies in the result subtree ``…/cmd/result[/…]``, else on
+``…/cmd/result``; read requests on ``…/req`` are answered likewise in the reply subtree
+``…/reply[/…]``. A command or request whose ``schema`` user property is not this meter's is
+refused as one whose ``v`` is.
 
 Telemetry and events go through a bounded outbox: produced whether or not the broker is
 reachable, published in order, one at a time, and removed only once the broker acknowledged
@@ -358,6 +360,7 @@ class MeterAgent:
                 while len(self._outbox) >= 2:  # keep the next one ready behind the one in flight
                     self._progress.clear()
                     await self._progress.wait()
+            await self.runtime.settled()  # telemetry shows no command not yet on disk
             self.produce_telemetry()
 
     async def _write(self, client: aiomqtt.Client) -> None:
@@ -374,6 +377,7 @@ class MeterAgent:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await self.runtime.settled()  # a command's events go out once it is on disk
             item = outbox.popleft()
             try:
                 await client.publish(
@@ -419,7 +423,7 @@ class MeterAgent:
 
     async def _command(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.stats.commands += 1
-        result = self.execute_payload(_payload_bytes(message), _schemas(message))
+        result = await self.execute_payload(_payload_bytes(message), _schemas(message))
         correlation = getattr(message.properties, "CorrelationData", None)
         await client.publish(
             self._answer_topic(message, self.topics.cmd_result(self.meter_id)),
@@ -428,8 +432,9 @@ class MeterAgent:
             properties=_answer_properties(bytes(correlation) if correlation else None),
         )
 
-    def execute_payload(self, payload: bytes, schemas: Sequence[str] = ()) -> CommandResult:
-        """A command payload's result: executed by the runtime, or refused as unreadable.
+    async def execute_payload(self, payload: bytes, schemas: Sequence[str] = ()) -> CommandResult:
+        """A command payload's result: executed by the runtime (returned once its outcome is on
+        disk), or refused as unreadable.
 
         ``schemas`` are the values of the message's ``schema`` user properties: a command that
         names a schema other than the one this meter speaks is refused like a payload whose
@@ -447,13 +452,14 @@ class MeterAgent:
             last_transfer = self.runtime.snapshot().last_transfer
             return CommandResult(message.sequence, refusal, last_transfer, "command not understood")
         try:
-            return self.runtime.execute(message.to_envelope())
+            return await self.runtime.execute_async(message.to_envelope())
         except Exception as exc:  # the agent outlives a failing command; the meter says BUSY
             log.exception("meter %s: command %d failed", self.meter_id, message.sequence)
             return CommandResult(message.sequence, ResultCode.BUSY, 0, str(exc)[:200])
 
     async def _request(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.stats.requests += 1
+        await self.runtime.settled()  # then answer with no await in between
         reply = self.answer_request(_payload_bytes(message), _schemas(message))
         correlation = getattr(message.properties, "CorrelationData", None)
         await client.publish(

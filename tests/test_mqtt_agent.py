@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -139,6 +140,45 @@ async def test_commands_and_reads_through_the_link(
         assert rows == runtime.profile_between(start, start + 3 * 3600)
         assert (await hub.link(M1).read_last_result()).sequence == 3
     assert runtime.snapshot().credit == 105_000
+
+
+async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_free(
+    broker: LocalBroker,
+    make_runtime: RuntimeFactory,
+    hub: MqttLinkHub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtimes = [make_runtime(M1), make_runtime(M2)]
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        if not release.wait(5):
+            raise AssertionError("fsync ran on the event loop: the test could not release it")
+        real_fsync(fd)
+
+    async with run_agents(runtimes, broker.settings(), options=SLOW) as group:
+        await group.wait_connected(5)
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        try:
+            executing = asyncio.create_task(
+                hub.link(M1).execute(_envelope(1, Command.credit_transfer(1, 700)), 8)
+            )
+            await asyncio.to_thread(entered.wait, 5)
+            watching = asyncio.create_task(hub.link(M1).read_last_result())
+            assert (await hub.link(M2).read_snapshot()).meter_id == M2  # the loop runs on
+            assert not executing.done(), "not answered before the state is on disk"
+            assert not watching.done(), "no reply shows a command that is not on disk"
+            release.set()
+            assert (await executing).code is ResultCode.OK
+            assert (await watching).sequence == 1
+        finally:
+            release.set()
+            monkeypatch.setattr(os, "fsync", real_fsync)
+    store = runtimes[0].store
+    assert store is not None
+    assert store.load()["last_transfer"] == 1
 
 
 async def test_a_snapshot_carries_the_currency_scale(
