@@ -91,8 +91,8 @@ def config(
     Listeners are on 127.0.0.1. Without --tls there is one plain-TCP listener; with --tls the
     broker listens on TLS only, unless --keep-plain keeps the plain one as well. Meters log in
     with their meter id as user name and client id and their `mqtt_password` (or the one
-    derived from the lab secret when it is unset); the head-end's URL, password included, is
-    written to OUT/headend.url and never printed.
+    derived from the fleet's [mqtt] password_secret when it is unset); the head-end's URL,
+    password included, is written to OUT/headend.url and never printed.
     """
     _port(port, "--port")
     _port(tls_port, "--tls-port")
@@ -122,7 +122,7 @@ def config(
         topics=TopicScheme(prefix),
         tls=tls,
         plain=plain,
-        meter_secret=secret or "",  # only derives for meters without mqtt_password
+        meter_secret=secret,  # only derives for meters without mqtt_password
         tls_days=days,
         port=(port or DEFAULT_PORT) if plain else 0,
         tls_port=tls_port if tls else 0,

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from cli.common import console, fail, handle_errors, jsonable, print_json
 from headend.links.base import MeterLink, send_command
-from headend.links.endpoint import LinkOptions, open_link
+from headend.links.endpoint import LinkOptions, masked_endpoint, open_link
 from headend.links.pool import LinkPool
 from meter_sim.describe import snapshot_rows
 from protocols.commands import Command, CommandCode, CommandResult, ResultCode
@@ -68,7 +68,9 @@ async def _with_link(endpoint: str, timeout: float, work: Callable[[MeterLink], 
                 link = await open_link(endpoint, options, pool=pool)
                 return await work(link)
         except TimeoutError as exc:
-            raise LinkTimeout(f"{endpoint}: no answer within {timeout:g} s") from exc
+            raise LinkTimeout(
+                f"{masked_endpoint(endpoint)}: no answer within {timeout:g} s"
+            ) from exc
 
 
 def _key_bytes(key: str | None) -> bytes | None:
@@ -90,7 +92,7 @@ def read(endpoint: EndpointArg, as_json: JsonOpt = False, timeout: TimeoutOpt = 
     if as_json:
         print_json({**jsonable(snapshot), "output_state": snapshot.relay_closed})
         return
-    table = Table(title=f"{snapshot.meter_id} at {endpoint}", show_header=False)
+    table = Table(title=f"{snapshot.meter_id} at {masked_endpoint(endpoint)}", show_header=False)
     table.add_column("reading")
     table.add_column("value", justify="right")
     for label, value in snapshot_rows(snapshot):
@@ -167,7 +169,10 @@ def reconnect(
 def credit(
     endpoint: EndpointArg,
     transfer: Annotated[
-        int, typer.Option("--transfer", min=1, help="Transfer number, one more than the last.")
+        int,
+        typer.Option(
+            "--transfer", min=1, help="Transfer number, greater than the last transfer applied."
+        ),
     ],
     amount: Annotated[
         int,

@@ -50,7 +50,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from protocols.errors import ConfigError, HesError
 from protocols.mqtt import (
-    LAB_METER_SECRET,
     BrokerSettings,
     TopicScheme,
     check_meter_id,
@@ -188,11 +187,12 @@ def make_tls_files(directory: Path, days: int = 30) -> TlsFiles:
 
 
 def meter_passwords(
-    meters: Iterable[str] | Mapping[str, str | None], secret: str = LAB_METER_SECRET
+    meters: Iterable[str] | Mapping[str, str | None], secret: str | None
 ) -> dict[str, str]:
     """Each meter's MQTT password: its explicit ``mqtt_password`` (the mapping's value) when
-    set, else the one derived from ``secret`` and its id (:func:`protocols.mqtt.meter_password`);
-    a plain iterable of ids derives them all."""
+    set, else the one derived from the fleet's ``secret`` and its id
+    (:func:`protocols.mqtt.meter_password`); a plain iterable of ids derives them all. A meter
+    that needs a derived password while ``secret`` is None is a ConfigError."""
     if isinstance(meters, Mapping):
         return {check_meter_id(m): meter_password(m, p, secret) for m, p in meters.items()}
     return {check_meter_id(m): meter_password(m, None, secret) for m in meters}
@@ -261,9 +261,11 @@ class LocalBroker:
     """A Mosquitto of our own in ``directory``; use as a context manager or start()/stop().
 
     ``meters`` are provisioned as users named by their meter id, with the given passwords or,
-    for None (or a plain list of ids), the password derived from ``meter_secret``
-    (:func:`meter_passwords`). ``tls`` adds a TLS listener with a CA and server certificate
-    generated in ``directory/tls``; ``plain=False`` then closes the plain listener.
+    for None (or a plain list of ids), the password derived from ``meter_secret``, the fleet's
+    password secret (:func:`meter_passwords`); it has no default, and None (every meter has a
+    password of its own) makes a meter without one a ConfigError. ``tls`` adds a TLS listener
+    with a CA and server certificate generated in ``directory/tls``; ``plain=False`` then closes
+    the plain listener.
     """
 
     directory: Path
@@ -272,7 +274,7 @@ class LocalBroker:
     headend_password: str = field(default_factory=lambda: secrets.token_hex(12))
     tls: bool = False
     plain: bool = True  # the plain-TCP listener (False: TLS only)
-    meter_secret: str = LAB_METER_SECRET
+    meter_secret: str | None = field(kw_only=True)
     tls_days: int = 30  # validity of the generated certificates
     persistence: bool = True
     max_queued_messages: int = 1_000_000
@@ -762,7 +764,7 @@ async def choose_broker(
     topics: TopicScheme | None = None,
     default_url: str | None = DEFAULT_BROKER_URL,
     *,
-    secret: str = LAB_METER_SECRET,
+    secret: str | None,
 ) -> BrokerPlan:
     """Which broker to use.
 
@@ -774,7 +776,7 @@ async def choose_broker(
       fleet runs on Modbus only).
 
     ``secret`` is the fleet's password secret, from which meters without a password of their
-    own derive theirs.
+    own derive theirs (required; None when every meter has its own).
     """
     table = meter_passwords(meters, secret)
     if url is not None and url != LOCAL:
@@ -796,7 +798,7 @@ async def choose_broker(
             reason += f" and none at {settings.url()} accepts the fleet"
     if find_mosquitto() is None:
         return BrokerPlan(None, None, f"{reason}; mosquitto is not installed: Modbus only")
-    local = LocalBroker(directory, table, topics=topics or TopicScheme())
+    local = LocalBroker(directory, table, topics=topics or TopicScheme(), meter_secret=None)
     await asyncio.to_thread(local.start)
     return BrokerPlan(
         local.settings(), local, f"{reason}: started a local mosquitto on port {local.port}"

@@ -20,12 +20,12 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from protocols.errors import ConfigError, ValidationError
+from protocols.meter_id import METER_ID_MAX_LENGTH, METER_ID_PATTERN, is_meter_id
 from protocols.units import Money
 
 CreditUnitName = Literal["money", "energy"]
 LoadModelName = Literal["residential", "constant", "csv"]
 WordOrder = Literal["big", "little"]
-METER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SECRET = re.compile(r"^[0-9a-fA-F]{64}$")
 T = TypeVar("T")
 
@@ -151,8 +151,10 @@ class MeterConfig:
     sts: StsConfig | None = None
 
     def __post_init__(self) -> None:
-        if not METER_ID.fullmatch(self.meter_id):
-            raise ConfigError(f"meter id {self.meter_id!r}: letters, digits, _ . - (max 64)")
+        if not is_meter_id(self.meter_id):
+            raise ConfigError(
+                f"meter id {self.meter_id!r}: letters, digits, _ . - (max {METER_ID_MAX_LENGTH})"
+            )
         if self.credit_unit not in get_args(CreditUnitName):
             raise ConfigError(f"credit_unit is money or energy, got {self.credit_unit!r}")
         if self.control_mode not in range(7):
@@ -336,7 +338,7 @@ MqttTable = _table("MqttTable", MQTT_KEYS)
 
 #: a meter's keys as written in TOML (``id`` is MeterConfig.meter_id)
 METER_KEYS: dict[str, Any] = {
-    "id": _text(METER_ID.pattern),
+    "id": _text(METER_ID_PATTERN, max_length=METER_ID_MAX_LENGTH),
     "serial": _text(max_length=32),  # the lengths of the identification registers
     "manufacturer": _text(max_length=8),
     "model": _text(max_length=16),

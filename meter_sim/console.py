@@ -22,18 +22,23 @@ from collections.abc import Iterable
 from typing import Any, TextIO
 
 from meter_sim.runtime import MeterRuntime
-from protocols.commands import Command, CommandEnvelope
-from protocols.errors import HesError
+from protocols.commands import U32_MAX, Command, CommandEnvelope
+from protocols.errors import CommandRefused, HesError
 
 log = logging.getLogger(__name__)
 
 
 def local_envelope(runtime: MeterRuntime, command: Command) -> CommandEnvelope:
-    """A command from the meter's own service port: next sequence, signed with its own key."""
-    meter = runtime.meter
-    return CommandEnvelope.signed(
-        runtime.meter_id, meter.last_seq + 1, command, runtime.config.key_bytes
-    )
+    """A command from the meter's own service port: the sequence after the meter's last one,
+    signed with its own key. CommandRefused once the last one is the top of the range: the
+    sequence then restarts only with a new key, so nothing more can be sent under this one."""
+    last = runtime.meter.last_seq
+    if last >= U32_MAX:
+        raise CommandRefused(
+            f"meter {runtime.meter_id} has used its last command sequence number ({U32_MAX}): "
+            "give it a new auth_key (a key change restarts the sequence from 0)"
+        )
+    return CommandEnvelope.signed(runtime.meter_id, last + 1, command, runtime.config.key_bytes)
 
 
 def handle_line(runtime: MeterRuntime, line: str) -> dict[str, Any] | None:

@@ -11,6 +11,12 @@ The only state kept here is what a master writes: the command block, the window 
 token registers, i.e. the transport's input buffers, and the result of the last token entered
 through the token block. Everything read comes from the meter.
 
+Durability: the action is a coroutine, so a write that executes a command or enters a token
+awaits :meth:`MeterRuntime.execute_async` / ``enter_token_async``: the state is fsynced in a
+worker thread while the event loop serves the other meters, and the write is answered only once
+it is on disk. Writes to one meter run one at a time, and a read first awaits
+:meth:`MeterRuntime.settled`, so no master sees a result block that a power cut could undo.
+
 Requests: which function codes a meter serves, and the exception every other or malformed
 request gets, is decided by ``protocols.modbus_functions``; the servers decode requests with it
 instead of pymodbus's own table (see "requests" below). Function 23 checks its read half against
@@ -130,6 +136,7 @@ class MeterRegisters:
         self.order: rm.WordOrder = runtime.config.word_order
         self.written: dict[int, int] = dict.fromkeys(_WRITABLE, 0)
         self.token_result = ResultCode.NONE
+        self._writing = asyncio.Lock()  # one write at a time: each stages on the last one
 
     @property
     def meter_id(self) -> str:
@@ -230,10 +237,15 @@ class MeterRegisters:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def write(self, address: int, values: Sequence[int]) -> None:
+    async def write(self, address: int, values: Sequence[int]) -> None:
         """Write holding registers; executes the command block or enters the token when the
-        write sets ``cmd_go`` or ``token_enter`` to 1. All or nothing: RegisterRefused (02 or 03)
-        leaves every register and the meter as they were."""
+        write sets ``cmd_go`` or ``token_enter`` to 1, returning once its outcome is on disk.
+        All or nothing: RegisterRefused (02 or 03) leaves every register and the meter as they
+        were."""
+        async with self._writing:
+            await self._write(address, values)
+
+    async def _write(self, address: int, values: Sequence[int]) -> None:
         end = address + len(values)
         for target in range(address, end):
             if target not in _WRITABLE:
@@ -254,27 +266,27 @@ class MeterRegisters:
                     raise _illegal_value(str(exc)) from exc
         go = rm.ROW["cmd_go"]
         if go in touched and staged[go.address] == 1:
-            self._execute(staged)
+            await self._execute(staged)
         enter = rm.ROW["token_enter"]
         if enter in touched and staged[enter.address] == 1:
-            self._enter_token(staged)
+            await self._enter_token(staged)
         self.written = staged
 
-    def _execute(self, staged: dict[int, int]) -> None:
+    async def _execute(self, staged: dict[int, int]) -> None:
         spec = rm.BLOCKS[rm.Block.COMMAND]
         registers = [staged[a] for a in range(spec.start, spec.end)]
         try:
             envelope = rm.decode_command(registers, self.meter_id, self.order)
         except ValidationError as exc:
             raise _illegal_value(f"command block: {exc}") from exc
-        result = self.runtime.execute(envelope)
+        result = await self.runtime.execute_async(envelope)
         log.debug(
             "meter %s executed sequence %d: %s", self.meter_id, result.sequence, result.code.name
         )
 
-    def _enter_token(self, staged: dict[int, int]) -> None:
+    async def _enter_token(self, staged: dict[int, int]) -> None:
         digits = rm.token_digits(self._value("token", staged))
-        outcome = self.runtime.enter_token(digits, method=0)
+        outcome = await self.runtime.enter_token_async(digits, method=0)
         self.token_result = outcome.result
 
 
@@ -343,13 +355,14 @@ class _Device:
             if set_values is None:
                 if self.pacer is not None:
                     await self.pacer.pace(function_code, count)
+                await self.registers.runtime.settled()  # then read with no await in between
                 values = self.registers.read(table, address, count)
                 offset = address - start_address
                 current_registers[offset : offset + count] = values
                 return None
             if table is not rm.Table.HOLDING:  # pragma: no cover - pymodbus sends no such write
                 raise _illegal_address("input registers are read-only")
-            self.registers.write(address, [int(v) for v in set_values])
+            await self.registers.write(address, [int(v) for v in set_values])
             if self.pacer is not None and function_code == 16:
                 await self.pacer.pace(function_code, count)
             return None

@@ -5,11 +5,13 @@ An agent connects as its meter (client id and user name = meter id, password fro
 persistent MQTT 5 session, a retained ``online`` state and a last will that marks it
 ``offline``. It publishes telemetry every ``telemetry_interval`` seconds and every event the
 moment the firmware logs it (QoS 1), and it serves the head-end: commands on ``…/cmd`` are
-executed through :meth:`MeterRuntime.execute` (the same envelope, sequence and tag checks as
-over Modbus; ENTER_TOKEN too) and answered with its correlation data on its response topic
-when that lies in the result subtree ``…/cmd/result[/…]``, else on ``…/cmd/result``; read
-requests on ``…/req`` are answered likewise in the reply subtree ``…/reply[/…]``. A command or
-request whose ``schema`` user property is not this meter's is refused as one whose ``v`` is.
+executed through :meth:`MeterRuntime.execute_async` (the same envelope, sequence and tag checks
+as over Modbus; ENTER_TOKEN too; the state is fsynced in a worker thread and the result sent
+only once it is on disk, while the other agents run on) and answered with its correlation
+data on its response topic when that lies in the result subtree ``…/cmd/result[/…]``, else on
+``…/cmd/result``; read requests on ``…/req`` are answered likewise in the reply subtree
+``…/reply[/…]``. A command or request whose ``schema`` user property is not this meter's is
+refused as one whose ``v`` is.
 
 Telemetry and events go through a bounded outbox: produced whether or not the broker is
 reachable, published in order, one at a time, and removed only once the broker acknowledged
@@ -46,7 +48,6 @@ from protocols.errors import DecodeError, HesError
 from protocols.mqtt import (
     CONTENT_TYPE,
     DEFAULT_PREFIX,
-    LAB_METER_SECRET,
     MAX_REPLY_ITEMS,
     SCHEMA_PROPERTY,
     SCHEMA_PROPERTY_VALUE,
@@ -90,7 +91,9 @@ class AgentOptions:
     backoff_max: float = 30.0
     connect_timeout: float = 10.0
     flush_timeout: float = 2.0  # on stop, how long to try sending what is still buffered
-    meter_secret: str = LAB_METER_SECRET  # for the derived password of meters without one
+    #: the fleet's password secret, for the derived password of a meter without its own
+    #: ``mqtt_password`` (required; None when every meter has one)
+    meter_secret: str | None = field(kw_only=True)
 
 
 @dataclass(slots=True)
@@ -194,13 +197,13 @@ class MeterAgent:
         self,
         runtime: MeterRuntime,
         broker: BrokerSettings,
-        topics: TopicScheme | None = None,
-        options: AgentOptions | None = None,
+        topics: TopicScheme | None,
+        options: AgentOptions,
     ) -> None:
         self.runtime = runtime
         self.meter_id = runtime.meter_id
         self.topics = topics or TopicScheme()
-        self.options = options or AgentOptions()
+        self.options = options
         password = meter_password(
             self.meter_id, runtime.config.mqtt_password, self.options.meter_secret
         )
@@ -357,6 +360,7 @@ class MeterAgent:
                 while len(self._outbox) >= 2:  # keep the next one ready behind the one in flight
                     self._progress.clear()
                     await self._progress.wait()
+            await self.runtime.settled()  # telemetry shows no command not yet on disk
             self.produce_telemetry()
 
     async def _write(self, client: aiomqtt.Client) -> None:
@@ -373,6 +377,7 @@ class MeterAgent:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
+            await self.runtime.settled()  # a command's events go out once it is on disk
             item = outbox.popleft()
             try:
                 await client.publish(
@@ -418,7 +423,7 @@ class MeterAgent:
 
     async def _command(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.stats.commands += 1
-        result = self.execute_payload(_payload_bytes(message), _schemas(message))
+        result = await self.execute_payload(_payload_bytes(message), _schemas(message))
         correlation = getattr(message.properties, "CorrelationData", None)
         await client.publish(
             self._answer_topic(message, self.topics.cmd_result(self.meter_id)),
@@ -427,8 +432,9 @@ class MeterAgent:
             properties=_answer_properties(bytes(correlation) if correlation else None),
         )
 
-    def execute_payload(self, payload: bytes, schemas: Sequence[str] = ()) -> CommandResult:
-        """A command payload's result: executed by the runtime, or refused as unreadable.
+    async def execute_payload(self, payload: bytes, schemas: Sequence[str] = ()) -> CommandResult:
+        """A command payload's result: executed by the runtime (returned once its outcome is on
+        disk), or refused as unreadable.
 
         ``schemas`` are the values of the message's ``schema`` user properties: a command that
         names a schema other than the one this meter speaks is refused like a payload whose
@@ -446,13 +452,14 @@ class MeterAgent:
             last_transfer = self.runtime.snapshot().last_transfer
             return CommandResult(message.sequence, refusal, last_transfer, "command not understood")
         try:
-            return self.runtime.execute(message.to_envelope())
+            return await self.runtime.execute_async(message.to_envelope())
         except Exception as exc:  # the agent outlives a failing command; the meter says BUSY
             log.exception("meter %s: command %d failed", self.meter_id, message.sequence)
             return CommandResult(message.sequence, ResultCode.BUSY, 0, str(exc)[:200])
 
     async def _request(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.stats.requests += 1
+        await self.runtime.settled()  # then answer with no await in between
         reply = self.answer_request(_payload_bytes(message), _schemas(message))
         correlation = getattr(message.properties, "CorrelationData", None)
         await client.publish(
@@ -545,16 +552,10 @@ async def run_agents(
     broker: BrokerSettings,
     *,
     prefix: str = DEFAULT_PREFIX,
-    telemetry_interval: float = 60.0,
-    options: AgentOptions | None = None,
+    options: AgentOptions,
 ) -> AsyncIterator[AgentGroup]:
-    """Run an agent for each runtime while the block runs; stop them all cleanly after it.
-
-    ``options``, when given, is used as it is (``telemetry_interval`` is then ignored).
-    """
+    """Run an agent for each runtime while the block runs; stop them all cleanly after it."""
     topics = TopicScheme(prefix)
-    if options is None:
-        options = AgentOptions(telemetry_interval=telemetry_interval)
     group = AgentGroup({rt.meter_id: MeterAgent(rt, broker, topics, options) for rt in runtimes})
     group.start()
     try:

@@ -4,7 +4,9 @@ Adapters (Modbus datastore, MQTT agent, CLI) call this, never the firmware's sta
 every read first advances the meter to the clock's now, and every command is persisted before
 it is acknowledged, so a kill -9 never loses an acknowledged top-up. Async callers use the
 ``*_async`` methods: the state is taken on the event loop and written and fsynced in a worker
-thread, and the call returns once it is durable.
+thread, and the call returns once it is durable. While that write is in flight the meter
+already holds the command's outcome, so an async reader that could show it (a result block, a
+read request's reply, an event) first awaits :meth:`MeterRuntime.settled`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class MeterRuntime:
         self.meter = meter
         self.store = store
         self.step_seconds = step_seconds
+        #: held by the *_async commands from executing until the outcome is on disk
+        self._persisting = asyncio.Lock()
 
     @classmethod
     def open(
@@ -116,12 +120,22 @@ class MeterRuntime:
         return result
 
     async def execute_async(self, envelope: CommandEnvelope) -> CommandResult:
-        """:meth:`execute` with its save off the event loop; returns once the state is on disk."""
-        self.sync()
-        result = self.meter.execute(envelope)
-        await self.save_async()
+        """:meth:`execute` with its save off the event loop; returns once the state is on disk.
+        Commands to one meter run one at a time."""
+        async with self._persisting:
+            self.sync()
+            result = self.meter.execute(envelope)
+            await self.save_async()
         self._log_command(envelope, result)
         return result
+
+    async def settled(self) -> None:
+        """Return once no command's outcome is still on its way to disk: what is read right
+        after, without an await in between, shows no command result the meter could still lose
+        to a power cut."""
+        if self._persisting.locked():
+            async with self._persisting:
+                pass
 
     def _log_command(self, envelope: CommandEnvelope, result: CommandResult) -> None:
         log.info(
@@ -142,10 +156,11 @@ class MeterRuntime:
         return outcome
 
     async def enter_token_async(self, digits: str, method: int = 1) -> TokenEntryResult:
-        """:meth:`enter_token` with its save off the event loop."""
-        self.sync()
-        outcome = self.meter.enter_token(digits, method)
-        await self.save_async()
+        """:meth:`enter_token` with its save off the event loop; returns once it is on disk."""
+        async with self._persisting:
+            self.sync()
+            outcome = self.meter.enter_token(digits, method)
+            await self.save_async()
         return outcome
 
     def press_button(self) -> Any:

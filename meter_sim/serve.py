@@ -136,7 +136,9 @@ async def serve_fleet(
                     runtimes,
                     options.broker,
                     prefix=options.mqtt_prefix,
-                    options=_agent_options(options, secret),
+                    options=AgentOptions(
+                        telemetry_interval=options.telemetry_interval, meter_secret=secret
+                    ),
                 )
             )
             endpoints.mqtt = options.broker.url()
@@ -152,9 +154,3 @@ async def serve_fleet(
         if ready is not None:
             ready(endpoints)
         await fleet.run(stop)
-
-
-def _agent_options(options: ServeOptions, secret: str | None) -> AgentOptions:
-    if secret is None:  # every meter has its own mqtt_password
-        return AgentOptions(telemetry_interval=options.telemetry_interval)
-    return AgentOptions(telemetry_interval=options.telemetry_interval, meter_secret=secret)

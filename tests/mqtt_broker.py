@@ -8,6 +8,7 @@ gets a fresh one and tests never see each other's sessions or retained messages.
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from meter_sim.runtime import MeterRuntime
 from protocols.clock import ManualClock
 from protocols.mqtt import TopicScheme
 
-#: meters every test broker knows (default derived passwords)
+#: meters every test broker knows (passwords derived from TEST_SECRET)
 TEST_METERS = tuple(f"MTR-{n:04d}" for n in range(1, 9))
+#: the fleet password secret of the test brokers and agents, new in every test session
+TEST_SECRET = secrets.token_hex(32)
 TEST_KEY = "000102030405060708090a0b0c0d0e0f"
 
 
@@ -42,7 +45,8 @@ BrokerFactory = Callable[..., LocalBroker]
 @pytest.fixture
 def broker_factory(tmp_path: Path, mosquitto_path: Path) -> Iterator[BrokerFactory]:
     """``make(meters=TEST_METERS, tls=False, prefix="phs", **LocalBroker kwargs)`` -> a started
-    broker, stopped after the test."""
+    broker (meter passwords derived from TEST_SECRET unless ``meter_secret`` is given), stopped
+    after the test."""
     started: list[LocalBroker] = []
 
     def make(
@@ -54,7 +58,7 @@ def broker_factory(tmp_path: Path, mosquitto_path: Path) -> Iterator[BrokerFacto
             topics=TopicScheme(prefix),
             tls=tls,
             binary=mosquitto_path,
-            **kwargs,
+            **{"meter_secret": TEST_SECRET, **kwargs},
         )
         broker.start()
         started.append(broker)

@@ -4,6 +4,8 @@ command and run by another, with meters and the head-end logging in over TLS."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import json
 import os
 import signal
@@ -18,10 +20,18 @@ import pytest
 from typer.testing import CliRunner
 
 from cli.hes import app
-from headend.broker import configured_listeners, free_port, meter_passwords, probe
+from headend.broker import (
+    LocalBroker,
+    choose_broker,
+    configured_listeners,
+    free_port,
+    meter_passwords,
+    probe,
+)
 from headend.links.mqtt import MqttLinkHub
 from meter_sim.mqtt_agent import AgentOptions, MeterAgent
 from protocols.commands import Command, CommandEnvelope, ResultCode
+from protocols.errors import ConfigError
 from protocols.mqtt import BrokerSettings, TopicScheme, meter_password
 from tests.mqtt_broker import TEST_KEY, RuntimeFactory
 
@@ -234,6 +244,43 @@ def test_meter_passwords_explicit_wins_else_derived_from_the_secret() -> None:
     passwords = meter_passwords({M1: None, M2: EXPLICIT}, "fleet-secret")
     assert passwords == {M1: meter_password(M1, None, "fleet-secret"), M2: EXPLICIT}
     assert passwords[M1] != meter_passwords([M1], "another-secret")[M1]
+
+
+def _required(function: object, name: str) -> bool:
+    parameter = inspect.signature(function).parameters[name]  # type: ignore[arg-type]
+    return parameter.default is inspect.Parameter.empty
+
+
+def _required_field(cls: type, name: str) -> bool:
+    (found,) = [f for f in dataclasses.fields(cls) if f.name == name]
+    return found.default is dataclasses.MISSING and found.default_factory is dataclasses.MISSING
+
+
+async def test_no_code_path_derives_a_password_without_a_secret(
+    tmp_path: Path, make_runtime: RuntimeFactory
+) -> None:
+    assert _required(meter_password, "secret")
+    assert _required(meter_passwords, "secret")
+    assert _required(choose_broker, "secret")
+    assert _required_field(LocalBroker, "meter_secret")
+    assert _required_field(AgentOptions, "meter_secret")
+    refused = "MTR-0001 has no mqtt_password and there is no password secret"
+    with pytest.raises(ConfigError, match=refused):
+        meter_passwords({M1: None, M2: EXPLICIT}, None)
+    with pytest.raises(ConfigError, match=refused):
+        LocalBroker(tmp_path / "broker", [M1], meter_secret=None)
+    with pytest.raises(ConfigError, match=refused):
+        await choose_broker("local", tmp_path / "local", [M1], secret=None)
+    assert not (tmp_path / "broker").exists()
+    assert not (tmp_path / "local").exists()
+    settings = BrokerSettings("127.0.0.1", free_port())
+    with pytest.raises(ConfigError, match=refused):
+        MeterAgent(make_runtime(M1), settings, None, AgentOptions(meter_secret=None))
+    explicit = MeterAgent(
+        make_runtime(M2, mqtt_password=EXPLICIT), settings, None, AgentOptions(meter_secret=None)
+    )
+    assert explicit.broker.password == EXPLICIT
+    assert meter_passwords({M2: EXPLICIT}, None) == {M2: EXPLICIT}
 
 
 def test_run_on_a_port_in_use_fails_with_one_line(

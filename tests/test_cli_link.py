@@ -16,6 +16,8 @@ import typer
 from typer.testing import CliRunner
 
 from cli.hes_link import register_link_commands
+from headend.broker import free_port
+from headend.links.endpoint import masked_endpoint
 from tests import test_modbus_rtu
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -209,6 +211,44 @@ def test_an_unreachable_meter_is_one_line_and_quick(app: typer.Typer, port: int)
     assert code == 1
     assert "cannot connect" in err
     assert time.monotonic() - started < 10
+
+
+def test_no_password_is_printed(app: typer.Typer, port: int) -> None:
+    code, out, err = run(app, "read", f"tcp://op:s3cret@127.0.0.1:{port}/1")
+    assert code == 0, err
+    assert f"CLI-0001 at tcp://op:***@127.0.0.1:{port}/1" in out
+    assert "s3cret" not in out
+    closed = f"mqtt://hes:s3cret@127.0.0.1:{free_port()}/CLI-0001"
+    for args in (("read", closed, "--timeout", "1"), ("read", closed + "?keepalive=x")):
+        code, out, err = run(app, *args)
+        assert code == 1
+        assert "hes:***@127.0.0.1" in err
+        assert "s3cret" not in out + err
+
+
+@pytest.mark.parametrize(
+    ("text", "shown"),
+    [
+        ("mqtt://hes:pw@h:1883/M1?prefix=phs", "mqtt://hes:***@h:1883/M1?prefix=phs"),
+        ("mqtts://u:p@ss@h/M1", "mqtts://u:***@h/M1"),
+        ("mqtt://hes:pw@h?ca=/a@b", "mqtt://hes:***@h?ca=/a@b"),
+        ("mqtt://hes:pw@h:bad:port/M", "mqtt://hes:***@h:bad:port/M"),
+        ("mqtt://hes@h/M1", "mqtt://hes@h/M1"),
+        ("tcp://127.0.0.1:502/1", "tcp://127.0.0.1:502/1"),
+        ("rtu:///dev/ttyUSB0?unit=1", "rtu:///dev/ttyUSB0?unit=1"),
+        ("not an endpoint", "not an endpoint"),
+    ],
+)
+def test_masked_endpoints(text: str, shown: str) -> None:
+    assert masked_endpoint(text) == shown
+
+
+def test_credit_help_says_what_a_transfer_number_is(app: typer.Typer) -> None:
+    command = typer.main.get_group(app).commands["credit"]
+    (transfer,) = [p for p in command.params if p.name == "transfer"]
+    assert getattr(transfer, "help", None) == (
+        "Transfer number, greater than the last transfer applied."
+    )
 
 
 # A meter on unit 1 of an RTU line (one end of a pty pair); the process prints "ready" once it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from meter_sim.config import LoadConfig, MeterConfig
 from meter_sim.console import handle_line, serve_console
 from meter_sim.runtime import MeterRuntime
 from protocols.clock import ManualClock
+from protocols.commands import U32_MAX
 
 
 @pytest.fixture
@@ -66,3 +68,24 @@ def test_a_token_on_a_meter_without_a_keypad(runtime: MeterRuntime) -> None:
         "status": "execution_failed",
         "detail": "this meter has no STS decoder",
     }
+
+
+def test_at_the_top_of_the_sequence_range_a_topup_is_refused_until_a_key_change(
+    tmp_path: Path, runtime: MeterRuntime
+) -> None:
+    runtime.meter.last_seq = U32_MAX
+    runtime.save()
+    before = runtime.meter.to_state()
+    answer = handle_line(runtime, "topup 1 500")
+    assert answer == {
+        "error": f"meter CON-1 has used its last command sequence number ({U32_MAX}): "
+        "give it a new auth_key (a key change restarts the sequence from 0)"
+    }
+    assert runtime.meter.to_state() == before
+    rekeyed = MeterRuntime.open(
+        replace(runtime.config, auth_key="00" * 16), ManualClock(), tmp_path
+    )
+    answer = handle_line(rekeyed, "topup 1 500")
+    assert answer is not None
+    assert (answer["result"], answer["credit"]) == ("ok", 1500)
+    assert rekeyed.meter.last_seq == 1

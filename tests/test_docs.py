@@ -8,6 +8,8 @@ from cli.docs import registermap as registermap_docs
 from cli.docs import shared
 from protocols.commands import RESULT_TEXT, TAG_BYTES, CommandCode, ResultCode
 from protocols.disconnect import MODE_TEXT, MODES
+from protocols.modbus_functions import MODBUS_FUNCTIONS, OTHER_FUNCTION
+from protocols.mqtt import TOPIC_SPECS, TopicKind
 from protocols.readings import EVENT_DETAILS, RELAY_CAUSE_TEXT, EventCode, RelayCause
 
 
@@ -90,3 +92,42 @@ def test_the_mqtt_document_stands_alone() -> None:
     for title in ("### Request", "### Reply"):
         body = text[text.index(title) :].split("\n")[2]
         assert "`op`" in body
+
+
+def test_the_register_map_errors_list_every_function_code_from_its_table() -> None:
+    errors = _section(registermap_docs.render_markdown(), "## Errors")
+    rows = [line for line in errors.splitlines() if line.startswith("| ")]
+    assert rows[0] == "| function | name | answer | exception | explanation |"
+    assert len(rows) == 1 + len(MODBUS_FUNCTIONS) + 1
+    for function in MODBUS_FUNCTIONS:
+        answer = "served" if function.served else "refused"
+        exception = "-" if function.exception is None else f"{int(function.exception):02X} ("
+        row = f"| `{function.label}` | {function.name} | {answer} | {exception}"
+        assert any(line.startswith(row) for line in rows), row
+        assert any(function.explanation in line for line in rows)
+    assert rows[-1].startswith("| any other | " + OTHER_FUNCTION.name + " | refused | 01 (")
+    coils = [line for line in rows if "coil" in line or "discrete" in line]
+    assert len(coils) == 4
+    assert all("| refused | 01 (illegal function) |" in line for line in coils)
+    assert "coils and no discrete inputs: their functions are refused with exception 01" in errors
+
+
+def test_response_topics_name_their_subtrees() -> None:
+    docs = {spec.kind: spec.doc for spec in TOPIC_SPECS}
+    assert (
+        "`<prefix>/v1/meters/<meter-id>/cmd/result` or `…/cmd/result/<anything>`"
+        in (docs[TopicKind.CMD_RESULT])
+    )
+    assert "`<prefix>/v1/meters/<meter-id>/reply` or `…/reply/<anything>`" in docs[TopicKind.REPLY]
+    text = mqtt_docs.render_markdown()
+    assert docs[TopicKind.CMD_RESULT] in text
+    assert docs[TopicKind.REPLY] in text
+
+
+def test_the_mqtt_document_opens_with_client_ids_and_the_broker_command() -> None:
+    opening = mqtt_docs.render_markdown().split("\n## ", 1)[0]
+    assert "the broker binds the two" in opening
+    assert "dynamic-security plugin" in opening
+    assert "`hes broker config --fleet FLEET --out DIR` writes a complete Mosquitto" in opening
+    assert "`hes broker run DIR` runs it" in opening
+    assert "`[mqtt] password_secret`" in opening

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import shutil
 import struct
+import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import fields
 from pathlib import Path
@@ -598,6 +600,49 @@ async def test_go_executes_once_and_a_single_register_write_of_go_works(
     assert not (await client.write_register(go, 1, device_id=1)).isError()  # same sequence again
     assert runtime.last_result().code is ResultCode.OK
     assert runtime.snapshot().last_event_seq == events_before  # nothing executed twice
+
+
+async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_free(
+    server: Any, meters: list[MeterRuntime], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = meters[0]
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        if not release.wait(5):
+            raise AssertionError("fsync ran on the event loop: the test could not release it")
+        real_fsync(fd)
+
+    clients = [
+        AsyncModbusTcpClient("127.0.0.1", port=server.port, timeout=10, retries=0) for _ in range(3)
+    ]
+    writer, watcher, other = clients
+    for bare in clients:
+        assert await bare.connect()
+    try:
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        envelope = CommandEnvelope(runtime.meter_id, 1, Command.remote_disconnect())
+        writing = asyncio.create_task(
+            writer.write_registers(rm.COMMAND_START, rm.encode_command(envelope), device_id=1)
+        )
+        await asyncio.to_thread(entered.wait, 5)
+        watching = asyncio.create_task(read_row(watcher, rm.ROW["result_code"], 1))
+        assert await read_row(other, rm.ROW["result_code"], 2) == [int(ResultCode.NONE)]
+        assert not writing.done(), "not answered before the state is on disk"
+        assert not watching.done(), "no result block shows a command that is not on disk"
+        release.set()
+        assert not (await writing).isError()
+        assert await watching == [int(ResultCode.OK)]
+    finally:
+        release.set()
+        for bare in clients:
+            bare.close()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert runtime.store is not None
+    saved = MeterRuntime.open_stopped(runtime.config, runtime.store.path.parent)
+    assert saved.last_result().code is ResultCode.OK
 
 
 # -- faults ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -30,14 +31,17 @@ from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.errors import ConfigError, LinkTimeout
 from protocols.mqtt import TopicScheme
 from protocols.readings import EventCode
-from tests.mqtt_broker import TEST_KEY, TEST_METERS, RuntimeFactory
+from tests.mqtt_broker import TEST_KEY, TEST_METERS, TEST_SECRET, RuntimeFactory
 
 pytestmark = pytest.mark.mqtt
 ROOT = Path(__file__).resolve().parent.parent
 KEY = bytes.fromhex(TEST_KEY)
 TOPICS = TopicScheme()
 M1, M2 = TEST_METERS[0], TEST_METERS[1]
-FAST = AgentOptions(telemetry_interval=0.05, backoff_initial=0.05, backoff_max=0.2)
+FAST = AgentOptions(
+    telemetry_interval=0.05, backoff_initial=0.05, backoff_max=0.2, meter_secret=TEST_SECRET
+)
+SLOW = AgentOptions(telemetry_interval=60, meter_secret=TEST_SECRET)
 
 
 def _envelope(sequence: int, command: Command, meter_id: str = M1) -> CommandEnvelope:
@@ -103,7 +107,7 @@ async def test_commands_and_reads_through_the_link(
 ) -> None:
     runtime = make_runtime(M1)
     link: MeterLink = hub.link(M1)
-    async with run_agents([runtime], broker.settings(), telemetry_interval=60) as group:
+    async with run_agents([runtime], broker.settings(), options=SLOW) as group:
         await group.wait_connected(5)
         first = _envelope(1, Command.credit_transfer(1, 5000))
         assert (await link.execute(first, 3)).code is ResultCode.OK
@@ -138,11 +142,50 @@ async def test_commands_and_reads_through_the_link(
     assert runtime.snapshot().credit == 105_000
 
 
+async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_free(
+    broker: LocalBroker,
+    make_runtime: RuntimeFactory,
+    hub: MqttLinkHub,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runtimes = [make_runtime(M1), make_runtime(M2)]
+    entered, release = threading.Event(), threading.Event()
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        entered.set()
+        if not release.wait(5):
+            raise AssertionError("fsync ran on the event loop: the test could not release it")
+        real_fsync(fd)
+
+    async with run_agents(runtimes, broker.settings(), options=SLOW) as group:
+        await group.wait_connected(5)
+        monkeypatch.setattr(os, "fsync", slow_fsync)
+        try:
+            executing = asyncio.create_task(
+                hub.link(M1).execute(_envelope(1, Command.credit_transfer(1, 700)), 8)
+            )
+            await asyncio.to_thread(entered.wait, 5)
+            watching = asyncio.create_task(hub.link(M1).read_last_result())
+            assert (await hub.link(M2).read_snapshot()).meter_id == M2  # the loop runs on
+            assert not executing.done(), "not answered before the state is on disk"
+            assert not watching.done(), "no reply shows a command that is not on disk"
+            release.set()
+            assert (await executing).code is ResultCode.OK
+            assert (await watching).sequence == 1
+        finally:
+            release.set()
+            monkeypatch.setattr(os, "fsync", real_fsync)
+    store = runtimes[0].store
+    assert store is not None
+    assert store.load()["last_transfer"] == 1
+
+
 async def test_a_snapshot_carries_the_currency_scale(
     broker: LocalBroker, make_runtime: RuntimeFactory, hub: MqttLinkHub
 ) -> None:
     runtime = make_runtime(M2, currency="JPY", currency_scale=0, initial_credit=500)
-    async with run_agents([runtime], broker.settings(), telemetry_interval=60) as group:
+    async with run_agents([runtime], broker.settings(), options=SLOW) as group:
         await group.wait_connected(5)
         snapshot = await hub.link(M2).read_snapshot()
     assert (snapshot.credit, snapshot.currency, snapshot.currency_scale) == (500, "JPY", 0)
@@ -154,7 +197,7 @@ async def test_unreadable_commands_are_answered_not_executed(
 ) -> None:
     runtime = make_runtime(M1)
     async with (
-        run_agents([runtime], broker.settings(), telemetry_interval=60) as group,
+        run_agents([runtime], broker.settings(), options=SLOW) as group,
         aiomqtt.Client(
             broker.host,
             broker.port,
@@ -235,13 +278,14 @@ import asyncio, sys
 from pathlib import Path
 from protocols.clock import ManualClock
 from meter_sim.config import MeterConfig
-from meter_sim.mqtt_agent import MeterAgent
+from meter_sim.mqtt_agent import AgentOptions, MeterAgent
 from meter_sim.runtime import MeterRuntime
 from protocols.mqtt import BrokerSettings
 
 async def main() -> None:
     runtime = MeterRuntime.open(MeterConfig(sys.argv[2]), ManualClock(), Path(sys.argv[3]))
-    agent = MeterAgent(runtime, BrokerSettings.parse_url(sys.argv[1]))
+    options = AgentOptions(meter_secret=sys.argv[4])
+    agent = MeterAgent(runtime, BrokerSettings.parse_url(sys.argv[1]), None, options)
     task = asyncio.create_task(agent.run())
     await agent.connected.wait()
     sys.stdout.write("connected\\n")
@@ -263,6 +307,7 @@ async def test_a_meter_that_vanishes_is_marked_offline_by_its_last_will(
         broker.settings().url(with_password=True),
         M2,
         str(tmp_path),
+        TEST_SECRET,
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
@@ -287,7 +332,9 @@ async def test_broker_restart_during_telemetry_loses_nothing_acknowledged(
     broker: LocalBroker, make_runtime: RuntimeFactory, ingest: tuple[Ingest, MemorySink]
 ) -> None:
     _, sink = ingest
-    options = AgentOptions(telemetry_interval=0.01, backoff_initial=0.05, backoff_max=0.2)
+    options = AgentOptions(
+        telemetry_interval=0.01, backoff_initial=0.05, backoff_max=0.2, meter_secret=TEST_SECRET
+    )
     runtimes = [make_runtime(M1), make_runtime(M2)]
     async with run_agents(runtimes, broker.settings(), options=options) as group:
         agents = list(group.agents.values())
@@ -334,7 +381,11 @@ async def test_a_full_outbox_drops_the_oldest_telemetry(
 ) -> None:
     _, sink = ingest
     options = AgentOptions(
-        telemetry_interval=0.01, buffer_limit=5, backoff_initial=0.05, backoff_max=0.1
+        telemetry_interval=0.01,
+        buffer_limit=5,
+        backoff_initial=0.05,
+        backoff_max=0.1,
+        meter_secret=TEST_SECRET,
     )
     agent = MeterAgent(make_runtime(M1), broker.settings(), TOPICS, options)
     await asyncio.to_thread(broker.stop)
@@ -362,7 +413,7 @@ async def test_endpoint_links_share_one_connection(
     settings = broker.settings()
     base = f"mqtt://hes:{settings.password}@127.0.0.1:{broker.port}"
     runtimes = [make_runtime(M1), make_runtime(M2)]
-    async with run_agents(runtimes, settings, telemetry_interval=60) as group:
+    async with run_agents(runtimes, settings, options=SLOW) as group:
         await group.wait_connected(5)
         pool = LinkPool()
         first = await open_link(f"{base}/{M1}?timeout=2", pool=pool)
@@ -439,7 +490,7 @@ async def test_a_foreign_schema_user_property_is_refused_and_nothing_runs(
     command = b'{"v":1,"meter_id":"MTR-0002","sequence":12,"code":3,"args":[1,100]}'
     request = mqtt.encode_request(mqtt.SnapshotRequest(meter_id=M2))
     async with (
-        run_agents([runtime], broker.settings(), telemetry_interval=60) as group,
+        run_agents([runtime], broker.settings(), options=SLOW) as group,
         _headend_client(broker, "hes-schema") as hes,
     ):
         await group.wait_connected(5)
@@ -515,7 +566,7 @@ async def test_answers_go_to_the_response_topic_only_inside_its_subtree(
     )
     wanted = f"{root}/{response_topic}" if response_topic else None
     async with (
-        run_agents([runtime], broker.settings(), telemetry_interval=60) as group,
+        run_agents([runtime], broker.settings(), options=SLOW) as group,
         _headend_client(broker, "hes-response-topic") as hes,
     ):
         await group.wait_connected(5)

@@ -31,7 +31,13 @@ from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.errors import LinkClosed
 from protocols.mqtt import BrokerSettings, TopicKind, TopicScheme
 from protocols.readings import EventCode
-from tests.mqtt_broker import TEST_KEY, TEST_METERS, BrokerFactory, RuntimeFactory
+from tests.mqtt_broker import (
+    TEST_KEY,
+    TEST_METERS,
+    TEST_SECRET,
+    BrokerFactory,
+    RuntimeFactory,
+)
 
 pytestmark = pytest.mark.mqtt
 TOPICS = TopicScheme()
@@ -174,17 +180,19 @@ async def test_a_restart_keeps_the_port_and_the_persistent_sessions(broker: Loca
 
 async def test_choosing_a_broker(tmp_path: Path, broker: LocalBroker) -> None:
     given = broker.settings().url(with_password=True)
-    plan = await choose_broker(given, tmp_path / "unused")
+    plan = await choose_broker(given, tmp_path / "unused", secret=TEST_SECRET)
     assert plan.local is None
     assert plan.settings == broker.settings()
     assert "using the broker" in plan.note
 
     silent = f"mqtt://127.0.0.1:{free_port()}"
     with pytest.raises(BrokerError, match="did not accept us"):
-        await choose_broker(silent, tmp_path / "never", [M1])
+        await choose_broker(silent, tmp_path / "never", [M1], secret=TEST_SECRET)
     assert not (tmp_path / "never").exists(), "a named broker is never silently replaced"
 
-    plan = await choose_broker(None, tmp_path / "local", [M1], default_url=silent)
+    plan = await choose_broker(
+        None, tmp_path / "local", [M1], default_url=silent, secret=TEST_SECRET
+    )
     try:
         assert plan.local is not None
         assert plan.settings is not None
@@ -194,7 +202,7 @@ async def test_choosing_a_broker(tmp_path: Path, broker: LocalBroker) -> None:
     finally:
         plan.close()
 
-    plan = await choose_broker("local", tmp_path / "local-2", default_url=given)
+    plan = await choose_broker("local", tmp_path / "local-2", default_url=given, secret=TEST_SECRET)
     try:
         assert plan.local is not None
         assert "asked for" in plan.note
@@ -205,13 +213,19 @@ async def test_choosing_a_broker(tmp_path: Path, broker: LocalBroker) -> None:
 async def test_without_a_url_a_broker_that_accepts_the_fleet_is_used(
     tmp_path: Path, broker: LocalBroker
 ) -> None:
-    plan = await choose_broker(None, tmp_path, [M1], default_url=broker.settings().url(True))
+    plan = await choose_broker(
+        None, tmp_path, [M1], default_url=broker.settings().url(True), secret=TEST_SECRET
+    )
     assert plan.local is None
     assert plan.settings is not None
     assert plan.settings.port == broker.port
     assert "answers at" in plan.note
     stranger = await choose_broker(
-        None, tmp_path / "other", ["NOT-PROVISIONED"], default_url=broker.settings().url(True)
+        None,
+        tmp_path / "other",
+        ["NOT-PROVISIONED"],
+        default_url=broker.settings().url(True),
+        secret=TEST_SECRET,
     )
     try:
         assert stranger.local is not None, "a broker that refuses the fleet's meters is not used"
@@ -223,7 +237,9 @@ async def test_without_mosquitto_the_fleet_runs_on_modbus_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(broker_module, "find_mosquitto", lambda: None)
-    plan = await choose_broker(None, tmp_path, default_url=f"mqtt://127.0.0.1:{free_port()}")
+    plan = await choose_broker(
+        None, tmp_path, default_url=f"mqtt://127.0.0.1:{free_port()}", secret=TEST_SECRET
+    )
     assert (plan.settings, plan.local) == (None, None)
     assert "Modbus only" in plan.note
 
@@ -318,7 +334,9 @@ async def test_a_meter_cannot_take_over_another_meters_session(
     if shutil.which("mosquitto_sub") is None:
         pytest.skip("mosquitto_sub is not installed")
     runtime = make_runtime(M2)
-    options = AgentOptions(telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2)
+    options = AgentOptions(
+        telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2, meter_secret=TEST_SECRET
+    )
     victim = MeterAgent(runtime, broker.settings(), TOPICS, options)
     task = asyncio.create_task(victim.run())
     try:
@@ -381,7 +399,9 @@ async def test_checking_a_meters_login_leaves_its_queued_commands(
     tmp_path: Path, broker: LocalBroker, make_runtime: RuntimeFactory
 ) -> None:
     runtime = make_runtime(M1)
-    options = AgentOptions(telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2)
+    options = AgentOptions(
+        telemetry_interval=60, backoff_initial=0.05, backoff_max=0.2, meter_secret=TEST_SECRET
+    )
     first = MeterAgent(runtime, broker.settings(), TOPICS, options)
     task = asyncio.create_task(first.run())
     await asyncio.wait_for(first.connected.wait(), 5)
@@ -396,7 +416,9 @@ async def test_checking_a_meters_login_leaves_its_queued_commands(
         queued = asyncio.create_task(hub.link(envelope.meter_id).execute(envelope, 30))
         await _next_message(watcher)
         # the fleet check logs in as the meter, into its session with the command waiting
-        plan = await choose_broker(None, tmp_path, [M1], default_url=broker.settings().url(True))
+        plan = await choose_broker(
+            None, tmp_path, [M1], default_url=broker.settings().url(True), secret=TEST_SECRET
+        )
         assert plan.local is None
         returned = MeterAgent(runtime, broker.settings(), TOPICS, options)
         task = asyncio.create_task(returned.run())

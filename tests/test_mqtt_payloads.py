@@ -463,10 +463,14 @@ def test_a_meter_owns_only_its_tree() -> None:
     assert not topics.owns("M1", "phs/v1/meters/M1/#")
 
 
-def test_meter_id_rule_matches_the_configuration() -> None:
-    from meter_sim.config import METER_ID
+def test_the_configuration_uses_the_one_meter_id_rule() -> None:
+    from meter_sim import config
 
-    assert METER_ID.pattern == mqtt.METER_ID_PATTERN
+    assert not hasattr(config, "METER_ID"), "the rule lives in protocols.meter_id only"
+    (meta,) = config.METER_KEYS["id"].__metadata__
+    assert (meta.pattern, meta.max_length) == (mqtt.METER_ID_PATTERN, 64)
+    with pytest.raises(ConfigError, match="letters, digits"):
+        config.MeterConfig("-starts-with-a-dash")
 
 
 # -- broker settings and credentials --------------------------------------------------------------
@@ -490,12 +494,20 @@ def test_broker_urls() -> None:
 
 
 def test_meter_passwords() -> None:
-    assert mqtt.meter_password("M1", "given") == "given"
-    derived = mqtt.meter_password("M1")
+    assert mqtt.meter_password("M1", "given", None) == "given"
+    derived = mqtt.meter_password("M1", None, "fleet")
     assert len(derived) == 32
-    assert derived == mqtt.meter_password("M1", None)
-    assert derived != mqtt.meter_password("M2")
-    assert derived != mqtt.meter_password("M1", secret="another fleet")
+    assert derived == mqtt.meter_password("M1", "", "fleet")
+    assert derived != mqtt.meter_password("M2", None, "fleet")
+    assert derived != mqtt.meter_password("M1", None, "another fleet")
+
+
+@pytest.mark.parametrize("secret", [None, ""])
+def test_no_password_is_derived_without_a_secret(secret: str | None) -> None:
+    assert not hasattr(mqtt, "LAB_METER_SECRET")
+    with pytest.raises(ConfigError, match="M1 has no mqtt_password and there is no password"):
+        mqtt.meter_password("M1", None, secret)
+    assert mqtt.meter_password("M1", "given", secret) == "given"
 
 
 # -- the generated document and the layer rule ----------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cli.docs import shared
+from protocols import modbus_functions as mf
 from protocols.commands import (
     ArgSpec,
     Command,
@@ -92,6 +93,26 @@ _BLOCK_TEXT: dict[Block, str] = {
 }
 
 
+def _exception_text(code: mf.ExceptionCode) -> str:
+    return f"{int(code):02X} ({code.name.lower().replace('_', ' ')})"
+
+
+def md_function_codes() -> list[str]:
+    """The function-code table of the Errors section, from ``MODBUS_FUNCTIONS``."""
+    lines = [
+        [
+            f"`{function.label}`",
+            function.name,
+            "served" if function.served else "refused",
+            "-" if function.exception is None else _exception_text(function.exception),
+            function.explanation,
+        ]
+        for function in (*mf.MODBUS_FUNCTIONS, mf.OTHER_FUNCTION)
+    ]
+    lines[-1][0] = "any other"
+    return _md_table(["function", "name", "answer", "exception", "explanation"], lines)
+
+
 def render_markdown() -> str:
     """``docs/register-map.md``, generated from the table."""
     snapshot_text = {
@@ -132,9 +153,22 @@ def render_markdown() -> str:
         "",
         "## Errors",
         "",
+        "Every function code is either served or refused; the table says which, and the "
+        "exception a refused one is answered with (the request's function code + 0x80, then the "
+        "exception code). The meter has no coils and no discrete inputs: their functions are "
+        "refused with exception 01 like every other function it does not serve.",
+        "",
+        *md_function_codes(),
+        "",
+        "* **Exception 01** (illegal function): a function code, or a MEI type of 0x2B, that "
+        "the meter does not serve (table above).",
         "* **Exception 02** (illegal data address): a read of an unmapped address, a write to an "
-        "unmapped or read-only address (partly read-only is enough). Nothing is written.",
-        "* **Exception 03** (illegal data value): a value no meter could accept: `cmd_go` or "
+        "unmapped or read-only address (partly read-only is enough), or (0x2B/0x0E) an object "
+        "the meter does not have, read by individual access. Nothing is written.",
+        "* **Exception 03** (illegal data value): a malformed request of a served function (a "
+        "count of 0 or above the function's limit, a byte count that does not match, a request "
+        "too short or too long, a read device identification code outside 1..4), or a value no "
+        "meter could accept: `cmd_go` or "
         "`token_enter` other than 0/1, `cmd_code` above 9, a token digit group above 9999, or, "
         "when `cmd_go` = 1 is written, a command block that is not a well-formed command "
         "(sequence 0, code 0 or unknown, an argument outside the command's range). Nothing is "

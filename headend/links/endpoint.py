@@ -9,6 +9,10 @@
 * every scheme also takes ``timeout`` (seconds per request) and ``retries``; Modbus also
   ``deadline`` (seconds for one whole read, retries included).
 
+An endpoint may hold a password; :func:`masked_endpoint` (and :attr:`Endpoint.shown`) is the
+form to print or put in a message, with the password replaced by ``***`` as SQLAlchemy shows a
+database URL.
+
 Links are opened in a :class:`~headend.links.pool.LinkPool`, which owns their connections. A
 transport registers its scheme with one entry in :data:`SCHEMES`: a coroutine function that
 takes the parsed :class:`Endpoint`, the :class:`LinkOptions` and the pool and returns an open
@@ -38,6 +42,25 @@ from headend.links.pool import LinkPool
 from protocols.errors import ConfigError, HesError
 
 
+def masked_endpoint(text: str) -> str:
+    """``text`` with the password of its ``user:password@`` part replaced by ``***``; works on
+    malformed text too, since it is meant for the messages about it."""
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return text
+    end = len(rest)
+    for mark in "/?#":
+        found = rest.find(mark)
+        if found != -1:
+            end = min(end, found)
+    netloc, tail = rest[:end], rest[end:]
+    userinfo, at, hostport = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return text
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{hostport}{tail}"
+
+
 @dataclass(frozen=True, slots=True)
 class Endpoint:
     """A parsed endpoint. ``device`` is the serial device or pyserial URL of an ``rtu`` endpoint;
@@ -50,6 +73,11 @@ class Endpoint:
     path: str = ""
     device: str = ""
     params: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def shown(self) -> str:
+        """The endpoint as it may be printed: its password masked."""
+        return masked_endpoint(self.text)
 
     def param(self, name: str) -> str | None:
         for key, value in self.params:
@@ -64,9 +92,9 @@ class Endpoint:
         try:
             value = int(raw)
         except ValueError as exc:
-            raise ConfigError(f"{self.text}: {name} is an integer, got {raw!r}") from exc
+            raise ConfigError(f"{self.shown}: {name} is an integer, got {raw!r}") from exc
         if not minimum <= value <= maximum:
-            raise ConfigError(f"{self.text}: {name} is {minimum}..{maximum}, got {value}")
+            raise ConfigError(f"{self.shown}: {name} is {minimum}..{maximum}, got {value}")
         return value
 
     def float_param(self, name: str, default: float) -> float:
@@ -76,15 +104,15 @@ class Endpoint:
         try:
             value = float(raw)
         except ValueError as exc:
-            raise ConfigError(f"{self.text}: {name} is a number, got {raw!r}") from exc
+            raise ConfigError(f"{self.shown}: {name} is a number, got {raw!r}") from exc
         if not value > 0:
-            raise ConfigError(f"{self.text}: {name} must be positive, got {raw!r}")
+            raise ConfigError(f"{self.shown}: {name} must be positive, got {raw!r}")
         return value
 
     def check_params(self, allowed: set[str]) -> None:
         unknown = sorted({key for key, _ in self.params} - allowed - COMMON_PARAMS)
         if unknown:
-            raise ConfigError(f"{self.text}: unknown parameter(s) {', '.join(unknown)}")
+            raise ConfigError(f"{self.shown}: unknown parameter(s) {', '.join(unknown)}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,19 +144,21 @@ def parse_endpoint(text: str) -> Endpoint:
     scheme, sep, rest = text.partition("://")
     scheme = scheme.lower()
     if not sep or not scheme:
-        raise ConfigError(f"an endpoint looks like tcp://host:port/unit, got {text!r}")
+        raise ConfigError(
+            f"an endpoint looks like tcp://host:port/unit, got {masked_endpoint(text)!r}"
+        )
     if scheme == "rtu":
         device, _, query = rest.rpartition("?") if "?" in rest else (rest, "", "")
         if not device:
-            raise ConfigError(f"{text}: no serial device")
+            raise ConfigError(f"{masked_endpoint(text)}: no serial device")
         return Endpoint(text, scheme, device=device, params=_params(text, query))
     try:
         parts = urlsplit(text)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"{text}: {exc}") from exc
+        raise ConfigError(f"{masked_endpoint(text)}: {exc}") from exc
     if not parts.hostname:
-        raise ConfigError(f"{text}: no host")
+        raise ConfigError(f"{masked_endpoint(text)}: no host")
     return Endpoint(
         text,
         scheme,
@@ -143,10 +173,10 @@ def _params(text: str, query: str) -> tuple[tuple[str, str], ...]:
     try:
         pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     except ValueError as exc:
-        raise ConfigError(f"{text}: malformed parameters {query!r}") from exc
+        raise ConfigError(f"{masked_endpoint(text)}: malformed parameters {query!r}") from exc
     keys = [key for key, _ in pairs]
     if len(keys) != len(set(keys)):
-        raise ConfigError(f"{text}: a parameter appears twice")
+        raise ConfigError(f"{masked_endpoint(text)}: a parameter appears twice")
     return tuple(pairs)
 
 
@@ -155,10 +185,10 @@ def _tcp_unit(endpoint: Endpoint) -> int:
     if not path:
         return 1
     if not path.isdigit():
-        raise ConfigError(f"{endpoint.text}: the path is the unit id, got {endpoint.path!r}")
+        raise ConfigError(f"{endpoint.shown}: the path is the unit id, got {endpoint.path!r}")
     unit = int(path)
     if not 1 <= unit <= 247:
-        raise ConfigError(f"{endpoint.text}: a unit id is 1..247, got {unit}")
+        raise ConfigError(f"{endpoint.shown}: a unit id is 1..247, got {unit}")
     return unit
 
 
@@ -220,5 +250,5 @@ async def open_link(
     opener = SCHEMES.get(parsed.scheme)
     if opener is None:
         known = ", ".join(sorted(SCHEMES))
-        raise ConfigError(f"{parsed.text}: unknown scheme {parsed.scheme!r} (known: {known})")
+        raise ConfigError(f"{parsed.shown}: unknown scheme {parsed.scheme!r} (known: {known})")
     return await opener(parsed, options or LinkOptions(), pool)

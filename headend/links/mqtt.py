@@ -351,7 +351,7 @@ def broker_of(
     parts = urlsplit(endpoint.text)
     meter_id = endpoint.path.strip("/") or default_meter
     if not meter_id:
-        raise ConfigError(f"{endpoint.text}: the path names the meter, e.g. mqtt://host/MTR-0001")
+        raise ConfigError(f"{endpoint.shown}: the path names the meter, e.g. mqtt://host/MTR-0001")
     try:
         topics = TopicScheme(endpoint.param("prefix") or DEFAULT_PREFIX)
         topics.meter_root(meter_id)
@@ -365,7 +365,7 @@ def broker_of(
             keepalive=endpoint.int_param("keepalive", 30, 5, 65535),
         )
     except ValidationError as exc:
-        raise ConfigError(f"{endpoint.text}: {exc}") from exc
+        raise ConfigError(f"{endpoint.shown}: {exc}") from exc
     return settings, topics, meter_id
 
 
@@ -376,6 +376,6 @@ async def open_mqtt_link(endpoint: Endpoint, options: LinkOptions, pool: LinkPoo
     expire."""
     settings, topics, meter_id = broker_of(endpoint, options.meter_id)
     if options.meter_id and options.meter_id != meter_id:
-        raise ConfigError(f"{endpoint.text}: expected meter {options.meter_id}, not {meter_id}")
+        raise ConfigError(f"{endpoint.shown}: expected meter {options.meter_id}, not {meter_id}")
     hub = await pool.mqtt_hub(settings, topics)
     return hub.link(meter_id, endpoint.float_param("timeout", options.timeout))

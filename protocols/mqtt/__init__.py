@@ -38,7 +38,6 @@ from __future__ import annotations
 
 from protocols.meter_id import METER_ID_PATTERN, MeterId, check_meter_id
 from protocols.mqtt.broker import (
-    LAB_METER_SECRET,
     BrokerSettings,
     meter_password,
 )
@@ -107,7 +106,6 @@ __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_PREFIX",
     "I64",
-    "LAB_METER_SECRET",
     "MAX_REPLY_ITEMS",
     "METER_ID_PATTERN",
     "SCHEMA_PROPERTY",

@@ -1,11 +1,10 @@
-"""Where an MQTT broker is and how a client logs in to it; meters' default passwords."""
+"""Where an MQTT broker is and how a client logs in to it; meters' derived passwords."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 from dataclasses import dataclass, replace
-from typing import Final
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from protocols.errors import ConfigError
@@ -13,19 +12,21 @@ from protocols.meter_id import check_meter_id
 
 # -- broker settings and meter credentials --------------------------------------------------------
 
-#: the secret from which a meter's default MQTT password is derived (lab and demo use only; a
-#: deployment gives each meter its own ``mqtt_password``)
-LAB_METER_SECRET: Final = "prepaid-hes-lab"
 
-
-def meter_password(
-    meter_id: str, configured: str | None = None, secret: str = LAB_METER_SECRET
-) -> str:
-    """A meter's MQTT password: ``configured`` if set, else derived from ``secret`` and its id
-    (HMAC-SHA256, 32 hex digits) so that the broker helper can provision it too."""
+def meter_password(meter_id: str, configured: str | None, secret: str | None) -> str:
+    """A meter's MQTT password: ``configured`` if set, else derived from the fleet's ``secret``
+    and its id (HMAC-SHA256, 32 hex digits) so that the broker configuration can provision it
+    too. There is no default secret: without ``configured`` and ``secret`` (None or empty) this
+    is a ConfigError, never a password anyone could derive from the meter id alone."""
+    meter_id = check_meter_id(meter_id)
     if configured:
         return configured
-    digest = hmac.new(secret.encode(), check_meter_id(meter_id).encode(), hashlib.sha256)
+    if not secret:
+        raise ConfigError(
+            f"meter {meter_id} has no mqtt_password and there is no password secret to derive "
+            "one from ([mqtt] password_secret)"
+        )
+    digest = hmac.new(secret.encode(), meter_id.encode(), hashlib.sha256)
     return digest.hexdigest()[:32]
 
 

@@ -198,8 +198,10 @@ TOPIC_SPECS: Final[tuple[TopicSpec, ...]] = (
         "ResultMessage",
         "correlation data (copied from the command), user property `schema`",
         "(meter_id, result.sequence)",
-        "The result, published to the command's response topic when it names a topic in the "
-        "meter's own tree, else here.",
+        "The result, published to the command's response topic when that lies in this subtree "
+        "(`<prefix>/v1/meters/<meter-id>/cmd/result` or `…/cmd/result/<anything>`), else here: "
+        "a response topic anywhere else (the meter's telemetry topic, another meter's tree) is "
+        "not used.",
     ),
     TopicSpec(
         TopicKind.REQUEST,
@@ -221,8 +223,9 @@ TOPIC_SPECS: Final[tuple[TopicSpec, ...]] = (
         "Reply (op: snapshot, events, profile, last_result, error)",
         "correlation data (copied from the request), user property `schema`",
         "correlation data",
-        "The reply, published to the request's response topic when it lies in the meter's own "
-        "tree, else here.",
+        "The reply, published to the request's response topic when that lies in this subtree "
+        "(`<prefix>/v1/meters/<meter-id>/reply` or `…/reply/<anything>`), else here: a "
+        "response topic anywhere else is not used.",
     ),
     TopicSpec(
         None,
