@@ -22,6 +22,7 @@ import asyncio
 import json
 import os
 import resource
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,8 @@ from protocols.mqtt import (  # noqa: E402
 )
 
 TOPICS = TopicScheme("bench")
+#: the meters' password secret, made by the first process and inherited by its role processes
+SECRET = os.environ.setdefault("BENCH_METER_SECRET", secrets.token_hex(32))
 RECEIVE_MAXIMUM = 1000
 
 
@@ -92,7 +95,9 @@ def _cpu_seconds(pid: int | None = None) -> float:
 async def _publisher_role(args: argparse.Namespace) -> dict[str, Any]:
     """N agents, telemetry back to back until each has ``messages`` acknowledged."""
     settings = BrokerSettings.parse_url(args.url)
-    options = AgentOptions(telemetry_interval=0, telemetry_limit=args.messages, buffer_limit=4)
+    options = AgentOptions(
+        telemetry_interval=0, telemetry_limit=args.messages, buffer_limit=4, meter_secret=SECRET
+    )
     runtimes = _runtimes(args.meters)
     expected = args.meters * args.messages
     async with run_agents(runtimes, settings, prefix=TOPICS.prefix, options=options) as group:
@@ -111,7 +116,7 @@ async def _agents_role(args: argparse.Namespace) -> dict[str, Any]:
     settings = BrokerSettings.parse_url(args.url)
     runtimes = _runtimes(args.agents)
     rss_runtimes = _rss_mib()
-    options = AgentOptions(telemetry_interval=1.0, backoff_initial=0.2)
+    options = AgentOptions(telemetry_interval=1.0, backoff_initial=0.2, meter_secret=SECRET)
     started = time.perf_counter()
     async with run_agents(runtimes, settings, prefix=TOPICS.prefix, options=options) as group:
         await group.wait_connected(args.time_limit)
@@ -341,7 +346,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {"meters": args.meters, "messages_per_meter": args.messages}
     with tempfile.TemporaryDirectory() as tmp:
         broker = LocalBroker(
-            Path(tmp), _meter_ids(max(args.meters, args.agents)), topics=TOPICS, persistence=False
+            Path(tmp),
+            _meter_ids(max(args.meters, args.agents)),
+            topics=TOPICS,
+            persistence=False,
+            meter_secret=SECRET,
         )
         with broker:
             for mode in ("live", "drain"):
