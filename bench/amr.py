@@ -36,7 +36,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import cProfile
 import json
+import pstats
 import statistics
 import sys
 import tempfile
@@ -280,10 +282,15 @@ async def compare(
                 f"{warm.seconds[1]:.2f} s ({warm.other_rows[1]} interval/event rows)"
             )
             bare_runs, project_runs = Runs(), Runs()
+            profiler = cProfile.Profile() if args.profile else None
             started = time.perf_counter()
             for _ in range(args.rounds):
                 await _timed(bare, bare_runs)
+                if profiler is not None:
+                    profiler.enable()
                 await _timed(project, project_runs)
+                if profiler is not None:
+                    profiler.disable()
                 if time.perf_counter() - started > args.max_seconds:
                     break
         finally:
@@ -297,6 +304,11 @@ async def compare(
             f"  {name:<21} {runs.rows_per_second:7.0f}  {runs.round_time:16.2f}  "
             f"{sum(runs.other_rows):10d}  {text}"
         )
+    if profiler is not None:
+        print(f"  the poller's timed rounds, top {args.profile} functions by own time:")
+        stats = pstats.Stats(profiler, stream=sys.stdout)
+        stats.sort_stats("tottime").print_stats(args.profile)
+        stats.sort_stats("cumulative").print_stats(args.profile)
     ratio = bare_runs.round_time / project_runs.round_time
     verdict = "met" if ratio >= 0.8 else "NOT met"
     print(f"  ratio poller / bare: {ratio:.2f} (target >= 0.80: {verdict})")
@@ -358,6 +370,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--max-seconds", type=float, default=300.0, help="time bound of the timed rounds"
+    )
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile the poller's timed rounds (cProfile, this process only) and print the "
+        "top N functions",
     )
     parser.add_argument("--serve", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
