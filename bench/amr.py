@@ -65,6 +65,7 @@ from headend.storage.registry import import_meters
 from headend.storage.schema import Reading
 from protocols import registermap as rm
 from protocols.clock import SystemClock
+from protocols.errors import StorageError
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,17 +265,20 @@ async def _timed(master: Bare | Project, runs: Runs) -> None:
 
 async def compare(
     dialect: str, targets: Sequence[Target], args: argparse.Namespace, workdir: Path
-) -> float:
+) -> float | None:
+    """The two masters on one dialect; the ratio, or None when the poller's round failed."""
     async with (
         fresh_database(dialect, workdir, "bare") as bare_url,
         fresh_database(dialect, workdir, "poller") as project_url,
     ):
         bare = Bare(bare_url, targets)
         project = Project(project_url, args.deadline)
+        failed = ""
         try:
             await bare.connect(bare_url, targets)
             await project.register(targets)
             warm = Runs()
+            started = time.perf_counter()
             await _timed(bare, warm)
             await _timed(project, warm)
             print(
@@ -293,9 +297,14 @@ async def compare(
                     profiler.disable()
                 if time.perf_counter() - started > args.max_seconds:
                     break
+        except* StorageError as group:  # poll_once lets a storage failure end the round
+            failed = f"after {time.perf_counter() - started:.1f} s: {group.exceptions[0]}"
         finally:
             await bare.close()
             await project.close()
+    if failed:
+        print(f"{dialect}: {len(targets)} meters: the poller's round failed {failed}")
+        return None
     print(f"{dialect}: {len(targets)} meters, {len(bare_runs.seconds)} timed rounds each")
     print("                          rows/s  round s (median)  other rows  rounds (s)")
     for name, runs in (("bare pymodbus + Core", bare_runs), ("poller (poll_once)", project_runs)):
