@@ -7,7 +7,10 @@ and on PostgreSQL.
 
 The meters are served by the simulator in a *subprocess*, so that its CPU does not compete with
 the masters': Modbus TCP listeners of up to 247 unit ids each (``serve_tcp``; a fleet of 10,000
-takes 41 listeners), every meter on the system clock. Each master gets a database of its own,
+takes 41 listeners; ``serve_tcp_per_meter`` would take a port per meter), every meter on the
+system clock. Both masters hold one connection per listener and send one request at a time on
+it (the head-end's link pool shares one connection per gateway), so at most one read per
+listener is in flight. Each master gets a database of its own,
 migrated to head (a SQLite file in a temporary directory; a PostgreSQL database created for the
 run on 127.0.0.1:5432 and dropped at its end).
 
