@@ -16,6 +16,7 @@ import typer.main
 from cli import hes, meter_sim
 from cli.docs import mqtt as mqtt_docs
 from cli.docs import registermap as registermap_docs
+from cli.docs import registry as registry_docs
 from meter_sim import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,6 +81,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "docs/cli.md": render_cli_markdown,
     "docs/mqtt.md": mqtt_docs.render_markdown,
     "docs/register-map.md": registermap_docs.render_markdown,
+    "docs/meters-csv.md": registry_docs.render_markdown,
 }
 
 
