@@ -205,7 +205,11 @@ class Poller:
         summary = RoundSummary()
 
         async def one(target: PollTarget) -> None:
-            outcome = await self.read(target)
+            try:
+                outcome = await self.read(target)
+            except StorageError as exc:  # this meter's read is lost; the round goes on
+                log.error("storing a read of %s failed: %s", target.meter_id, exc)
+                outcome = ReadOutcome(target.meter_id, ok=False, error=f"storage: {exc}")
             summary.outcomes.append(outcome)
             if progress is not None:
                 progress(outcome)
@@ -220,32 +224,36 @@ class Poller:
 
     async def read(self, target: PollTarget) -> ReadOutcome:
         """Read one meter with retries inside its deadline, store what it gave, record its
-        health; never raises for the meter's own failures."""
+        health; never raises for the meter's own failures. The deadline runs from when the
+        read first gets its turn on the transport and gateway, not while it queues."""
         outcome = ReadOutcome(target.meter_id, ok=False)
         transport, gateway = self._limits(target)
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
         error = ""
         try:
-            async with asyncio.timeout(self.plan.read_deadline):
-                for attempt in range(self.plan.attempts):
-                    outcome.attempts = attempt + 1
-                    try:
-                        async with transport, gateway:
+            for attempt in range(self.plan.attempts):
+                outcome.attempts = attempt + 1
+                try:
+                    async with transport, gateway:
+                        if deadline is None:
+                            deadline = loop.time() + self.plan.read_deadline
+                        async with asyncio.timeout_at(deadline):
                             fetched = await self._fetch(target)
-                        await self._store(target, fetched, outcome)
-                        outcome.ok = True
+                    await self._store(target, fetched, outcome)
+                    outcome.ok = True
+                    break
+                except LinkError as exc:
+                    error = str(exc) or type(exc).__name__
+                    await self.links.discard(target)
+                    pause = retry_delay(
+                        attempt, self.plan.retry_base, self.plan.retry_cap, self._draw()
+                    )
+                    if attempt + 1 >= self.plan.attempts:
                         break
-                    except LinkError as exc:
-                        error = str(exc) or type(exc).__name__
-                        await self.links.discard(target)
-                        if attempt + 1 < self.plan.attempts:
-                            await asyncio.sleep(
-                                retry_delay(
-                                    attempt,
-                                    self.plan.retry_base,
-                                    self.plan.retry_cap,
-                                    self._draw(),
-                                )
-                            )
+                    if deadline is not None and loop.time() + pause >= deadline:
+                        raise TimeoutError from exc
+                    await asyncio.sleep(pause)
         except TimeoutError:
             error = f"no complete read within {self.plan.read_deadline:g} s ({error or 'slow'})"
             await self.links.discard(target)
@@ -277,7 +285,7 @@ class Poller:
             raise LinkError(
                 f"{target.endpoint} answers as {snapshot.meter_id}, not {target.meter_id}"
             )
-        async with self.db.begin() as session:
+        async with self.db.read() as session:
             last = await last_interval(session, target.meter_id)
             since = await last_event_seq(session, target.meter_id)
         if last is not None:

@@ -83,7 +83,7 @@ def _entry(row: AuditEntry) -> Entry:
 async def _rows(db: Database, batch: int = 5000) -> AsyncIterator[tuple[Entry, str, str]]:
     after = 0
     while True:
-        async with db.begin() as session:
+        async with db.read() as session:
             rows = (
                 await session.scalars(
                     select(AuditEntry)
@@ -122,7 +122,7 @@ async def entries(db: Database, subject: str | None = None, limit: int = 50) -> 
     query = select(AuditEntry).order_by(AuditEntry.position.desc()).limit(limit)
     if subject is not None:
         query = query.where(AuditEntry.subject == subject)
-    async with db.begin() as session:
+    async with db.read() as session:
         if subject is not None and await session.get(Meter, subject) is None:
             raise StorageError(f"no meter {subject!r} is registered")
         rows = (await session.scalars(query)).all()

@@ -103,14 +103,21 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=5000")
+    cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
 
 
 def _sqlite_begin(conn: Connection) -> None:
     # IMMEDIATE: take the write lock at the start, so two writers wait for each other (up to
-    # busy_timeout) instead of one failing when its read turns into a write
-    conn.exec_driver_sql("BEGIN IMMEDIATE")
+    # busy_timeout) instead of one failing when its read turns into a write; a read-only
+    # transaction (Database.read) begins deferred and never waits for a writer (WAL)
+    if conn.get_execution_options().get(_READ_ONLY):
+        conn.exec_driver_sql("BEGIN")
+    else:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+_READ_ONLY = "hes_read_only"
 
 
 @dataclass(slots=True)
@@ -135,6 +142,15 @@ class Database:
         """One transaction: committed when the block ends, rolled back if it raises."""
         with storage_errors("database"):
             async with self.sessions() as session, session.begin():
+                yield session
+
+    @contextlib.asynccontextmanager
+    async def read(self) -> AsyncIterator[AsyncSession]:
+        """A transaction that only reads: on SQLite it takes no write lock, so it never waits
+        for (or holds up) a writer."""
+        with storage_errors("database"):
+            async with self.sessions() as session, session.begin():
+                await session.connection(execution_options={_READ_ONLY: True})
                 yield session
 
     async def revision(self) -> str | None:

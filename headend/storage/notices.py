@@ -149,7 +149,7 @@ async def latest(db: Database, state: str | None = None, limit: int = 100) -> li
     query = select(Notification).order_by(Notification.id.desc()).limit(limit)
     if state is not None:
         query = query.where(Notification.state == state)
-    async with db.begin() as session:
+    async with db.read() as session:
         return list((await session.scalars(query)).all())
 
 

@@ -29,7 +29,7 @@ async def active_targets(db: Database, meter_ids: list[str] | None = None) -> li
     query = select(Meter).where(Meter.status == "active").order_by(Meter.id)
     if meter_ids is not None:
         query = query.where(Meter.id.in_(meter_ids))
-    async with db.begin() as session:
+    async with db.read() as session:
         meters = (await session.scalars(query)).all()
     return [
         PollTarget(m.id, m.endpoint, m.transport, m.gateway, m.profile_period, m.poll_group)

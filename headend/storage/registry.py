@@ -165,7 +165,7 @@ async def _meter(session: AsyncSession, record: MeterRecord, now: datetime) -> M
 
 
 async def list_meters(db: Database, *, include_retired: bool = False) -> list[Meter]:
-    async with db.begin() as session:
+    async with db.read() as session:
         query = select(Meter).order_by(Meter.id)
         if not include_retired:
             query = query.where(Meter.status == "active")
@@ -173,7 +173,7 @@ async def list_meters(db: Database, *, include_retired: bool = False) -> list[Me
 
 
 async def get_meter(db: Database, meter_id: str) -> Meter:
-    async with db.begin() as session:
+    async with db.read() as session:
         meter = await session.get(Meter, meter_id)
     if meter is None:
         raise StorageError(f"no meter {meter_id!r} is registered")
@@ -283,7 +283,7 @@ def tariff_record(row: Tariff) -> TariffRecord:
 
 async def list_tariffs(db: Database) -> list[tuple[TariffRecord, int]]:
     """Every tariff with the number of active meters on it."""
-    async with db.begin() as session:
+    async with db.read() as session:
         counted = await session.execute(
             select(Meter.tariff_id, func.count())
             .where(Meter.status == "active")
@@ -295,7 +295,7 @@ async def list_tariffs(db: Database) -> list[tuple[TariffRecord, int]]:
 
 
 async def get_tariff(db: Database, tariff_id: str) -> TariffRecord:
-    async with db.begin() as session:
+    async with db.read() as session:
         row = await session.get(Tariff, tariff_id)
     if row is None:
         raise StorageError(f"no tariff {tariff_id!r} is registered")
@@ -348,7 +348,7 @@ class CustomerView:
 
 
 async def list_customers(db: Database) -> list[CustomerView]:
-    async with db.begin() as session:
+    async with db.read() as session:
         customers = (await session.scalars(select(Customer).order_by(Customer.id))).all()
         accounts = (await session.execute(select(Account.customer_id, Account.id))).all()
         meters = (

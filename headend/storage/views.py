@@ -85,7 +85,7 @@ async def fleet_status(db: Database, now: datetime, stale_after: timedelta) -> F
     """The active fleet by health, relay state and credit band (from each meter's latest
     reading), with the meters whose data is older than ``stale_after``."""
     status = FleetStatus()
-    async with db.begin() as session:
+    async with db.read() as session:
         meters = (
             await session.execute(
                 select(Meter.id, PollHealth.health, PollHealth.last_seen, PollHealth.last_attempt)
@@ -132,7 +132,7 @@ class MeterStory:
 
 
 async def meter_story(db: Database, meter_id: str, now: datetime, days: int = 14) -> MeterStory:
-    async with db.begin() as session:
+    async with db.read() as session:
         meter = await session.get(Meter, meter_id)
         if meter is None:
             raise StorageError(f"no meter {meter_id!r} is registered")
@@ -238,7 +238,7 @@ async def export(
 ) -> Export:
     """Readings and intervals with ``since <= meter time < until``; actual intervals only
     unless ``include_estimated``."""
-    async with db.begin() as session:
+    async with db.read() as session:
         if await session.get(Meter, meter_id) is None:
             raise StorageError(f"no meter {meter_id!r} is registered")
         readings = (
