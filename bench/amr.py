@@ -223,7 +223,7 @@ async def register(db: Database, targets: Sequence[Target]) -> None:
     for line, (port, unit, meter_id) in enumerate(targets, start=2):
         endpoint = f"tcp://{HOST}:{port}/{unit}"
         rows.append((line, MeterRecord(meter_id, endpoint, route_of(endpoint))))
-    report = await import_meters(db, rows, [], datetime.now(UTC))
+    report = await import_meters(db, rows, [], datetime.now(UTC), actor="bench")
     if not report.applied:
         raise SystemExit(f"registering the meters failed: {report.refused[:3]}")
 
@@ -255,7 +255,8 @@ class Project:
 
     async def close(self) -> None:
         await self.links.close()
-        await self.db.close()
+        if hasattr(self, "db"):
+            await self.db.close()
 
 
 async def _timed(master: Bare | Project, runs: Runs) -> None:

@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
+from typing import Any, Protocol
 
 from headend.domain.schedule import next_due, retry_delay
 from headend.domain.validation import (
@@ -34,7 +34,8 @@ from headend.domain.validation import (
     validate_reading,
 )
 from headend.links.base import MeterLink
-from headend.storage import Database
+from headend.storage import Database, Session
+from headend.storage.database import insert_new
 from headend.storage.polling import (
     PollTarget,
     active_targets,
@@ -43,16 +44,19 @@ from headend.storage.polling import (
     release,
 )
 from headend.storage.readings import (
+    event_rows,
+    gap_row,
+    interval_row,
     last_event_seq,
+    last_event_seqs,
     last_interval,
-    latest_reading,
+    last_intervals,
+    latest_readings,
     reading_row,
     record_read,
-    store_events,
-    store_gap,
-    store_intervals,
-    store_readings,
+    record_reads_ok,
 )
+from headend.storage.schema import Gap, Interval, MeterEvent, Reading
 from protocols.clock import Clock
 from protocols.errors import HesError, LinkError, StorageError, ValidationError
 from protocols.readings import Event, MeterSnapshot, ProfileRow
@@ -171,6 +175,11 @@ class Poller:
         self._transport: dict[str, asyncio.Semaphore] = {}
         self._gateway: dict[tuple[str, str], asyncio.Semaphore] = {}
         self.counts: Counter[str] = Counter()
+        self._pending: list[tuple[PollTarget, _Fetched, ReadOutcome, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+        #: per meter, the last interval and event sequence this poller stored (a hint that
+        #: saves two queries a read; a stale hint only makes a read ask for rows it has)
+        self._known: dict[str, tuple[CheckedInterval | None, int]] = {}
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -285,9 +294,13 @@ class Poller:
             raise LinkError(
                 f"{target.endpoint} answers as {snapshot.meter_id}, not {target.meter_id}"
             )
-        async with self.db.read() as session:
-            last = await last_interval(session, target.meter_id)
-            since = await last_event_seq(session, target.meter_id)
+        known = self._known.get(target.meter_id)
+        if known is not None:  # what this poller stored last: older than the store at worst
+            last, since = known
+        else:
+            async with self.db.read() as session:
+                last = await last_interval(session, target.meter_id)
+                since = await last_event_seq(session, target.meter_id)
         if last is not None:
             start = last.start + 2 * target.profile_period  # the next interval's end
         else:
@@ -303,52 +316,102 @@ class Poller:
         return _Fetched(snapshot, profile, events, start if last is not None else None)
 
     async def _store(self, target: PollTarget, fetched: _Fetched, outcome: ReadOutcome) -> None:
+        """Store one meter's read; reads finishing together share one transaction (a group
+        commit: one writer, one commit for the batch), each still all or nothing."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((target, fetched, outcome, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_batches())
+        await done
+
+    async def _write_batches(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            items = [(target, fetched, outcome) for target, fetched, outcome, _ in batch]
+            try:
+                async with self.db.begin() as session:
+                    hints = await self._store_batch(session, items)
+                self._known.update(hints)  # committed
+            except StorageError:
+                # one read spoiled the batch: store each on its own, so only it fails
+                for target, fetched, outcome, done in batch:
+                    _reset(outcome)
+                    try:
+                        async with self.db.begin() as session:
+                            hints = await self._store_batch(session, [(target, fetched, outcome)])
+                        self._known.update(hints)
+                    except StorageError as exc:
+                        done.set_exception(exc)
+                    else:
+                        done.set_result(None)
+                continue
+            except BaseException as exc:
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                raise
+            for *_, done in batch:
+                done.set_result(None)
+
+    async def _store_batch(
+        self, session: Session, items: Sequence[tuple[PollTarget, _Fetched, ReadOutcome]]
+    ) -> dict[str, tuple[CheckedInterval | None, int]]:
+        """Validate and store the reads of several meters (distinct) with a few statements."""
         now = self._now()
         head_end_time = int(self.clock.now())
-        snapshot = fetched.snapshot
-        async with self.db.begin() as session:
-            previous = await latest_reading(session, target.meter_id)
-            if previous is not None and previous.meter_time == snapshot.time:
+        ids = [target.meter_id for target, _, _ in items]
+        previous = await latest_readings(session, ids)
+        lasts = await last_intervals(session, ids)
+        seqs = await last_event_seqs(session, ids)
+        readings: list[dict[str, Any]] = []
+        intervals: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        gaps: list[dict[str, Any]] = []
+        expected: Counter[str] = Counter()
+        hints: dict[str, tuple[CheckedInterval | None, int]] = {}
+        for target, fetched, outcome in items:
+            meter_id, snapshot = target.meter_id, fetched.snapshot
+            before = previous.get(meter_id)
+            if before is not None and before.meter_time == snapshot.time:
                 findings = Findings()  # the same reading again: stored already
             else:
-                findings = validate_reading(snapshot, previous, head_end_time, self.plan.limits)
-            outcome.reading_new = (
-                await store_readings(session, [reading_row(snapshot, findings, now, "poll")]) == 1
-            )
-            if not outcome.reading_new:
-                outcome.duplicates += 1
-            elif findings.flags:
-                outcome.flagged += 1
-                log.info("meter %s: %s", target.meter_id, findings.reason)
-            last = await last_interval(session, target.meter_id)
-            checked, gaps = check_intervals(
+                findings = validate_reading(snapshot, before, head_end_time, self.plan.limits)
+                if findings.flags:
+                    outcome.flagged += 1
+                    log.info("meter %s: %s", meter_id, findings.reason)
+            readings.append(reading_row(snapshot, findings, now, "poll"))
+            last = lasts.get(meter_id)
+            checked, found = check_intervals(
                 fetched.profile, target.profile_period, last, self.plan.limits
             )
             estimates = _estimates(last, checked)
-            stored = await store_intervals(session, target.meter_id, [*checked, *estimates])
-            outcome.intervals = len(checked)
-            outcome.estimated = len(estimates)
-            outcome.duplicates += len(checked) + len(estimates) - stored
+            intervals += [interval_row(meter_id, i) for i in (*checked, *estimates)]
+            expected[meter_id] = len(checked) + len(estimates)
+            outcome.intervals, outcome.estimated = len(checked), len(estimates)
             outcome.flagged += sum(bool(c.findings.flags) for c in checked)
             outcome.backfilled = len(checked) > 1 and last is not None
-            for first, end in gaps:
-                outcome.gaps += await store_gap(
-                    session, target.meter_id, "intervals", first, end, found_at=now
-                )
-            since = await last_event_seq(session, target.meter_id)
-            events = [e for e in fetched.events if e.seq > since]
-            if events and events[0].seq > since + 1:
-                outcome.gaps += await store_gap(
-                    session, target.meter_id, "events", since + 1, events[0].seq - 1, found_at=now
-                )
-            outcome.events = await store_events(session, target.meter_id, events, now)
-            await record_read(
-                session,
-                target.meter_id,
-                True,
-                now=now,
-                unreachable_after=self.plan.unreachable_after,
-            )
+            gaps += [gap_row(meter_id, "intervals", a, b, now) for a, b in found]
+            since = seqs.get(meter_id, 0)
+            new_events = [e for e in fetched.events if e.seq > since]
+            if new_events and new_events[0].seq > since + 1:
+                gaps.append(gap_row(meter_id, "events", since + 1, new_events[0].seq - 1, now))
+            events += event_rows(meter_id, new_events, now)
+            newest = max((*checked, *estimates), key=lambda i: i.start, default=last)
+            hints[meter_id] = (newest, new_events[-1].seq if new_events else since)
+        new_readings = {key[0] for key in await insert_new(session, Reading, readings)}
+        stored = Counter(key[0] for key in await insert_new(session, Interval, intervals))
+        stored_events = Counter(key[0] for key in await insert_new(session, MeterEvent, events))
+        stored_gaps = Counter(key[0] for key in await insert_new(session, Gap, gaps, Gap.meter_id))
+        for target, _, outcome in items:
+            meter_id = target.meter_id
+            outcome.reading_new = meter_id in new_readings
+            if not outcome.reading_new:
+                outcome.duplicates += 1
+            outcome.duplicates += expected[meter_id] - stored[meter_id]
+            outcome.events = stored_events[meter_id]
+            outcome.gaps = stored_gaps[meter_id]
+        await record_reads_ok(session, ids, now)
+        return hints
 
     # -- the schedule ---------------------------------------------------------------------------
 
@@ -389,6 +452,18 @@ class Poller:
             await release(self.db, self.worker, target.meter_id, datetime.fromtimestamp(due, UTC))
         except StorageError as exc:
             log.error("releasing %s failed (its lease will expire): %s", target.meter_id, exc)
+
+
+#: reads stored in one transaction at most
+_BATCH = 200
+
+
+def _reset(outcome: ReadOutcome) -> None:
+    """Forget what a rolled-back store counted, before it is stored again."""
+    outcome.reading_new = False
+    outcome.intervals = outcome.estimated = outcome.events = outcome.gaps = 0
+    outcome.flagged = outcome.duplicates = 0
+    outcome.backfilled = False
 
 
 def _speed(clock: Clock) -> float:

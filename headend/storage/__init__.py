@@ -8,8 +8,9 @@ from headend.storage.database import (
     DEFAULT_URL,
     Database,
     SchemaBehind,
+    Session,
     database_url,
     open_database,
 )
 
-__all__ = ["DEFAULT_URL", "Database", "SchemaBehind", "database_url", "open_database"]
+__all__ = ["DEFAULT_URL", "Database", "SchemaBehind", "Session", "database_url", "open_database"]

@@ -43,6 +43,10 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
 
 
+#: the transaction handle services pass to storage functions (they never use it themselves)
+Session = AsyncSession
+
+
 class SchemaBehind(StorageError):
     """The database's schema is older (or newer) than this code's."""
 
@@ -229,8 +233,19 @@ async def insert_ignore(
 ) -> int:
     """Insert ``rows``, skipping any whose primary or unique key is already stored; returns how
     many were new. The one upsert helper: SQLite and PostgreSQL spell it differently."""
+    return len(await insert_new(conn, model, rows))
+
+
+async def insert_new(
+    conn: AsyncConnection | AsyncSession,
+    model: type[Base] | Table,
+    rows: Sequence[dict[str, Any]],
+    *returning: Any,
+) -> list[tuple[Any, ...]]:
+    """As :func:`insert_ignore`, returning of each row that was new its primary key (or the
+    ``returning`` columns)."""
     if not rows:
-        return 0
+        return []
     table = model if isinstance(model, Table) else model.__table__
     assert isinstance(table, Table)
     dialect = (
@@ -239,8 +254,8 @@ async def insert_ignore(
     insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
     # RETURNING the key of each row actually inserted is the one count that both dialects give
     # for a batch (psycopg's executemany reports no row count)
-    key = list(table.primary_key.columns)[:1]
+    key = list(returning) or list(table.primary_key.columns)
     statement = insert(table).on_conflict_do_nothing().returning(*key)
     with storage_errors(f"storing {table.name}"):
         result = await conn.execute(statement, list(rows))
-        return len(result.all())
+        return [tuple(row) for row in result.all()]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.health import Change, Health, after_read
@@ -123,6 +123,28 @@ async def last_event_seq(session: AsyncSession, meter_id: str) -> int:
     return int(value or 0)
 
 
+def event_rows(
+    meter_id: str, events: Sequence[Event], received_at: datetime, boot: int = 0
+) -> list[dict[str, Any]]:
+    return [
+        {
+            "meter_id": meter_id,
+            "boot": boot,
+            "seq": event.seq,
+            "meter_time": event.time,
+            "code": int(event.code),
+            "a": event.a,
+            "b": event.b,
+            "received_at": received_at,
+        }
+        for event in events
+    ]
+
+
+def gap_row(meter_id: str, kind: str, first: int, last: int, found_at: datetime) -> dict[str, Any]:
+    return {"meter_id": meter_id, "kind": kind, "first": first, "last": last, "found_at": found_at}
+
+
 async def store_events(
     session: AsyncSession,
     meter_id: str,
@@ -207,3 +229,126 @@ async def health_of(session: AsyncSession, meter_id: str) -> HealthState:
     if row is None:
         return HealthState(Health.UNKNOWN, 0)
     return HealthState(Health(row.health), row.consecutive_failures)
+
+
+# -- many meters at once (the poller's batches) -----------------------------------------------
+
+
+async def latest_readings(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, Previous]:
+    """Each meter's latest stored reading, by meter time, in one query."""
+    latest = (
+        select(Reading.meter_id, func.max(Reading.meter_time).label("meter_time"))
+        .where(Reading.meter_id.in_(meter_ids))
+        .group_by(Reading.meter_id)
+        .subquery()
+    )
+    rows = await session.execute(
+        select(Reading.meter_id, Reading.meter_time, Reading.energy_import_wh).join(
+            latest,
+            (Reading.meter_id == latest.c.meter_id) & (Reading.meter_time == latest.c.meter_time),
+        )
+    )
+    return {meter_id: Previous(time, energy) for meter_id, time, energy in rows}
+
+
+async def last_intervals(
+    session: AsyncSession, meter_ids: Sequence[str]
+) -> dict[str, CheckedInterval]:
+    """Each meter's latest stored interval, in one query."""
+    latest = (
+        select(Interval.meter_id, func.max(Interval.start).label("start"))
+        .where(Interval.meter_id.in_(meter_ids))
+        .group_by(Interval.meter_id)
+        .subquery()
+    )
+    rows = await session.execute(
+        select(
+            Interval.meter_id,
+            Interval.start,
+            Interval.period,
+            Interval.energy_wh,
+            Interval.register_wh,
+            Interval.credit,
+            Interval.status,
+            Interval.flags,
+            Interval.flag_reason,
+            Interval.estimated,
+        ).join(
+            latest, (Interval.meter_id == latest.c.meter_id) & (Interval.start == latest.c.start)
+        )
+    )
+    found: dict[str, CheckedInterval] = {}
+    for meter_id, start, period, wh, register, credit, status, flags, reason, estimated in rows:
+        reasons = tuple(reason.split("; ")) if reason else ()
+        found[meter_id] = CheckedInterval(
+            start, period, wh, register, credit, status, Findings(Flag(flags), reasons), estimated
+        )
+    return found
+
+
+async def last_event_seqs(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, int]:
+    rows = await session.execute(
+        select(MeterEvent.meter_id, func.max(MeterEvent.seq))
+        .where(MeterEvent.meter_id.in_(meter_ids))
+        .group_by(MeterEvent.meter_id)
+    )
+    return {meter_id: int(seq) for meter_id, seq in rows}
+
+
+async def record_reads_ok(
+    session: AsyncSession, meter_ids: Sequence[str], now: datetime
+) -> list[Change]:
+    """Good reads of many meters: each is online now; the changes of health are stored."""
+    if not meter_ids:
+        return []
+    await insert_ignore(
+        session,
+        PollHealth,
+        [
+            {"meter_id": m, "health": Health.UNKNOWN.value, "consecutive_failures": 0}
+            for m in meter_ids
+        ],
+    )
+    before = dict(
+        (
+            await session.execute(
+                select(PollHealth.meter_id, PollHealth.health).where(
+                    PollHealth.meter_id.in_(meter_ids)
+                )
+            )
+        ).all()
+    )
+    changes = [
+        Change(Health(before[m]), Health.ONLINE, "read succeeded")
+        for m in meter_ids
+        if before.get(m) != Health.ONLINE.value
+    ]
+    changed = [m for m in meter_ids if before.get(m) != Health.ONLINE.value]
+    await session.execute(
+        update(PollHealth)
+        .where(PollHealth.meter_id.in_(meter_ids))
+        .values(
+            health=Health.ONLINE.value,
+            consecutive_failures=0,
+            last_attempt=now,
+            last_seen=now,
+            last_error=None,
+            next_due=None,
+        )
+    )
+    if changed:
+        await insert_ignore(
+            session,
+            HealthChange,
+            [
+                {
+                    "meter_id": m,
+                    "at": now,
+                    "old": c.old.value,
+                    "new": c.new.value,
+                    "reason": c.reason,
+                }
+                for m, c in zip(changed, changes, strict=True)
+            ],
+        )
+    return changes
