@@ -207,3 +207,26 @@ async def health_of(session: AsyncSession, meter_id: str) -> HealthState:
     if row is None:
         return HealthState(Health.UNKNOWN, 0)
     return HealthState(Health(row.health), row.consecutive_failures)
+
+
+async def record_presence(
+    session: AsyncSession, meter_id: str, health: Health, *, now: datetime, reason: str
+) -> Change | None:
+    """Set the meter's read health from what it says of itself (an MQTT state message: online
+    or offline); a change is stored as an event, as a read's is."""
+    row = await session.get(PollHealth, meter_id)
+    if row is None:
+        row = PollHealth(meter_id=meter_id, health=Health.UNKNOWN.value, consecutive_failures=0)
+        session.add(row)
+    old = Health(row.health)
+    row.health = health.value
+    if health is Health.ONLINE:
+        row.last_seen = now
+        row.consecutive_failures = 0
+    if old is health:
+        return None
+    change = Change(old, health, reason)
+    session.add(
+        HealthChange(meter_id=meter_id, at=now, old=old.value, new=health.value, reason=reason)
+    )
+    return change
