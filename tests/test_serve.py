@@ -1,0 +1,353 @@
+"""`hes serve` as a child process against simulated meters over Modbus TCP, on the same
+accelerated clock: it stores readings (none flagged CLOCK_SKEW), answers metrics, exits 0 soon
+after SIGTERM; killed with SIGKILL mid-round and started again it loses and duplicates nothing;
+two workers on PostgreSQL share a fleet, and when one is killed the other takes its meters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from headend.domain.registry import MeterRecord
+from headend.domain.validation import Flag
+from headend.services.registry import route_of
+from headend.storage import Database, open_database
+from headend.storage.registry import import_meters
+from headend.storage.schema import Gap, Interval, MeterEvent, Reading
+from meter_sim.config import MeterConfig
+from meter_sim.modbus_server import serve_tcp
+from meter_sim.runtime import MeterRuntime
+from protocols.clock import AcceleratedClock
+from tests.databases import drop_postgres, fresh_postgres, postgres_server
+
+__all__ = ["postgres_server"]  # fixtures
+
+REPO = Path(__file__).resolve().parent.parent
+T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
+SPEED = 600.0  # a 15-minute interval every 1.5 real seconds
+INTERVAL = 900
+
+
+@dataclass
+class Fleet:
+    runtimes: list[MeterRuntime]
+    port: int
+    clock: AcceleratedClock
+    started: str  # the real moment the fleet's clock stood at T0
+
+
+@contextlib.asynccontextmanager
+async def _fleet(tmp: Path, count: int) -> AsyncIterator[Fleet]:
+    started = datetime.now(UTC)
+    clock = AcceleratedClock(SPEED, T0)
+    runtimes = [
+        MeterRuntime.open(
+            MeterConfig(f"MTR-{n:03d}", modbus_unit=n, initial_credit=100_000), clock, tmp / "m"
+        )
+        for n in range(1, count + 1)
+    ]
+    async with serve_tcp(runtimes) as service:
+        yield Fleet(runtimes, service.port, clock, started.isoformat())
+
+
+@contextlib.asynccontextmanager
+async def _database(url: str, fleet: Fleet) -> AsyncIterator[Database]:
+    db = await open_database(url, check=False)
+    try:
+        await _register(db, fleet)
+        yield db
+    finally:
+        await db.close()
+
+
+async def _register(db: Database, fleet: Fleet) -> None:
+    await db.upgrade()
+    rows = []
+    for n, runtime in enumerate(fleet.runtimes, start=2):
+        endpoint = f"tcp://127.0.0.1:{fleet.port}/{runtime.config.modbus_unit}"
+        rows.append((n, MeterRecord(meter_id=runtime.meter_id, endpoint=endpoint,
+                                    route=route_of(endpoint))))  # fmt: skip
+    report = await import_meters(db, rows, [], datetime.now(UTC))
+    assert report.applied
+
+
+class Serve:
+    """One `hes serve` child process; its ready line is read before the test goes on."""
+
+    def __init__(self, process: asyncio.subprocess.Process, ready: dict[str, Any]) -> None:
+        self.process = process
+        self.ready = ready
+
+    @classmethod
+    async def start(cls, url: str, fleet: Fleet, tmp: Path, worker: str, *extra: str) -> Serve:
+        command = [
+            sys.executable, "-m", "cli.hes", "serve", "--db", url, "--worker", worker,
+            "--interval", str(INTERVAL), "--deadline", "2", "--timeout", "0.5", "--lease", "4",
+            "--clock-speed", str(SPEED), "--clock-start", "2026-01-01T00:00:00Z",
+            "--clock-at", fleet.started,
+            "--metrics-port", "0", "--log-json", *extra,
+        ]  # fmt: skip
+        with (tmp / f"{worker}.log").open("ab") as log:
+            process = await asyncio.create_subprocess_exec(
+                *command, cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=log
+            )
+        assert process.stdout is not None
+        async with asyncio.timeout(30):
+            line = await process.stdout.readline()
+        if not line:
+            await process.wait()
+            pytest.fail(
+                f"hes serve exited {process.returncode}: {(tmp / f'{worker}.log').read_text()}"
+            )
+        ready = json.loads(line)
+        assert ready["event"] == "ready"
+        return cls(process, ready)
+
+    def metrics(self) -> str:
+        port = self.ready["metrics_port"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+            return str(answer.read().decode())
+
+    def sample(self, text: str, name: str) -> float:
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[-1])
+        raise AssertionError(f"{name} not in the metrics")
+
+    async def stop(self, sig: signal.Signals = signal.SIGTERM, within: float = 10.0) -> float:
+        """Send ``sig``; returns the seconds until the process exited."""
+        started = time.monotonic()
+        self.process.send_signal(sig)
+        async with asyncio.timeout(within):
+            await self.process.wait()
+        return time.monotonic() - started
+
+    async def close(self) -> None:
+        if self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+
+
+async def _scalar(db: Database, query: Any) -> int:
+    async with db.begin() as session:
+        return int(await session.scalar(query) or 0)
+
+
+async def _until(check: Callable[[], Awaitable[bool]], timeout: float = 30.0) -> None:
+    """Wait for a condition of the store (the children have no other signal to offer)."""
+    async with asyncio.timeout(timeout):
+        while not await check():  # noqa: ASYNC110 - a database has no event to wait on
+            await asyncio.sleep(0.1)
+
+
+async def _readings(db: Database) -> int:
+    return await _scalar(db, select(func.count()).select_from(Reading))
+
+
+async def _readings_per_meter(db: Database) -> dict[str, int]:
+    async with db.begin() as session:
+        rows = (
+            await session.execute(select(Reading.meter_id, func.count()).group_by(Reading.meter_id))
+        ).all()
+    return {str(meter): int(count) for meter, count in rows}
+
+
+async def _assert_complete(db: Database, runtimes: Sequence[MeterRuntime]) -> None:
+    """Every meter's intervals contiguous from the start, actual, no gap; its events exactly
+    1..n once each."""
+    async with db.begin() as session:
+        assert await session.scalar(select(func.count()).select_from(Gap)) == 0
+        for runtime in runtimes:
+            starts = list(
+                (
+                    await session.scalars(
+                        select(Interval.start)
+                        .where(Interval.meter_id == runtime.meter_id)
+                        .where(Interval.estimated.is_(False))
+                        .order_by(Interval.start)
+                    )
+                ).all()
+            )
+            assert starts, runtime.meter_id
+            assert starts == list(range(int(T0), int(starts[-1]) + 1, INTERVAL)), runtime.meter_id
+            seqs = list(
+                (
+                    await session.scalars(
+                        select(MeterEvent.seq)
+                        .where(MeterEvent.meter_id == runtime.meter_id)
+                        .order_by(MeterEvent.seq)
+                    )
+                ).all()
+            )
+            assert seqs == list(range(1, len(seqs) + 1)), runtime.meter_id
+
+
+async def test_serve_stores_readings_answers_metrics_and_stops_on_sigterm(tmp_path: Path) -> None:
+    async with (
+        _fleet(tmp_path, 3) as fleet,
+        _database(f"sqlite:///{tmp_path / 'hes.db'}", fleet) as db,
+    ):
+        serve = await Serve.start(db.url, fleet, tmp_path, "w1")
+        try:
+            assert serve.ready["meters"] == 3
+
+            async def two_rounds() -> bool:
+                counts = await _readings_per_meter(db)
+                return len(counts) == 3 and min(counts.values()) >= 2
+
+            await _until(two_rounds)
+            text = await asyncio.to_thread(serve.metrics)
+            assert serve.sample(text, 'hes_polls_total{outcome="read"}') >= 6
+            assert serve.sample(text, 'hes_polls_total{outcome="failed"}') == 0
+            assert serve.sample(text, "hes_read_duration_seconds_count") >= 6
+            assert serve.sample(text, 'hes_rows_stored_total{table="readings"}') >= 6
+            assert serve.sample(text, 'hes_rows_stored_total{table="intervals"}') >= 3
+            assert serve.sample(text, 'hes_database_errors_total{where="poll"}') == 0
+            assert 'hes_duplicates_total{source="poll"}' in text
+            assert "hes_ingest_messages_total" in text
+
+            async def gauge_online() -> bool:  # the gauge follows the store within seconds
+                text = await asyncio.to_thread(serve.metrics)
+                return serve.sample(text, 'hes_meters{health="online"}') == 3
+
+            await _until(gauge_online, timeout=10)
+            took = await serve.stop(signal.SIGTERM)
+            assert serve.process.returncode == 0
+            assert took < 5.0
+        finally:
+            await serve.close()
+        flagged = await _scalar(
+            db, select(func.count()).select_from(Reading).where(Reading.flags != 0)
+        )
+        skewed = await _scalar(
+            db,
+            select(func.count())
+            .select_from(Reading)
+            .where(Reading.flags.op("&")(int(Flag.CLOCK_SKEW)) != 0),
+        )
+        assert (flagged, skewed) == (0, 0)  # the head-end ran on the meters' clock
+        await _assert_complete(db, fleet.runtimes)
+
+
+async def test_sigkill_mid_round_then_a_restart_loses_and_duplicates_nothing(
+    tmp_path: Path,
+) -> None:
+    async with (
+        _fleet(tmp_path, 24) as fleet,
+        _database(f"sqlite:///{tmp_path / 'hes.db'}", fleet) as db,
+    ):
+        serve = await Serve.start(db.url, fleet, tmp_path, "w1")
+        try:
+            await _until(lambda: _some_read(db))  # the first round is under way
+            await serve.stop(signal.SIGKILL)
+            before = await _readings(db)
+            serve = await Serve.start(
+                db.url, fleet, tmp_path, "w1"
+            )  # takes back its claims at once
+            mark = fleet.clock.now()
+
+            async def every_meter_read_since() -> bool:
+                async with db.begin() as session:
+                    fresh = await session.scalar(
+                        select(func.count(func.distinct(Reading.meter_id))).where(
+                            Reading.meter_time > mark + INTERVAL
+                        )
+                    )
+                return fresh == len(fleet.runtimes)
+
+            await _until(every_meter_read_since)
+            await serve.stop(signal.SIGTERM)
+            assert serve.process.returncode == 0
+        finally:
+            await serve.close()
+        assert await _readings(db) > before
+        await _assert_complete(db, fleet.runtimes)
+
+
+async def _some_read(db: Database) -> bool:
+    return await _readings(db) >= 3
+
+
+async def test_two_workers_on_postgresql_share_a_fleet_and_take_over(
+    tmp_path: Path, postgres_server: str | None
+) -> None:
+    if postgres_server is None:
+        pytest.skip("PostgreSQL at 127.0.0.1:5432 does not answer")
+    url, name = fresh_postgres(postgres_server)
+    try:
+        async with _fleet(tmp_path, 12) as fleet, _database(url, fleet) as db:
+            a = await Serve.start(url, fleet, tmp_path, "wa")
+            b = await Serve.start(url, fleet, tmp_path, "wb")
+            try:
+
+                async def three_rounds() -> bool:
+                    counts = await _readings_per_meter(db)
+                    return len(counts) == 12 and min(counts.values()) >= 3
+
+                await _until(three_rounds)
+                texts = await asyncio.gather(
+                    asyncio.to_thread(a.metrics), asyncio.to_thread(b.metrics)
+                )
+                reads = [
+                    w.sample(t, 'hes_polls_total{outcome="read"}')
+                    for w, t in zip((a, b), texts, strict=True)
+                ]
+                assert min(reads) > 0  # both took a share
+                await _assert_spaced(db)  # no meter was read by both in one slot
+                await a.stop(signal.SIGKILL)
+                killed_at = fleet.clock.now()
+                lease = 4 * SPEED  # --lease 4 real seconds, in simulated seconds
+
+                async def b_has_them_all() -> bool:
+                    async with db.begin() as session:
+                        fresh = await session.scalar(
+                            select(func.count(func.distinct(Reading.meter_id))).where(
+                                Reading.meter_time > killed_at + lease
+                            )
+                        )
+                    return fresh == 12
+
+                started = time.monotonic()
+                await _until(b_has_them_all)
+                # within the lease and one interval (1.5 s real) and start-up slack
+                assert time.monotonic() - started < 4 + 1.5 + 5
+                await b.stop(signal.SIGTERM)
+                assert b.process.returncode == 0
+            finally:
+                await a.close()
+                await b.close()
+            await _assert_spaced(db)
+            await _assert_complete(db, fleet.runtimes)
+    finally:
+        drop_postgres(postgres_server, name)
+
+
+async def _assert_spaced(db: Database) -> None:
+    """Consecutive readings of a meter are at least half an interval apart: two workers never
+    read one meter in the same slot."""
+    async with db.begin() as session:
+        rows = (
+            await session.execute(
+                select(Reading.meter_id, Reading.meter_time).order_by(
+                    Reading.meter_id, Reading.meter_time
+                )
+            )
+        ).all()
+    last: dict[str, int] = {}
+    for meter_id, meter_time in rows:
+        if meter_id in last:
+            assert meter_time - last[meter_id] >= INTERVAL / 2, (meter_id, meter_time)
+        last[meter_id] = meter_time
