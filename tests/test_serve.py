@@ -351,3 +351,34 @@ async def _assert_spaced(db: Database) -> None:
         if meter_id in last:
             assert meter_time - last[meter_id] >= INTERVAL / 2, (meter_id, meter_time)
         last[meter_id] = meter_time
+
+
+async def test_hes_poll_on_the_meters_clock_flags_no_clock_skew(tmp_path: Path) -> None:
+    async def poll(url: str, fleet: Fleet, *clock: str) -> None:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "cli.hes", "poll", "--once", "--json", "--db", url, *clock,
+            cwd=REPO, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        async with asyncio.timeout(60):
+            out, err = await process.communicate()
+        assert process.returncode == 0, err
+        assert json.loads(out)["read"] == len(fleet.runtimes)
+
+    async def skewed(db: Database) -> int:
+        return await _scalar(
+            db,
+            select(func.count())
+            .select_from(Reading)
+            .where(Reading.flags.op("&")(int(Flag.CLOCK_SKEW)) != 0),
+        )
+
+    async with (
+        _fleet(tmp_path, 2) as fleet,
+        _database(f"sqlite:///{tmp_path / 'hes.db'}", fleet) as db,
+    ):
+        await poll(db.url, fleet)  # on the wall clock: months away from the meters'
+        assert await skewed(db) == 2
+        start = ["--clock-start", "2026-01-01T00:00:00Z", "--clock-at", fleet.started]
+        await poll(db.url, fleet, "--clock-speed", str(SPEED), *start)
+        assert await _readings(db) == 4
+        assert await skewed(db) == 2  # the second round's readings are clean
