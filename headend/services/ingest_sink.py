@@ -13,7 +13,8 @@ What a meter pushes lands in the same tables, through the same rules, as what a 
   ``health_changes`` row, as a poll's is.
 
 A message from a meter that is not registered (or is retired) is refused with
-:class:`~protocols.errors.ValidationError`, so the ingest dead-letters it; a database that is
+:class:`~protocols.errors.ValidationError`, so the ingest dead-letters it (a meter found active is remembered, so one
+retired while the ingest runs is refused from the ingest's next start); a database that is
 away raises :class:`~protocols.errors.StorageError`, so the ingest pauses and tries the same
 message again. Every write is one transaction, so a message is stored whole or not at all.
 """
@@ -23,21 +24,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from headend.domain.health import Health
 from headend.domain.validation import Findings, Limits, validate_reading
 from headend.storage import Database
-from headend.storage.database import insert_ignore
 from headend.storage.readings import (
     latest_reading,
+    meter_status,
     reading_row,
     record_presence,
     store_events,
     store_readings,
+    store_telemetry_seen,
 )
-from headend.storage.schema import Meter, TelemetrySeen
 from protocols.clock import Clock
 from protocols.errors import ValidationError
 from protocols.mqtt import EventMessage, StateMessage, Telemetry
@@ -69,10 +67,8 @@ class StorageSink:
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
 
-    async def _check_registered(self, session: AsyncSession, meter_id: str) -> None:
-        if meter_id in self._known:
-            return
-        status = await session.scalar(select(Meter.status).where(Meter.id == meter_id))
+    def _admit(self, meter_id: str, status: str | None) -> None:
+        """ValidationError unless the meter is registered and active."""
         if status is None:
             raise ValidationError(f"meter {meter_id} is not registered")
         if status != "active":
@@ -83,14 +79,12 @@ class StorageSink:
         snapshot = message.snapshot()
         now = self._now()
         async with self.db.begin() as session:
-            await self._check_registered(session, message.meter_id)
-            seen = {
-                "meter_id": message.meter_id,
-                "boot": message.boot,
-                "n": message.n,
-                "meter_time": snapshot.time,
-            }
-            if await insert_ignore(session, TelemetrySeen, [seen]) == 0:
+            if message.meter_id not in self._known:
+                self._admit(message.meter_id, await meter_status(session, message.meter_id))
+            new = await store_telemetry_seen(
+                session, message.meter_id, message.boot, message.n, snapshot.time
+            )
+            if not new:
                 self.stats.duplicates += 1
                 return
             previous = await latest_reading(session, message.meter_id)
@@ -107,7 +101,8 @@ class StorageSink:
 
     async def event(self, message: EventMessage) -> None:
         async with self.db.begin() as session:
-            await self._check_registered(session, message.meter_id)
+            if message.meter_id not in self._known:
+                self._admit(message.meter_id, await meter_status(session, message.meter_id))
             stored = await store_events(
                 session, message.meter_id, [message.event.to_event()], self._now(), boot=0
             )
@@ -120,7 +115,8 @@ class StorageSink:
         health = PRESENCE[message.state]
         reason = f"the meter's agent reports {message.state} (boot {message.boot})"
         async with self.db.begin() as session:
-            await self._check_registered(session, message.meter_id)
+            if message.meter_id not in self._known:
+                self._admit(message.meter_id, await meter_status(session, message.meter_id))
             change = await record_presence(
                 session, message.meter_id, health, now=self._now(), reason=reason
             )

@@ -13,7 +13,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from headend.domain.health import Change, Health, after_read
 from headend.domain.validation import CheckedInterval, Findings, Flag, Previous
 from headend.storage.database import insert_ignore
-from headend.storage.schema import Gap, HealthChange, Interval, MeterEvent, PollHealth, Reading
+from headend.storage.schema import (
+    Gap,
+    HealthChange,
+    Interval,
+    Meter,
+    MeterEvent,
+    PollHealth,
+    Reading,
+    TelemetrySeen,
+)
 from protocols.readings import Event, MeterSnapshot
 
 
@@ -230,3 +239,16 @@ async def record_presence(
         HealthChange(meter_id=meter_id, at=now, old=old.value, new=health.value, reason=reason)
     )
     return change
+
+
+async def meter_status(session: AsyncSession, meter_id: str) -> str | None:
+    """The registered meter's status (active, retired); None when it is not registered."""
+    return await session.scalar(select(Meter.status).where(Meter.id == meter_id))
+
+
+async def store_telemetry_seen(
+    session: AsyncSession, meter_id: str, boot: int, n: int, meter_time: int
+) -> bool:
+    """Record that MQTT telemetry ``(meter, boot, n)`` is stored; False if it was already."""
+    row = {"meter_id": meter_id, "boot": boot, "n": n, "meter_time": meter_time}
+    return await insert_ignore(session, TelemetrySeen, [row]) == 1
