@@ -9,7 +9,9 @@ Names (each counter also has the ``_total`` suffix Prometheus gives counters):
 * ``hes_ingest_messages_total{outcome}``: MQTT messages the ingest took, by what became of
   them: telemetry, events, states, duplicates, malformed, refused, internal_errors;
 * ``hes_duplicates_total{source}``: repeats the store already held: poll, mqtt;
-* ``hes_database_errors_total{where}``: storage failures: poll, ingest, schedule.
+* ``hes_database_errors_total{where}``: storage failures: ``poll`` (storing a read),
+  ``ingest`` (storing a message, retried), ``schedule`` (claiming meters), ``housekeeping``
+  (counting meters by health).
 
 The ingest's counters are its own (:class:`headend.ingest.IngestStats`) and are read when the
 metrics are scraped; the rest are counted as things happen.
@@ -89,7 +91,7 @@ class ServeMetrics:
             self.rows.labels(table)
         for source in ("poll", "mqtt"):
             self.duplicates.labels(source)
-        for where in ("poll", "ingest", "schedule"):
+        for where in ("poll", "ingest", "schedule", "housekeeping"):
             self.database_errors.labels(where)
         self.set_health({})
         self._ingest = _IngestCollector()

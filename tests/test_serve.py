@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import sqlite3
 import sys
 import time
 import urllib.request
@@ -24,7 +25,10 @@ from sqlalchemy import func, select
 from headend.domain.registry import MeterRecord
 from headend.domain.schedule import slot
 from headend.domain.validation import Flag
+from headend.links.endpoint import LinkOptions
+from headend.services.poller import PollPlan
 from headend.services.registry import route_of
+from headend.services.serve import Ready, ServeSettings, clock_limits, serve
 from headend.storage import Database, open_database
 from headend.storage.registry import import_meters
 from headend.storage.schema import Gap, Interval, MeterEvent, Reading
@@ -278,8 +282,8 @@ async def test_sigkill_mid_round_then_a_restart_loses_and_duplicates_nothing(
         await _assert_complete(db, fleet.runtimes)
 
 
-async def _some_read(db: Database) -> bool:
-    return await _readings(db) >= 3
+async def _some_read(db: Database, count: int = 3) -> bool:
+    return await _readings(db) >= count
 
 
 async def test_two_workers_on_postgresql_share_a_fleet_and_take_over(
@@ -377,3 +381,62 @@ async def test_hes_poll_on_the_meters_clock_flags_no_clock_skew(tmp_path: Path) 
         await poll(db.url, fleet, "--clock-speed", str(SPEED), *start)
         assert await _readings(db) == 4
         assert await skewed(db) == 2  # the second round's readings are clean
+
+
+async def test_serve_in_process_rides_out_a_database_outage_and_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "hes.db"
+    async with _fleet(tmp_path, 2) as fleet, _database(f"sqlite:///{path}", fleet) as db:
+        settings = ServeSettings(
+            db_url=db.url,
+            plan=PollPlan(interval=INTERVAL, read_deadline=8.0, lease=20.0,
+                          limits=clock_limits(SPEED)),
+            worker="inproc",
+            link_options=LinkOptions(timeout=0.5, retries=0),
+            metrics_port=0,
+            housekeeping=0.2,
+        )  # fmt: skip
+        stop = asyncio.Event()
+        announced: list[Ready] = []
+        task = asyncio.create_task(serve(settings, fleet.clock, stop, announced.append))
+        outage = sqlite3.connect(path, isolation_level=None)
+        try:
+            await _until(lambda: _some_read(db, 2))
+            outage.execute("BEGIN EXCLUSIVE")  # away for longer than a writer waits (5 s)
+            await _until(lambda: _errors_counted(announced[0]), timeout=30)
+            outage.execute("ROLLBACK")
+            before = await _readings(db)
+            await _until(lambda: _some_read(db, before + 2), timeout=20)  # back to work
+            stop.set()
+            started = time.monotonic()
+            metrics = await asyncio.wait_for(task, 10)
+            assert time.monotonic() - started < 5.0
+            stored = await _readings(db)
+        finally:
+            outage.close()
+            stop.set()
+            with contextlib.suppress(BaseException):
+                await task
+    assert announced[0].metrics_port is not None
+    # every read stored a reading (the accelerated clock moves between reads)
+    assert metrics.registry.get_sample_value("hes_polls_total", {"outcome": "read"}) == stored
+    assert metrics.registry.get_sample_value("hes_rows_stored_total", {"table": "readings"}) == (
+        stored
+    )
+
+
+async def _errors_counted(ready: Ready) -> bool:
+    """The schedule's claiming of meters has failed (and is being retried)."""
+    text = await asyncio.to_thread(_scrape, ready.metrics_port)
+    failed = {
+        line.split('"')[1]
+        for line in text.splitlines()
+        if line.startswith("hes_database_errors_total{") and not line.endswith(" 0.0")
+    }
+    return "schedule" in failed
+
+
+def _scrape(port: int | None) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        return str(answer.read().decode())

@@ -13,10 +13,11 @@ What a meter pushes lands in the same tables, through the same rules, as what a 
   ``health_changes`` row, as a poll's is.
 
 A message from a meter that is not registered (or is retired) is refused with
-:class:`~protocols.errors.ValidationError`, so the ingest dead-letters it (a meter found active is remembered, so one
-retired while the ingest runs is refused from the ingest's next start); a database that is
-away raises :class:`~protocols.errors.StorageError`, so the ingest pauses and tries the same
-message again. Every write is one transaction, so a message is stored whole or not at all.
+:class:`~protocols.errors.ValidationError`, so the ingest dead-letters it (a meter found active
+is remembered, so one retired while the ingest runs is refused from the ingest's next start);
+a database that is away raises :class:`~protocols.errors.StorageError`, so the ingest pauses
+and tries the same message again. Every write is one transaction, so a message is stored whole
+or not at all.
 """
 
 from __future__ import annotations

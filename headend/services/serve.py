@@ -213,7 +213,7 @@ class _Housekeeping:
         try:
             self.metrics.set_health(await health_counts(self.db))
         except StorageError as exc:
-            self.metrics.database_errors.labels("schedule").inc()
+            self.metrics.database_errors.labels("housekeeping").inc()
             log.warning("counting meters by health failed: %s", exc)
 
     async def run(self, stop: asyncio.Event, every: float) -> None:
