@@ -216,3 +216,37 @@ def _short_busy_timeout(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA busy_timeout=20")
     cursor.close()
+
+
+async def test_stop_lets_the_write_in_flight_finish_and_takes_no_more(
+    tmp_path: Any,
+) -> None:
+    path = tmp_path / "hes.db"
+    database = await open_database(f"sqlite:///{path}", check=False)
+    await database.upgrade()
+    rows = [(2, MeterRecord(meter_id=M1, endpoint=f"mqtt://127.0.0.1:1883/{M1}",
+                            route=route_of(f"mqtt://127.0.0.1:1883/{M1}")))]  # fmt: skip
+    await import_meters(database, rows, [], datetime.now(UTC))
+    sink = StorageSink(database, ManualClock(T0))
+    lock = sqlite3.connect(path, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")  # the first write waits for the lock (up to 5 s)
+        writing = asyncio.create_task(sink.telemetry(mqtt.decode_telemetry(_telemetry(1))))
+        await _until(lambda: sink._writing == 1)
+        stopping = asyncio.create_task(sink.stop())
+        await asyncio.sleep(0)
+        assert not stopping.done()  # waits for the write in flight
+        lock.execute("ROLLBACK")
+        await asyncio.wait_for(stopping, 5)
+        await writing
+        late = asyncio.create_task(sink.telemetry(mqtt.decode_telemetry(_telemetry(2))))
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(late), 0.2)
+        late.cancel()  # as the ingest's close cancels it: nothing written, nothing acknowledged
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        assert await _count(database, Reading) == 1
+        assert await _count(database, TelemetrySeen) == 1
+    finally:
+        lock.close()
+        await database.close()

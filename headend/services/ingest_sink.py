@@ -17,11 +17,14 @@ A message from a meter that is not registered (or is retired) is refused with
 is remembered, so one retired while the ingest runs is refused from the ingest's next start);
 a database that is away raises :class:`~protocols.errors.StorageError`, so the ingest pauses
 and tries the same message again. Every write is one transaction, so a message is stored whole
-or not at all.
+or not at all; :meth:`StorageSink.stop` lets the write in flight finish and takes no more.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -64,9 +67,33 @@ class StorageSink:
         self.limits = limits or Limits()
         self.stats = SinkStats()
         self._known: set[str] = set()  # meters seen registered and active
+        self._stopping = asyncio.Event()
+        self._writing = 0
+        self._idle = asyncio.Event()
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[None]:
+        if self._stopping.is_set():
+            # stopping: the message waits here, unacknowledged, until the ingest is closed
+            # (which cancels the wait); the broker delivers it again to the next ingest
+            await asyncio.Event().wait()
+        self._writing += 1
+        try:
+            yield
+        finally:
+            self._writing -= 1
+            if not self._writing:
+                self._idle.set()
+
+    async def stop(self) -> None:
+        """Take no new message; return once the write in flight (if any) is committed."""
+        self._stopping.set()
+        while self._writing:
+            self._idle.clear()
+            await self._idle.wait()
 
     def _admit(self, meter_id: str, status: str | None) -> None:
         """ValidationError unless the meter is registered and active."""
@@ -78,8 +105,8 @@ class StorageSink:
 
     async def telemetry(self, message: Telemetry) -> None:
         snapshot = message.snapshot()
-        now = self._now()
-        async with self.db.begin() as session:
+        async with self._write(), self.db.begin() as session:
+            now = self._now()
             if message.meter_id not in self._known:
                 self._admit(message.meter_id, await meter_status(session, message.meter_id))
             new = await store_telemetry_seen(
@@ -101,7 +128,7 @@ class StorageSink:
             self.stats.duplicates += 1
 
     async def event(self, message: EventMessage) -> None:
-        async with self.db.begin() as session:
+        async with self._write(), self.db.begin() as session:
             if message.meter_id not in self._known:
                 self._admit(message.meter_id, await meter_status(session, message.meter_id))
             stored = await store_events(
@@ -115,7 +142,7 @@ class StorageSink:
     async def state(self, message: StateMessage) -> None:
         health = PRESENCE[message.state]
         reason = f"the meter's agent reports {message.state} (boot {message.boot})"
-        async with self.db.begin() as session:
+        async with self._write(), self.db.begin() as session:
             if message.meter_id not in self._known:
                 self._admit(message.meter_id, await meter_status(session, message.meter_id))
             change = await record_presence(

@@ -4,9 +4,13 @@ The poller reads meters as they fall due (claimed through the database, so sever
 one PostgreSQL database share a fleet); with a broker, the ingest writes what MQTT meters push
 into the same tables (a shared subscription, so several workers split the messages). Both stop
 when ``stop`` is set: no meter is claimed and no message taken after that, the reads in flight
-finish and store what they read, and the one message the ingest may be writing is rolled back
-unacknowledged (the broker delivers it again to the next ingest of the group). A database that
-goes away is logged and counted and retried; it never ends the process.
+finish and store what they read, and the message the ingest is writing is committed; messages
+received and not yet written stay unacknowledged, and the broker delivers them again to the
+next ingest of the group (the store's keys make a repeat harmless). A database that goes away
+is logged, counted and retried; it never ends the process.
+
+A worker's name is unique among the workers of one database: a worker that starts takes back
+the claims its name holds, as those are left over from an earlier run of it that was killed.
 """
 
 from __future__ import annotations
@@ -116,6 +120,7 @@ async def serve(
     metrics = ServeMetrics()
     links = EndpointLinks(settings.link_options)
     ingest: Ingest | None = None
+    sink: StorageSink | None = None
     housekeeping: _Housekeeping | None = None
     try:
         port = None
@@ -157,8 +162,8 @@ async def serve(
         async with asyncio.TaskGroup() as group:
             group.create_task(_schedule(poller, stop, metrics), name="poll schedule")
             group.create_task(housekeeping.run(stop, settings.housekeeping), name="housekeeping")
-            if ingest is not None:
-                group.create_task(_stop_ingest(ingest, stop), name="ingest stop")
+            if ingest is not None and sink is not None:
+                group.create_task(_stop_ingest(ingest, sink, stop), name="ingest stop")
         log.info("stopped: the reads in flight are stored")
     finally:
         if ingest is not None:
@@ -188,9 +193,10 @@ async def _schedule(poller: MeteredPoller, stop: asyncio.Event, metrics: ServeMe
     await poller.drain()
 
 
-async def _stop_ingest(ingest: Ingest, stop: asyncio.Event) -> None:
+async def _stop_ingest(ingest: Ingest, sink: StorageSink, stop: asyncio.Event) -> None:
     await stop.wait()
-    await ingest.close()  # takes no more messages; an unacknowledged one is delivered again
+    await sink.stop()  # the write in flight is committed (and acknowledged); no new one starts
+    await ingest.close()  # the messages not yet taken are delivered again to the group
 
 
 class _Housekeeping:
