@@ -16,6 +16,7 @@ import typer
 from cli.common import handle_errors, setup_logging
 from cli.hes_db import DbOption
 from headend.links.endpoint import LinkOptions
+from headend.metrics import METRIC_NAMES
 from headend.services.poller import PollPlan
 from headend.services.serve import (
     Ready,
@@ -143,7 +144,10 @@ def serve_command(
     metrics_port: Annotated[
         int | None,
         typer.Option(
-            min=0, max=65535, help="Serve Prometheus metrics on this port (0: a free one)."
+            min=0,
+            max=65535,
+            help="Serve Prometheus metrics on http://HOST:PORT/metrics (0: a free port): "
+            f"{', '.join(METRIC_NAMES)}.",
         ),
     ] = None,
     metrics_host: Annotated[

@@ -33,6 +33,17 @@ from headend.ingest import IngestStats
 from headend.services.ingest_sink import SinkStats
 from protocols.errors import ConfigError
 
+#: every metric family, as a scrape shows it, with its labels (the --metrics-port help's list)
+METRIC_NAMES = (
+    "hes_polls_total{outcome}",
+    "hes_read_duration_seconds",
+    "hes_meters{health}",
+    "hes_rows_stored_total{table}",
+    "hes_ingest_messages_total{outcome}",
+    "hes_duplicates_total{source}",
+    "hes_database_errors_total{where}",
+)
+
 READ_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
 
 #: the ingest's outcome label -> its IngestStats field

@@ -26,6 +26,7 @@ from headend.domain.registry import MeterRecord
 from headend.domain.schedule import slot
 from headend.domain.validation import Flag
 from headend.links.endpoint import LinkOptions
+from headend.metrics import METRIC_NAMES
 from headend.services.poller import PollPlan
 from headend.services.registry import route_of
 from headend.services.serve import Ready, ServeSettings, clock_limits, serve
@@ -222,7 +223,9 @@ async def test_serve_stores_readings_answers_metrics_and_stops_on_sigterm(tmp_pa
             assert serve.sample(text, 'hes_rows_stored_total{table="intervals"}') >= 3
             assert serve.sample(text, 'hes_database_errors_total{where="poll"}') == 0
             assert 'hes_duplicates_total{source="poll"}' in text
-            assert "hes_ingest_messages_total" in text
+            for family in METRIC_NAMES:  # every name the help promises
+                name = family.split("{")[0]
+                assert f"# TYPE {name} " in text, name
 
             async def gauge_online() -> bool:  # the gauge follows the store within seconds
                 text = await asyncio.to_thread(serve.metrics)
