@@ -14,6 +14,7 @@ from cli.hes_notices import notices_app
 from cli.hes_policy import policy_app
 from cli.hes_poll import register as register_poll
 from cli.hes_registry import customers_app, meters_app, tariffs_app
+from cli.hes_serve import register as register_serve
 from cli.hes_token import token_app
 from cli.hes_views import register as register_views
 
@@ -48,6 +49,7 @@ app.add_typer(tariffs_app, name="tariffs")
 register_link_commands(app)
 register_demo(app)
 register_poll(app)
+register_serve(app)
 register_views(app)
 
 

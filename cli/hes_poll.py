@@ -13,12 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from cli.common import console, err_console, handle_errors, print_json
 from cli.hes_db import DbOption
+from cli.hes_serve import ClockAtOption, ClockSpeedOption, ClockStartOption, make_clock
 from headend.links.endpoint import LinkOptions
 from headend.services.links import EndpointLinks
 from headend.services.poller import Poller, PollPlan, ReadOutcome, RoundSummary
+from headend.services.serve import clock_limits
 from headend.storage import open_database
 from headend.storage.polling import active_targets
-from protocols.clock import SystemClock
 
 
 def _summary_line(summary: RoundSummary) -> str:
@@ -49,16 +50,25 @@ def poll(
     timeout: Annotated[float, typer.Option(min=0.05, help="Time-out of one request (s).")] = 2.0,
     db: DbOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    clock_speed: ClockSpeedOption = None,
+    clock_start: ClockStartOption = None,
+    clock_at: ClockAtOption = None,
 ) -> None:
     """Read the registered meters: validate and store readings, intervals and events; backfill
     what a meter still holds since the last read. Exit 1 if any read failed (--once)."""
-    plan = PollPlan(interval=interval, read_deadline=deadline, lease=max(120.0, 2 * deadline))
+    clock, speed = make_clock(clock_speed, clock_start, clock_at)
+    plan = PollPlan(
+        interval=interval,
+        read_deadline=deadline,
+        lease=max(120.0, 2 * deadline),
+        limits=clock_limits(speed),
+    )
     worker = f"{socket.gethostname()}-{os.getpid()}"
 
     async def run() -> RoundSummary | None:
         database = await open_database(db)
         links = EndpointLinks(LinkOptions(timeout=timeout, retries=1))
-        poller = Poller(database, links, SystemClock(), plan=plan, worker=worker)
+        poller = Poller(database, links, clock, plan=plan, worker=worker)
         try:
             if once:
                 return await _once(poller, meter, show_progress=not as_json)

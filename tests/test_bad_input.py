@@ -211,6 +211,8 @@ BASE: dict[str, list[str]] = {
     "hes tariffs list": ["tariffs", "list"],
     "hes tariffs show": ["tariffs", "show", "T-1"],
     "hes poll": ["poll", "--once"],
+    # an empty database: were a bad value accepted, serve would stop at once (schema behind)
+    "hes serve": ["serve", "--interval", "60", "--db", "sqlite:///empty.db"],
     "hes audit verify": ["audit", "verify"],
     "hes audit show": ["audit", "show"],
     "hes notices list": ["notices", "list"],
@@ -272,6 +274,19 @@ BAD_VALUES: dict[str, list[str]] = {
     "--friendly-day": ["8", "sunday"],
     "--utc-offset": ["3h"],
     "--at": ["soon"],
+    "--clock-start": ["soon"],
+    "--clock-at": ["soon"],
+    "--worker": ["bad worker!"],
+    "--group": ["a/b"],
+    "--metrics-host": ["256.0.0.1"],
+    "--metrics-port": ["70000"],
+    "--sms-gateway": ["ftp://x"],
+    "--sms-token": [""],
+    "--smtp": ["mail"],
+    "--mail-from": [""],
+    "--webhook": ["ftp://x"],
+    "--webhook-secret": [""],
+    "--notices-file": ["/no/such/dir/n.jsonl"],
     "--grace": ["soon"],
 }
 #: options whose every text is a valid value (names, labels)

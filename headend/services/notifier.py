@@ -60,7 +60,8 @@ class Notifier:
     async def deliver_once(self, limit: int = 100) -> DeliveryRound:
         """Send every notice due now (up to ``limit``)."""
         now = self._now()
-        pending = await claim(self.db, self.worker, now, now + timedelta(seconds=self.lease), limit)
+        until = now + timedelta(seconds=self.lease)
+        pending = await claim(self.db, self.worker, now, until, limit, channels=list(self.senders))
         result = DeliveryRound()
         for notice in pending:
             outcome = await self._deliver(notice)

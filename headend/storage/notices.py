@@ -4,6 +4,7 @@ sender with a lease, and marked sent, retried or failed."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -83,12 +84,24 @@ def _pending(row: Notification) -> Pending:
 
 
 async def claim(
-    db: Database, worker: str, now: datetime, lease_until: datetime, limit: int = 100
+    db: Database,
+    worker: str,
+    now: datetime,
+    lease_until: datetime,
+    limit: int = 100,
+    *,
+    channels: Sequence[str] | None = None,
 ) -> list[Pending]:
-    """Claim due pending notices not leased by a live worker (SKIP LOCKED on PostgreSQL)."""
+    """Claim due pending notices not leased by a live worker (SKIP LOCKED on PostgreSQL): of
+    ``channels`` only (the ones this worker can send on), and any that expired, to close them."""
     candidates = (
         select(Notification.id)
         .where(Notification.state == "pending", Notification.next_attempt_at <= now)
+        .where(
+            or_(Notification.channel.in_(channels), Notification.expires_at <= now)
+            if channels is not None
+            else Notification.id.is_not(None)
+        )
         .where(or_(Notification.lease_until.is_(None), Notification.lease_until < now))
         .order_by(Notification.next_attempt_at)
         .limit(limit)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from headend.storage.database import Database, storage_errors
@@ -84,3 +84,32 @@ async def release(db: Database, worker: str, meter_id: str, next_due: datetime |
             .where(PollHealth.meter_id == meter_id, PollHealth.lease_owner == worker)
             .values(lease_owner=None, lease_until=None, next_due=next_due)
         )
+
+
+async def health_counts(db: Database) -> dict[str, int]:
+    """Active meters by read health (a meter without a health row counts as unknown)."""
+    query = (
+        select(func.coalesce(PollHealth.health, "unknown"), func.count())
+        .select_from(Meter)
+        .outerjoin(PollHealth, PollHealth.meter_id == Meter.id)
+        .where(Meter.status == "active")
+        .group_by(func.coalesce(PollHealth.health, "unknown"))
+    )
+    with storage_errors("counting meters by health"):
+        async with db.read() as session:
+            rows = (await session.execute(query)).all()
+    return {str(health): int(count) for health, count in rows}
+
+
+async def release_all(db: Database, worker: str) -> int:
+    """Give back every claim ``worker`` holds (a restarted worker whose earlier run was killed
+    takes its meters back at once instead of after the lease); returns how many."""
+    statement = (
+        update(PollHealth)
+        .where(PollHealth.lease_owner == worker)
+        .values(lease_owner=None, lease_until=None)
+        .returning(PollHealth.meter_id)
+    )
+    with storage_errors("releasing earlier claims"):
+        async with db.begin() as session:
+            return len((await session.execute(statement)).all())

@@ -13,7 +13,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from headend.domain.health import Change, Health, after_read
 from headend.domain.validation import CheckedInterval, Findings, Flag, Previous
 from headend.storage.database import insert_ignore
-from headend.storage.schema import Gap, HealthChange, Interval, MeterEvent, PollHealth, Reading
+from headend.storage.schema import (
+    Gap,
+    HealthChange,
+    Interval,
+    Meter,
+    MeterEvent,
+    PollHealth,
+    Reading,
+    TelemetrySeen,
+)
 from protocols.readings import Event, MeterSnapshot
 
 
@@ -352,3 +361,39 @@ async def record_reads_ok(
             ],
         )
     return changes
+
+
+async def record_presence(
+    session: AsyncSession, meter_id: str, health: Health, *, now: datetime, reason: str
+) -> Change | None:
+    """Set the meter's read health from what it says of itself (an MQTT state message: online
+    or offline); a change is stored as an event, as a read's is."""
+    row = await session.get(PollHealth, meter_id)
+    if row is None:
+        row = PollHealth(meter_id=meter_id, health=Health.UNKNOWN.value, consecutive_failures=0)
+        session.add(row)
+    old = Health(row.health)
+    row.health = health.value
+    if health is Health.ONLINE:
+        row.last_seen = now
+        row.consecutive_failures = 0
+    if old is health:
+        return None
+    change = Change(old, health, reason)
+    session.add(
+        HealthChange(meter_id=meter_id, at=now, old=old.value, new=health.value, reason=reason)
+    )
+    return change
+
+
+async def meter_status(session: AsyncSession, meter_id: str) -> str | None:
+    """The registered meter's status (active, retired); None when it is not registered."""
+    return await session.scalar(select(Meter.status).where(Meter.id == meter_id))
+
+
+async def store_telemetry_seen(
+    session: AsyncSession, meter_id: str, boot: int, n: int, meter_time: int
+) -> bool:
+    """Record that MQTT telemetry ``(meter, boot, n)`` is stored; False if it was already."""
+    row = {"meter_id": meter_id, "boot": boot, "n": n, "meter_time": meter_time}
+    return await insert_ignore(session, TelemetrySeen, [row]) == 1
