@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from cli.common import console, fail, handle_errors, print_json
-from cli.hes_db import DbOption
+from cli.hes_db import DbOption, with_db
 from headend.domain.audit import Entry
-from headend.storage import open_database
 from headend.storage.audit import Verification, entries, verify_chain
 
 audit_app = typer.Typer(help="The tamper-evident audit trail.", no_args_is_help=True)
@@ -24,14 +22,7 @@ def audit_verify(db: DbOption = None, as_json: JsonOption = False) -> None:
     """Check the hash chain from the first entry to the last; exit 1 naming the first entry
     that was edited, deleted, inserted or moved."""
 
-    async def run() -> Verification:
-        database = await open_database(db)
-        try:
-            return await verify_chain(database)
-        finally:
-            await database.close()
-
-    result = asyncio.run(run())
+    result: Verification = with_db(db, verify_chain)
     broken = result.broken
     if as_json:
         print_json(
@@ -75,14 +66,7 @@ def audit_show(
 ) -> None:
     """The latest entries, oldest first: who did what, when, why, and with what outcome."""
 
-    async def run() -> list[Entry]:
-        database = await open_database(db)
-        try:
-            return await entries(database, meter, limit)
-        finally:
-            await database.close()
-
-    rows = asyncio.run(run())
+    rows = with_db(db, lambda database: entries(database, meter, limit))
     if as_json:
         print_json([_entry_dict(entry) for entry in rows])
         return

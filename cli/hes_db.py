@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from collections.abc import Awaitable, Callable
+from typing import Annotated, TypeVar
 
 import typer
 
 from cli.common import console, handle_errors, print_json
-from headend.storage import open_database
+from headend.storage import Database, open_database
 from headend.storage.database import ENV_VAR, head_revision
+
+T = TypeVar("T")
+
+
+def with_db(url: str | None, work: Callable[[Database], Awaitable[T]], *, check: bool = True) -> T:
+    """Open the database at ``url`` (refusing a schema that is behind unless ``check`` is
+    off), run ``work`` on it, close it: each command's one trip to the store."""
+
+    async def run() -> T:
+        database = await open_database(url, check=check)
+        try:
+            return await work(database)
+        finally:
+            await database.close()
+
+    return asyncio.run(run())
+
 
 db_app = typer.Typer(help="The head-end's database: schema migrations.", no_args_is_help=True)
 
@@ -30,15 +48,11 @@ DbOption = Annotated[
 def upgrade(db: DbOption = None) -> None:
     """Create or migrate the schema to this hes's version (safe to run again)."""
 
-    async def run() -> tuple[str | None, str | None, str]:
-        database = await open_database(db, check=False)
-        try:
-            before, after = await database.upgrade()
-            return before, after, database.shown_url
-        finally:
-            await database.close()
+    async def run(database: Database) -> tuple[str | None, str | None, str]:
+        before, after = await database.upgrade()
+        return before, after, database.shown_url
 
-    before, after, url = asyncio.run(run())
+    before, after, url = with_db(db, run, check=False)
     if before == after:
         console.print(f"{url}: schema already at {after}")
     else:
@@ -53,14 +67,10 @@ def current(
 ) -> None:
     """Show the schema version of the database and the one this hes needs."""
 
-    async def run() -> tuple[str | None, str]:
-        database = await open_database(db, check=False)
-        try:
-            return await database.revision(), database.shown_url
-        finally:
-            await database.close()
+    async def run(database: Database) -> tuple[str | None, str]:
+        return await database.revision(), database.shown_url
 
-    revision, url = asyncio.run(run())
+    revision, url = with_db(db, run, check=False)
     wanted = head_revision()
     if as_json:
         current = revision == wanted

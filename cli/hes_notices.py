@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from cli.common import console, handle_errors, print_json
-from cli.hes_db import DbOption
-from headend.storage import open_database
+from cli.hes_db import DbOption, with_db
 from headend.storage.notices import latest
 from headend.storage.schema import Notification
 
@@ -29,14 +27,7 @@ def notices_list(
     if state is not None and state not in ("pending", "sent", "failed"):
         raise typer.BadParameter(f"--state is pending, sent or failed, got {state!r}")
 
-    async def run() -> list[Notification]:
-        database = await open_database(db)
-        try:
-            return await latest(database, state, limit)
-        finally:
-            await database.close()
-
-    rows = asyncio.run(run())
+    rows: list[Notification] = with_db(db, lambda database: latest(database, state, limit))
     if as_json:
         print_json(
             [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -10,10 +9,10 @@ import typer
 from rich.table import Table
 
 from cli.common import console, handle_errors, parse_duration, print_json
-from cli.hes_db import DbOption
+from cli.hes_db import DbOption, with_db
 from cli.hes_views import parse_instant
 from headend.domain.policy import Action, Decision, decide
-from headend.storage import open_database
+from headend.storage import Database
 from headend.storage.supply import PolicyInput, policy_inputs
 from protocols.errors import StorageError
 
@@ -30,16 +29,12 @@ def _decide(
     now = parse_instant(at)
     wait = timedelta(seconds=parse_duration(grace, "--grace"))
 
-    async def run() -> list[PolicyInput]:
-        database = await open_database(db)
-        try:
-            async with database.begin() as session:
-                return await policy_inputs(session, meters)
-        finally:
-            await database.close()
+    async def fetch(database: Database) -> list[PolicyInput]:
+        async with database.read() as session:
+            return await policy_inputs(session, meters)
 
     return [
-        (row, decide(row.account, row.meter, row.calendar, now, wait)) for row in asyncio.run(run())
+        (row, decide(row.account, row.meter, row.calendar, now, wait)) for row in with_db(db, fetch)
     ]
 
 

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import asyncio
 import getpass
 import os
-from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from cli.common import console, fail, handle_errors, print_json
-from cli.hes_db import DbOption
+from cli.hes_db import DbOption, with_db
 from cli.hes_views import load_story, print_story, story_dict
 from headend.domain.policy import Calendar
 from headend.domain.registry import (
@@ -32,7 +30,6 @@ from headend.domain.registry import (
     record_from_row,
 )
 from headend.services.registry import records_from_csv, records_from_fleet, route_of
-from headend.storage import Database, open_database
 from headend.storage.registry import (
     ImportReport,
     add_customer,
@@ -48,23 +45,11 @@ from headend.storage.registry import (
 )
 from protocols.units import decimal_text
 
-T = TypeVar("T")
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 
 meters_app = typer.Typer(help="Register, list, show and retire meters.", no_args_is_help=True)
 customers_app = typer.Typer(help="Register and list customers.", no_args_is_help=True)
 tariffs_app = typer.Typer(help="Register and list tariffs.", no_args_is_help=True)
-
-
-def _with_db(url: str | None, work: Callable[[Database], Awaitable[T]]) -> T:
-    async def run() -> T:
-        db = await open_database(url)
-        try:
-            return await work(db)
-        finally:
-            await db.close()
-
-    return asyncio.run(run())
 
 
 def _now() -> datetime:
@@ -148,7 +133,7 @@ def meters_import(
         if endpoint_base is not None:
             raise fail("--endpoint-base goes with --from-fleet")
         rows, refused = records_from_csv(csv_file)
-    report = _with_db(
+    report = with_db(
         db,
         lambda database: import_meters(
             database,
@@ -207,7 +192,7 @@ def meters_add(
         "auth_key": auth_key,
     }
     record: MeterRecord = record_from_row(values, route_of)
-    report = _with_db(
+    report = with_db(
         db, lambda database: import_meters(database, [(1, record)], [], _now(), actor=operator())
     )
     if report.refused:
@@ -226,7 +211,7 @@ def meters_list(
     as_json: JsonOption = False,
 ) -> None:
     """The registered meters."""
-    meters = _with_db(db, lambda database: list_meters(database, include_retired=include_retired))
+    meters = with_db(db, lambda database: list_meters(database, include_retired=include_retired))
     if as_json:
         print_json([meter_dict(meter) for meter in meters])
         return
@@ -254,7 +239,7 @@ def meters_show(
 ) -> None:
     """One meter's story: identity, customer and account, latest reading, health, recent
     events and flags, and daily consumption for the last two weeks."""
-    story = asyncio.run(load_story(db, meter_id))
+    story = load_story(db, meter_id)
     if as_json:
         print_json(story_dict(story))
         return
@@ -269,7 +254,7 @@ def meters_retire(
     as_json: JsonOption = False,
 ) -> None:
     """Retire a meter: no longer read or commanded; its history is kept."""
-    changed = _with_db(
+    changed = with_db(
         db, lambda database: retire_meter(database, meter_id, _now(), actor=operator())
     )
     if as_json:
@@ -313,7 +298,7 @@ def customers_add(
     record = CustomerRecord(name, email, phone, notice_channel(channel), language)
     if account is not None:
         account_id(account)
-    customer_id = _with_db(
+    customer_id = with_db(
         db, lambda database: add_customer(database, record, account, _now(), actor=operator())
     )
     if as_json:
@@ -326,7 +311,7 @@ def customers_add(
 @handle_errors
 def customers_list(db: DbOption = None, as_json: JsonOption = False) -> None:
     """The registered customers with their accounts and meters."""
-    views = _with_db(db, list_customers)
+    views = with_db(db, list_customers)
     if as_json:
         print_json([_customer_dict(view) for view in views])
         return
@@ -350,7 +335,7 @@ def customers_show(
     as_json: JsonOption = False,
 ) -> None:
     """One customer."""
-    view = _customer_dict(_with_db(db, lambda database: get_customer(database, customer_id)))
+    view = _customer_dict(with_db(db, lambda database: get_customer(database, customer_id)))
     if as_json:
         print_json(view)
         return
@@ -432,7 +417,7 @@ def tariffs_add(
         parse_utc_offset(utc_offset),
     )
     record = TariffRecord(tariff_id, currency, scale, tuple(price), low, critical, calendar)
-    added = _with_db(db, lambda database: add_tariff(database, record, _now(), actor=operator()))
+    added = with_db(db, lambda database: add_tariff(database, record, _now(), actor=operator()))
     if as_json:
         print_json(_tariff_dict(record) | {"added": added})
         return
@@ -443,7 +428,7 @@ def tariffs_add(
 @handle_errors
 def tariffs_list(db: DbOption = None, as_json: JsonOption = False) -> None:
     """The registered tariffs with how many meters are on each."""
-    tariffs = _with_db(db, list_tariffs)
+    tariffs = with_db(db, list_tariffs)
     if as_json:
         print_json([_tariff_dict(t) | {"meters": n} for t, n in tariffs])
         return
@@ -470,7 +455,7 @@ def tariffs_show(
     as_json: JsonOption = False,
 ) -> None:
     """One tariff."""
-    tariff = _tariff_dict(_with_db(db, lambda database: get_tariff(database, tariff_id)))
+    tariff = _tariff_dict(with_db(db, lambda database: get_tariff(database, tariff_id)))
     if as_json:
         print_json(tariff)
         return

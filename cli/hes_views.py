@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import sys
 from datetime import UTC, datetime, timedelta
@@ -12,9 +11,8 @@ import typer
 from rich.table import Table
 
 from cli.common import console, fail, handle_errors, parse_duration, print_json
-from cli.hes_db import DbOption
+from cli.hes_db import DbOption, with_db
 from headend.domain.validation import Flag
-from headend.storage import open_database
 from headend.storage.registry import meter_dict
 from headend.storage.schema import Interval, Reading
 from headend.storage.views import (
@@ -71,16 +69,10 @@ def status(
     """The fleet at a glance: meters by health, relay state and credit band; stale meters;
     the last poll."""
 
-    async def run() -> FleetStatus:
-        database = await open_database(db)
-        try:
-            return await fleet_status(
-                database, datetime.now(UTC), timedelta(seconds=parse_duration(stale))
-            )
-        finally:
-            await database.close()
-
-    result = asyncio.run(run())
+    stale_after = timedelta(seconds=parse_duration(stale))
+    result: FleetStatus = with_db(
+        db, lambda database: fleet_status(database, datetime.now(UTC), stale_after)
+    )
     if as_json:
         print_json(result.as_dict())
         return
@@ -165,20 +157,11 @@ def readings(
     if as_csv and as_json:
         raise fail("--csv or --json, not both")
 
-    async def run() -> Export:
-        database = await open_database(db)
-        try:
-            return await export(
-                database,
-                meter_id,
-                int(start.timestamp()),
-                int(end.timestamp()),
-                include_estimated,
-            )
-        finally:
-            await database.close()
+    since_s, until_s = int(start.timestamp()), int(end.timestamp())
 
-    data = asyncio.run(run())
+    data: Export = with_db(
+        db, lambda database: export(database, meter_id, since_s, until_s, include_estimated)
+    )
     reading_rows = [_row(r, _READING_COLUMNS) for r in data.readings]
     interval_rows = [_row(i, _INTERVAL_COLUMNS) for i in data.intervals]
     if as_json:
@@ -322,12 +305,8 @@ def print_story(story: MeterStory) -> None:
         )
 
 
-async def load_story(db: str | None, meter_id: str) -> MeterStory:
-    database = await open_database(db)
-    try:
-        return await meter_story(database, meter_id, datetime.now(UTC))
-    finally:
-        await database.close()
+def load_story(db: str | None, meter_id: str) -> MeterStory:
+    return with_db(db, lambda database: meter_story(database, meter_id, datetime.now(UTC)))
 
 
 def register(app: typer.Typer) -> None:

@@ -22,8 +22,7 @@ from headend.storage.balances import (
     LEVEL_CRITICAL,
     LEVEL_EXHAUSTED,
     LEVEL_LOW,
-    ForecastChange,
-    LevelChange,
+    Recipient,
     forecast_changes,
     level_changes,
     set_forecast_sent,
@@ -51,17 +50,17 @@ class MonitorRound:
     silent: int = 0  # crossings of customers who take no notices
 
 
-def balance_text(change: LevelChange | ForecastChange) -> str:
-    if change.credit_unit == "energy":
-        return f"{decimal_text(change.credit, -3)} kWh"
-    return f"{decimal_text(change.credit, change.currency_scale)} {change.currency}"
+def balance_text(recipient: Recipient) -> str:
+    if recipient.credit_unit == "energy":
+        return f"{decimal_text(recipient.credit, -3)} kWh"
+    return f"{decimal_text(recipient.credit, recipient.currency_scale)} {recipient.currency}"
 
 
-def _address(change: LevelChange | ForecastChange) -> tuple[Channel, str] | None:
-    if change.channel == "sms" and change.phone:
-        return Channel.SMS, change.phone
-    if change.channel == "email" and change.email:
-        return Channel.EMAIL, change.email
+def _address(recipient: Recipient) -> tuple[Channel, str] | None:
+    if recipient.channel == "sms" and recipient.phone:
+        return Channel.SMS, recipient.phone
+    if recipient.channel == "email" and recipient.email:
+        return Channel.EMAIL, recipient.email
     return None
 
 
@@ -95,7 +94,7 @@ class BalanceMonitor:
                 if change.new < change.old:
                     result.rearmed += 1
                     continue
-                target = _address(change)
+                target = _address(change.recipient)
                 if target is None:
                     result.silent += 1
                     continue
@@ -103,12 +102,12 @@ class BalanceMonitor:
                 kind = KIND_OF_LEVEL[change.new]
                 await enqueue(
                     session,
-                    key=f"{kind}:{change.account_id}:{change.meter_id}:{change.meter_time}",
+                    key=f"{kind}:{change.account_id}:{change.meter_id}:{change.recipient.meter_time}",
                     kind=kind,
                     channel=channel,
                     address=address,
-                    language=change.language,
-                    values={"meter": change.meter_id, "balance": balance_text(change)},
+                    language=change.recipient.language,
+                    values={"meter": change.meter_id, "balance": balance_text(change.recipient)},
                     now=now,
                     deliver_at=deliver_at(kind, channel, now, self.quiet),
                     expires_at=now + self.expiry,
@@ -124,7 +123,7 @@ class BalanceMonitor:
                 if not forecast.send:
                     result.rearmed += 1
                     continue
-                target = _address(forecast)
+                target = _address(forecast.recipient)
                 if target is None:
                     result.silent += 1
                     continue
@@ -132,14 +131,14 @@ class BalanceMonitor:
                 kind = Kind.FORECAST
                 await enqueue(
                     session,
-                    key=f"{kind}:{forecast.account_id}:{forecast.meter_id}:{forecast.meter_time}",
+                    key=f"{kind}:{forecast.account_id}:{forecast.meter_id}:{forecast.recipient.meter_time}",
                     kind=kind,
                     channel=channel,
                     address=address,
-                    language=forecast.language,
+                    language=forecast.recipient.language,
                     values={
                         "meter": forecast.meter_id,
-                        "balance": balance_text(forecast),
+                        "balance": balance_text(forecast.recipient),
                         "days": str(forecast.days_left),
                     },
                     now=now,

@@ -4,21 +4,21 @@ SQL over each meter's latest reading (one statement however large the fleet)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from headend.storage.readings import latest_times
 from headend.storage.schema import Account, Customer, Meter, Reading, Tariff
 
 LEVEL_NONE, LEVEL_LOW, LEVEL_CRITICAL, LEVEL_EXHAUSTED = 0, 1, 2, 3
 
 
 @dataclass(frozen=True, slots=True)
-class LevelChange:
-    account_id: str
-    meter_id: str
-    old: int
-    new: int
+class Recipient:
+    """An account's meter at its latest reading, and how its customer takes notices."""
+
     credit: int
     meter_time: int
     credit_unit: str
@@ -28,6 +28,44 @@ class LevelChange:
     email: str | None
     phone: str | None
     language: str
+
+
+#: the columns a Recipient is made of, in its fields' order (after the rows' own columns)
+_RECIPIENT = (
+    Reading.credit,
+    Reading.meter_time,
+    Meter.credit_unit,
+    Meter.currency,
+    Meter.currency_scale,
+    Customer.notice_channel,
+    Customer.email,
+    Customer.phone,
+    Customer.language,
+)
+
+
+def _accounts_at_latest(query: Any, latest: Any) -> Any:
+    """``query`` over active accounts joined to their active meter, its reading at
+    ``latest.c.meter_time``, its customer and (if any) its tariff."""
+    return (
+        query.join(Meter, and_(Meter.account_id == Account.id, Meter.status == "active"))
+        .join(Customer, Customer.id == Account.customer_id)
+        .join(latest, latest.c.meter_id == Meter.id)
+        .join(
+            Reading, and_(Reading.meter_id == Meter.id, Reading.meter_time == latest.c.meter_time)
+        )
+        .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
+        .where(Account.status == "active")
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LevelChange:
+    account_id: str
+    meter_id: str
+    old: int
+    new: int
+    recipient: Recipient
 
 
 def _levels(low: object, critical: object, margin_percent: int) -> tuple[object, object]:
@@ -54,63 +92,28 @@ def _levels(low: object, critical: object, margin_percent: int) -> tuple[object,
 async def level_changes(session: AsyncSession, margin_percent: int = 10) -> list[LevelChange]:
     """Accounts whose stored alert level must change: the level fell (a notice is due) or the
     balance climbed back above a threshold plus the margin (the alert re-arms)."""
-    latest = (
-        select(Reading.meter_id, func.max(Reading.meter_time).label("meter_time"))
-        .group_by(Reading.meter_id)
-        .subquery()
-    )
+    latest = latest_times()
     low = func.coalesce(Account.low_threshold, Tariff.low_threshold, Reading.low_credit_threshold)
     critical = func.coalesce(Account.critical_threshold, Tariff.critical_threshold, 0)
     level, raised = _levels(low, critical, margin_percent)
-    rows = (
+    rows = _accounts_at_latest(
         select(
             Account.id.label("account_id"),
             Meter.id.label("meter_id"),
             Account.alert_level.label("old"),
             level.label("level"),  # type: ignore[attr-defined]
             raised.label("raised"),  # type: ignore[attr-defined]
-            Reading.credit,
-            Reading.meter_time,
-            Meter.credit_unit,
-            Meter.currency,
-            Meter.currency_scale,
-            Customer.notice_channel,
-            Customer.email,
-            Customer.phone,
-            Customer.language,
-        )
-        .join(Meter, and_(Meter.account_id == Account.id, Meter.status == "active"))
-        .join(Customer, Customer.id == Account.customer_id)
-        .join(latest, latest.c.meter_id == Meter.id)
-        .join(
-            Reading,
-            and_(Reading.meter_id == Meter.id, Reading.meter_time == latest.c.meter_time),
-        )
-        .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
-        .where(Account.status == "active")
-        .subquery()
-    )
+            *_RECIPIENT,
+        ),
+        latest,
+    ).subquery()
     query = select(rows).where(or_(rows.c.level > rows.c.old, rows.c.raised < rows.c.old))
     changes: list[LevelChange] = []
-    for row in (await session.execute(query)).all():
-        new = row.level if row.level > row.old else row.raised
-        changes.append(
-            LevelChange(
-                row.account_id,
-                row.meter_id,
-                row.old,
-                new,
-                row.credit,
-                row.meter_time,
-                row.credit_unit,
-                row.currency,
-                row.currency_scale,
-                row.notice_channel,
-                row.email,
-                row.phone,
-                row.language,
-            )
-        )
+    for account_id, meter_id, old, level_now, raised_now, *recipient in (
+        await session.execute(query)
+    ).all():
+        new = level_now if level_now > old else raised_now
+        changes.append(LevelChange(account_id, meter_id, old, new, Recipient(*recipient)))
     return changes
 
 
@@ -131,15 +134,7 @@ class ForecastChange:
     meter_id: str
     send: bool  # True: the forecast fell below the horizon (a reminder is due); False: re-arm
     days_left: int  # whole days of credit left at the account's own pace (rounded down)
-    credit: int
-    meter_time: int
-    credit_unit: str
-    currency: str
-    currency_scale: int
-    channel: str
-    email: str | None
-    phone: str | None
-    language: str
+    recipient: Recipient
 
 
 async def forecast_changes(
@@ -166,7 +161,7 @@ async def forecast_changes(
             recent.c.meter_id,
             spent.label("spent"),
             (func.max(recent.c.meter_time) - func.min(recent.c.meter_time)).label("span"),
-            func.max(recent.c.meter_time).label("latest"),
+            func.max(recent.c.meter_time).label("meter_time"),
         )
         .group_by(recent.c.meter_id)
         .subquery()
@@ -175,76 +170,26 @@ async def forecast_changes(
     # days left = credit / (spent / span * 86400); compared without division
     lasts = Reading.credit * pace.c.span
     per_day = pace.c.spent * 86400
-    query = (
-        select(
-            Account.id,
-            Meter.id,
-            Account.forecast_sent,
-            Reading.credit,
-            Reading.meter_time,
-            pace.c.spent,
-            pace.c.span,
-            Meter.credit_unit,
-            Meter.currency,
-            Meter.currency_scale,
-            Customer.notice_channel,
-            Customer.email,
-            Customer.phone,
-            Customer.language,
-        )
-        .join(Meter, and_(Meter.account_id == Account.id, Meter.status == "active"))
-        .join(Customer, Customer.id == Account.customer_id)
-        .join(pace, pace.c.meter_id == Meter.id)
-        .join(Reading, and_(Reading.meter_id == Meter.id, Reading.meter_time == pace.c.latest))
-        .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
-        .where(Account.status == "active", pace.c.spent > 0, pace.c.span >= 86400)
-        .where(
-            or_(
-                and_(
-                    Account.forecast_sent.is_(False),
-                    Reading.credit > low,
-                    lasts < per_day * horizon_days,
-                ),
-                and_(Account.forecast_sent.is_(True), lasts >= per_day * (horizon_days + 1)),
-            )
-        )
+    query = _accounts_at_latest(
+        select(Account.id, Meter.id, Account.forecast_sent, pace.c.spent, pace.c.span, *_RECIPIENT),
+        pace,
+    ).where(
+        pace.c.spent > 0,
+        pace.c.span >= 86400,
+        or_(
+            and_(
+                Account.forecast_sent.is_(False),
+                Reading.credit > low,
+                lasts < per_day * horizon_days,
+            ),
+            and_(Account.forecast_sent.is_(True), lasts >= per_day * (horizon_days + 1)),
+        ),
     )
     changes: list[ForecastChange] = []
-    for row in (await session.execute(query)).all():
-        (
-            account_id,
-            meter_id,
-            sent,
-            credit,
-            meter_time,
-            total,
-            span,
-            unit,
-            currency,
-            scale,
-            channel,
-            email,
-            phone,
-            language,
-        ) = row
-        days = int(credit * span // (total * 86400))
-        changes.append(
-            ForecastChange(
-                account_id,
-                meter_id,
-                not sent,
-                days,
-                credit,
-                meter_time,
-                unit,
-                currency,
-                scale,
-                channel,
-                email,
-                phone,
-                language,
-            )
-        )
+    for account_id, meter_id, sent, total, span, *fields in (await session.execute(query)).all():
+        recipient = Recipient(*fields)
+        days = int(recipient.credit * span // (total * 86400))
+        changes.append(ForecastChange(account_id, meter_id, not sent, days, recipient))
     return changes
 
 

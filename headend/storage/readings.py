@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import Subquery, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.health import Change, Health, after_read
@@ -62,15 +62,7 @@ def reading_row(
 
 async def latest_reading(session: AsyncSession, meter_id: str) -> Previous | None:
     """The meter's latest stored reading, by meter time."""
-    row = (
-        await session.execute(
-            select(Reading.meter_time, Reading.energy_import_wh)
-            .where(Reading.meter_id == meter_id)
-            .order_by(Reading.meter_time.desc())
-            .limit(1)
-        )
-    ).first()
-    return None if row is None else Previous(row[0], row[1])
+    return (await latest_readings(session, [meter_id])).get(meter_id)
 
 
 async def store_readings(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> int:
@@ -95,27 +87,7 @@ def interval_row(meter_id: str, interval: CheckedInterval) -> dict[str, Any]:
 
 async def last_interval(session: AsyncSession, meter_id: str) -> CheckedInterval | None:
     """The meter's latest stored interval, actual or estimated."""
-    row = (
-        await session.scalars(
-            select(Interval)
-            .where(Interval.meter_id == meter_id)
-            .order_by(Interval.start.desc())
-            .limit(1)
-        )
-    ).first()
-    if row is None:
-        return None
-    reasons = tuple(row.flag_reason.split("; ")) if row.flag_reason else ()
-    return CheckedInterval(
-        row.start,
-        row.period,
-        row.energy_wh,
-        row.register_wh,
-        row.credit,
-        row.status,
-        Findings(Flag(row.flags), reasons),
-        row.estimated,
-    )
+    return (await last_intervals(session, [meter_id])).get(meter_id)
 
 
 async def store_intervals(
@@ -126,10 +98,7 @@ async def store_intervals(
 
 async def last_event_seq(session: AsyncSession, meter_id: str) -> int:
     """The highest event sequence stored for the meter (0: none)."""
-    value = await session.scalar(
-        select(func.max(MeterEvent.seq)).where(MeterEvent.meter_id == meter_id)
-    )
-    return int(value or 0)
+    return (await last_event_seqs(session, [meter_id])).get(meter_id, 0)
 
 
 def event_rows(
@@ -162,20 +131,7 @@ async def store_events(
     boot: int = 0,
 ) -> int:
     """Store events; ``boot`` 0 for events read from the log (their sequence is lifelong)."""
-    rows = [
-        {
-            "meter_id": meter_id,
-            "boot": boot,
-            "seq": event.seq,
-            "meter_time": event.time,
-            "code": int(event.code),
-            "a": event.a,
-            "b": event.b,
-            "received_at": received_at,
-        }
-        for event in events
-    ]
-    return await insert_ignore(session, MeterEvent, rows)
+    return await insert_ignore(session, MeterEvent, event_rows(meter_id, events, received_at, boot))
 
 
 async def store_gap(
@@ -183,8 +139,7 @@ async def store_gap(
 ) -> bool:
     """Record that the meter can no longer give ``first..last`` (interval starts or event
     sequence numbers); False if that gap was recorded already."""
-    row = {"meter_id": meter_id, "kind": kind, "first": first, "last": last, "found_at": found_at}
-    return await insert_ignore(session, Gap, [row]) == 1
+    return await insert_ignore(session, Gap, [gap_row(meter_id, kind, first, last, found_at)]) == 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,14 +198,20 @@ async def health_of(session: AsyncSession, meter_id: str) -> HealthState:
 # -- many meters at once (the poller's batches) -----------------------------------------------
 
 
-async def latest_readings(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, Previous]:
-    """Each meter's latest stored reading, by meter time, in one query."""
-    latest = (
+def latest_times(*where: Any) -> Subquery:
+    """Each meter's latest reading time, ``(meter_id, meter_time)``, of the readings that meet
+    ``where``: a subquery to join readings (or anything per meter) on."""
+    return (
         select(Reading.meter_id, func.max(Reading.meter_time).label("meter_time"))
-        .where(Reading.meter_id.in_(meter_ids))
+        .where(*where)
         .group_by(Reading.meter_id)
         .subquery()
     )
+
+
+async def latest_readings(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, Previous]:
+    """Each meter's latest stored reading, by meter time, in one query."""
+    latest = latest_times(Reading.meter_id.in_(meter_ids))
     rows = await session.execute(
         select(Reading.meter_id, Reading.meter_time, Reading.energy_import_wh).join(
             latest,

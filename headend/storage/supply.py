@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.policy import AccountState, Calendar, MeterState
 from headend.domain.registry import calendar_from
+from headend.storage.readings import latest_times
 from headend.storage.schema import Account, Meter, Reading, Tariff
 from protocols.disconnect import ControlState
 
@@ -30,17 +31,8 @@ async def policy_inputs(
 ) -> list[PolicyInput]:
     """One row per active meter with a reading: its latest reading, account, tariff calendar,
     and since when (meter time) its credit has been used up, if it has."""
-    latest = (
-        select(Reading.meter_id, func.max(Reading.meter_time).label("meter_time"))
-        .group_by(Reading.meter_id)
-        .subquery()
-    )
-    last_positive = (
-        select(Reading.meter_id, func.max(Reading.meter_time).label("meter_time"))
-        .where(Reading.credit > 0)
-        .group_by(Reading.meter_id)
-        .subquery()
-    )
+    latest = latest_times()
+    last_positive = latest_times(Reading.credit > 0)
     exhausted = (
         select(Reading.meter_id, func.min(Reading.meter_time).label("since"))
         .outerjoin(last_positive, last_positive.c.meter_id == Reading.meter_id)

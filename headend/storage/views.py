@@ -7,10 +7,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.storage.database import Database
+from headend.storage.readings import latest_times
 from headend.storage.schema import (
     Account,
     Customer,
@@ -28,11 +29,7 @@ from protocols.readings import EventCode, StatusFlag
 
 def _latest_readings() -> Any:
     """One row per meter: its latest reading by meter time."""
-    latest = (
-        select(Reading.meter_id, func.max(Reading.meter_time).label("meter_time"))
-        .group_by(Reading.meter_id)
-        .subquery()
-    )
+    latest = latest_times()
     return select(Reading).join(
         latest,
         (Reading.meter_id == latest.c.meter_id) & (Reading.meter_time == latest.c.meter_time),
