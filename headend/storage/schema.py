@@ -295,10 +295,16 @@ class CommandRow(Base):
     updated_at: Mapped[datetime]
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None]
+    #: the command is given up (expired) if not confirmed by then
+    expires_at: Mapped[datetime]
+    #: when the dispatcher may work on it next (after a back-off)
+    next_attempt_at: Mapped[datetime]
+    last_error: Mapped[str | None]
 
     __table_args__ = (
         UniqueConstraint("meter_id", "sequence"),
         Index("ix_commands_state", "state", "updated_at"),
+        Index("ix_commands_meter", "meter_id", "state"),
     )
 
 
@@ -310,7 +316,11 @@ class CommandTransition(Base):
     at: Mapped[datetime]
     old: Mapped[str] = mapped_column(String(16))
     new: Mapped[str] = mapped_column(String(16))
+    trigger: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str]
     reason: Mapped[str]
+
+    __table_args__ = (Index("ix_command_transitions_command", "command_id", "at"),)
 
 
 class Notification(Base):

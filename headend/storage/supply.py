@@ -24,6 +24,8 @@ class PolicyInput:
     meter: MeterState
     calendar: Calendar
     meter_time: int  # of the latest reading the decision rests on
+    received_at: datetime  # when the head-end stored that reading (its own clock)
+    last_command_seq: int  # the meter's, at that reading
 
 
 async def policy_inputs(
@@ -71,5 +73,16 @@ async def policy_inputs(
         meter = MeterState(
             ControlState(reading.control_state), reading.control_mode, reading.emergency_credit
         )
-        inputs.append(PolicyInput(meter_id, account_id, state, meter, calendar, reading.meter_time))
+        inputs.append(
+            PolicyInput(
+                meter_id,
+                account_id,
+                state,
+                meter,
+                calendar,
+                reading.meter_time,
+                reading.received_at,
+                reading.last_command_seq,
+            )
+        )
     return inputs

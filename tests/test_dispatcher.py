@@ -1,0 +1,366 @@
+"""The command dispatcher and its store on SQLite and PostgreSQL, against real firmware meters
+behind in-memory links: a command's whole life, one in flight per meter and kind, supersession,
+lost answers and unreachable meters, refusals, cancellation, a restart in every state, two
+dispatchers at once, and the policy queueing commands."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import select, update
+
+from headend.domain.commands import IllegalTransition, Kind, unpack_envelope
+from headend.domain.registry import CustomerRecord, MeterRecord, TariffRecord
+from headend.domain.validation import Findings
+from headend.links.base import MeterLink, RetryPolicy
+from headend.links.memory import FaultPlan, MemoryLink
+from headend.services.dispatcher import Dispatcher, DispatchSettings
+from headend.services.registry import route_of
+from headend.storage import Database, open_database
+from headend.storage.audit import verify_chain
+from headend.storage.commands import cancel_command, get_command, list_commands
+from headend.storage.polling import PollTarget
+from headend.storage.readings import reading_row, store_readings
+from headend.storage.registry import add_customer, add_tariff, import_meters
+from headend.storage.schema import Account, CommandRow, Notification
+from meter_sim.config import MeterConfig
+from meter_sim.firmware import Meter
+from meter_sim.loads import load_for
+from protocols.clock import ManualClock
+from protocols.commands import ResultCode
+from protocols.disconnect import ControlState
+from protocols.errors import LinkError, StorageError, ValidationError
+from tests.databases import db_url, postgres_server
+from tests.test_domain_readings import SNAP
+
+__all__ = ["db_url", "postgres_server"]  # fixtures
+
+T0 = 1_767_268_800.0  # 2026-01-01T12:00:00Z, a Thursday noon: no friendly hours, no quiet
+NOW = datetime.fromtimestamp(T0, UTC)
+KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
+QUICK = RetryPolicy(backoff=0.001, max_backoff=0.004)
+SETTINGS = DispatchSettings(
+    attempt_timeout=0.3, retry_base=timedelta(seconds=30), deadline=timedelta(minutes=10)
+)
+
+
+class Links:
+    """A link source of in-memory links over firmware meters."""
+
+    def __init__(self, links: dict[str, MemoryLink]) -> None:
+        self.links = links
+        self.unreachable: set[str] = set()
+
+    async def link(self, target: PollTarget) -> MeterLink:
+        if target.meter_id in self.unreachable:
+            raise LinkError(f"{target.meter_id}: connection refused")
+        return self.links[target.meter_id]
+
+    async def discard(self, target: PollTarget) -> None:
+        return None
+
+
+def _meter(meter_id: str, clock: ManualClock, **kw: object) -> Meter:
+    config = MeterConfig(meter_id, **({"initial_credit": 10_000, "auth_key": KEY.hex()} | kw))  # type: ignore[arg-type]
+    return Meter(config, clock.now(), load_for(config))
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = await open_database(db_url, check=False)
+    await database.upgrade()
+    await add_tariff(database, TariffRecord("RES", "KES", -2, (2500,), 5000, 1000), NOW, actor="t")
+    await add_customer(
+        database, CustomerRecord("Amina", None, "+254700000001", "sms"), "ACC-1", NOW, actor="t"
+    )
+    rows = [
+        (
+            n + 2,
+            MeterRecord(
+                meter_id=meter_id,
+                endpoint=f"tcp://127.0.0.1:1/{n + 1}",
+                route=route_of(f"tcp://127.0.0.1:1/{n + 1}"),
+                customer="Amina" if n == 0 else None,
+                account="ACC-1" if n == 0 else None,
+                tariff="RES",
+                auth_key=KEY,
+            ),
+        )
+        for n, meter_id in enumerate(["MTR-1", "MTR-2", "MTR-3"])
+    ]
+    assert (await import_meters(database, rows, [], NOW, actor="t")).applied
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def _setup(
+    plan: FaultPlan | None = None, **meter: object
+) -> tuple[ManualClock, dict[str, Meter], Links]:
+    clock = ManualClock(T0)
+    meters = {m: _meter(m, clock, **meter) for m in ("MTR-1", "MTR-2", "MTR-3")}
+    links = Links(
+        {m: MemoryLink(meter, plan or FaultPlan(), timeout=0.05) for m, meter in meters.items()}
+    )
+    return clock, meters, links
+
+
+def _dispatcher(db: Database, links: Links, clock: ManualClock, worker: str = "w1") -> Dispatcher:
+    return Dispatcher(db, links, clock, worker=worker, settings=SETTINGS, retry=QUICK)
+
+
+async def _notices(db: Database) -> list[tuple[str, str]]:
+    async with db.read() as session:
+        rows = await session.execute(
+            select(Notification.kind, Notification.address).order_by(Notification.id)
+        )
+        return [(kind, address) for kind, address in rows.all()]
+
+
+async def test_a_disconnect_is_sent_acknowledged_and_verified(db: Database) -> None:
+    clock, meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    queued = await dispatcher.queue("MTR-1", Kind.DISCONNECT, "operator test", "op:ann")
+    assert queued.created
+    assert queued.sequence == 1
+    result = await dispatcher.dispatch_once()
+    assert result.outcomes == {"verified": 1}
+    assert meters["MTR-1"].snapshot().control_state is ControlState.DISCONNECTED
+    assert links.links["MTR-1"].executed == 1
+    view = await get_command(db, queued.command_id)
+    assert view.state == "verified"
+    assert view.attempts == 1
+    assert view.result_code == 0
+    assert [(t.old, t.new) for t in view.transitions] == [
+        ("", "queued"),
+        ("queued", "sent"),
+        ("sent", "acknowledged"),
+        ("acknowledged", "verified"),
+    ]
+    assert view.transitions[0].actor == "op:ann"
+    assert await _notices(db) == [("disconnected", "+254700000001")]
+    assert (await verify_chain(db)).broken is None
+    assert (await dispatcher.dispatch_once()).outcomes == {}  # nothing left to do
+
+
+async def test_one_command_of_a_kind_in_flight_and_the_newer_kind_supersedes(
+    db: Database,
+) -> None:
+    clock, meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    first = await dispatcher.queue("MTR-2", Kind.RECONNECT, "restore", "op")
+    again = await dispatcher.queue("MTR-2", Kind.RECONNECT, "restore again", "op")
+    assert (again.command_id, again.created) == (first.command_id, False)
+    cut = await dispatcher.queue("MTR-2", Kind.DISCONNECT, "changed my mind", "op")
+    assert cut.superseded == (first.command_id,)
+    assert cut.sequence == first.sequence + 1
+    old = await get_command(db, first.command_id)
+    assert old.state == "superseded"
+    assert old.superseded_by == cut.command_id
+    assert (await dispatcher.dispatch_once()).outcomes == {"verified": 1}
+    assert links.links["MTR-2"].executed == 1  # the superseded reconnect never went out
+    assert meters["MTR-2"].snapshot().control_state is ControlState.DISCONNECTED
+
+
+async def test_lost_answers_still_run_the_command_once(db: Database) -> None:
+    clock, meters, links = _setup(FaultPlan(drop_answer=0.5, seed=3, only=frozenset({"send"})))
+    dispatcher = _dispatcher(db, links, clock)
+    for n in range(6):
+        kind = Kind.DISCONNECT if n % 2 == 0 else Kind.RECONNECT
+        await dispatcher.queue("MTR-3", kind, f"round {n}", "op")
+        outcome = await dispatcher.dispatch_once()
+        assert outcome.outcomes == {"verified": 1}
+    snapshot = meters["MTR-3"].snapshot()
+    assert snapshot.last_command_seq == 6
+    assert links.links["MTR-3"].faults  # answers were lost, and asked for
+    commands = await list_commands(db, meter_id="MTR-3")
+    assert [c.state for c in commands] == ["verified"] * 6
+
+
+async def test_an_unreachable_meter_is_retried_then_expires_with_a_notice(db: Database) -> None:
+    clock, meters, links = _setup()
+    links.unreachable.add("MTR-1")
+    dispatcher = _dispatcher(db, links, clock)
+    queued = await dispatcher.queue("MTR-1", Kind.DISCONNECT, "test", "op")
+    assert (await dispatcher.dispatch_once()).outcomes == {"queued": 1}
+    assert (await dispatcher.dispatch_once()).outcomes == {}  # backing off
+    clock.advance(31)
+    links.unreachable.clear()
+    links.links["MTR-1"].plan = FaultPlan(drop_request=1.0)  # reachable, never answers
+    assert (await dispatcher.dispatch_once()).outcomes == {"retrying": 1}
+    view = await get_command(db, queued.command_id)
+    assert view.state == "retrying"
+    assert view.last_error
+    assert "no confirmation" in view.last_error
+    for _ in range(10):
+        clock.advance(120)
+        if (await dispatcher.dispatch_once()).outcomes.get("expired"):
+            break
+    view = await get_command(db, queued.command_id)
+    assert view.state == "expired"
+    assert ("command_failed", "operators") in await _notices(db)
+    assert meters["MTR-1"].snapshot().control_state is ControlState.CONNECTED
+
+
+async def test_a_refused_command_fails_and_tells_operators(db: Database) -> None:
+    clock, _meters, links = _setup(control_mode=0)  # mode 0: never disconnected
+    dispatcher = _dispatcher(db, links, clock)
+    queued = await dispatcher.queue("MTR-2", Kind.DISCONNECT, "test", "op")
+    assert (await dispatcher.dispatch_once()).outcomes == {"failed": 1}
+    view = await get_command(db, queued.command_id)
+    assert view.result_code == int(ResultCode.REFUSED_BY_MODE)
+    assert "refused_by_mode" in (view.last_error or "")
+    assert await _notices(db) == [("command_failed", "operators")]
+
+
+async def test_a_reconnect_of_a_connected_meter_is_verified_without_a_change(
+    db: Database,
+) -> None:
+    clock, meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    await dispatcher.queue("MTR-1", Kind.RECONNECT, "make sure", "op")
+    assert (await dispatcher.dispatch_once()).outcomes == {"verified": 1}
+    assert meters["MTR-1"].snapshot().control_state is ControlState.CONNECTED
+
+
+async def test_cancel_before_sending_only(db: Database) -> None:
+    clock, _meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    queued = await dispatcher.queue("MTR-1", Kind.DISCONNECT, "test", "op")
+    with pytest.raises(ValidationError, match="reason"):
+        await cancel_command(db, queued.command_id, actor="op", reason=" ", now=NOW)
+    view = await cancel_command(db, queued.command_id, actor="op", reason="wrong meter", now=NOW)
+    assert view.state == "cancelled"
+    assert (await dispatcher.dispatch_once()).outcomes == {}
+    assert links.links["MTR-1"].executed == 0
+    done = await dispatcher.queue("MTR-1", Kind.DISCONNECT, "test", "op")
+    await dispatcher.dispatch_once()
+    with pytest.raises(IllegalTransition, match="verified already"):
+        await cancel_command(db, done.command_id, actor="op", reason="late", now=NOW)
+    with pytest.raises(StorageError, match="no command 999"):
+        await cancel_command(db, 999, actor="op", reason="x", now=NOW)
+    assert (await verify_chain(db)).broken is None
+
+
+async def test_bad_requests_change_nothing(db: Database) -> None:
+    clock, _meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    with pytest.raises(StorageError, match="no meter 'NOPE'"):
+        await dispatcher.queue("NOPE", Kind.DISCONNECT, "x", "op")
+    with pytest.raises(ValidationError, match="needs a reason"):
+        await dispatcher.queue("MTR-1", Kind.DISCONNECT, "", "op")
+    assert await list_commands(db) == []
+
+
+@pytest.mark.parametrize("state", ["sent", "retrying", "acknowledged"])
+async def test_a_restart_resumes_a_command_in_any_state(db: Database, state: str) -> None:
+    """The command was on its way when the head-end died: the meter ran it (its answer lost) or
+    not; the next dispatcher finds out and ends it verified, run once."""
+    for ran in (True, False):
+        clock, meters, links = _setup()
+        dispatcher = _dispatcher(db, links, clock)
+        meter_id = "MTR-1" if ran else "MTR-2"
+        queued = await dispatcher.queue(meter_id, Kind.DISCONNECT, "test", "op")
+        async with db.begin() as session:
+            row = await session.get(CommandRow, queued.command_id)
+            assert row is not None
+            if ran or state == "acknowledged":
+                meters[meter_id].execute(unpack_envelope(row.envelope))
+            row.state = state
+            row.attempts = 1
+            row.lease_owner = "dead-worker"
+            row.lease_until = NOW + timedelta(seconds=5)
+        assert (await dispatcher.dispatch_once()).outcomes == {}  # the dead worker's lease
+        clock.advance(6)
+        assert (await dispatcher.dispatch_once()).outcomes == {"verified": 1}
+        assert meters[meter_id].snapshot().control_state is ControlState.DISCONNECTED
+        expected = 0 if (ran or state == "acknowledged") else 1
+        assert links.links[meter_id].executed == expected
+        assert meters[meter_id].snapshot().last_command_seq == queued.sequence
+        async with db.begin() as session:  # clean slate for the next case
+            await session.execute(
+                update(CommandRow)
+                .where(CommandRow.id == queued.command_id)
+                .values(state="verified")
+            )
+
+
+async def test_two_dispatchers_never_work_one_command(db: Database, db_url: str) -> None:
+    clock, meters, links = _setup(FaultPlan(delay=1.0, delay_seconds=0.01))
+    first = _dispatcher(db, links, clock, "w1")
+    other_db = await open_database(db_url)
+    try:
+        second = _dispatcher(other_db, links, clock, "w2")
+        for meter_id in meters:
+            await first.queue(meter_id, Kind.DISCONNECT, "race", "op")
+        a, b = await asyncio.gather(first.dispatch_once(), second.dispatch_once())
+        assert a.outcomes["verified"] + b.outcomes["verified"] == 3
+    finally:
+        await other_db.close()
+    assert sum(link.executed for link in links.links.values()) == 3
+    async with db.read() as session:
+        actors = (await session.execute(select(CommandRow.id, CommandRow.state))).all()
+    assert all(state == "verified" for _, state in actors)
+
+
+async def _reading(db: Database, meter_id: str, at: datetime, **values: object) -> None:
+    """A stored reading saying what the policy should see (meter time = head-end time)."""
+    snapshot = replace(SNAP, meter_id=meter_id, time=int(at.timestamp()), **values)  # type: ignore[arg-type]
+    async with db.begin() as session:
+        await store_readings(session, [reading_row(snapshot, Findings(), at, "poll")])
+
+
+async def test_the_policy_queues_one_disconnect_and_one_reconnect(db: Database) -> None:
+    clock, meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    out = {"credit": 0, "emergency_credit": 0, "control_state": ControlState.CONNECTED}
+    await _reading(db, "MTR-1", NOW, **out)
+    assert (await dispatcher.apply_policy()).queued == 0  # exhausted just now: grace starts
+    clock.advance(2 * 3600)
+    later = datetime.fromtimestamp(clock.now(), UTC)
+    await _reading(db, "MTR-1", later, **out)
+    assert (await dispatcher.apply_policy()).queued == 1
+    assert (await dispatcher.apply_policy()).queued == 0  # in flight
+    assert (await dispatcher.dispatch_once()).outcomes == {"verified": 1}
+    assert (await dispatcher.apply_policy()).queued == 0  # the reading predates the command
+    clock.advance(900)
+    paid = datetime.fromtimestamp(clock.now(), UTC)
+    await _reading(
+        db, "MTR-1", paid, credit=5000, control_state=ControlState.DISCONNECTED
+    )  # a top-up; the poll shows the relay off
+    assert (await dispatcher.apply_policy()).queued == 1
+    assert (await dispatcher.dispatch_once()).outcomes == {"verified": 1}
+    assert (await dispatcher.apply_policy()).queued == 0
+    commands = await list_commands(db, meter_id="MTR-1")
+    assert [(c.kind, c.actor, c.state) for c in commands] == [
+        ("reconnect", "policy", "verified"),
+        ("disconnect", "policy", "verified"),
+    ]
+    assert meters["MTR-1"].snapshot().control_state is ControlState.READY_FOR_RECONNECTION
+    assert [kind for kind, _ in await _notices(db)] == ["disconnected", "ready_for_reconnection"]
+
+
+async def test_the_policy_leaves_a_protected_account_alone(db: Database) -> None:
+    clock, _meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    async with db.begin() as session:
+        await session.execute(
+            update(Account)
+            .where(Account.id == "ACC-1")
+            .values(
+                protected=True,
+                protection_reason="medical",
+                protected_until=NOW + timedelta(days=30),
+            )
+        )
+    out = {"credit": 0, "emergency_credit": 0, "control_state": ControlState.CONNECTED}
+    await _reading(db, "MTR-1", NOW, **out)
+    clock.advance(3 * 3600)
+    await _reading(db, "MTR-1", datetime.fromtimestamp(clock.now(), UTC), **out)
+    assert (await dispatcher.apply_policy()).queued == 0
+    assert await list_commands(db) == []
