@@ -7,6 +7,8 @@ import typer
 from cli.common import OneLineErrors, setup_logging
 from cli.hes_audit import audit_app
 from cli.hes_broker import broker_app
+from cli.hes_commands import commands_app
+from cli.hes_commands import register as register_commands
 from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
@@ -39,6 +41,7 @@ def _root(
 # sub-apps
 app.add_typer(token_app, name="token")
 app.add_typer(audit_app, name="audit")
+app.add_typer(commands_app, name="commands")
 app.add_typer(broker_app, name="broker")
 app.add_typer(db_app, name="db")
 app.add_typer(meters_app, name="meters")
@@ -47,6 +50,7 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(customers_app, name="customers")
 app.add_typer(tariffs_app, name="tariffs")
 register_link_commands(app)
+register_commands(app)
 register_demo(app)
 register_poll(app)
 register_serve(app)

@@ -1,4 +1,8 @@
-"""`hes read`, `hes disconnect`, `hes reconnect`, `hes credit`: one meter, given an endpoint.
+"""`hes read` and `hes direct disconnect|reconnect|credit`: one meter, given an endpoint.
+
+The `direct` commands go straight to the meter and bypass the head-end: nothing is stored, no
+policy is asked and no audit entry is written (lab and commissioning use). In operation,
+`hes disconnect METER` and `hes reconnect METER` go through the command store and dispatcher.
 
 An endpoint is ``tcp://host:port/unit``, ``rtu:///dev/ttyUSB0?baud=9600&unit=3`` or
 ``mqtt://host:1883/MTR-0001`` (see :mod:`headend.links.endpoint`). A command is sent with the
@@ -27,7 +31,7 @@ from protocols.readings import MeterSnapshot
 
 T = TypeVar("T")
 
-#: the exit status of `hes credit` when the meter had applied this transfer before
+#: the exit status of `hes direct credit` when the meter had applied this transfer before
 EXIT_NOTHING_APPLIED: Final = 3
 
 EndpointArg = Annotated[
@@ -190,7 +194,18 @@ def credit(
     _command(endpoint, Command.credit_transfer(transfer, amount), key, as_json, timeout)
 
 
+direct_app = typer.Typer(
+    help=(
+        "Commands straight to a meter by endpoint, bypassing the head-end: nothing stored, no "
+        "policy, no audit (lab use). In operation use `hes disconnect|reconnect METER`."
+    ),
+    no_args_is_help=True,
+)
+for _func in (disconnect, reconnect, credit):
+    direct_app.command(_func.__name__)(handle_errors(_func))
+
+
 def register_link_commands(app: typer.Typer) -> None:
-    """Add `read`, `disconnect`, `reconnect` and `credit` to the `hes` app."""
-    for func in (read, disconnect, reconnect, credit):
-        app.command(func.__name__)(handle_errors(func))
+    """Add `read` and the `direct` group to the `hes` app."""
+    app.command("read")(handle_errors(read))
+    app.add_typer(direct_app, name="direct")

@@ -10,16 +10,17 @@ import re
 import signal
 import socket
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from cli.common import handle_errors, setup_logging
+from cli.common import handle_errors, parse_duration, setup_logging
 from cli.hes_db import DbOption
 from headend.links.endpoint import LinkOptions
 from headend.metrics import METRIC_NAMES
+from headend.services.dispatcher import DispatchSettings
 from headend.services.poller import PollPlan
 from headend.services.senders import (
     JsonLinesSender,
@@ -219,6 +220,22 @@ def serve_command(
     no_monitor: Annotated[
         bool, typer.Option("--no-monitor", help="Run no balance monitor in this worker.")
     ] = False,
+    no_dispatch: Annotated[
+        bool,
+        typer.Option(
+            "--no-dispatch", help="Send no commands to meters from this worker (and no policy)."
+        ),
+    ] = False,
+    no_policy: Annotated[
+        bool,
+        typer.Option(
+            "--no-policy",
+            help="Apply no supply-control policy: send only the commands operators queue.",
+        ),
+    ] = False,
+    grace: Annotated[
+        str, typer.Option(help="The policy's wait after credit runs out, before a disconnect.")
+    ] = "1h",
     sms_gateway: Annotated[
         str | None, typer.Option(help="SMS gateway URL (POST JSON {to, text, reference}).")
     ] = None,
@@ -236,9 +253,10 @@ def serve_command(
     ] = None,
 ) -> None:
     """Run the head-end: read every active meter once per --interval (spread over it, claimed
-    through the database so several workers share a fleet) and, with --mqtt, store what MQTT
-    meters push. Prints one line when serving (JSON with --log-json). SIGTERM or Ctrl-C stops
-    taking new work, finishes the writes in flight and exits 0."""
+    through the database so several workers share a fleet); with --mqtt, store what MQTT
+    meters push; watch balances and send notices; send queued commands and the ones the
+    supply-control policy asks for. Prints one line when serving (JSON with --log-json).
+    SIGTERM or Ctrl-C stops taking new work, finishes the writes in flight and exits 0."""
     if verbose:
         setup_logging(verbose)
     if log_json:
@@ -274,6 +292,10 @@ def serve_command(
         metrics_host=metrics_host,
         senders=senders,
         monitor_every=None if no_monitor else monitor_every,
+        dispatch=None
+        if no_dispatch
+        else DispatchSettings(grace=timedelta(seconds=parse_duration(grace, "--grace"))),
+        policy_every=None if no_policy else 10.0,
     )
 
     def announce(ready: Ready) -> None:

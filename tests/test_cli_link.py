@@ -129,14 +129,16 @@ def test_read_shows_amounts_with_the_meters_own_decimals(app: typer.Typer, port:
 def test_credit_is_confirmed_and_applied_once(app: typer.Typer, port: int) -> None:
     endpoint = f"tcp://127.0.0.1:{port}/1"
     before = read_json(app, endpoint)
-    code, out, err = run(app, "credit", endpoint, "--transfer", "1", "--amount", "2500")
+    code, out, err = run(app, "direct", "credit", endpoint, "--transfer", "1", "--amount", "2500")
     assert code == 0, err
     assert "ok (0)" in out
     after = read_json(app, endpoint)
     assert after["credit"] == before["credit"] + 2500  # type: ignore[operator]
     assert after["last_transfer"] == 1
     assert after["last_command_seq"] == before["last_command_seq"] + 1  # type: ignore[operator]
-    code, out, err = run(app, "credit", endpoint, "--transfer", "1", "--amount", "2500", "--json")
+    code, out, err = run(
+        app, "direct", "credit", endpoint, "--transfer", "1", "--amount", "2500", "--json"
+    )
     assert code == 3, err  # the same transfer again: acknowledged, applied zero times
     assert json.loads(out)["result"]["code"] == 1  # duplicate
     assert err.strip() == (
@@ -147,7 +149,7 @@ def test_credit_is_confirmed_and_applied_once(app: typer.Typer, port: int) -> No
 
 
 def test_credit_help_documents_the_exit_codes(app: typer.Typer) -> None:
-    code, out, _ = run(app, "credit", "--help")
+    code, out, _ = run(app, "direct", "credit", "--help")
     assert code == 0
     assert "3 when the meter had applied this transfer number before" in " ".join(out.split())
 
@@ -163,17 +165,17 @@ def test_disconnect_and_reconnect_need_the_key_of_a_keyed_meter(
     app: typer.Typer, port: int
 ) -> None:
     endpoint = f"tcp://127.0.0.1:{port}/2"
-    code, out, err = run(app, "disconnect", endpoint)
+    code, out, err = run(app, "direct", "disconnect", endpoint)
     assert code == 1
     assert "auth_failed" in out
     assert err.strip() == "error: meter CLI-0002 refused remote_disconnect: auth_failed"
     assert read_json(app, endpoint)["control_state"] == 1
-    code, out, err = run(app, "disconnect", endpoint, "--key", KEY)
+    code, out, err = run(app, "direct", "disconnect", endpoint, "--key", KEY)
     assert code == 0, err
     assert "open (supply off), disconnected" in out  # the resulting relay state
     state = read_json(app, endpoint)
     assert (state["control_state"], state["output_state"]) == (0, False)
-    code, out, err = run(app, "reconnect", endpoint, "--key", KEY, "--json")
+    code, out, err = run(app, "direct", "reconnect", endpoint, "--key", KEY, "--json")
     assert code == 0, err
     assert json.loads(out) == {
         "meter_id": "CLI-0002",
@@ -192,7 +194,7 @@ def test_disconnect_and_reconnect_need_the_key_of_a_keyed_meter(
         (("read", "tcp://127.0.0.1:1"), "cannot connect"),
         (("read", "ftp://127.0.0.1/1"), "unknown scheme"),
         (("read", "127.0.0.1:502"), "an endpoint looks like"),
-        (("disconnect", "tcp://127.0.0.1:1/1", "--key", "zz"), "--key is hex"),
+        (("direct", "disconnect", "tcp://127.0.0.1:1/1", "--key", "zz"), "--key is hex"),
     ],
 )
 def test_errors_are_one_line_on_stderr(
@@ -244,7 +246,8 @@ def test_masked_endpoints(text: str, shown: str) -> None:
 
 
 def test_credit_help_says_what_a_transfer_number_is(app: typer.Typer) -> None:
-    command = typer.main.get_group(app).commands["credit"]
+    direct = typer.main.get_group(app).commands["direct"]
+    command = direct.commands["credit"]  # type: ignore[attr-defined]
     (transfer,) = [p for p in command.params if p.name == "transfer"]
     assert getattr(transfer, "help", None) == (
         "Transfer number, greater than the last transfer applied."

@@ -69,9 +69,11 @@ def tag(title: str, no_key: str) -> list[str]:
         "",
         "**Where the key comes from.** A meter's key is the `auth_key` of its entry (or of "
         "`[defaults]`) in the fleet file, as hex; the meter never reveals it (no register, "
-        "topic or event carries it). The head-end is given the same key (for example "
-        "`hes credit ... --key HEX`). A meter without `auth_key` accepts commands without a "
-        "tag, which is for lab use only.",
+        "topic or event carries it). The head-end holds the same key in its registry "
+        "(`hes meters import --from-fleet` takes it from the fleet file, a meters.csv from its "
+        "`auth_key` column), and its command store signs every envelope with it; the lab "
+        "commands that bypass the head-end take it as `hes direct credit ... --key HEX`. A "
+        "meter without `auth_key` accepts commands without a tag, which is for lab use only.",
         "",
     ]
 

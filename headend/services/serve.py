@@ -1,4 +1,5 @@
-"""`hes serve`: one asyncio process running the poller's schedule and the MQTT ingest.
+"""`hes serve`: one asyncio process running the poller's schedule, the MQTT ingest, the balance
+monitor, the notifier and the command dispatcher (with the supply-control policy).
 
 The poller reads meters as they fall due (claimed through the database, so several workers on
 one PostgreSQL database share a fleet); with a broker, the ingest writes what MQTT meters push
@@ -27,6 +28,7 @@ from headend.domain.validation import Limits
 from headend.ingest import Ingest
 from headend.links.endpoint import LinkOptions
 from headend.metrics import ServeMetrics
+from headend.services.dispatcher import Dispatcher, DispatchSettings
 from headend.services.ingest_sink import StorageSink
 from headend.services.links import EndpointLinks
 from headend.services.monitor import BalanceMonitor
@@ -56,6 +58,8 @@ class ServeSettings:
     housekeeping: float = 2.0  # seconds between two updates of the health gauge
     senders: Mapping[str, Sender] = field(default_factory=dict)  # none: no notifier here
     monitor_every: float | None = 10.0  # seconds between balance-monitor passes; None: none
+    dispatch: DispatchSettings | None = field(default_factory=DispatchSettings)  # None: none
+    policy_every: float | None = 10.0  # seconds between two policy passes; None: none
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +181,13 @@ async def serve(
                 group.create_task(monitor.run(stop, settings.monitor_every), name="monitor")
             if notifier is not None:
                 group.create_task(notifier.run(stop), name="notifier")
+            if settings.dispatch is not None:
+                dispatcher = Dispatcher(
+                    db, links, clock, worker=settings.worker, settings=settings.dispatch
+                )
+                group.create_task(
+                    dispatcher.run(stop, policy_every=settings.policy_every), name="dispatcher"
+                )
             if ingest is not None and sink is not None:
                 group.create_task(_stop_ingest(ingest, sink, stop), name="ingest stop")
         log.info("stopped: the reads in flight are stored")

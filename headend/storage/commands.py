@@ -576,6 +576,8 @@ async def list_commands(
         query = query.where(CommandRow.state.in_(list(states)))
     with storage_errors("listing commands"):
         async with db.read() as session:
+            if meter_id is not None and await session.get(Meter, meter_id) is None:
+                raise StorageError(f"no meter {meter_id!r} is registered")
             return [_view(row) for row in (await session.scalars(query)).all()]
 
 
