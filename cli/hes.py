@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from cli.common import OneLineErrors, setup_logging
+from cli.hes_accounts import accounts_app
 from cli.hes_audit import audit_app
 from cli.hes_broker import broker_app
 from cli.hes_commands import commands_app
@@ -40,6 +41,7 @@ def _root(
 
 # sub-apps
 app.add_typer(token_app, name="token")
+app.add_typer(accounts_app, name="accounts")
 app.add_typer(audit_app, name="audit")
 app.add_typer(commands_app, name="commands")
 app.add_typer(broker_app, name="broker")

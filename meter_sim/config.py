@@ -124,6 +124,8 @@ class MeterConfig:
     max_topup: int = 10_000_000
     emergency_credit: int = 2000  # 0: no emergency credit
     emergency_auto: bool = False  # invoke emergency credit by itself when credit runs out
+    # open the relay by itself when credit runs out; False: the head-end decides (its policy)
+    local_disconnect: bool = True
     # no disconnection for credit from 18:00 to 06:00 and all Sunday (ISO weekday 7)
     friendly_hours: tuple[tuple[int, int], ...] = ((0, 6 * 60), (18 * 60, 24 * 60))
     friendly_days: tuple[int, ...] = (7,)
@@ -353,6 +355,7 @@ METER_KEYS: dict[str, Any] = {
     "max_topup": _int(1, MAX_AMOUNT),
     "emergency_credit": _int(0, MAX_AMOUNT),
     "emergency_auto": bool,
+    "local_disconnect": bool,
     "friendly_hours": tuple[tuple[HHMM, HHMM], ...],
     "friendly_days": tuple[IsoWeekday, ...],
     "debt_recovery_percent": _int(1, 100),
@@ -628,6 +631,9 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("meter", "emergency_credit"): "Emergency credit the customer may invoke once credit is low "
     "(0: none); repaid from the next top-up.",
     ("meter", "emergency_auto"): "Invoke the emergency credit by itself when credit runs out.",
+    ("meter", "local_disconnect"): "Open the relay by itself when credit and emergency credit "
+    "are used up; `false`: the meter keeps supply (and records debt) until the head-end "
+    "disconnects it remotely, by its policy.",
     ("meter", "friendly_hours"): 'Daily periods `[["18:00", "24:00"], ...]` when the meter does '
     "not disconnect for lack of credit; debt accrues instead.",
     ("meter", "friendly_days"): "ISO weekdays (1 Monday .. 7 Sunday) friendly all day.",

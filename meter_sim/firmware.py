@@ -400,7 +400,11 @@ class Meter:
         if friendly:
             # No disconnection in a friendly period; a meter cut off for credit comes back on.
             self._reconnect_after_credit(RelayCause.FRIENDLY_PERIOD, meter_t)
-        elif state is ControlState.CONNECTED and self.disconnect.control_mode != 0:
+        elif (
+            state is ControlState.CONNECTED
+            and self.disconnect.control_mode != 0
+            and self.config.local_disconnect
+        ):
             self._fire(Trigger.LOCAL_DISCONNECT, RelayCause.CREDIT, meter_t)
         self._update_status()
 

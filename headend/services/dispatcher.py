@@ -133,7 +133,8 @@ class Dispatcher:
 
     async def apply_policy(self, result: DispatchRound | None = None) -> DispatchRound:
         """Queue the commands the policy asks for now (one per meter and kind, not again before
-        a reading shows its effect); returns what it did."""
+        a reading shows its effect: the reading's ``last_command_seq`` reaches it); returns
+        what it did."""
         result = result or DispatchRound()
         now = self.now()
         async with self.db.read() as session:
@@ -151,7 +152,7 @@ class Dispatcher:
             return result
         busy = await recently_commanded(
             self.db,
-            {row.meter_id: row.received_at for row, _ in acting},
+            {row.meter_id: row.last_command_seq for row, _ in acting},
             now - self.settings.policy_retry_after,
         )
         for row, decision in acting:

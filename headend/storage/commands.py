@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import aliased
 
 from headend.domain.commands import (
@@ -582,36 +582,32 @@ async def list_commands(
 
 
 async def recently_commanded(
-    db: Database, kinds_since: dict[str, datetime], retry_after: datetime
+    db: Database, seen: dict[str, int], retry_after: datetime
 ) -> set[tuple[str, str]]:
-    """(meter, kind) pairs the policy must leave alone now: a command of that kind in flight,
-    one queued at or after ``kinds_since[meter]`` (the latest reading cannot show its effect
-    yet), or one that failed or expired after ``retry_after`` (it is not retried at every pass)."""
-    query = select(
-        CommandRow.meter_id,
-        CommandRow.kind,
-        CommandRow.state,
-        CommandRow.created_at,
-        CommandRow.updated_at,
-    ).where(
+    """(meter, kind) pairs the policy must leave alone now: a command of that kind in flight;
+    one executed whose effect the meter's latest reading cannot show yet (its sequence is
+    above the reading's ``last_command_seq``, ``seen[meter]``); or one that failed or expired
+    after ``retry_after`` (it is not tried again at every pass)."""
+    meters = list(seen)
+    in_flight = [s.value for s in IN_FLIGHT]
+    given_up = [CommandState.FAILED.value, CommandState.EXPIRED.value]
+    busy_query = select(CommandRow.meter_id, CommandRow.kind).where(
+        CommandRow.meter_id.in_(meters),
         or_(
-            CommandRow.state.in_([s.value for s in IN_FLIGHT]),
-            CommandRow.updated_at >= retry_after,
-            CommandRow.created_at >= min(kinds_since.values(), default=retry_after),
-        )
+            CommandRow.state.in_(in_flight),
+            and_(CommandRow.state.in_(given_up), CommandRow.updated_at >= retry_after),
+        ),
+    )
+    done_query = (
+        select(CommandRow.meter_id, CommandRow.kind, func.max(CommandRow.sequence))
+        .where(CommandRow.meter_id.in_(meters))
+        .where(CommandRow.state == CommandState.VERIFIED.value)
+        .group_by(CommandRow.meter_id, CommandRow.kind)
     )
     with storage_errors("reading recent commands"):
         async with db.read() as session:
-            rows = (await session.execute(query)).all()
-    busy: set[tuple[str, str]] = set()
-    failed = {CommandState.FAILED.value, CommandState.EXPIRED.value}
-    in_flight = {s.value for s in IN_FLIGHT}
-    for meter_id, kind, state, created_at, updated_at in rows:
-        since = kinds_since.get(meter_id)
-        if (
-            state in in_flight
-            or (since is not None and created_at >= since)
-            or (state in failed and updated_at >= retry_after)
-        ):
-            busy.add((meter_id, kind))
+            busy = {(m, k) for m, k in (await session.execute(busy_query)).all()}
+            for meter_id, kind, sequence in (await session.execute(done_query)).all():
+                if sequence > seen[meter_id]:
+                    busy.add((meter_id, kind))
     return busy

@@ -11,9 +11,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.policy import AccountState, Calendar, MeterState
 from headend.domain.registry import calendar_from
+from headend.storage import audit
+from headend.storage.database import Database, storage_errors
 from headend.storage.readings import latest_times
 from headend.storage.schema import Account, Meter, Reading, Tariff
 from protocols.disconnect import ControlState
+from protocols.errors import StorageError, ValidationError
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +27,6 @@ class PolicyInput:
     meter: MeterState
     calendar: Calendar
     meter_time: int  # of the latest reading the decision rests on
-    received_at: datetime  # when the head-end stored that reading (its own clock)
     last_command_seq: int  # the meter's, at that reading
 
 
@@ -81,8 +83,65 @@ async def policy_inputs(
                 meter,
                 calendar,
                 reading.meter_time,
-                reading.received_at,
                 reading.last_command_seq,
             )
         )
     return inputs
+
+
+@dataclass(frozen=True, slots=True)
+class Protection:
+    account_id: str
+    protected: bool
+    reason: str
+    until: datetime | None
+
+
+async def set_protection(
+    db: Database,
+    account_id: str,
+    *,
+    until: datetime | None,
+    reason: str,
+    actor: str,
+    now: datetime,
+) -> Protection:
+    """Protect an account from disconnection until ``until`` (None: lift the protection), with
+    the operator's reason, on the audit trail."""
+    if not reason.strip():
+        raise ValidationError("protecting an account, or lifting it, needs a reason")
+    if until is not None and until <= now:
+        raise ValidationError("a protection ends in the future")
+    with storage_errors("protecting an account"):
+        async with db.begin() as session:
+            account = await session.get(Account, account_id)
+            if account is None:
+                raise StorageError(f"no account {account_id!r}")
+            account.protected = until is not None
+            account.protection_reason = reason if until is not None else None
+            account.protected_until = until
+            await audit.append(
+                session,
+                at=now,
+                actor=actor,
+                action="account.protect" if until is not None else "account.unprotect",
+                subject=account_id,
+                reason=reason,
+                outcome="protected" if until is not None else "unprotected",
+                detail={"until": until.isoformat() if until else None},
+            )
+    return Protection(account_id, until is not None, reason, until)
+
+
+async def protections(db: Database, now: datetime) -> list[Protection]:
+    """The accounts protected now."""
+    query = (
+        select(Account)
+        .where(Account.protected.is_(True))
+        .where(Account.protected_until > now)
+        .order_by(Account.id)
+    )
+    with storage_errors("listing protected accounts"):
+        async with db.read() as session:
+            rows = (await session.scalars(query)).all()
+    return [Protection(a.id, True, a.protection_reason or "", a.protected_until) for a in rows]
