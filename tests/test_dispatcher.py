@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import select, update
 
 from headend.domain.commands import IllegalTransition, Kind, unpack_envelope
+from headend.domain.policy import Calendar
 from headend.domain.registry import CustomerRecord, MeterRecord, TariffRecord
 from headend.domain.validation import Findings
 from headend.links.base import MeterLink, RetryPolicy
@@ -27,6 +28,7 @@ from headend.storage.polling import PollTarget
 from headend.storage.readings import reading_row, store_readings
 from headend.storage.registry import add_customer, add_tariff, import_meters
 from headend.storage.schema import Account, CommandRow, Notification
+from headend.storage.schema import Meter as MeterRow
 from meter_sim.config import MeterConfig
 from meter_sim.firmware import Meter
 from meter_sim.loads import load_for
@@ -364,3 +366,21 @@ async def test_the_policy_leaves_a_protected_account_alone(db: Database) -> None
     await _reading(db, "MTR-1", datetime.fromtimestamp(clock.now(), UTC), **out)
     assert (await dispatcher.apply_policy()).queued == 0
     assert await list_commands(db) == []
+
+
+async def test_the_policy_waits_for_the_friendly_period_to_end(db: Database) -> None:
+    clock, _meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    lunch = Calendar(friendly_hours=((11 * 60, 14 * 60),))  # 11:00-14:00 UTC
+    tariff = TariffRecord("LUNCH", "KES", -2, (2500,), 5000, 1000, lunch)
+    await add_tariff(db, tariff, NOW, actor="t")
+    async with db.begin() as session:
+        await session.execute(
+            update(MeterRow).where(MeterRow.id == "MTR-1").values(tariff_id="LUNCH")
+        )
+    out = {"credit": 0, "emergency_credit": 0, "control_state": ControlState.CONNECTED}
+    await _reading(db, "MTR-1", NOW, **out)
+    for minutes, queued in ((90, 0), (125, 1)):  # 13:30: friendly still; 14:05: not
+        clock.set(T0 + minutes * 60)
+        await _reading(db, "MTR-1", datetime.fromtimestamp(clock.now(), UTC), **out)
+        assert (await dispatcher.apply_policy()).queued == queued, minutes
