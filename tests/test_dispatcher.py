@@ -23,7 +23,7 @@ from headend.services.dispatcher import Dispatcher, DispatchSettings
 from headend.services.registry import route_of
 from headend.storage import Database, open_database
 from headend.storage.audit import verify_chain
-from headend.storage.commands import cancel_command, get_command, list_commands
+from headend.storage.commands import Request, cancel_command, get_command, list_commands
 from headend.storage.polling import PollTarget
 from headend.storage.readings import reading_row, store_readings
 from headend.storage.registry import add_customer, add_tariff, import_meters
@@ -384,3 +384,31 @@ async def test_the_policy_waits_for_the_friendly_period_to_end(db: Database) -> 
         clock.set(T0 + minutes * 60)
         await _reading(db, "MTR-1", datetime.fromtimestamp(clock.now(), UTC), **out)
         assert (await dispatcher.apply_policy()).queued == queued, minutes
+
+
+async def test_one_transaction_queues_many_as_one_at_a_time_would(db: Database) -> None:
+    clock, _meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    answers = await dispatcher.queue_many(
+        [
+            Request("MTR-1", Kind.RECONNECT, "a", "op"),
+            Request("MTR-1", Kind.RECONNECT, "again", "op"),  # the same kind: not twice
+            Request("MTR-1", Kind.DISCONNECT, "b", "op"),  # supersedes the reconnect
+            Request("MTR-2", Kind.DISCONNECT, "c", "op"),
+        ]
+    )
+    assert [(q.created, q.sequence) for q in answers] == [
+        (True, 1), (False, 1), (True, 2), (True, 1),
+    ]  # fmt: skip
+    assert answers[1].command_id == answers[0].command_id
+    assert answers[2].superseded == (answers[0].command_id,)
+    with pytest.raises(StorageError, match="NOPE"):
+        await dispatcher.queue_many(
+            [
+                Request("MTR-3", Kind.DISCONNECT, "d", "op"),
+                Request("NOPE", Kind.DISCONNECT, "e", "op"),
+            ]
+        )
+    assert len(await list_commands(db)) == 3  # the refused batch queued nothing
+    assert (await dispatcher.dispatch_once()).outcomes == {"verified": 2}
+    assert (await verify_chain(db)).broken is None

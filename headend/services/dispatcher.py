@@ -50,10 +50,12 @@ from headend.storage.commands import (
     Claimed,
     NoticeToSend,
     Queued,
+    Recorder,
+    Request,
     claim_commands,
     queue_command,
+    queue_commands,
     recently_commanded,
-    record,
     release_command,
 )
 from headend.storage.polling import PollTarget
@@ -113,6 +115,7 @@ class Dispatcher:
         self.quiet = quiet or QuietHours()
         self.retry = retry
         self._lines: dict[str, asyncio.Semaphore] = {}
+        self.recorder = Recorder(db)
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -129,6 +132,15 @@ class Dispatcher:
             actor=actor,
             now=now,
             expires_at=now + self.settings.deadline,
+        )
+
+    async def queue_many(self, requests: Sequence[Request]) -> list[Queued]:
+        """Queue several commands in one transaction (all or none)."""
+        if not requests:
+            return []
+        now = self.now()
+        return await queue_commands(
+            self.db, requests, now=now, expires_at=now + self.settings.deadline
         )
 
     async def apply_policy(self, result: DispatchRound | None = None) -> DispatchRound:
@@ -155,14 +167,16 @@ class Dispatcher:
             {row.meter_id: row.last_command_seq for row, _ in acting},
             now - self.settings.policy_retry_after,
         )
+        requests = []
         for row, decision in acting:
             kind = Kind.DISCONNECT if decision.action is Action.DISCONNECT else Kind.RECONNECT
-            if (row.meter_id, kind.value) in busy:
-                continue
-            queued = await self.queue(row.meter_id, kind, decision.reason, "policy")
+            if (row.meter_id, kind.value) not in busy:
+                requests.append(Request(row.meter_id, kind, decision.reason, "policy"))
+        for request, queued in zip(requests, await self.queue_many(requests), strict=True):
             if queued.created:
                 result.queued += 1
-                log.info("%s: policy queued %s (%s)", row.meter_id, kind, decision.reason)
+                log.info("%s: policy queued %s (%s)", request.meter_id, request.kind,
+                         request.reason)  # fmt: skip
         return result
 
     # -- dispatching ---------------------------------------------------------------------------
@@ -218,15 +232,15 @@ class Dispatcher:
                 step = advance(
                     command.state, Trigger.TIMEOUT, "the head-end restarted while it was sent"
                 )
-                moved = await record(self.db, command, step, now=now, keep_lease=True)
+                moved = await self.recorder.record(command, step, now=now, keep_lease=True)
                 if moved is None:
                     return "lost"
                 command = moved
         if now >= command.expires_at:
             return await self._expire(command, "its deadline passed before it was sent")
         reason = "first attempt" if command.attempts == 0 else f"attempt {command.attempts + 1}"
-        sent = await record(
-            self.db, command, advance(command.state, Trigger.SEND, reason), now=now, keep_lease=True
+        sent = await self.recorder.record(
+            command, advance(command.state, Trigger.SEND, reason), now=now, keep_lease=True
         )
         if sent is None:
             return "lost"
@@ -259,8 +273,7 @@ class Dispatcher:
             return await self._unanswered(command, outcome.reason)
         if outcome.trigger is Trigger.REFUSE:
             return await self._failed(command, Trigger.REFUSE, outcome.reason, int(result.code))
-        acked = await record(
-            self.db,
+        acked = await self.recorder.record(
             command,
             advance(command.state, Trigger.ACK, outcome.reason),
             now=self.now(),
@@ -292,8 +305,7 @@ class Dispatcher:
             return await self._failed(command, Trigger.MISMATCH, outcome.reason)
         now = self.now()
         notices = [self._customer_notice(command, snapshot.control_state, now)]
-        done = await record(
-            self.db,
+        done = await self.recorder.record(
             command,
             advance(command.state, Trigger.VERIFY, outcome.reason),
             now=now,
@@ -331,8 +343,7 @@ class Dispatcher:
         self, command: Claimed, trigger: Trigger, reason: str, code: int | None = None
     ) -> str:
         now = self.now()
-        done = await record(
-            self.db,
+        done = await self.recorder.record(
             command,
             advance(command.state, trigger, reason),
             now=now,
@@ -345,8 +356,7 @@ class Dispatcher:
 
     async def _expire(self, command: Claimed, reason: str) -> str:
         now = self.now()
-        done = await record(
-            self.db,
+        done = await self.recorder.record(
             command,
             advance(command.state, Trigger.EXPIRE, reason),
             now=now,
@@ -368,8 +378,7 @@ class Dispatcher:
             await release_command(self.db, command, now + wait, reason)
             return CommandState.QUEUED.value
         trigger = Trigger.TIMEOUT if command.state is CommandState.SENT else Trigger.RETRY
-        done = await record(
-            self.db,
+        done = await self.recorder.record(
             command,
             advance(command.state, trigger, f"{reason}; again in {wait.total_seconds():g} s"),
             now=now,

@@ -14,12 +14,13 @@ claims the dispatcher works under, and every transition with its audit entry and
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, insert, or_, select, update
 from sqlalchemy.orm import aliased
 
 from headend.domain.commands import (
@@ -35,8 +36,9 @@ from headend.domain.commands import (
     unpack_envelope,
 )
 from headend.storage import audit
-from headend.storage.database import Database, storage_errors
-from headend.storage.notices import enqueue
+from headend.storage.database import Database, insert_ignore, storage_errors
+from headend.storage.notices import notice_row
+from headend.storage.readings import latest_times
 from headend.storage.schema import (
     Account,
     CommandRow,
@@ -44,6 +46,7 @@ from headend.storage.schema import (
     Customer,
     KeyMaterial,
     Meter,
+    Notification,
     Reading,
 )
 from protocols.commands import CommandEnvelope
@@ -178,42 +181,117 @@ def _view(row: CommandRow, transitions: Sequence[CommandTransition] = ()) -> Com
     )
 
 
-async def _write_transition(
-    session: Any,
-    command: CommandRow | Claimed,
-    step: Transition,
-    *,
-    actor: str,
-    now: datetime,
-    detail: dict[str, Any] | None = None,
-) -> None:
-    sequence = command.sequence if isinstance(command, CommandRow) else command.envelope.sequence
-    session.add(
-        CommandTransition(
-            command_id=command.id,
-            at=now,
-            old=step.old.value,
-            new=step.new.value,
-            trigger=step.trigger.value,
+class Writes:
+    """The rows a transaction's command steps add besides the commands themselves (their
+    transitions, audit entries and notices), written together by :meth:`flush` at its end:
+    one insert each, one read of the audit chain's end, one look-up of the recipients."""
+
+    def __init__(self) -> None:
+        self.transitions: list[dict[str, Any]] = []
+        self.audit: list[audit.Pending] = []
+        self.notices: list[tuple[Claimed, NoticeToSend, datetime]] = []
+
+    def step(
+        self,
+        command: CommandRow | Claimed,
+        old: str,
+        new: str,
+        trigger: str,
+        *,
+        actor: str,
+        reason: str,
+        now: datetime,
+    ) -> None:
+        sequence = (
+            command.sequence if isinstance(command, CommandRow) else command.envelope.sequence
+        )
+        kind = command.kind if isinstance(command.kind, str) else command.kind.value
+        self.transitions.append(
+            {
+                "command_id": command.id,
+                "at": now,
+                "old": old,
+                "new": new,
+                "trigger": trigger,
+                "actor": actor,
+                "reason": reason,
+            }
+        )
+        self.audit.append(
+            audit.Pending(
+                now,
+                actor,
+                f"command.{trigger}",
+                command.meter_id,
+                reason,
+                new,
+                {"command": command.id, "kind": kind, "sequence": sequence},
+            )
+        )
+
+    def transition(
+        self, command: CommandRow | Claimed, step: Transition, *, actor: str, now: datetime
+    ) -> None:
+        self.step(
+            command,
+            step.old.value,
+            step.new.value,
+            step.trigger.value,
             actor=actor,
             reason=step.reason,
+            now=now,
         )
-    )
-    await audit.append(
-        session,
-        at=now,
-        actor=actor,
-        action=f"command.{step.trigger.value}",
-        subject=command.meter_id,
-        reason=step.reason,
-        outcome=step.new.value,
-        detail={
-            "command": command.id,
-            "kind": command.kind,
-            "sequence": sequence,
-            **(detail or {}),
-        },
-    )
+
+    async def flush(self, session: Any) -> None:
+        if self.transitions:
+            await session.execute(insert(CommandTransition), self.transitions)
+        await audit.append_many(session, self.audit)
+        if self.notices:
+            recipients = await _recipients(session, {c.meter_id for c, _, _ in self.notices})
+            rows = []
+            for command, notice, now in self.notices:
+                target = (
+                    ("webhook", "operators", "en", None)
+                    if notice.to_operators
+                    else recipients.get(command.meter_id)
+                )
+                if target is None:
+                    continue
+                channel, address, language, account_id = target
+                rows.append(
+                    notice_row(
+                        key=f"{notice.kind}:command:{command.id}",
+                        kind=notice.kind,
+                        channel=channel,
+                        address=address,
+                        language=language,
+                        values=notice.values,
+                        now=now,
+                        deliver_at=notice.deliver_at,
+                        expires_at=notice.expires_at,
+                        meter_id=command.meter_id,
+                        account_id=account_id,
+                    )
+                )
+            await insert_ignore(session, Notification, rows)
+        self.transitions, self.audit, self.notices = [], [], []
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A command to queue."""
+
+    meter_id: str
+    kind: Kind
+    reason: str
+    actor: str
+
+
+def _check(request: Request, now: datetime, expires_at: datetime) -> None:
+    if not request.reason.strip():
+        raise ValidationError("a command needs a reason")
+    if expires_at <= now:
+        raise ValidationError("a command's deadline is after the time it is queued")
 
 
 async def queue_command(
@@ -227,97 +305,138 @@ async def queue_command(
     expires_at: datetime,
 ) -> Queued:
     """Queue ``kind`` for the meter, its envelope signed and stored (see the module)."""
-    if not reason.strip():
-        raise ValidationError("a command needs a reason")
-    if expires_at <= now:
-        raise ValidationError("a command's deadline is after the time it is queued")
-    with storage_errors("queueing a command"):
+    (queued,) = await queue_commands(
+        db, [Request(meter_id, kind, reason, actor)], now=now, expires_at=expires_at
+    )
+    return queued
+
+
+async def queue_commands(
+    db: Database, requests: Sequence[Request], *, now: datetime, expires_at: datetime
+) -> list[Queued]:
+    """Queue several commands in one transaction (the policy's pass): all or none."""
+    for request in requests:
+        _check(request, now, expires_at)
+    with storage_errors("queueing commands"):
         async with db.begin() as session:
-            meter = (
-                await session.scalars(select(Meter).where(Meter.id == meter_id).with_for_update())
-            ).first()
-            if meter is None:
-                raise StorageError(f"no meter {meter_id!r} is registered")
-            if meter.status != "active":
-                raise ValidationError(f"meter {meter_id} is {meter.status}: it takes no commands")
-            pending = (
-                await session.scalars(
-                    select(CommandRow)
-                    .where(CommandRow.meter_id == meter_id)
-                    .where(CommandRow.state.in_([s.value for s in IN_FLIGHT]))
-                    .order_by(CommandRow.id)
-                )
-            ).all()
-            for row in pending:
-                if row.kind == kind.value:
-                    return Queued(row.id, row.sequence, created=False)
-            seen = (
-                await session.execute(
-                    select(Reading.last_command_seq)
-                    .where(Reading.meter_id == meter_id)
-                    .order_by(Reading.meter_time.desc())
-                    .limit(1)
-                )
-            ).scalar()
-            sequence = max(meter.last_command_seq, seen or 0) + 1
-            meter.last_command_seq = sequence
-            key = None
-            if meter.command_key_id is not None:
-                material = await session.get(KeyMaterial, meter.command_key_id)
-                key = material.secret if material is not None else None
-            envelope = CommandEnvelope.signed(meter_id, sequence, COMMAND_OF[kind](), key)
-            row = CommandRow(
-                meter_id=meter_id,
-                kind=kind.value,
-                sequence=sequence,
-                envelope=pack_envelope(envelope),
-                state=CommandState.QUEUED.value,
-                reason=reason,
-                actor=actor,
-                attempts=0,
-                created_at=now,
-                updated_at=now,
-                expires_at=expires_at,
-                next_attempt_at=now,
+            return await _queue_all(session, requests, now, expires_at)
+
+
+async def _queue_all(
+    session: Any, requests: Sequence[Request], now: datetime, expires_at: datetime
+) -> list[Queued]:
+    """The meters, their unfinished commands, their last sequence numbers seen and their keys
+    are read for all requests at once; the new commands are inserted together."""
+    if not requests:
+        return []
+    meter_ids = sorted({r.meter_id for r in requests})
+    meters = {
+        m.id: m
+        for m in (
+            await session.scalars(select(Meter).where(Meter.id.in_(meter_ids)).with_for_update())
+        ).all()
+    }
+    for request in requests:
+        meter = meters.get(request.meter_id)
+        if meter is None:
+            raise StorageError(f"no meter {request.meter_id!r} is registered")
+        if meter.status != "active":
+            raise ValidationError(
+                f"meter {request.meter_id} is {meter.status}: it takes no commands"
             )
-            session.add(row)
-            await session.flush()
-            superseded: list[int] = []
-            for older in pending:
-                if older.kind != OPPOSITES[kind.value]:
-                    continue
-                state = CommandState(older.state)
-                if state not in (CommandState.QUEUED, CommandState.RETRYING):
-                    continue  # sent: it may have run; the new command follows it
-                step = advance(state, Trigger.SUPERSEDE, f"superseded by {kind} {row.id}: {reason}")
-                older.state = step.new.value
-                older.superseded_by = row.id
-                older.updated_at = now
-                older.lease_owner = older.lease_until = None
-                await _write_transition(session, older, step, actor=actor, now=now)
-                superseded.append(older.id)
-            session.add(
-                CommandTransition(
-                    command_id=row.id,
-                    at=now,
-                    old="",
-                    new=CommandState.QUEUED.value,
-                    trigger="queue",
-                    actor=actor,
-                    reason=reason,
+    pending: dict[str, list[CommandRow]] = {}
+    for row in (
+        await session.scalars(
+            select(CommandRow)
+            .where(CommandRow.meter_id.in_(meter_ids))
+            .where(CommandRow.state.in_([s.value for s in IN_FLIGHT]))
+            .order_by(CommandRow.id)
+        )
+    ).all():
+        pending.setdefault(row.meter_id, []).append(row)
+    latest = latest_times()
+    seen = dict(
+        (
+            await session.execute(
+                select(Reading.meter_id, Reading.last_command_seq)
+                .join(
+                    latest,
+                    and_(
+                        latest.c.meter_id == Reading.meter_id,
+                        latest.c.meter_time == Reading.meter_time,
+                    ),
                 )
+                .where(Reading.meter_id.in_(meter_ids))
             )
-            await audit.append(
-                session,
-                at=now,
-                actor=actor,
-                action="command.queue",
-                subject=meter_id,
-                reason=reason,
-                outcome=CommandState.QUEUED.value,
-                detail={"command": row.id, "kind": kind.value, "sequence": sequence},
+        ).all()
+    )
+    key_ids = {m.command_key_id for m in meters.values() if m.command_key_id is not None}
+    keys = dict(
+        (
+            await session.execute(
+                select(KeyMaterial.id, KeyMaterial.secret).where(KeyMaterial.id.in_(key_ids))
             )
-            return Queued(row.id, sequence, created=True, superseded=tuple(superseded))
+        ).all()
+    ) if key_ids else {}  # fmt: skip
+    answers: list[tuple[CommandRow, bool]] = []  # (the command, made for this request)
+    for request in requests:
+        meter = meters[request.meter_id]
+        same = [r for r in pending.get(meter.id, []) if r.kind == request.kind.value]
+        if same:
+            answers.append((same[0], False))
+            continue
+        sequence = max(meter.last_command_seq, seen.get(meter.id) or 0) + 1
+        meter.last_command_seq = sequence
+        key = keys.get(meter.command_key_id) if meter.command_key_id is not None else None
+        envelope = CommandEnvelope.signed(meter.id, sequence, COMMAND_OF[request.kind](), key)
+        row = CommandRow(
+            meter_id=meter.id,
+            kind=request.kind.value,
+            sequence=sequence,
+            envelope=pack_envelope(envelope),
+            state=CommandState.QUEUED.value,
+            reason=request.reason,
+            actor=request.actor,
+            attempts=0,
+            created_at=now,
+            updated_at=now,
+            expires_at=expires_at,
+            next_attempt_at=now,
+        )
+        session.add(row)
+        pending.setdefault(meter.id, []).append(row)  # a second request for it sees this one
+        answers.append((row, True))
+    await session.flush()  # the new commands' ids
+    writes = Writes()
+    queued: list[Queued] = []
+    for request, (answer, created) in zip(requests, answers, strict=True):
+        if not created:
+            queued.append(Queued(answer.id, answer.sequence, created=False))
+            continue
+        superseded: list[int] = []
+        for older in pending.get(request.meter_id, []):
+            if older.id >= answer.id or older.kind != OPPOSITES[request.kind.value]:
+                continue  # only what was queued before it
+            state = CommandState(older.state)
+            if state not in (CommandState.QUEUED, CommandState.RETRYING):
+                continue  # sent: it may have run; the new command follows it
+            why = f"superseded by {request.kind} {answer.id}: {request.reason}"
+            step = advance(state, Trigger.SUPERSEDE, why)
+            older.state = step.new.value
+            older.superseded_by = answer.id
+            older.updated_at = now
+            older.lease_owner = older.lease_until = None
+            writes.transition(older, step, actor=request.actor, now=now)
+            superseded.append(older.id)
+        writes.step(
+            answer, "", CommandState.QUEUED.value, "queue",
+            actor=request.actor, reason=request.reason, now=now,
+        )  # fmt: skip
+        queued.append(
+            Queued(answer.id, answer.sequence, created=True, superseded=tuple(superseded))
+        )
+    await writes.flush(session)
+    return queued
 
 
 async def claim_commands(
@@ -391,12 +510,15 @@ async def claim_commands(
     ]
 
 
-async def _recipient(session: Any, meter_id: str) -> tuple[str, str, str, str | None] | None:
-    """(channel, address, language, account) of the meter's customer, None if they take no
+async def _recipients(
+    session: Any, meter_ids: set[str]
+) -> dict[str, tuple[str, str, str, str | None]]:
+    """meter -> (channel, address, language, account) of its customer, for those who take
     notices."""
-    row = (
+    rows = (
         await session.execute(
             select(
+                Meter.id,
                 Customer.notice_channel,
                 Customer.phone,
                 Customer.email,
@@ -406,103 +528,174 @@ async def _recipient(session: Any, meter_id: str) -> tuple[str, str, str, str | 
             .select_from(Meter)
             .join(Account, Account.id == Meter.account_id)
             .join(Customer, Customer.id == Account.customer_id)
-            .where(Meter.id == meter_id)
+            .where(Meter.id.in_(sorted(meter_ids)))
         )
-    ).first()
-    if row is None:
-        return None
-    channel, phone, email, language, account_id = row
-    if channel == "sms" and phone:
-        return "sms", phone, language, account_id
-    if channel == "email" and email:
-        return "email", email, language, account_id
-    return None
+    ).all()
+    found: dict[str, tuple[str, str, str, str | None]] = {}
+    for meter_id, channel, phone, email, language, account_id in rows:
+        if channel == "sms" and phone:
+            found[meter_id] = ("sms", phone, language, account_id)
+        elif channel == "email" and email:
+            found[meter_id] = ("email", email, language, account_id)
+    return found
 
 
 async def record(
     db: Database,
     command: Claimed,
     step: Transition,
-    *,
-    now: datetime,
-    keep_lease: bool = False,
-    next_attempt_at: datetime | None = None,
-    result_code: int | None = None,
-    error: str | None = None,
-    notices: Sequence[NoticeToSend] = (),
+    **options: Any,
 ) -> Claimed | None:
-    """Write ``step`` for a claimed command, with its audit entry and ``notices``, if the
-    command is still in ``step.old`` under this worker's lease; returns the command in its new
-    state, or None when the fence did not hold (nothing is written then)."""
-    values: dict[str, Any] = {"state": step.new.value, "updated_at": now}
-    if step.trigger is Trigger.SEND:
-        values["attempts"] = CommandRow.attempts + 1
-    if next_attempt_at is not None:
-        values["next_attempt_at"] = next_attempt_at
-    if result_code is not None:
-        values["result_code"] = result_code
-    if error is not None:
-        values["last_error"] = error
-    if not keep_lease:
-        values["lease_owner"] = None
-        values["lease_until"] = None
-    statement = (
-        update(CommandRow)
-        .where(CommandRow.id == command.id)
-        .where(CommandRow.state == step.old.value)
-        .where(CommandRow.lease_owner == command.worker)
-        .values(**values)
-        .returning(CommandRow.attempts)
-    )
+    """Write ``step`` for a claimed command in a transaction of its own (see
+    :func:`record_in`)."""
     with storage_errors("recording a command transition"):
         async with db.begin() as session:
-            attempts = (await session.execute(statement)).scalar()
-            if attempts is None:
-                return None
-            await _write_transition(session, command, step, actor=command.worker, now=now)
-            if notices:
-                recipient = await _recipient(session, command.meter_id)
-                for notice in notices:
-                    if notice.to_operators:
-                        target: tuple[str, str, str, str | None] | None = (
-                            "webhook",
-                            "operators",
-                            "en",
-                            None,
+            writes = Writes()
+            done = await record_in(session, command, step, writes, **options)
+            await writes.flush(session)
+            return done
+
+
+async def record_in(
+    session: Any,
+    command: Claimed,
+    step: Transition,
+    writes: Writes,
+    **options: Any,
+) -> Claimed | None:
+    """Write ``step`` for a claimed command in ``session``'s transaction (see
+    :func:`record_many`)."""
+    (done,) = await record_many(session, [(command, step, options)], writes)
+    return done
+
+
+async def record_many(
+    session: Any,
+    jobs: Sequence[tuple[Claimed, Transition, dict[str, Any]]],
+    writes: Writes,
+) -> list[Claimed | None]:
+    """Write each job's step for its claimed command in ``session``'s transaction, with its
+    audit entry and notices, if the command is still in ``step.old`` under this worker's lease
+    (read, and on PostgreSQL locked, in one query); returns each command in its new state, or
+    None where the fence did not hold (nothing is written for it). The options of a job are
+    ``now`` and, optionally, ``keep_lease``, ``next_attempt_at``, ``result_code``, ``error``
+    and ``notices``."""
+    ids = sorted({command.id for command, _, _ in jobs})
+    current = {
+        row_id: (state, owner)
+        for row_id, state, owner in (
+            await session.execute(
+                select(CommandRow.id, CommandRow.state, CommandRow.lease_owner)
+                .where(CommandRow.id.in_(ids))
+                .with_for_update()
+            )
+        ).all()
+    }
+    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    written: set[int] = set()
+
+    async def write_groups() -> None:
+        for rows in groups.values():
+            await session.execute(update(CommandRow), rows)
+        groups.clear()
+        written.clear()
+
+    results: list[Claimed | None] = []
+    for command, step, options in jobs:
+        state, owner = current.get(command.id, (None, None))
+        if state != step.old.value or owner != command.worker:
+            results.append(None)
+            continue
+        if command.id in written:  # its earlier step in this batch goes first
+            await write_groups()
+        now: datetime = options["now"]
+        keep_lease = bool(options.get("keep_lease", False))
+        attempts = command.attempts + 1 if step.trigger is Trigger.SEND else command.attempts
+        values: dict[str, Any] = {
+            "id": command.id,
+            "state": step.new.value,
+            "updated_at": now,
+            "attempts": attempts,
+        }
+        for option in ("next_attempt_at", "result_code"):
+            if options.get(option) is not None:
+                values[option] = options[option]
+        if options.get("error") is not None:
+            values["last_error"] = options["error"]
+        if not keep_lease:
+            values["lease_owner"] = None
+            values["lease_until"] = None
+        groups.setdefault(frozenset(values), []).append(values)
+        written.add(command.id)
+        current[command.id] = (step.new.value, command.worker if keep_lease else None)
+        writes.transition(command, step, actor=command.worker, now=now)
+        writes.notices.extend((command, notice, now) for notice in options.get("notices", ()))
+        results.append(
+            Claimed(
+                command.id,
+                command.meter_id,
+                command.kind,
+                step.new,
+                attempts,
+                command.envelope,
+                command.reason,
+                command.expires_at,
+                command.endpoint,
+                command.transport,
+                command.gateway,
+                command.worker,
+            )
+        )
+    await write_groups()
+    return results
+
+
+class Recorder:
+    """Group commit of transitions: the ones that concurrent attempts ask for while a write is
+    under way go into the next transaction together (at most ``most``), each behind its own
+    fence, so a dispatcher working a thousand meters at once makes a few transactions, not a
+    thousand. Each caller gets its own command back (or None: its fence did not hold); when a
+    batch's transaction fails, every caller in it gets the StorageError and nothing of the
+    batch is written."""
+
+    def __init__(self, db: Database, most: int = 256) -> None:
+        self.db = db
+        self.most = most
+        self.transactions = 0  # how many it made, for measurements
+        self._waiting: list[tuple[Claimed, Transition, dict[str, Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(self, command: Claimed, step: Transition, **options: Any) -> Claimed | None:
+        future: asyncio.Future[Claimed | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((command, step, options, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="command transitions")
+        return await asyncio.shield(future)
+
+    async def _write(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(0)  # the callers running now add theirs to this batch
+            batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
+            try:
+                with storage_errors("recording command transitions"):
+                    async with self.db.begin() as session:
+                        writes = Writes()
+                        results = await record_many(
+                            session,
+                            [(command, step, options) for command, step, options, _ in batch],
+                            writes,
                         )
-                    else:
-                        target = recipient
-                    if target is None:
-                        continue
-                    channel, address, language, account_id = target
-                    await enqueue(
-                        session,
-                        key=f"{notice.kind}:command:{command.id}",
-                        kind=notice.kind,
-                        channel=channel,
-                        address=address,
-                        language=language,
-                        values=notice.values,
-                        now=now,
-                        deliver_at=notice.deliver_at,
-                        expires_at=notice.expires_at,
-                        meter_id=command.meter_id,
-                        account_id=account_id,
-                    )
-    return Claimed(
-        command.id,
-        command.meter_id,
-        command.kind,
-        step.new,
-        attempts,
-        command.envelope,
-        command.reason,
-        command.expires_at,
-        command.endpoint,
-        command.transport,
-        command.gateway,
-        command.worker,
-    )
+                        await writes.flush(session)
+            except Exception as exc:
+                for *_, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            finally:
+                self.transactions += 1
+            for (*_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
 
 
 async def release_command(db: Database, command: Claimed, when: datetime, why: str) -> bool:
@@ -541,7 +734,9 @@ async def cancel_command(
             row.state = step.new.value
             row.updated_at = now
             row.lease_owner = row.lease_until = None
-            await _write_transition(session, row, step, actor=actor, now=now)
+            writes = Writes()
+            writes.transition(row, step, actor=actor, now=now)
+            await writes.flush(session)
     return await get_command(db, command_id)
 
 

@@ -48,7 +48,38 @@ async def enqueue(
 ) -> bool:
     """Write a notice into the outbox (in the caller's transaction); False if a notice with
     this idempotency key exists already (one notice per cause, however often it is raised)."""
-    row = {
+    row = notice_row(
+        key=key,
+        kind=kind,
+        channel=channel,
+        address=address,
+        language=language,
+        values=values,
+        now=now,
+        deliver_at=deliver_at,
+        expires_at=expires_at,
+        meter_id=meter_id,
+        account_id=account_id,
+    )
+    return await insert_ignore(session, Notification, [row]) == 1
+
+
+def notice_row(
+    *,
+    key: str,
+    kind: str,
+    channel: str,
+    address: str,
+    language: str,
+    values: dict[str, str],
+    now: datetime,
+    deliver_at: datetime,
+    expires_at: datetime,
+    meter_id: str | None = None,
+    account_id: str | None = None,
+) -> dict[str, Any]:
+    """The outbox row of a notice (see :func:`enqueue`), for writing many at once."""
+    return {
         "idempotency_key": key,
         "kind": kind,
         "account_id": account_id,
@@ -63,7 +94,6 @@ async def enqueue(
         "expires_at": expires_at,
         "created_at": now,
     }
-    return await insert_ignore(session, Notification, [row]) == 1
 
 
 def _pending(row: Notification) -> Pending:

@@ -46,7 +46,21 @@ async def policy_inputs(
         .subquery()
     )
     query = (
-        select(Meter.id, Meter.account_id, Reading, Account, Tariff.definition, exhausted.c.since)
+        select(
+            Meter.id,
+            Meter.account_id,
+            Reading.credit,
+            Reading.emergency_credit,
+            Reading.control_state,
+            Reading.control_mode,
+            Reading.meter_time,
+            Reading.last_command_seq,
+            Account.protected,
+            Account.protected_until,
+            Account.protection_reason,
+            Tariff.definition,
+            exhausted.c.since,
+        )
         .join(latest, latest.c.meter_id == Meter.id)
         .join(
             Reading, and_(Reading.meter_id == Meter.id, Reading.meter_time == latest.c.meter_time)
@@ -60,31 +74,35 @@ async def policy_inputs(
     if meter_ids is not None:
         query = query.where(Meter.id.in_(meter_ids))
     inputs: list[PolicyInput] = []
-    for meter_id, account_id, reading, account, definition, since in (
-        await session.execute(query)
-    ).all():
-        calendar = (
-            calendar_from(json.loads(definition).get("calendar", {})) if definition else Calendar()
-        )
+    calendars: dict[str | None, Calendar] = {None: Calendar()}  # one per tariff definition
+    for (
+        meter_id,
+        account_id,
+        credit,
+        emergency,
+        control_state,
+        control_mode,
+        meter_time,
+        last_command_seq,
+        protected,
+        protected_until,
+        protection_reason,
+        definition,
+        since,
+    ) in (await session.execute(query)).all():
+        calendar = calendars.get(definition)
+        if calendar is None:
+            calendar = calendar_from(json.loads(definition).get("calendar", {}))
+            calendars[definition] = calendar
         state = AccountState(
-            balance=reading.credit,
-            protected_until=account.protected_until if account and account.protected else None,
-            protection_reason=(account.protection_reason or "") if account else "",
+            balance=credit,
+            protected_until=protected_until if protected else None,
+            protection_reason=(protection_reason or "") if protected else "",
             exhausted_since=None if since is None else datetime.fromtimestamp(since, UTC),
         )
-        meter = MeterState(
-            ControlState(reading.control_state), reading.control_mode, reading.emergency_credit
-        )
+        meter = MeterState(ControlState(control_state), control_mode, emergency)
         inputs.append(
-            PolicyInput(
-                meter_id,
-                account_id,
-                state,
-                meter,
-                calendar,
-                reading.meter_time,
-                reading.last_command_seq,
-            )
+            PolicyInput(meter_id, account_id, state, meter, calendar, meter_time, last_command_seq)
         )
     return inputs
 
