@@ -56,6 +56,7 @@ class ServeSettings:
     housekeeping: float = 2.0  # seconds between two updates of the health gauge
     senders: Mapping[str, Sender] = field(default_factory=dict)  # none: no notifier here
     monitor_every: float | None = 10.0  # seconds between balance-monitor passes; None: none
+    poll: bool = True  # False: no poll schedule here (a worker that only ingests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +171,8 @@ async def serve(
                 )
             )
         async with asyncio.TaskGroup() as group:
-            group.create_task(_schedule(poller, stop, metrics), name="poll schedule")
+            if settings.poll:
+                group.create_task(_schedule(poller, stop, metrics), name="poll schedule")
             group.create_task(housekeeping.run(stop, settings.housekeeping), name="housekeeping")
             if settings.monitor_every is not None:
                 monitor = BalanceMonitor(db, clock)
