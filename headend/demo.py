@@ -1,7 +1,11 @@
 """The end-to-end demo: a simulated fleet in its own process, served over Modbus TCP and MQTT,
 and the head-end working it over loopback: reading meters, taking a payment exactly once,
 switching supply remotely, vending an STS token, and watching a meter run out of credit and come
-back after a top-up. Every step checks what it shows; the demo fails loudly when one does not
+back after a top-up. Then the head-end's job: the fleet registered in a fresh store, and
+``serve()`` (as `hes serve` runs it: a poller worker with the balance monitor, and an
+ingest-only worker) over it for a simulated day on the meters' accelerated clock, while one
+meter's line is cut and mended, the simulator restarted and the ingest restarted; the store is
+checked at the end. Every step checks what it shows; the demo fails loudly when one does not
 hold.
 """
 
@@ -839,11 +843,11 @@ async def _outage(day: _Day) -> None:
         f"{'marked unreachable' if unreachable else 'still not unreachable'}; the line is mended"
     )
 
-    async def backfilled() -> bool:
+    async def backfilled() -> bool:  # a poll read it after the line was mended
         if await _health(db, FLAKY_METER) is not Health.ONLINE:
             return False
-        latest = await _latest_times(db, [FLAKY_METER])
-        return latest.get(FLAKY_METER, 0) >= mended_at
+        since = await export(db, FLAKY_METER, int(mended_at), 2**62, include_estimated=False)
+        return any(r.source == "poll" for r in since.readings)
 
     back = await _until(backfilled, options.timeout, workers)
     now = datetime.fromtimestamp(clock.now(), UTC)
