@@ -738,14 +738,14 @@ async def _serve_a_day(
         f"the simulator restarted at {speed:g}x real time (an hour every {3600 / speed:g} s); "
         "the meters go on from their saved state"
     )
-    line = _Line(host, int(port))
-    await line.start()
     db_path = workdir / "hes.db"
     for name in ("hes.db", "hes.db-wal", "hes.db-shm", "hes.db-journal"):
         (workdir / name).unlink(missing_ok=True)  # each run registers the fleet afresh
     db = await open_database(f"sqlite:///{db_path}", check=False)
+    line = _Line(host, int(port))
     workers: list[_Worker] = []
     try:
+        await line.start()
         meter_ids = await _register(head_end, db, simulator.fleet_file, modbus_tcp, line)
         units: dict[str, int] = endpoints["meters"]
         clock = await _fleet_clock(modbus_tcp, units[meter_ids[0]], speed)
