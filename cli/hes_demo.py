@@ -34,7 +34,9 @@ class RichReporter:
 @handle_errors
 def demo(
     meters: int = typer.Option(4, min=1, max=200, help="Meters besides the two special ones."),
-    speed: float = typer.Option(600.0, min=1.0, help="Simulated seconds per real second."),
+    speed: float = typer.Option(
+        600.0, min=1.0, help="Simulated seconds per real second (until hes serve's day)."
+    ),
     broker: str | None = typer.Option(
         None,
         help="MQTT broker URL, or 'local' to start a Mosquitto for the demo; default: the broker "
@@ -42,13 +44,17 @@ def demo(
     ),
     no_mqtt: bool = typer.Option(False, "--no-mqtt", help="Modbus only: start no broker."),
     workdir: Path | None = typer.Option(
-        None, help="Keep the demo's files (fleet, meter state, broker, logs) here."
+        None, help="Keep the demo's files (fleet, meter state, broker, store, logs) here."
     ),
     timeout: float = typer.Option(60.0, min=1.0, help="Longest wait of any one step (s)."),
 ) -> None:
     """Run a simulated fleet and work it from the head-end over Modbus and MQTT, checking
     every step: readings, a payment applied exactly once, remote disconnect and reconnect, an
-    STS token, a meter running out of credit and a top-up restoring it, reconciliation."""
+    STS token, a meter running out of credit and a top-up restoring it, reconciliation. Then
+    register the fleet in a fresh store (WORKDIR/hes.db) and run hes serve over it for a
+    simulated day at 3600x real time, with one meter's line cut for a while and the meters and
+    the ingest restarted, and check the store: contiguous intervals, the outage backfilled and
+    its health changes, repeats seen and not stored, the audit chain."""
     if broker is not None and no_mqtt:
         raise fail("--broker and --no-mqtt contradict each other: give one")
     if broker is not None and broker != "local":

@@ -60,6 +60,7 @@ class ServeSettings:
     monitor_every: float | None = 10.0  # seconds between balance-monitor passes; None: none
     dispatch: DispatchSettings | None = field(default_factory=DispatchSettings)  # None: none
     policy_every: float | None = 10.0  # seconds between two policy passes; None: none
+    poll: bool = True  # False: no poll schedule here (a worker that only ingests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +175,8 @@ async def serve(
                 )
             )
         async with asyncio.TaskGroup() as group:
-            group.create_task(_schedule(poller, stop, metrics), name="poll schedule")
+            if settings.poll:
+                group.create_task(_schedule(poller, stop, metrics), name="poll schedule")
             group.create_task(housekeeping.run(stop, settings.housekeeping), name="housekeeping")
             if settings.monitor_every is not None:
                 monitor = BalanceMonitor(db, clock)
