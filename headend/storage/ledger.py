@@ -490,6 +490,10 @@ class PaymentRequest:
     def __post_init__(self) -> None:
         if not 1 <= len(self.reference) <= 128 or not self.reference.isprintable():
             raise PaymentRefused(Code.MALFORMED_FIELD, "reference is 1 to 128 printable characters")
+        if self.payer is not None and not (
+            1 <= len(self.payer) <= 200 and self.payer.isprintable() and self.payer.strip()
+        ):
+            raise PaymentRefused(Code.MALFORMED_FIELD, "payer is 1 to 200 printable characters")
 
     def digest(self) -> str:
         """What makes two requests under one reference the same request."""
@@ -528,7 +532,10 @@ async def _pay(
 ) -> PaymentAnswer:
     channel = await _channel(session, request.channel)
     if channel is None or channel.status != "active":
-        raise PaymentRefused(Code.UNKNOWN_CHANNEL, f"no channel {request.channel!r}")
+        detail = f"no channel {request.channel!r}"
+        if await session.get(Meter, request.meter_id) is None:  # name every unknown at once
+            detail += f"; no meter {request.meter_id!r} is registered"
+        raise PaymentRefused(Code.UNKNOWN_CHANNEL, detail)
     existing = (
         await session.scalars(
             select(Payment).where(
@@ -767,6 +774,10 @@ async def list_payments(
     if channel is not None:
         query = query.where(PaymentChannel.name == channel)
     async with db.read() as session:
+        if meter is not None and await session.get(Meter, meter) is None:
+            raise StorageError(f"no meter {meter!r} is registered")
+        if channel is not None and await _channel(session, channel) is None:
+            raise StorageError(f"no channel {channel!r}")
         rows = (await session.execute(query)).all()
     return [_view(*row) for row in rows]
 
