@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
@@ -19,6 +21,7 @@ from cli.hes import app
 from headend.domain.registry import Block, MeterRecord, TariffRecord
 from headend.services.registry import route_of
 from headend.storage import open_database
+from headend.storage.database import MIGRATIONS
 from headend.storage.ledger import PaymentRequest, add_channel, check_balances, pay, set_keypad
 from headend.storage.registry import add_tariff, import_meters
 from headend.storage.schema import (
@@ -442,3 +445,68 @@ def test_channels_list_never_shows_a_key(db: str) -> None:
     assert listed[1]["key_prefix"] == key[:12]
     code, out = hes(db, "channels", "add", "MPESA", "--kind", "mobile")
     assert (code, out.strip()) == (1, "error: channel 'MPESA' exists already")
+
+
+def test_tariff_charges_through_the_cli_and_back(db: str) -> None:
+    code, out = hes(db, "tariffs", "add", "NEW", "--price", "3000", "--block", "50:1200",
+                    "--block", "200.5:2000", "--vat", "7.5", "--fee", "1000",
+                    "--service-charge", "5000", "--debt-share", "10", "--min-vend", "500",
+                    "--max-vend", "900000")  # fmt: skip
+    assert code == 0, out
+    shown = ok(db, "tariffs", "show", "NEW")
+    assert {k: shown[k] for k in ("kind", "blocks", "fee", "service_charge", "vat_bp")} == {
+        "kind": "block",
+        "blocks": [[50000, 1200], [200500, 2000]],
+        "fee": 1000,
+        "service_charge": 5000,
+        "vat_bp": 750,
+    }
+    assert (shown["debt_share_bp"], shown["min_vend"], shown["max_vend"]) == (1000, 500, 900000)
+    code, out = hes(db, "tariffs", "add", "NEW", "--price", "3000")
+    assert (code, out.strip()) == (1, "error: tariff 'NEW' exists with other values")
+    code, out = hes(db, "tariffs", "add", "TOU-B", "--price", "1", "--price", "2", "--block", "5:1")
+    assert (code, out.strip()) == (
+        1,
+        "error: a block tariff has one --price (beyond its last block), not rates",
+    )
+
+
+def test_keypad_key_data_is_kept_once(db: str) -> None:
+    key = ["--vending-key", VENDING_KEY, "--pan", PAN, "--base-date", "1993"]
+    code, out = hes(db, "keypad", "add", "K-1", *key)
+    assert code == 1
+    assert "has other STS key data" in out
+    same = ["--vending-key", VENDING_KEY, "--pan", PAN]
+    assert ok(db, "keypad", "add", "K-1", *same)["changed"] is False
+    code, out = hes(db, "keypad", "add", "M-1", *same)
+    assert (code, out.strip()) == (
+        1,
+        "error: meter M-1 counts money: a keypad meter's credit is energy (STS tokens)",
+    )
+
+
+def _migrate(connection: Any, revision: str, down: bool) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["connection"] = connection
+    (command.downgrade if down else command.upgrade)(config, revision)
+
+
+async def test_the_migration_goes_down_and_up_again(db: str) -> None:
+    database = await open_database(db)
+    now = datetime.now(UTC)
+    try:
+        await pay(database, PaymentRequest("COUNTER-1", "M", "M-1", "100.00"), now, actor="a")
+        async with database.engine.begin() as conn:
+            await conn.run_sync(_migrate, "0002", True)
+        assert await database.revision() == "0002"
+        async with database.engine.begin() as conn:
+            await conn.run_sync(_migrate, "head", False)
+        assert await database.revision() == "0004"
+        await add_channel(database, "COUNTER-1", "counter", now, actor="a")
+        again = await pay(
+            database, PaymentRequest("COUNTER-1", "M", "M-1", "100.00"), now, actor="a"
+        )
+        assert (again.answer["receipt"], again.replayed) == (1, False)
+    finally:
+        await database.close()

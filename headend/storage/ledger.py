@@ -172,11 +172,14 @@ async def set_keypad(
                 f"meter {meter_id} counts money: a keypad meter's credit is energy (STS tokens)"
             )
         vending = await _vending(session, meter_id)
-        if (
-            meter.sts_key_id is not None
-            and _key_data(meter, vending, await session.get(KeyMaterial, meter.sts_key_id)) == key
-        ):
-            return False
+        if meter.sts_key_id is not None:
+            kept = await session.get(KeyMaterial, meter.sts_key_id)
+            if _key_data(meter, vending, kept) == key:
+                return False
+            raise StorageError(
+                f"meter {meter_id} has other STS key data: moving it to new keys takes key "
+                "change tokens, which payments do not issue"
+            )
         material = KeyMaterial(kind="sts", secret=key.vending_key, created_at=now)
         session.add(material)
         await session.flush()
