@@ -22,7 +22,14 @@ from headend.domain.registry import Block, MeterRecord, TariffRecord
 from headend.services.registry import route_of
 from headend.storage import open_database
 from headend.storage.database import MIGRATIONS
-from headend.storage.ledger import PaymentRequest, add_channel, check_balances, pay, set_keypad
+from headend.storage.ledger import (
+    PaymentRequest,
+    add_channel,
+    channel_for_key,
+    check_balances,
+    pay,
+    set_keypad,
+)
 from headend.storage.registry import add_tariff, import_meters
 from headend.storage.schema import (
     AuditEntry,
@@ -443,6 +450,17 @@ def test_channels_list_never_shows_a_key(db: str) -> None:
     ]
     assert key not in json.dumps(listed)
     assert listed[1]["key_prefix"] == key[:12]
+
+    async def lookup(text: str) -> str | None:
+        database = await open_database(db)
+        try:
+            found = await channel_for_key(database, text)
+        finally:
+            await database.close()
+        return None if found is None else found.name
+
+    assert asyncio.run(lookup(key)) == "MPESA"
+    assert asyncio.run(lookup(key[:-1] + ("A" if key[-1] != "A" else "B"))) is None
     code, out = hes(db, "channels", "add", "MPESA", "--kind", "mobile")
     assert (code, out.strip()) == (1, "error: channel 'MPESA' exists already")
 

@@ -356,11 +356,6 @@ async def check_balances(db: Database) -> list[BalanceCheck]:
     return [BalanceCheck(r.code, r.balance, int(sums.get(r.id) or 0)) for r in rows]
 
 
-async def account_balances(db: Database) -> dict[str, int]:
-    """Every ledger account's balance (debits minus credits), by code."""
-    return {check.code: check.cached for check in await check_balances(db)}
-
-
 # -- payments -------------------------------------------------------------------------------------
 
 
@@ -871,7 +866,6 @@ __all__ = [
     "PaymentRequest",
     "PaymentView",
     "Quote",
-    "account_balances",
     "add_channel",
     "channel_for_key",
     "check_balances",
