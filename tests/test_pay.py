@@ -528,3 +528,31 @@ async def test_the_migration_goes_down_and_up_again(db: str) -> None:
         assert (again.answer["receipt"], again.replayed) == (1, False)
     finally:
         await database.close()
+
+
+async def test_concurrent_payments_to_one_meter_get_distinct_numbers(db: str) -> None:
+    first, second = await open_database(db), await open_database(db)
+    now = datetime.now(UTC)
+
+    def request(n: int, meter: str) -> PaymentRequest:
+        return PaymentRequest("COUNTER-1", f"C-{meter}-{n}", meter, "30.00")
+
+    try:
+        answers = await asyncio.gather(
+            *(
+                pay(first if n % 2 else second, request(n, meter), now, actor="x")
+                for n in range(4)
+                for meter in ("E-1", "K-1")
+            )
+        )
+    finally:
+        await first.close()
+        await second.close()
+    for meter in ("E-1", "K-1"):
+        numbers = [a.answer["delivery"]["number"] for a in answers if a.answer["meter"] == meter]
+        assert len(set(numbers)) == 4
+    assert [n for n in numbers if n <= 100] == []  # TIDs go on from the kept last TID
+    assert sorted(a.answer["receipt"] for a in answers) == list(range(1, 9))
+    assert sorted(
+        a.answer["delivery"]["number"] for a in answers if a.answer["meter"] == "E-1"
+    ) == [1, 2, 3, 4]
