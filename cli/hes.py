@@ -14,6 +14,8 @@ from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
 from cli.hes_link import register_link_commands
 from cli.hes_notices import notices_app
+from cli.hes_pay import channels_app, keypad_app, payments_app
+from cli.hes_pay import register as register_pay
 from cli.hes_policy import policy_app
 from cli.hes_poll import register as register_poll
 from cli.hes_registry import customers_app, meters_app, tariffs_app
@@ -51,9 +53,13 @@ app.add_typer(notices_app, name="notices")
 app.add_typer(policy_app, name="policy")
 app.add_typer(customers_app, name="customers")
 app.add_typer(tariffs_app, name="tariffs")
+app.add_typer(channels_app, name="channels")
+app.add_typer(keypad_app, name="keypad")
+app.add_typer(payments_app, name="payments")
 register_link_commands(app)
 register_commands(app)
 register_demo(app)
+register_pay(app)
 register_poll(app)
 register_serve(app)
 register_views(app)

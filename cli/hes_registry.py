@@ -19,13 +19,16 @@ from headend.domain.registry import (
     COLUMNS,
     LANGUAGES,
     NOTICE_CHANNELS,
+    Block,
     CustomerRecord,
     MeterRecord,
     TariffRecord,
     account_id,
     calendar_document,
     notice_channel,
+    parse_block,
     parse_friendly_hours,
+    parse_percent,
     parse_utc_offset,
     record_from_row,
 )
@@ -359,6 +362,13 @@ def _tariff_dict(tariff: TariffRecord) -> dict[str, Any]:
         "low_threshold": tariff.low_threshold,
         "critical_threshold": tariff.critical_threshold,
         "calendar": calendar_document(tariff.calendar),
+        "blocks": [[block.upto_wh, block.price] for block in tariff.blocks],
+        "fee": tariff.fee,
+        "service_charge": tariff.service_charge,
+        "vat_bp": tariff.vat_bp,
+        "debt_share_bp": tariff.debt_share_bp,
+        "min_vend": tariff.min_vend,
+        "max_vend": tariff.max_vend,
     }
 
 
@@ -402,10 +412,36 @@ def tariffs_add(
     utc_offset: Annotated[
         str, typer.Option(help="The tariff's local time, e.g. +03:00.")
     ] = "+00:00",
+    block: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--block",
+            help="KWH:PRICE: the month's energy up to KWH costs PRICE minor units per kWh "
+            "(repeatable, limits rising; --price then applies beyond the last block).",
+        ),
+    ] = None,
+    fee: Annotated[int, typer.Option(min=0, help="Fee per payment, minor units.")] = 0,
+    service_charge: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Fixed monthly charge, minor units, from the month's first payments."
+        ),
+    ] = 0,
+    vat: Annotated[
+        str, typer.Option(help="VAT in percent (e.g. 16 or 7.5), included in what is paid.")
+    ] = "0",
+    debt_share: Annotated[
+        str, typer.Option(help="Percent of each payment that goes to the account's debt.")
+    ] = "0",
+    min_vend: Annotated[int, typer.Option(min=0, help="Smallest payment, minor units.")] = 0,
+    max_vend: Annotated[
+        int | None, typer.Option(min=1, help="Largest payment, minor units (default: none).")
+    ] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Register a tariff (a repeat with the same values changes nothing)."""
+    """Register a tariff (a repeat with the same values changes nothing). Unit prices are
+    net of VAT; docs/payments.md says how a payment is split."""
     try:
         days = frozenset(date.fromisoformat(text) for text in holiday or [])
     except ValueError as exc:
@@ -416,7 +452,23 @@ def tariffs_add(
         days,
         parse_utc_offset(utc_offset),
     )
-    record = TariffRecord(tariff_id, currency, scale, tuple(price), low, critical, calendar)
+    blocks = tuple(Block(*parse_block(text)) for text in block or [])
+    record = TariffRecord(
+        tariff_id,
+        currency,
+        scale,
+        tuple(price),
+        low,
+        critical,
+        calendar,
+        blocks,
+        fee,
+        service_charge,
+        parse_percent(vat, "--vat"),
+        parse_percent(debt_share, "--debt-share"),
+        min_vend,
+        max_vend,
+    )
     added = with_db(db, lambda database: add_tariff(database, record, _now(), actor=operator()))
     if as_json:
         print_json(_tariff_dict(record) | {"added": added})

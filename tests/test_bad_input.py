@@ -237,6 +237,14 @@ BASE: dict[str, list[str]] = {
     "hes policy dry-run": ["policy", "dry-run"],
     "hes status": ["status"],
     "hes readings": ["readings", "M-1"],
+    "hes channels add": ["channels", "add", "COUNTER-1", "--kind", "counter"],
+    "hes channels list": ["channels", "list"],
+    "hes keypad add": ["keypad", "add", "M-1", *KEY],
+    "hes quote": ["quote", "--meter", "M-1", "--amount", "100.00"],
+    "hes pay": ["pay", "--channel", "C-1", "--ref", "R-1", "--meter", "M-1", "--amount", "1"],
+    "hes payments list": ["payments", "list"],
+    "hes payments show": ["payments", "show", "1"],
+    "hes payments reverse": ["payments", "reverse", "1", "--reason", "typo"],
 }
 #: values of the right form that an option refuses, where its range is checked by the command
 #: rather than declared on the option; and the bad values of text options
@@ -308,6 +316,12 @@ BAD_VALUES: dict[str, list[str]] = {
     "--reason": ["", "  "],
     "--deadline": ["soon", "0s"],
     "--actor": ["", " "],
+    "--kind": ["fax"],
+    "--ref": [""],
+    "--payer": [""],
+    "--block": ["abc", "50"],
+    "--vat": ["x", "101", "7.125"],
+    "--debt-share": ["x", "101"],
 }
 #: options whose every text is a valid value (names, labels)
 FREE_TEXT = frozenset({"--serial", "--customer"})

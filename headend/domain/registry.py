@@ -199,7 +199,7 @@ def parse_meters_csv(
     return records, refusals
 
 
-TariffKind = Literal["flat", "tou"]
+TariffKind = Literal["flat", "tou", "block"]
 NoticeChannel = Literal["sms", "email", "webhook", "none"]
 NOTICE_CHANNELS: Final = ("sms", "email", "webhook", "none")
 LANGUAGES: Final = ("en", "zh")
@@ -253,9 +253,27 @@ def parse_utc_offset(text: str) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class Block:
+    """A step of a block tariff: energy bought in a month up to ``upto_wh`` (counted from the
+    month's first Wh) costs ``price`` minor units per kWh."""
+
+    upto_wh: int
+    price: int
+
+
+BASIS_POINTS: Final = 10_000  # 100 %
+
+
+@dataclass(frozen=True, slots=True)
 class TariffRecord:
-    """A tariff as the registry keeps it: unit prices (minor units per kWh) per rate, rate 1
-    first (one price: flat), and the balance thresholds of its accounts in minor units."""
+    """A tariff as the registry keeps it: unit prices (minor units per kWh, net of VAT) per
+    rate, rate 1 first (one price: flat), and the balance thresholds of its accounts in minor
+    units. What a payment pays besides energy: a ``fee`` per payment, a ``service_charge`` per
+    month (collected from the month's first payments), VAT at ``vat_bp`` basis points (prices
+    and charges are VAT-inclusive in what a customer pays), ``debt_share_bp`` of each payment
+    towards the account's debt, and payments from ``min_vend`` to ``max_vend`` (None: no top).
+    ``blocks`` make it a block tariff: the month's energy is priced step by step, the single
+    price applying beyond the last block."""
 
     tariff_id: str
     currency: str
@@ -264,6 +282,13 @@ class TariffRecord:
     low_threshold: int
     critical_threshold: int
     calendar: Calendar = field(default_factory=Calendar)  # when supply is never cut for credit
+    blocks: tuple[Block, ...] = ()
+    fee: int = 0
+    service_charge: int = 0
+    vat_bp: int = 0
+    debt_share_bp: int = 0
+    min_vend: int = 0
+    max_vend: int | None = None
 
     def __post_init__(self) -> None:
         if not _ID.fullmatch(self.tariff_id):
@@ -275,10 +300,103 @@ class TariffRecord:
             raise ValidationError("unit prices are non-negative whole minor units per kWh")
         if not 0 <= self.critical_threshold <= self.low_threshold:
             raise ValidationError("thresholds: 0 <= critical <= low")
+        if self.blocks:
+            if len(self.prices) != 1:
+                raise ValidationError(
+                    "a block tariff has one --price (beyond its last block), not rates"
+                )
+            upto = 0
+            for block in self.blocks:
+                if type(block.upto_wh) is not int or block.upto_wh <= upto:
+                    raise ValidationError("block limits are whole Wh, each above the one before")
+                if type(block.price) is not int or block.price < 0:
+                    raise ValidationError("block prices are non-negative whole minor units")
+                upto = block.upto_wh
+        for name in ("fee", "service_charge", "min_vend"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 0:
+                raise ValidationError(f"{name} is a non-negative whole number of minor units")
+        for name in ("vat_bp", "debt_share_bp"):
+            value = getattr(self, name)
+            if type(value) is not int or not 0 <= value <= BASIS_POINTS:
+                raise ValidationError(f"{name} is 0..{BASIS_POINTS} basis points (0..100 %)")
+        if self.max_vend is not None and (
+            type(self.max_vend) is not int or self.max_vend < max(self.min_vend, 1)
+        ):
+            raise ValidationError("max_vend is at least 1 and at least min_vend")
 
     @property
     def kind(self) -> TariffKind:
+        if self.blocks:
+            return "block"
         return "flat" if len(self.prices) == 1 else "tou"
+
+
+def tariff_document(tariff: TariffRecord) -> dict[str, Any]:
+    """What the tariffs table's JSON ``definition`` holds (integers only)."""
+    document: dict[str, Any] = {
+        "prices": list(tariff.prices),
+        "calendar": calendar_document(tariff.calendar),
+    }
+    if tariff.blocks:
+        document["blocks"] = [[block.upto_wh, block.price] for block in tariff.blocks]
+    for name in ("fee", "service_charge", "vat_bp", "debt_share_bp", "min_vend"):
+        if getattr(tariff, name):
+            document[name] = getattr(tariff, name)
+    if tariff.max_vend is not None:
+        document["max_vend"] = tariff.max_vend
+    return document
+
+
+def tariff_from(
+    tariff_id: str,
+    *,
+    currency: str,
+    currency_scale: int,
+    low_threshold: int,
+    critical_threshold: int,
+    document: dict[str, Any],
+) -> TariffRecord:
+    """A tariff from its table row's columns and its ``definition`` (older definitions, with
+    prices and a calendar only, read as tariffs without charges)."""
+    max_vend = document.get("max_vend")
+    return TariffRecord(
+        tariff_id,
+        currency,
+        currency_scale,
+        tuple(int(p) for p in document["prices"]),
+        low_threshold,
+        critical_threshold,
+        calendar_from(document.get("calendar", {})),
+        tuple(Block(int(upto), int(price)) for upto, price in document.get("blocks", [])),
+        int(document.get("fee", 0)),
+        int(document.get("service_charge", 0)),
+        int(document.get("vat_bp", 0)),
+        int(document.get("debt_share_bp", 0)),
+        int(document.get("min_vend", 0)),
+        None if max_vend is None else int(max_vend),
+    )
+
+
+def parse_percent(text: str, option: str) -> int:
+    """``"16"``, ``"7.5"`` percent -> basis points (1600, 750); at most two decimals."""
+    match = re.fullmatch(r"(\d{1,3})(?:\.(\d{1,2}))?", text.strip())
+    if match is None:
+        raise ValidationError(f"{option} is a percentage such as 16 or 7.5, got {text!r}")
+    points = int(match[1]) * 100 + int((match[2] or "").ljust(2, "0"))
+    if points > BASIS_POINTS:
+        raise ValidationError(f"{option} is 0 to 100 %, got {text!r}")
+    return points
+
+
+def parse_block(text: str) -> tuple[int, int]:
+    """``"50:1200"``: the month's energy up to 50 kWh costs 1200 minor units per kWh ->
+    (50000 Wh, 1200). The limit may have up to three decimals (kWh to the Wh)."""
+    match = re.fullmatch(r"(\d+)(?:\.(\d{1,3}))?:(\d+)", text.strip())
+    if match is None:
+        raise ValidationError(f"--block is KWH:PRICE such as 50:1200, got {text!r}")
+    wh = int(match[1]) * 1000 + int((match[2] or "").ljust(3, "0"))
+    return wh, int(match[3])
 
 
 def account_id(text: str) -> str:
@@ -323,7 +441,9 @@ class CustomerRecord:
 
 
 __all__ = [
+    "BASIS_POINTS",
     "COLUMNS",
+    "Block",
     "CustomerRecord",
     "MeterRecord",
     "Route",
@@ -332,6 +452,10 @@ __all__ = [
     "TariffRecord",
     "account_id",
     "notice_channel",
+    "parse_block",
     "parse_meters_csv",
+    "parse_percent",
     "record_from_row",
+    "tariff_document",
+    "tariff_from",
 ]

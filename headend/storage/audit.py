@@ -3,6 +3,11 @@
 Entries are appended in the transaction of the action they record, one writer at a time (on
 PostgreSQL a transaction-scoped advisory lock; on SQLite the write lock every transaction
 takes), so positions have no gaps and the chain no forks.
+
+Every ledger transaction has its entry (action ``ledger.<kind>``), whose detail records the
+transaction with all its postings; :func:`verify_chain` checks, after the chain, that the
+ledger's tables still say what their entries say, so a posting edited, added or deleted by
+hand is named as well.
 """
 
 from __future__ import annotations
@@ -18,7 +23,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.audit import GENESIS, Broken, Entry, chain_hash, check_link
 from headend.storage.database import Database
-from headend.storage.schema import AuditEntry, Meter
+from headend.storage.schema import (
+    AuditEntry,
+    LedgerAccount,
+    LedgerPosting,
+    LedgerTransaction,
+    Meter,
+)
 from protocols.errors import StorageError
 
 #: the advisory lock that serialises appends on PostgreSQL ("audit" in ASCII)
@@ -169,7 +180,81 @@ async def verify_chain(db: Database) -> Verification:
         if broken is not None:
             return Verification(count, broken)
         previous = stored
-    return Verification(count, None)
+    return Verification(count, await verify_ledger(db))
+
+
+def _postings(document: Any) -> list[tuple[str, int]]:
+    return sorted((str(code), int(amount)) for code, amount in document)
+
+
+async def verify_ledger(db: Database, batch: int = 2000) -> Broken | None:
+    """The ledger against the audit trail: each transaction and its postings as its entry
+    records them, and an existing transaction for every ledger entry."""
+    after = 0
+    while True:
+        async with db.read() as session:
+            rows = (
+                await session.scalars(
+                    select(LedgerTransaction)
+                    .where(LedgerTransaction.id > after)
+                    .order_by(LedgerTransaction.id)
+                    .limit(batch)
+                )
+            ).all()
+            if not rows:
+                break
+            ids = [row.id for row in rows]
+            legs: dict[int, list[tuple[str, int]]] = {i: [] for i in ids}
+            found = await session.execute(
+                select(LedgerPosting.transaction_id, LedgerAccount.code, LedgerPosting.amount)
+                .join(LedgerAccount, LedgerAccount.id == LedgerPosting.account_id)
+                .where(LedgerPosting.transaction_id.in_(ids))
+            )
+            for transaction_id, code, amount in found:
+                legs[transaction_id].append((code, amount))
+            positions = [row.audit_position for row in rows]
+            entries_at = {
+                entry.position: entry
+                for entry in (
+                    await session.scalars(
+                        select(AuditEntry).where(AuditEntry.position.in_(positions))
+                    )
+                ).all()
+            }
+        for row in rows:
+            entry = entries_at.get(row.audit_position)
+            recorded = json.loads(entry.detail).get("transaction") if entry else None
+            if entry is None or not entry.action.startswith("ledger.") or recorded is None:
+                return Broken(
+                    row.audit_position,
+                    f"ledger transaction {row.id} has no audit entry (inserted by hand)",
+                )
+            same = (
+                recorded.get("kind") == row.kind
+                and recorded.get("memo") == row.memo
+                and recorded.get("corrects") == row.corrects
+                and _postings(recorded.get("postings", [])) == sorted(legs[row.id])
+            )
+            if not same:
+                return Broken(
+                    entry.position,
+                    f"ledger transaction {row.id} does not match its audit entry "
+                    "(its postings were edited)",
+                )
+        after = rows[-1].id
+    async with db.read() as session:
+        recorded_positions = (
+            await session.scalars(
+                select(AuditEntry.position)
+                .where(AuditEntry.action.like("ledger.%"))
+                .order_by(AuditEntry.position)
+            )
+        ).all()
+        kept = set((await session.scalars(select(LedgerTransaction.audit_position))).all())
+    for position in recorded_positions:
+        if position not in kept:
+            return Broken(position, "its ledger transaction is missing (deleted)")
+    return None
 
 
 async def entries(db: Database, subject: str | None = None, limit: int = 50) -> list[Entry]:

@@ -16,9 +16,9 @@ from headend.domain.registry import (
     MeterRecord,
     RowRefusal,
     TariffRecord,
-    calendar_document,
-    calendar_from,
     notice_channel,
+    tariff_document,
+    tariff_from,
 )
 from headend.storage import audit
 from headend.storage.database import Database
@@ -233,9 +233,7 @@ def meter_dict(meter: Meter) -> dict[str, Any]:
 async def add_tariff(db: Database, tariff: TariffRecord, now: datetime, *, actor: str) -> bool:
     """Register ``tariff``; False if the same tariff is registered already (a repeat changes
     nothing); StorageError if the id is taken by a different one."""
-    definition = json.dumps(
-        {"prices": list(tariff.prices), "calendar": calendar_document(tariff.calendar)}
-    )
+    definition = json.dumps(tariff_document(tariff))
     async with db.begin() as session:
         existing = await session.get(Tariff, tariff.tariff_id)
         if existing is not None:
@@ -268,16 +266,13 @@ async def add_tariff(db: Database, tariff: TariffRecord, now: datetime, *, actor
 
 
 def tariff_record(row: Tariff) -> TariffRecord:
-    document = json.loads(row.definition)
-    prices = document["prices"]
-    return TariffRecord(
+    return tariff_from(
         row.id,
-        row.currency,
-        row.currency_scale,
-        tuple(int(p) for p in prices),
-        row.low_threshold,
-        row.critical_threshold,
-        calendar_from(document.get("calendar", {})),
+        currency=row.currency,
+        currency_scale=row.currency_scale,
+        low_threshold=row.low_threshold,
+        critical_threshold=row.critical_threshold,
+        document=json.loads(row.definition),
     )
 
 

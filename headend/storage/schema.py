@@ -370,4 +370,175 @@ class AuditEntry(Base):
     __table_args__ = (Index("ix_audit_log_subject", "subject"),)
 
 
+# -- ledger, payments, credit delivery ------------------------------------------------------------
+
+
+class LedgerAccount(Base):
+    """One account of the double-entry ledger; ``balance`` (debits minus credits) is a cache
+    of its postings, written in the transaction that adds them."""
+
+    __tablename__ = "ledger_accounts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    code: Mapped[str] = mapped_column(String(160), unique=True)  # kind:owner:currency
+    kind: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str] = mapped_column(String(64))  # account or channel; "" for the utility's
+    currency: Mapped[str] = mapped_column(String(3))
+    balance: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime]
+
+
+class LedgerTransaction(Base):
+    """A balanced set of postings; never changed. A correction names what it corrects, and
+    ``audit_position`` is its entry on the audit trail's hash chain."""
+
+    __tablename__ = "ledger_transactions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))  # payment delivery reversal adjustment
+    memo: Mapped[str]
+    corrects: Mapped[int | None] = mapped_column(ForeignKey("ledger_transactions.id"))
+    at: Mapped[datetime]
+    audit_position: Mapped[int] = mapped_column(unique=True)
+
+
+class LedgerPosting(Base):
+    """Immutable: the database refuses to update or delete one (triggers of migration 0004)."""
+
+    __tablename__ = "ledger_postings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    transaction_id: Mapped[int] = mapped_column(ForeignKey("ledger_transactions.id"))
+    account_id: Mapped[int] = mapped_column(ForeignKey("ledger_accounts.id"))
+    amount: Mapped[int]  # minor units, debit positive
+
+    __table_args__ = (
+        Index("ix_ledger_postings_transaction", "transaction_id"),
+        Index("ix_ledger_postings_account", "account_id"),
+    )
+
+
+class LedgerCounter(Base):
+    """Gapless numbers (receipts): taken with an UPDATE in the transaction that uses them."""
+
+    __tablename__ = "ledger_counters"
+
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    value: Mapped[int]
+
+
+class PaymentChannel(Base):
+    """A way money arrives (a wallet, a bank, a counter); its API key is kept as a SHA-256."""
+
+    __tablename__ = "payment_channels"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    kind: Mapped[str] = mapped_column(String(16))  # mobile bank app kiosk counter agent autodebit
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    key_prefix: Mapped[str] = mapped_column(String(16))  # shown to tell keys apart
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime]
+
+
+class Payment(Base):
+    """A payment taken, once per (channel, reference); ``answer`` is the first answer, given
+    again to every repeat of the same request (``request_hash``)."""
+
+    __tablename__ = "payments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel_id: Mapped[int] = mapped_column(ForeignKey("payment_channels.id"))
+    reference: Mapped[str] = mapped_column(String(128))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"))
+    tariff_id: Mapped[str] = mapped_column(ForeignKey("tariffs.id"))
+    currency: Mapped[str] = mapped_column(String(3))
+    amount: Mapped[int]
+    debt_recovered: Mapped[int]
+    fee: Mapped[int]
+    service_charge: Mapped[int]
+    tax: Mapped[int]
+    energy_net: Mapped[int]
+    change_in: Mapped[int]
+    change_out: Mapped[int]
+    credit_unit: Mapped[str] = mapped_column(String(8))  # money energy
+    credit_value: Mapped[int]  # minor units
+    credit_amount: Mapped[int]  # in the credit unit
+    wh: Mapped[int]  # energy bought (the block tariff's month position)
+    state: Mapped[str] = mapped_column(String(16))  # accepted reversed
+    payer: Mapped[str | None]
+    paid_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    transaction_id: Mapped[int] = mapped_column(ForeignKey("ledger_transactions.id"))
+    reversal_id: Mapped[int | None] = mapped_column(ForeignKey("ledger_transactions.id"))
+    reversal_reason: Mapped[str | None]
+    answer: Mapped[str]  # JSON text
+
+    __table_args__ = (
+        UniqueConstraint("channel_id", "reference"),
+        Index("ix_payments_account", "account_id", "paid_at"),
+        Index("ix_payments_meter", "meter_id", "paid_at"),
+    )
+
+
+class Receipt(Base):
+    """Receipt numbers are gapless: 1, 2, 3 ... (ledger_counters 'receipt')."""
+
+    __tablename__ = "receipts"
+
+    number: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"), unique=True)
+    issued_at: Mapped[datetime]
+
+
+class MeterVending(Base):
+    """Per meter, what vending to it needs: the last credit transfer number allocated and, for
+    a keypad (STS) meter, its key data (the vending key in key_material via the meter's
+    ``sts_key_id``) and the last TID issued."""
+
+    __tablename__ = "meter_vending"
+
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"), primary_key=True)
+    last_transfer: Mapped[int] = mapped_column(default=0)
+    pan: Mapped[str | None] = mapped_column(String(18))
+    sgc: Mapped[int | None] = mapped_column(Integer)
+    ti: Mapped[int | None] = mapped_column(Integer)
+    krn: Mapped[int | None] = mapped_column(Integer)
+    kt: Mapped[int | None] = mapped_column(Integer)
+    base_date: Mapped[int | None] = mapped_column(Integer)
+    ken: Mapped[int | None] = mapped_column(Integer)
+    last_tid: Mapped[int | None]
+
+
+class CreditTransfer(Base):
+    """Credit owed to a meter: a remote transfer (``number`` the meter's transfer number) for
+    the dispatcher to deliver, or an STS token (``number`` its TID) for the customer to key in."""
+
+    __tablename__ = "credit_transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"))
+    kind: Mapped[str] = mapped_column(String(8))  # transfer token
+    number: Mapped[int]
+    payment_id: Mapped[int] = mapped_column(ForeignKey("payments.id"))
+    unit: Mapped[str] = mapped_column(String(8))  # money energy
+    amount: Mapped[int]  # minor units or Wh, as the meter counts
+    value: Mapped[int]  # minor units
+    token: Mapped[str | None] = mapped_column(String(20))
+    #: pending_delivery delivered cancelled (transfer); issued accepted (token)
+    state: Mapped[str] = mapped_column(String(20))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None]
+
+    __table_args__ = (
+        UniqueConstraint("meter_id", "kind", "number"),
+        Index("ix_credit_transfers_state", "state", "updated_at"),
+    )
+
+
 metadata = Base.metadata
