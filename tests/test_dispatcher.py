@@ -24,11 +24,13 @@ from headend.services.registry import route_of
 from headend.storage import Database, open_database
 from headend.storage.audit import verify_chain
 from headend.storage.commands import Request, cancel_command, get_command, list_commands
+from headend.storage.ledger import PaymentRequest, add_channel, pay
 from headend.storage.polling import PollTarget
 from headend.storage.readings import reading_row, store_readings
 from headend.storage.registry import add_customer, add_tariff, import_meters
 from headend.storage.schema import Account, CommandRow, Notification
 from headend.storage.schema import Meter as MeterRow
+from headend.storage.supply import PolicyInput, policy_inputs
 from meter_sim.config import MeterConfig
 from meter_sim.firmware import Meter
 from meter_sim.loads import load_for
@@ -412,3 +414,24 @@ async def test_one_transaction_queues_many_as_one_at_a_time_would(db: Database) 
     assert len(await list_commands(db)) == 3  # the refused batch queued nothing
     assert (await dispatcher.dispatch_once()).outcomes == {"verified": 2}
     assert (await verify_chain(db)).broken is None
+
+
+async def test_the_policy_waits_for_a_payment_on_its_way(db: Database) -> None:
+    clock, _meters, links = _setup()
+    dispatcher = _dispatcher(db, links, clock)
+    out = {"credit": 0, "emergency_credit": 0, "control_state": ControlState.CONNECTED}
+    await _reading(db, "MTR-1", NOW, **out)
+    clock.advance(2 * 3600)
+    later = datetime.fromtimestamp(clock.now(), UTC)
+    await _reading(db, "MTR-1", later, **out)
+    await add_channel(db, "KIOSK-1", "kiosk", later, actor="t")
+    answer = await pay(db, PaymentRequest("KIOSK-1", "R-1", "MTR-1", "100.00"), later, actor="t")
+    assert answer.answer["delivery"]["state"] == "pending_delivery"
+    row = next(r for r in await policy_inputs_of(db) if r.meter_id == "MTR-1")
+    assert row.account.payment_pending
+    assert (await dispatcher.apply_policy()).queued == 0  # the credit is on its way
+
+
+async def policy_inputs_of(db: Database) -> list[PolicyInput]:
+    async with db.read() as session:
+        return await policy_inputs(session)

@@ -14,7 +14,7 @@ from headend.domain.registry import calendar_from
 from headend.storage import audit
 from headend.storage.database import Database, storage_errors
 from headend.storage.readings import latest_times
-from headend.storage.schema import Account, Meter, Reading, Tariff
+from headend.storage.schema import Account, CreditTransfer, Meter, Reading, Tariff
 from protocols.disconnect import ControlState
 from protocols.errors import StorageError, ValidationError
 
@@ -45,6 +45,14 @@ async def policy_inputs(
         .group_by(Reading.meter_id)
         .subquery()
     )
+    #: meters with credit paid for and not yet on the meter: a transfer the dispatcher has to
+    #: deliver, or a token the customer has not keyed in yet
+    on_its_way = (
+        select(CreditTransfer.meter_id)
+        .where(CreditTransfer.state.in_(("pending_delivery", "issued")))
+        .distinct()
+        .subquery()
+    )
     query = (
         select(
             Meter.id,
@@ -60,6 +68,7 @@ async def policy_inputs(
             Account.protection_reason,
             Tariff.definition,
             exhausted.c.since,
+            on_its_way.c.meter_id,
         )
         .join(latest, latest.c.meter_id == Meter.id)
         .join(
@@ -68,6 +77,7 @@ async def policy_inputs(
         .outerjoin(Account, Account.id == Meter.account_id)
         .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
         .outerjoin(exhausted, exhausted.c.meter_id == Meter.id)
+        .outerjoin(on_its_way, on_its_way.c.meter_id == Meter.id)
         .where(Meter.status == "active")
         .order_by(Meter.id)
     )
@@ -89,6 +99,7 @@ async def policy_inputs(
         protection_reason,
         definition,
         since,
+        paid,
     ) in (await session.execute(query)).all():
         calendar = calendars.get(definition)
         if calendar is None:
@@ -99,6 +110,7 @@ async def policy_inputs(
             protected_until=protected_until if protected else None,
             protection_reason=(protection_reason or "") if protected else "",
             exhausted_since=None if since is None else datetime.fromtimestamp(since, UTC),
+            payment_pending=paid is not None,
         )
         meter = MeterState(ControlState(control_state), control_mode, emergency)
         inputs.append(
