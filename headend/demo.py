@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from headend.broker import BrokerPlan, choose_broker
+from headend.demo_supply import supply_control
 from headend.domain.health import Health
 from headend.ingest import Ingest, MemorySink
 from headend.links.base import MeterLink, execute_confirmed
@@ -126,6 +127,7 @@ class DemoOptions:
     timeout: float = 60.0  # the longest any one step may wait
     hours: float = 24.0  # simulated hours of `hes serve` over the fleet (0: none)
     serve_speed: float = 3600.0  # the simulator's and the head-end's clock meanwhile
+    supply: bool = True  # the supply-control story (in process, about half a minute)
 
 
 @dataclass(slots=True)
@@ -223,6 +225,9 @@ async def run_demo(options: DemoOptions, reporter: Reporter) -> DemoResult:
             if options.hours > 0:
                 with _log_file(workdir / "hes-serve.log"):
                     await _serve_a_day(head_end, simulator, workdir, plan.settings, options)
+        if options.supply:
+            with _log_file(workdir / "hes-serve.log"):
+                await supply_control(head_end, reporter, workdir)
     return result
 
 

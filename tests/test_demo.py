@@ -51,6 +51,10 @@ def test_demo_holds_every_check(tmp_path: Path) -> None:
         "every meter has contiguous intervals for the whole period (no hole)",
         "every meter's intervals run from before the serve to its last poll",
         "the audit chain verifies",
+        "the policy waited for the friendly period to end before cutting supply",
+        "EVE-2 (protected) was never cut off, though out of credit",
+        "exactly one disconnect and one reconnect for EVE-1",
+        "one low-credit notice for EVE-1",
     ):
         assert claim in checks, claim
     assert any(c.startswith("it was backfilled on its return") for c in checks)
@@ -65,7 +69,7 @@ def test_demo_runs_on_modbus_alone(tmp_path: Path) -> None:
     directory (here not even a database) is replaced by a fresh one."""
     (tmp_path / "hes.db").write_text("not a database")
     reporter = ListReporter()
-    options = DemoOptions(meters=1, mqtt=False, workdir=tmp_path, hours=8)
+    options = DemoOptions(meters=1, mqtt=False, workdir=tmp_path, hours=8, supply=False)
     result = asyncio.run(run_demo(options, reporter))
     failed = [what for what, ok in result.checks if not ok]
     assert not result.mqtt
@@ -80,7 +84,7 @@ def test_demo_runs_on_modbus_alone(tmp_path: Path) -> None:
 def test_demo_runs_again_on_its_kept_workdir(tmp_path: Path) -> None:
     """A second run on the same work directory tells the same story and holds every check,
     in about the time of the first (the old meters' spent credit and top-ups do not carry)."""
-    options = DemoOptions(meters=1, mqtt=False, workdir=tmp_path, hours=0)
+    options = DemoOptions(meters=1, mqtt=False, workdir=tmp_path, hours=0, supply=False)
     first = asyncio.run(run_demo(options, ListReporter()))
     assert first.ok
     reporter = ListReporter()
