@@ -18,8 +18,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
-from sqlalchemy import select
-
 from headend.domain.policy import Calendar
 from headend.domain.registry import CustomerRecord, MeterRecord, TariffRecord
 from headend.links.base import send_command
@@ -33,9 +31,9 @@ from headend.services.serve import ServeSettings, clock_limits, serve
 from headend.storage import Database, open_database
 from headend.storage.audit import verify_chain
 from headend.storage.commands import CommandView, list_commands
+from headend.storage.notices import latest
 from headend.storage.registry import add_customer, add_tariff, import_meters
-from headend.storage.schema import Notification, Reading
-from headend.storage.supply import set_protection
+from headend.storage.supply import first_exhausted, set_protection
 from meter_sim.config import MeterConfig
 from meter_sim.modbus_server import serve_tcp
 from meter_sim.runtime import MeterRuntime
@@ -118,27 +116,8 @@ async def _register(db: Database, port: int) -> None:
     )
 
 
-async def _exhausted_at(db: Database, meter_id: str) -> datetime | None:
-    async with db.read() as session:
-        first = (
-            await session.execute(
-                select(Reading.meter_time)
-                .where(Reading.meter_id == meter_id, Reading.credit <= 0)
-                .order_by(Reading.meter_time)
-                .limit(1)
-            )
-        ).scalar()
-    return None if first is None else datetime.fromtimestamp(first, UTC)
-
-
 async def _notices(db: Database) -> list[tuple[str, str, str]]:
-    async with db.read() as session:
-        rows = await session.execute(
-            select(Notification.meter_id, Notification.kind, Notification.state).order_by(
-                Notification.id
-            )
-        )
-        return [(m or "", k, s) for m, k, s in rows.all()]
+    return [(n.meter_id or "", n.kind, n.state) for n in reversed(await latest(db, None, 1000))]
 
 
 async def supply_control(checks: Checks, reporter: Reporter, workdir: Path) -> None:
@@ -194,7 +173,7 @@ async def supply_control(checks: Checks, reporter: Reporter, workdir: Path) -> N
                 return
             commands = await list_commands(db, meter_id=CUT)
             disconnect = commands[0]
-            exhausted = await _exhausted_at(db, CUT)
+            exhausted = await first_exhausted(db, CUT)
             friendly_end = START.replace(hour=FRIENDLY[1] // 60, minute=0)
             reporter.note(
                 f"{CUT}: out of credit at {_at(exhausted) if exhausted else '?'} (in the friendly "

@@ -175,3 +175,17 @@ async def protections(db: Database, now: datetime) -> list[Protection]:
         async with db.read() as session:
             rows = (await session.scalars(query)).all()
     return [Protection(a.id, True, a.protection_reason or "", a.protected_until) for a in rows]
+
+
+async def first_exhausted(db: Database, meter_id: str) -> datetime | None:
+    """The meter time of the meter's first stored reading with no credit left, if any."""
+    query = (
+        select(Reading.meter_time)
+        .where(Reading.meter_id == meter_id, Reading.credit <= 0)
+        .order_by(Reading.meter_time)
+        .limit(1)
+    )
+    with storage_errors("reading a meter's readings"):
+        async with db.read() as session:
+            first = (await session.execute(query)).scalar()
+    return None if first is None else datetime.fromtimestamp(first, UTC)
