@@ -678,7 +678,8 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("simulation", "speed"): "Simulated seconds per real second (3600: an hour a second).",
     ("simulation", "start"): "Simulated start time (ISO-8601 or epoch s); default: where the "
     "last run stopped, or now.",
-    ("simulation", "state_dir"): "Directory of the meters' non-volatile state files.",
+    ("simulation", "state_dir"): "Directory of the meters' non-volatile state (`meters.db`, "
+    "SQLite in WAL mode; a directory of per-meter JSON files of before is read as well).",
     ("simulation", "tick_seconds"): "Real seconds between two advances of the whole fleet.",
     ("simulation", "step_seconds"): "Longest integration step of a meter, in simulated seconds "
     "(tariff switches are seen at this resolution).",

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 
 # imported now, not on the first save: a save under load must not need a descriptor to import
 from concurrent.futures import ThreadPoolExecutor  # noqa: F401
@@ -15,11 +16,23 @@ from pathlib import Path
 
 from meter_sim.config import FleetConfig
 from meter_sim.runtime import MeterRuntime
+from meter_sim.statedb import FleetStore, PreparedState
 from protocols.clock import AcceleratedClock, Clock, SystemClock
 from protocols.errors import StateFileError
 
 log = logging.getLogger(__name__)
 CLOCK_FILE = "clock.json"
+TAKE_SLICE = 200  # meters whose state is taken between two yields to the event loop
+
+
+def _write(prepared: Iterable[PreparedState | None]) -> None:
+    """Commit prepared states, one transaction per state database."""
+    by_store: dict[FleetStore, list[PreparedState]] = {}
+    for item in prepared:
+        if item is not None:
+            by_store.setdefault(item.store.fleet, []).append(item)
+    for store, items in by_store.items():
+        store.write(items)
 
 
 def resume_time(config: FleetConfig, state_dir: Path, clock: Clock | None = None) -> float:
@@ -89,11 +102,21 @@ class Fleet:
         directory = state_dir if state_dir is not None else Path(sim.state_dir)
         if clock is None:
             clock = AcceleratedClock(sim.speed, resume_time(config, directory))
+        store = FleetStore(directory)
+        states = store.load_many([meter.meter_id for meter in config.meters])
         runtimes = {
-            meter.meter_id: MeterRuntime.open(meter, clock, directory, sim.step_seconds)
+            meter.meter_id: MeterRuntime.restore(
+                meter,
+                clock,
+                store.meter(meter.meter_id),
+                states.get(meter.meter_id),
+                sim.step_seconds,
+            )
             for meter in config.meters
         }
-        return cls(config, clock, runtimes, state_dir=directory)
+        fleet = cls(config, clock, runtimes, state_dir=directory)
+        _write(rt.prepare_save() for rt in runtimes.values())  # powered up: one transaction
+        return fleet
 
     def __len__(self) -> int:
         return len(self.runtimes)
@@ -103,20 +126,24 @@ class Fleet:
             runtime.sync()
 
     def save_all(self) -> None:
-        for runtime in self.runtimes.values():
-            runtime.save()
+        """Save every meter that changed since its last save, in one transaction, and the
+        fleet's time."""
+        _write(rt.prepare_save() for rt in self.runtimes.values())
         self._write_clock(self.clock.now())
 
     async def save_all_async(self) -> None:
-        """:meth:`save_all` with the files written in a worker thread: every meter's state and
-        the time are taken on the event loop, at one instant of the fleet."""
-        taken = [(rt, rt.prepare_save()) for rt in self.runtimes.values()]
+        """:meth:`save_all` off the event loop: the meters' states are taken on the loop in
+        slices of TAKE_SLICE (the other requests are answered in between), then encoded,
+        compared with what is stored and committed in one transaction in a worker thread."""
+        taken: list[PreparedState | None] = []
+        for index, runtime in enumerate(self.runtimes.values()):
+            taken.append(runtime.prepare_save())
+            if index % TAKE_SLICE == TAKE_SLICE - 1:
+                await asyncio.sleep(0)
         now = self.clock.now()
 
         def write() -> None:
-            for runtime, prepared in taken:
-                if prepared is not None and runtime.store is not None:
-                    runtime.store.write(prepared)
+            _write(taken)
             self._write_clock(now)
 
         await asyncio.to_thread(write)

@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -22,9 +22,10 @@ from meter_sim import gateways
 from meter_sim.config import FleetConfig, fleet_from_mapping, load_fleet
 from meter_sim.fleet import Fleet
 from meter_sim.serve import Endpoints, ServeOptions, serve_fleet
+from meter_sim.statedb import DB_NAME, FleetStore, PreparedState
 from protocols import registermap as rm
 from protocols.clock import ManualClock
-from protocols.errors import ConfigError
+from protocols.errors import ConfigError, StateFileError
 
 START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 
@@ -256,8 +257,9 @@ def _open_descriptors(pid: int) -> int:
 @pytest.mark.slow
 def test_serve_outlives_descriptor_exhaustion_and_failing_saves(tmp_path: Path) -> None:
     """A burst of connections runs the process out of descriptors: accepting pauses and says
-    so, the open connection keeps being answered, periodic saves fail and are retried; once
-    the burst is gone a new connection is served, a save succeeds, and SIGTERM exits 0."""
+    so, the open connection keeps being answered and the periodic saves go on (the state
+    store holds its descriptors); once the burst is gone a new connection is served, and
+    SIGTERM exits 0."""
     config = tmp_path / "fleet.toml"
     config.write_text(FD_FLEET.format(start=START, state=tmp_path / "state"))
     log_path = tmp_path / "serve.log"
@@ -288,16 +290,16 @@ def test_serve_outlives_descriptor_exhaustion_and_failing_saves(tmp_path: Path) 
             burst.append(socket.create_connection(address, timeout=10))
         text = log_path.read_text
         _wait_for(lambda: "cannot accept a connection" in text(), 20, "the accept refusal")
-        _wait_for(lambda: "saving the fleet failed" in text(), 20, "a failed save")
+        log = tmp_path / "state" / f"{DB_NAME}-wal"  # where each save's commit lands
+        refused = time.time()
+        _wait_for(lambda: log.stat().st_mtime > refused, 20, "a save with no descriptor left")
         assert _ask(steady, 2, 2)[7] == 4, "an open connection is no longer answered"
         assert proc.poll() is None
         for sock in burst:
             sock.close()
         burst.clear()
         closed = time.time()
-        saved = tmp_path / "state" / "MTR-0005.json"
-        _wait_for(lambda: saved.stat().st_mtime > closed, 30, "a save after the burst")
-        assert "the fleet saved again" in text()
+        _wait_for(lambda: log.stat().st_mtime > closed, 30, "a save after the burst")
         with socket.create_connection(address, timeout=10) as fresh:
             assert _ask(fresh, 3, 3)[7] == 4
         assert _ask(steady, 4, 4)[7] == 4
@@ -309,3 +311,54 @@ def test_serve_outlives_descriptor_exhaustion_and_failing_saves(tmp_path: Path) 
         proc.communicate(timeout=30)
     assert proc.returncode == 0, log_path.read_text()
     assert "Traceback" not in log_path.read_text()
+
+
+class FlakyStore(FleetStore):
+    """A state store whose next ``failures`` commits fail as a full disk would."""
+
+    def __init__(self, state_dir: Path, failures: int) -> None:
+        super().__init__(state_dir)
+        self.failures = failures
+
+    def write(self, prepared: Iterable[PreparedState]) -> int:
+        if self.failures:
+            self.failures -= 1
+            raise StateFileError(f"{self.path}: cannot save the meters' state: disk full")
+        return super().write(prepared)
+
+
+def _flaky_fleet(tmp_path: Path, failures: int) -> tuple[Fleet, FlakyStore]:
+    fleet = Fleet.from_config(_fleet(3, save_seconds=30), ManualClock(START), tmp_path)
+    flaky = FlakyStore(tmp_path, failures)
+    for runtime in fleet.runtimes.values():
+        assert runtime.store is not None
+        runtime.store.fleet = flaky
+    return fleet, flaky
+
+
+async def test_a_failed_periodic_save_is_reported_and_retried_sooner(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    fleet, flaky = _flaky_fleet(tmp_path, failures=2)
+    assert isinstance(fleet.clock, ManualClock)
+    fleet.clock.advance(600)
+    fleet.sync_all()
+    assert await fleet.periodic_save() == 1.0
+    assert await fleet.periodic_save() == 2.0
+    assert fleet.save_failures == 2
+    assert "saving the fleet failed (2 time(s) in a row), retrying in 2.0 s" in caplog.text
+    assert await fleet.periodic_save() == 30.0
+    assert fleet.save_failures == 0
+    assert flaky.failures == 0
+    assert "the fleet saved again after 2 failed attempt(s)" in caplog.text
+    saved = FleetStore(tmp_path).meter("MTR-0001").load()
+    assert saved["true_time"] == START + 600
+
+
+def test_the_last_save_is_retried_and_its_failure_raised(tmp_path: Path) -> None:
+    fleet, flaky = _flaky_fleet(tmp_path, failures=2)
+    fleet.final_save(attempts=3, pause=0)
+    assert flaky.failures == 0
+    flaky.failures = 3
+    with pytest.raises(StateFileError, match="disk full"):
+        fleet.final_save(attempts=3, pause=0)
