@@ -157,6 +157,7 @@ async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
             "--ready-json",
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
+            limit=2**24,  # the ready line names every meter
         )
         assert child.stdout is not None
         try:
