@@ -489,14 +489,18 @@ def serve(
     speed: float | None = _speed_option("Simulated seconds per real second."),
     modbus_host: str = typer.Option("127.0.0.1", help="Address the Modbus TCP listeners bind."),
     modbus_port: int = typer.Option(
-        5020, min=0, max=65535, help="Modbus TCP port for every meter by unit id (0: a free port)."
+        5020,
+        min=0,
+        max=65535,
+        help="Modbus TCP port of the first gateway (up to 247 meters by unit id; the next "
+        "gateways on the next ports unless the fleet file gives theirs; 0: free ports).",
     ),
-    no_modbus_tcp: bool = typer.Option(False, "--no-modbus-tcp", help="No shared TCP listener."),
+    no_modbus_tcp: bool = typer.Option(False, "--no-modbus-tcp", help="No Modbus TCP gateways."),
     port_per_meter: int | None = typer.Option(
         None,
         min=0,
         max=65535,
-        help="Also one listener per meter from this port (0: free ports), for > 247 meters.",
+        help="Also one listener per meter from this port (0: free ports).",
     ),
     serial: list[str] = typer.Option(
         [], "--serial", help="Modbus RTU on this serial device or pyserial URL (repeatable)."
@@ -515,7 +519,10 @@ def serve(
         60.0, min=0.1, max=86400.0, help="Real seconds between telemetry messages."
     ),
     ready_json: bool = typer.Option(
-        False, "--ready-json", help="Print one JSON line with the endpoints once serving."
+        False,
+        "--ready-json",
+        help="Print one JSON line with the endpoints once serving: each gateway's name, host, "
+        "port and meters with their unit ids (docs/register-map.md#addressing-a-fleet).",
     ),
 ) -> None:
     """Run the fleet and serve it over Modbus TCP, Modbus RTU and MQTT until Ctrl-C."""
@@ -543,7 +550,15 @@ def serve(
             sys.stdout.write(json.dumps(endpoints.as_dict()) + "\n")
             sys.stdout.flush()
             return
-        where = [f"Modbus TCP {endpoints.modbus_tcp}"] if endpoints.modbus_tcp else []
+        where = []
+        if len(endpoints.gateways) == 1:
+            where.append(f"Modbus TCP {endpoints.modbus_tcp}")
+        elif endpoints.gateways:
+            first, last = endpoints.gateways[0], endpoints.gateways[-1]
+            where.append(
+                f"Modbus TCP {len(endpoints.gateways)} gateways, {first.name} on "
+                f"{endpoints.modbus_tcp} .. {last.name} on {last.host}:{last.port}"
+            )
         where += [f"Modbus RTU {url}" for url in endpoints.serial]
         if endpoints.modbus_ports:
             where.append(f"{len(endpoints.modbus_ports)} per-meter Modbus ports")

@@ -2,6 +2,8 @@
 
 A fleet file has a ``[simulation]`` table, a ``[defaults]`` table whose keys apply to every meter,
 and ``[[meters]]`` entries: one meter each, or ``count`` meters named ``<id_prefix><n>``.
+``[[gateways]]`` entries, when present, declare the Modbus TCP gateways the meters stand behind
+(see meter_sim/gateways.py for how a fleet without them is spread over gateways).
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ class MeterConfig:
     event_entries: int = 1000
     # transports
     modbus_unit: int = 1
+    gateway: str | None = None  # the declared gateway this meter stands behind
     word_order: WordOrder = "big"
     auth_key: str | None = None  # hex; None: commands need no tag (lab use)
     mqtt_password: str | None = None
@@ -215,12 +218,15 @@ class SimulationConfig:
     state_dir: str = "var/meters"
     tick_seconds: float = 1.0  # real seconds between fleet advances
     step_seconds: int = 60  # longest integration step of the firmware (simulated s)
+    save_seconds: float = 30.0  # real seconds between periodic saves of the whole fleet
 
     def __post_init__(self) -> None:
         if not self.speed > 0:
             raise ConfigError("simulation.speed must be positive")
         if not self.tick_seconds > 0:
             raise ConfigError("simulation.tick_seconds must be positive")
+        if not self.save_seconds > 0:
+            raise ConfigError("simulation.save_seconds must be positive")
         if not 1 <= self.step_seconds <= 3600:
             raise ConfigError("simulation.step_seconds is 1..3600")
 
@@ -237,12 +243,30 @@ class MqttConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    """A ``[[gateways]]`` entry: one Modbus TCP listener, up to 247 meters by unit id."""
+
+    name: str
+    port: int | None = None  # None: the serve command's base port + the gateway's index
+
+    def __post_init__(self) -> None:
+        if not is_meter_id(self.name):
+            raise ConfigError(
+                f"gateway name {self.name!r}: letters, digits, _ . - (max {METER_ID_MAX_LENGTH})"
+            )
+        if self.port is not None and not 0 <= self.port <= 65535:
+            raise ConfigError(f"gateway port is 0..65535, got {self.port!r}")
+
+
+@dataclass(frozen=True, slots=True)
 class FleetConfig:
     simulation: SimulationConfig
     meters: tuple[MeterConfig, ...]
     #: the fleet's secret from which the MQTT passwords of meters without ``mqtt_password`` are
     #: derived; None: such meters cannot log in to a broker
     mqtt_password_secret: str | None = None
+    #: declared gateways; empty: the meters are spread over gateways (meter_sim/gateways.py)
+    gateways: tuple[GatewayConfig, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.meters:
@@ -253,6 +277,37 @@ class FleetConfig:
             if meter.meter_id in seen:
                 raise ConfigError(f"meter id {meter.meter_id} appears twice")
             seen.add(meter.meter_id)
+        self._check_gateways()
+
+    def _check_gateways(self) -> None:
+        names = [gateway.name for gateway in self.gateways]
+        for name in names:
+            if names.count(name) > 1:
+                raise ConfigError(f"gateway {name} is declared twice")
+        ports = [g.port for g in self.gateways if g.port]
+        for port in ports:
+            if ports.count(port) > 1:
+                raise ConfigError(f"two gateways listen on port {port}")
+        units: dict[tuple[str, int], str] = {}
+        for meter in self.meters:
+            if meter.gateway is None:
+                if self.gateways:
+                    raise ConfigError(
+                        f"meter {meter.meter_id} names no gateway: the fleet declares "
+                        "[[gateways]], so give every meter gateway = <name>"
+                    )
+                continue
+            if meter.gateway not in names:
+                raise ConfigError(
+                    f"meter {meter.meter_id}: gateway {meter.gateway} is not declared in "
+                    "[[gateways]]"
+                )
+            other = units.setdefault((meter.gateway, meter.modbus_unit), meter.meter_id)
+            if other != meter.meter_id:
+                raise ConfigError(
+                    f"meters {other} and {meter.meter_id} share unit id {meter.modbus_unit} "
+                    f"behind gateway {meter.gateway}"
+                )
 
     def meters_without_mqtt_password(self) -> list[str]:
         """Meters that need ``mqtt_password_secret`` to log in to a broker."""
@@ -295,6 +350,7 @@ SIMULATION_KEYS: dict[str, Any] = {
     "state_dir": _text(min_length=1, max_length=4096),
     "tick_seconds": Annotated[float, Meta(gt=0, le=3600)],
     "step_seconds": _int(1, 3600),
+    "save_seconds": Annotated[float, Meta(gt=0, le=86400)],
 }
 TARIFF_KEYS: dict[str, Any] = {
     "prices": Annotated[tuple[Price, ...], Meta(min_length=1, max_length=4)],
@@ -319,6 +375,10 @@ STS_KEYS: dict[str, Any] = {
     "base_date": Literal[1993, 2014, 2035],
 }
 MQTT_KEYS: dict[str, Any] = {"password_secret": _text(SECRET.pattern)}
+GATEWAY_KEYS: dict[str, Any] = {
+    "name": _text(METER_ID_PATTERN, max_length=METER_ID_MAX_LENGTH),
+    "port": _int(0, 65535),
+}
 
 
 def _table(name: str, keys: dict[str, Any], required: tuple[str, ...] = ()) -> Any:
@@ -337,6 +397,7 @@ TariffTable = _table("TariffTable", TARIFF_KEYS)
 LoadTable = _table("LoadTable", LOAD_KEYS)
 StsTable = _table("StsTable", STS_KEYS, required=("vending_key", "drn"))
 MqttTable = _table("MqttTable", MQTT_KEYS)
+GatewayTable = _table("GatewayTable", GATEWAY_KEYS, required=("name",))
 
 #: a meter's keys as written in TOML (``id`` is MeterConfig.meter_id)
 METER_KEYS: dict[str, Any] = {
@@ -372,6 +433,7 @@ METER_KEYS: dict[str, Any] = {
     "profile_entries": _int(1, 100_000),
     "event_entries": _int(1, 100_000),
     "modbus_unit": _int(1, 247),
+    "gateway": _text(METER_ID_PATTERN, max_length=METER_ID_MAX_LENGTH),
     "word_order": WordOrder,
     "auth_key": _text(r"^([0-9a-fA-F]{2}){1,64}$"),
     "mqtt_password": _text(min_length=1),
@@ -393,6 +455,7 @@ FleetTable = msgspec.defstruct(
         ("simulation", SimulationTable | UnsetType, UNSET),
         ("defaults", DefaultsTable | UnsetType, UNSET),
         ("mqtt", MqttTable | UnsetType, UNSET),
+        ("gateways", _many(GatewayTable) | UnsetType, UNSET),
     ],
     forbid_unknown_fields=True,
     frozen=True,
@@ -406,12 +469,15 @@ SCHEMA: dict[str, tuple[dict[str, Any], type[Any]]] = {
     "load": (LOAD_KEYS, LoadConfig),
     "sts": (STS_KEYS, StsConfig),
     "mqtt": (MQTT_KEYS, MqttConfig),
+    "gateway": (GATEWAY_KEYS, GatewayConfig),
 }
 
 #: what a key whose value must have a form looks like, for the error message
 _FORMS = {
     "id": "letters, digits, _ . - (1 to 64, starting with a letter or digit)",
     "id_prefix": "letters, digits, _ . - (up to 56)",
+    "gateway": "letters, digits, _ . - (1 to 64, starting with a letter or digit)",
+    "name": "letters, digits, _ . - (1 to 64, starting with a letter or digit)",
     "currency": "a 3-letter ISO 4217 code such as KES",
     "auth_key": "hex digits, 1 to 64 bytes",
     "vending_key": "16 or 40 hex digits",
@@ -571,7 +637,14 @@ def fleet_from_mapping(raw: dict[str, Any]) -> FleetConfig:
     secret = None
     if document.mqtt is not UNSET and document.mqtt.password_secret is not UNSET:
         secret = document.mqtt.password_secret
-    return _build("the fleet file", lambda: FleetConfig(simulation, tuple(meters), secret))
+    gateways: list[GatewayConfig] = []
+    if document.gateways is not UNSET:
+        for index, entry in enumerate(document.gateways):
+            gateways.append(_build(f"gateways[{index}]", partial(GatewayConfig, **_present(entry))))
+    return _build(
+        "the fleet file",
+        lambda: FleetConfig(simulation, tuple(meters), secret, tuple(gateways)),
+    )
 
 
 def load_fleet(path: Path) -> FleetConfig:
@@ -608,10 +681,14 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("simulation", "speed"): "Simulated seconds per real second (3600: an hour a second).",
     ("simulation", "start"): "Simulated start time (ISO-8601 or epoch s); default: where the "
     "last run stopped, or now.",
-    ("simulation", "state_dir"): "Directory of the meters' non-volatile state files.",
+    ("simulation", "state_dir"): "Directory of the meters' non-volatile state (`meters.db`, "
+    "SQLite in WAL mode; a directory of per-meter JSON files of before is read as well).",
     ("simulation", "tick_seconds"): "Real seconds between two advances of the whole fleet.",
     ("simulation", "step_seconds"): "Longest integration step of a meter, in simulated seconds "
     "(tariff switches are seen at this resolution).",
+    ("simulation", "save_seconds"): "Real seconds between periodic saves of every meter's "
+    "state while serving or running (commands and top-ups are saved at once, before they are "
+    "acknowledged); a save that fails is logged and retried, the meters keep serving.",
     ("meter", "meter_id"): "The meter's id (`id` in TOML); letters, digits, `_ . -`, up to 64.",
     ("meter", "serial"): "Serial number (OBIS 0.0.96.1.0.255); default: the meter id.",
     ("meter", "manufacturer"): "Manufacturer shown in the identification block.",
@@ -657,7 +734,9 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("meter", "profile_period"): "Load profile capture period in seconds (divides a day).",
     ("meter", "profile_entries"): "Load profile rows kept (ring buffer).",
     ("meter", "event_entries"): "Event log entries kept (ring buffer).",
-    ("meter", "modbus_unit"): "Modbus unit id 1..247.",
+    ("meter", "modbus_unit"): "Modbus unit id 1..247 (distinct among the meters of one gateway).",
+    ("meter", "gateway"): "Name of the `[[gateways]]` entry the meter stands behind; unset "
+    "(and no gateways declared): meters are spread over gateways by unit id, 247 to a gateway.",
     ("meter", "word_order"): "Modbus word order of 32/64-bit values: `big` (high word first) or "
     "`little`.",
     ("meter", "auth_key"): "Hex key for command authentication tags (HMAC-SHA256); unset: "
@@ -687,6 +766,9 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     "digits of HMAC-SHA256 over its id keyed with this secret, so a broker's password file can "
     "be generated from the fleet file. Keep it out of version control. Unset: every meter that "
     "serves MQTT needs its own `mqtt_password`.",
+    ("gateway", "name"): "The gateway's name, which meters give as `gateway`.",
+    ("gateway", "port"): "Modbus TCP port it listens on (0: a free port); unset: "
+    "`meter-sim serve --modbus-port` plus the gateway's index in the file.",
 }
 
 DOC_TABLES: tuple[tuple[str, str, type[Any]], ...] = (
@@ -696,6 +778,7 @@ DOC_TABLES: tuple[tuple[str, str, type[Any]], ...] = (
     ("load", "load (inside a meter or [defaults])", LoadConfig),
     ("sts", "sts (inside a meter or [defaults])", StsConfig),
     ("mqtt", "[mqtt]", MqttConfig),
+    ("gateway", "[[gateways]]", GatewayConfig),
 )
 
 
@@ -735,6 +818,14 @@ def render_markdown() -> str:
         "Each key is checked for the type and range its table gives, and an unknown key is "
         "refused: a problem is one line naming the file and the key's path, e.g. "
         "`fleet.toml: meters[2].count: expected int, got string`.",
+        "",
+        "Over Modbus TCP the meters stand behind gateways, up to 247 each, by unit id: without "
+        "`[[gateways]]` a fleet of N meters with consecutive unit ids (as `count` makes them) is "
+        "spread over ceil(N/247) gateways on consecutive ports from `meter-sim serve "
+        "--modbus-port` (each meter goes to the first gateway where its unit id is free). "
+        "With `[[gateways]]` entries every meter names its gateway (`gateway = ...`) and the "
+        "unit ids behind one gateway are distinct. "
+        "[The register map](register-map.md#addressing-a-fleet) says how a master addresses them.",
         "",
         "```toml",
         "[simulation]",

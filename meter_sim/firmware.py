@@ -288,6 +288,7 @@ class Meter:
         """
         if now <= self.true_time:
             return
+        power = 0
         while self.true_time < now:
             meter_t = self.meter_time
             step_end = (math.floor(meter_t / step) + 1) * step
@@ -295,12 +296,16 @@ class Meter:
             t_end = min(now, boundary)
             if t_end <= self.true_time:  # float rounding at a boundary
                 t_end = min(now, self.true_time + 1e-6)
-            self._step(self.true_time, t_end - self.true_time)
+            power = self._step(self.true_time, t_end - self.true_time)
             if self.meter_time >= self.next_capture:
                 self._capture_profile()
+        # the measurements are what the last step ended with: nothing during the steps reads
+        # them, so they are computed once here rather than after every step
+        self._measure(power, self.true_time)
         self.clock.time = int(self.meter_time)
 
-    def _step(self, t: float, dt: float) -> None:
+    def _step(self, t: float, dt: float) -> int:
+        """Integrate ``dt`` seconds from ``t``; returns the power drawn (W)."""
         meter_t = t + self.clock_offset
         demand = self.load.demand(t)
         self.demand_w = demand
@@ -315,9 +320,9 @@ class Meter:
             self.energy.value += wh
             self._charge(wh, rate, meter_t)
         self.true_time = t + dt
-        self._measure(power, self.true_time)
         self._check_limiter(t, self.true_time, demand, power)
         self._check_credit(self.meter_time)
+        return power
 
     def _measure(self, power: int, t: float) -> None:
         slot = int(t // 10)
@@ -371,8 +376,15 @@ class Meter:
                 self._log(meter_t, EventCode.EMERGENCY_CREDIT_EXHAUSTED)
         self.debt += rest
 
+    def _available(self) -> int:
+        """``self.balances.available`` without building the Balances (hot path)."""
+        emergency = self.emergency
+        if emergency.credit_status is CreditStatus.IN_USE:
+            return self.token_credit.current_credit_amount + emergency.current_credit_amount
+        return self.token_credit.current_credit_amount
+
     def _check_credit(self, meter_t: float) -> None:
-        available = self.balances.available
+        available = self._available()
         threshold = self.account.low_credit_threshold
         if self.low_credit_armed and available < threshold:
             self.low_credit_armed = False
@@ -798,8 +810,7 @@ class Meter:
 
     def _update_status(self) -> None:
         """Recompute the status bits and the account's derived attributes (hot path: plain ints)."""
-        balances = self.balances
-        available = balances.available
+        available = self._available()
         ec_status = self.emergency.credit_status
         bits = _IN_CREDIT if available > 0 else _OUT_OF_CREDIT
         if available < self.account.low_credit_threshold:
@@ -823,7 +834,7 @@ class Meter:
                     account_bits |= 1 << bit
             self.account.current_credit_status = account_bits
         self.account.available_credit = available
-        self.account.aggregated_debt = balances.debt + balances.emergency_owed
+        self.account.aggregated_debt = self.debt + self.emergency_owed
         self.account.current_credit_in_use = (
             OBIS_EMERGENCY_CREDIT
             if ec_status is CreditStatus.IN_USE and not self.token_credit.current_credit_amount

@@ -8,15 +8,31 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
+
+# imported now, not on the first save: a save under load must not need a descriptor to import
+from concurrent.futures import ThreadPoolExecutor  # noqa: F401
 from pathlib import Path
 
 from meter_sim.config import FleetConfig
 from meter_sim.runtime import MeterRuntime
+from meter_sim.statedb import FleetStore, PreparedState
 from protocols.clock import AcceleratedClock, Clock, SystemClock
 from protocols.errors import StateFileError
 
 log = logging.getLogger(__name__)
 CLOCK_FILE = "clock.json"
+TAKE_SLICE = 200  # meters whose state is taken between two yields to the event loop
+
+
+def _write(prepared: Iterable[PreparedState | None]) -> None:
+    """Commit prepared states, one transaction per state database."""
+    by_store: dict[FleetStore, list[PreparedState]] = {}
+    for item in prepared:
+        if item is not None:
+            by_store.setdefault(item.store.fleet, []).append(item)
+    for store, items in by_store.items():
+        store.write(items)
 
 
 def resume_time(config: FleetConfig, state_dir: Path, clock: Clock | None = None) -> float:
@@ -60,14 +76,18 @@ class Fleet:
         config: FleetConfig,
         clock: Clock,
         runtimes: dict[str, MeterRuntime],
-        save_interval: float = 30.0,
+        save_interval: float | None = None,
         state_dir: Path | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.runtimes = runtimes
-        self.save_interval = save_interval
+        self.save_interval = (
+            config.simulation.save_seconds if save_interval is None else save_interval
+        )
         self.state_dir = state_dir
+        #: periodic saves that failed since the last one that succeeded
+        self.save_failures = 0
 
     @classmethod
     def from_config(
@@ -82,11 +102,21 @@ class Fleet:
         directory = state_dir if state_dir is not None else Path(sim.state_dir)
         if clock is None:
             clock = AcceleratedClock(sim.speed, resume_time(config, directory))
+        store = FleetStore(directory)
+        states = store.load_many([meter.meter_id for meter in config.meters])
         runtimes = {
-            meter.meter_id: MeterRuntime.open(meter, clock, directory, sim.step_seconds)
+            meter.meter_id: MeterRuntime.restore(
+                meter,
+                clock,
+                store.meter(meter.meter_id),
+                states.get(meter.meter_id),
+                sim.step_seconds,
+            )
             for meter in config.meters
         }
-        return cls(config, clock, runtimes, state_dir=directory)
+        fleet = cls(config, clock, runtimes, state_dir=directory)
+        _write(rt.prepare_save() for rt in runtimes.values())  # powered up: one transaction
+        return fleet
 
     def __len__(self) -> int:
         return len(self.runtimes)
@@ -96,20 +126,24 @@ class Fleet:
             runtime.sync()
 
     def save_all(self) -> None:
-        for runtime in self.runtimes.values():
-            runtime.save()
+        """Save every meter that changed since its last save, in one transaction, and the
+        fleet's time."""
+        _write(rt.prepare_save() for rt in self.runtimes.values())
         self._write_clock(self.clock.now())
 
     async def save_all_async(self) -> None:
-        """:meth:`save_all` with the files written in a worker thread: every meter's state and
-        the time are taken on the event loop, at one instant of the fleet."""
-        taken = [(rt, rt.prepare_save()) for rt in self.runtimes.values()]
+        """:meth:`save_all` off the event loop: the meters' states are taken on the loop in
+        slices of TAKE_SLICE (the other requests are answered in between), then encoded,
+        compared with what is stored and committed in one transaction in a worker thread."""
+        taken: list[PreparedState | None] = []
+        for index, runtime in enumerate(self.runtimes.values()):
+            taken.append(runtime.prepare_save())
+            if index % TAKE_SLICE == TAKE_SLICE - 1:
+                await asyncio.sleep(0)
         now = self.clock.now()
 
         def write() -> None:
-            for runtime, prepared in taken:
-                if prepared is not None and runtime.store is not None:
-                    runtime.store.write(prepared)
+            _write(taken)
             self._write_clock(now)
 
         await asyncio.to_thread(write)
@@ -118,17 +152,64 @@ class Fleet:
         if self.state_dir is not None:
             clock_file = self.state_dir / CLOCK_FILE
             tmp = clock_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"time": now}))
-            tmp.replace(clock_file)
+            try:
+                tmp.write_text(json.dumps({"time": now}))
+                tmp.replace(clock_file)
+            except OSError as exc:
+                raise StateFileError(f"{clock_file}: cannot save the fleet's time: {exc}") from exc
 
-    async def run(self, stop: asyncio.Event) -> None:
-        """Advance every meter each tick and save them all periodically, until ``stop`` is set.
+    async def periodic_save(self) -> float:
+        """Save every meter off the event loop; returns the real seconds until the next save.
+
+        A save that fails (no file descriptor left, a full disk) is logged and retried sooner,
+        1, 2, 4 ... s later up to the save interval, and never ends the fleet: meters keep
+        serving from memory, and a command is still only acknowledged once its own save
+        succeeded."""
+        try:
+            await self.save_all_async()
+        except (StateFileError, OSError) as exc:
+            self.save_failures += 1
+            retry = min(self.save_interval, float(2 ** min(self.save_failures - 1, 10)))
+            log.error(
+                "saving the fleet failed (%d time(s) in a row), retrying in %.1f s: %s",
+                self.save_failures,
+                retry,
+                exc,
+            )
+            return retry
+        if self.save_failures:
+            log.warning("the fleet saved again after %d failed attempt(s)", self.save_failures)
+            self.save_failures = 0
+        return self.save_interval
+
+    def final_save(self, attempts: int = 3, pause: float = 0.5) -> None:
+        """Advance every meter to now and save it, on this thread (it must complete even when
+        the caller is being cancelled), retried ``attempts`` times; the last StateFileError is
+        raised when every attempt failed."""
+        self.sync_all()
+        for attempt in range(1, attempts + 1):
+            try:
+                self.save_all()
+            except StateFileError as exc:
+                log.error("the last save failed (attempt %d of %d): %s", attempt, attempts, exc)
+                if attempt == attempts:
+                    raise
+                time.sleep(pause * attempt)
+            else:
+                if attempt > 1:
+                    log.warning("the last save succeeded at attempt %d", attempt)
+                return
+
+    async def run(self, stop: asyncio.Event, final_save: bool = True) -> None:
+        """Advance every meter each tick and save them all periodically, until ``stop`` is set;
+        then save once more unless ``final_save`` is False (the caller saves, e.g. once its
+        listeners have given back their descriptors).
 
         Meters are advanced in slices so that a large fleet never blocks the event loop for
         long: the Modbus and MQTT adapters keep answering during a tick.
         """
         tick = self.config.simulation.tick_seconds
-        last_save = time.monotonic()
+        next_save = time.monotonic() + self.save_interval
         try:
             while not stop.is_set():
                 started = time.monotonic()
@@ -136,15 +217,13 @@ class Fleet:
                     runtime.sync()
                     if index % 50 == 49:
                         await asyncio.sleep(0)
-                if time.monotonic() - last_save >= self.save_interval:
-                    await self.save_all_async()
-                    last_save = time.monotonic()
+                if time.monotonic() >= next_save:
+                    next_save = time.monotonic() + await self.periodic_save()
                 elapsed = time.monotonic() - started
                 if elapsed > tick:
                     log.warning("a fleet tick took %.2f s (tick is %.2f s)", elapsed, tick)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), max(tick - elapsed, 0.0))
         finally:
-            # the last save stays on this thread: it must complete even when run() is cancelled
-            self.sync_all()
-            self.save_all()
+            if final_save:
+                self.final_save()

@@ -35,6 +35,7 @@ addressed meter answers on a multi-drop line.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -611,9 +612,7 @@ async def _no_such_device(  # noqa: PLR0917 - the signature pymodbus calls
     raise NoSuchIdException("no meter has this unit id")
 
 
-def _devices(
-    runtimes: Sequence[MeterRuntime], pacer: _Pacer | None = None
-) -> tuple[list[SimDevice], dict[int, MeterRegisters]]:
+def _meters(runtimes: Sequence[MeterRuntime]) -> dict[int, MeterRegisters]:
     by_unit: dict[int, MeterRegisters] = {}
     for runtime in runtimes:
         unit = runtime.config.modbus_unit
@@ -623,22 +622,35 @@ def _devices(
                 "on one server; give them distinct modbus_unit values or one port each"
             )
         by_unit[unit] = MeterRegisters(runtime)
-    devices = [
-        SimDevice(
-            unit,
-            simdata=[SimData(0, count=SPAN, datatype=SimType.REGISTERS)],
-            action=_Device(registers, pacer).action,
-        )
-        for unit, registers in by_unit.items()
-    ]
-    devices.append(
+    return by_unit
+
+
+def _catch_all() -> list[SimDevice]:
+    """The one device pymodbus builds for a server: unit 0, which answers "no such unit"."""
+    return [
         SimDevice(
             0,
             simdata=[SimData(0, count=SPAN, datatype=SimType.REGISTERS)],
             action=_no_such_device,
         )
-    )
-    return devices, by_unit
+    ]
+
+
+def _attach(server: Any, meters: Mapping[int, MeterRegisters], pacer: _Pacer | None) -> None:
+    """Give ``server`` one device per meter without building one each.
+
+    pymodbus builds a device's register and flag lists (here ``SPAN`` + 1 entries each) from
+    its SimDevice; 247 meters behind a gateway would be 247 such builds and copies. The lists
+    are only the reply's scratch buffer (the action fills the registers a read asks for and
+    pymodbus slices them out with no await in between), so every meter of a server shares the
+    catch-all's: each meter's device is a shallow copy of the built catch-all with the meter's
+    action."""
+    core = server.context
+    template = core.devices[0]
+    for unit, registers in meters.items():
+        device = copy.copy(template)
+        device.action = _Device(registers, pacer).action
+        core.devices[unit] = device
 
 
 @dataclass(slots=True)
@@ -682,8 +694,9 @@ async def serve_tcp(
 
     ``port=0`` binds a free port; ``service.port`` is the bound one. The listener accepts
     connections when the context is entered."""
-    devices, meters = _devices(runtimes)
-    server = ModbusTcpServer(devices, address=(host, port), ignore_missing_devices=False)
+    meters = _meters(runtimes)
+    server = ModbusTcpServer(_catch_all(), address=(host, port), ignore_missing_devices=False)
+    _attach(server, meters, None)
     server.decoder = _MeterDecoder(meters)  # see "requests" above
     await _start(server, f"{host}:{port}")
     try:
@@ -730,9 +743,9 @@ async def serve_rtu(
     if stopbits not in (1, 2) or bytesize not in (7, 8) or baudrate <= 0:
         raise ConfigError("stop bits are 1 or 2, byte size 7 or 8, baud rate positive")
     pacer = _Pacer(baudrate, bytesize, parity, stopbits) if pace else None
-    devices, meters = _devices(runtimes, pacer)
+    meters = _meters(runtimes)
     server = _RtuServer(
-        devices,
+        _catch_all(),
         _MeterDecoder(meters),
         frame_silence(baudrate, bytesize, parity, stopbits),
         port=url,
@@ -742,6 +755,7 @@ async def serve_rtu(
         bytesize=bytesize,
         ignore_missing_devices=True,
     )
+    _attach(server, meters, pacer)
     await _start(server, url)
     try:
         log.info("Modbus RTU on %s at %d baud for %d meter(s)", url, baudrate, len(meters))

@@ -20,7 +20,7 @@ from typing import Any
 from meter_sim.config import MeterConfig
 from meter_sim.firmware import Meter, TokenEntryResult
 from meter_sim.loads import load_for
-from meter_sim.nvm import PreparedState, StateStore
+from meter_sim.statedb import FleetStore, MeterStore, PreparedState
 from protocols.clock import Clock, ManualClock
 from protocols.commands import CommandEnvelope, CommandResult
 from protocols.errors import StateFileError, ValidationError
@@ -36,7 +36,7 @@ class MeterRuntime:
         config: MeterConfig,
         clock: Clock,
         meter: Meter,
-        store: StateStore | None = None,
+        store: MeterStore | None = None,
         step_seconds: int = 60,
     ) -> None:
         self.config = config
@@ -55,43 +55,61 @@ class MeterRuntime:
         state_dir: Path | None = None,
         step_seconds: int = 60,
     ) -> MeterRuntime:
-        """Restore the meter from its state file in ``state_dir``, or create it there.
+        """Restore the meter from its state in ``state_dir``, or create it there.
 
-        A corrupt or unreadable state file raises StateFileError: the meter does not start.
+        A corrupt or unreadable state raises StateFileError: the meter does not start.
         Without ``state_dir`` the meter keeps its state in memory only.
         """
+        store = FleetStore(state_dir).meter(config.meter_id) if state_dir else None
+        state = store.fleet.load_many([config.meter_id]).get(config.meter_id) if store else None
+        runtime = cls.restore(config, clock, store, state, step_seconds)
+        runtime.save()
+        return runtime
+
+    @classmethod
+    def restore(
+        cls,
+        config: MeterConfig,
+        clock: Clock,
+        store: MeterStore | None,
+        state: dict[str, Any] | None,
+        step_seconds: int = 60,
+    ) -> MeterRuntime:
+        """The meter powered up at ``clock``'s now from ``state`` as loaded from ``store`` (a
+        new meter when None), not yet saved; StateFileError when the state does not fit it."""
         now = clock.now()
         load = load_for(config)
-        store = StateStore.for_meter(state_dir, config.meter_id) if state_dir else None
-        if store is not None and store.exists():
-            state = store.load()
+        if state is not None:
             try:
                 meter = Meter.from_state(config, state, now, load)
             except (KeyError, TypeError, ValueError, ValidationError) as exc:
-                raise StateFileError(f"{store.path}: state does not fit this meter: {exc}") from exc
-            log.info("meter %s restored from %s", config.meter_id, store.path)
+                where = store.path if store is not None else "the saved state"
+                raise StateFileError(
+                    f"{where} (meter {config.meter_id}): state does not fit this meter: {exc}"
+                ) from exc
+            log.info("meter %s restored", config.meter_id)
         else:
             meter = Meter(config, now, load)
-        runtime = cls(config, clock, meter, store, step_seconds)
-        runtime.save()
-        return runtime
+        return cls(config, clock, meter, store, step_seconds)
 
     @classmethod
     def open_stopped(cls, config: MeterConfig, state_dir: Path) -> MeterRuntime:
         """A meter that is not running, as saved: its clock stands at the moment of the save,
         so an offline command (a token typed on a stopped meter, a look at its registers)
         neither power-cycles it nor lets time pass."""
-        store = StateStore.for_meter(state_dir, config.meter_id)
-        if not store.exists():
+        store = FleetStore(state_dir).meter(config.meter_id)
+        state = store.fleet.load_many([config.meter_id]).get(config.meter_id)
+        if state is None:
             raise StateFileError(
                 f"meter {config.meter_id} has no state in {state_dir}: run the fleet first"
             )
-        state = store.load()
         load = load_for(config)
         try:
             meter = Meter.from_state(config, state, None, load)
         except (KeyError, TypeError, ValueError, ValidationError) as exc:
-            raise StateFileError(f"{store.path}: state does not fit this meter: {exc}") from exc
+            raise StateFileError(
+                f"{store.path} (meter {config.meter_id}): state does not fit this meter: {exc}"
+            ) from exc
         return cls(config, ManualClock(meter.true_time), meter, store)
 
     @property
@@ -194,7 +212,7 @@ class MeterRuntime:
             self.store.save(self.meter.to_state())
 
     def prepare_save(self) -> PreparedState | None:
-        """The meter's state as of now, ready to be written in another thread."""
+        """The meter's state as of now, ready to be encoded and written in another thread."""
         return self.store.prepare(self.meter.to_state()) if self.store is not None else None
 
     async def save_async(self) -> None:

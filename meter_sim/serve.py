@@ -1,15 +1,26 @@
 """Serve a fleet: advance it under its clock and expose it over Modbus TCP, Modbus RTU and
-MQTT at once, until told to stop. The transports are adapters over the same live meters."""
+MQTT at once, until told to stop. The transports are adapters over the same live meters.
+
+Modbus TCP is served by gateways (meter_sim/gateways.py): one listener per gateway, each meter
+behind it at its unit id. Load never ends the process: a listener that runs out of file
+descriptors pauses accepting for a second (asyncio's rule; the connection waits in the listen
+backlog) with one log line, the connections already open keep being served, and a periodic
+save that fails is logged and retried (``Fleet.periodic_save``). The last save runs once the
+listeners are closed and their descriptors given back.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from meter_sim import gateways as gw
 from meter_sim.config import FleetConfig
 from meter_sim.fleet import Fleet
 from meter_sim.modbus_server import serve_rtu, serve_tcp, serve_tcp_per_meter
@@ -32,7 +43,7 @@ class SerialLine:
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
     modbus_host: str = "127.0.0.1"
-    modbus_port: int | None = 5020  # one listener for all meters by unit id; None: off
+    modbus_port: int | None = 5020  # port of the first gateway (0: free ports); None: off
     port_per_meter: int | None = None  # first port of one listener per meter (0: free ports)
     serial: tuple[SerialLine, ...] = ()  # every meter on each line, by unit id
     broker: BrokerSettings | None = None  # MQTT agents for every meter when set
@@ -68,11 +79,28 @@ def mqtt_password_secret(config: FleetConfig) -> str | None:
     return secret
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayEndpoint:
+    """A listening gateway and the meters behind it."""
+
+    name: str
+    host: str
+    port: int
+    meters: dict[str, int]  # meter id -> its unit id behind this gateway
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "host": self.host, "port": self.port, "meters": self.meters}
+
+
 @dataclass(slots=True)
 class Endpoints:
-    """Where the fleet can be reached once it is served (printed by ``meter-sim serve``)."""
+    """Where the fleet can be reached once it is served (printed by ``meter-sim serve``).
 
-    modbus_tcp: str | None = None  # host:port of the shared listener
+    A meter behind a gateway is ``tcp://<host>:<port>/<unit>`` with the gateway's host and
+    port and the meter's unit id there."""
+
+    modbus_tcp: str | None = None  # host:port of the first gateway
+    gateways: list[GatewayEndpoint] = field(default_factory=list)
     modbus_ports: dict[str, int] = field(default_factory=dict)  # per-meter listeners
     serial: list[str] = field(default_factory=list)
     mqtt: str | None = None
@@ -81,11 +109,79 @@ class Endpoints:
     def as_dict(self) -> dict[str, Any]:
         return {
             "modbus_tcp": self.modbus_tcp,
+            "gateways": [gateway.as_dict() for gateway in self.gateways],
             "modbus_ports": self.modbus_ports,
             "serial": self.serial,
             "mqtt": self.mqtt,
             "meters": self.meters,
         }
+
+
+_ACCEPT_EXHAUSTED = "socket.accept() out of system resource"
+#: real seconds during which further accept failures of one listener are counted, not logged
+ACCEPT_LOG_PERIOD = 5.0
+_ACCEPT_RETRY_DELAY = 1.0  # asyncio's constants.ACCEPT_RETRY_DELAY
+
+
+class _LoopErrors:
+    """The loop's exception handler while serving.
+
+    A listener out of descriptors is one error line per listener every ACCEPT_LOG_PERIOD
+    seconds (asyncio reports each failed accept), with the count of the failures in between.
+    asyncio also schedules a resume of the listener one second after each failed accept; one
+    that comes due after the listener has closed finds no socket, which is expected and logged
+    at debug level (:meth:`drain` waits for those before the handler is given back)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.previous = loop.get_exception_handler()
+        self.last_failure = -math.inf
+        self._reported: dict[object, tuple[float, int]] = {}  # listener -> (when, since)
+
+    def __enter__(self) -> _LoopErrors:
+        self.loop.set_exception_handler(self.handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.loop.set_exception_handler(self.previous)
+
+    async def drain(self) -> None:
+        """Wait until every resume asyncio scheduled for a paused listener has come due."""
+        remaining = self.last_failure + _ACCEPT_RETRY_DELAY + 0.05 - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        if context.get("message") == _ACCEPT_EXHAUSTED:
+            self._accept_failed(context)
+            return
+        if isinstance(context.get("exception"), ValueError) and "_start_serving" in repr(
+            context.get("handle")
+        ):
+            log.debug("a paused listener closed before it resumed accepting")
+            return
+        if self.previous is not None:
+            self.previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    def _accept_failed(self, context: dict[str, Any]) -> None:
+        sock = context.get("socket")
+        where = sock.getsockname() if sock is not None else "a listener"
+        now = self.last_failure = time.monotonic()
+        reported, since = self._reported.get(where, (-math.inf, 0))
+        if now - reported < ACCEPT_LOG_PERIOD:
+            self._reported[where] = (reported, since + 1)
+            return
+        self._reported[where] = (now, 0)
+        log.error(
+            "cannot accept a connection on %s: %s (%d more such failure(s) since the last "
+            "report); that listener pauses for 1 s, the connection waits in its backlog, "
+            "open connections are still served",
+            where,
+            context.get("exception"),
+            since,
+        )
 
 
 async def serve_fleet(
@@ -94,23 +190,48 @@ async def serve_fleet(
     stop: asyncio.Event,
     ready: Callable[[Endpoints], None] | None = None,
 ) -> None:
-    """Serve ``fleet`` until ``stop`` is set; ``ready`` is called once every transport listens."""
+    """Serve ``fleet`` until ``stop`` is set; ``ready`` is called once every transport listens.
+    The meters are saved once more when it returns, after every listener is closed."""
+    try:
+        with _LoopErrors(asyncio.get_running_loop()) as errors:
+            await _serve(fleet, options, stop, ready)
+            await errors.drain()
+    finally:
+        fleet.final_save()
+
+
+async def _serve(
+    fleet: Fleet,
+    options: ServeOptions,
+    stop: asyncio.Event,
+    ready: Callable[[Endpoints], None] | None,
+) -> None:
     runtimes = list(fleet.runtimes.values())
     secret = mqtt_password_secret(fleet.config) if options.broker is not None else None
     units = [runtime.config.modbus_unit for runtime in runtimes]
-    shared_listener = options.modbus_port is not None or options.serial
-    if shared_listener and len(set(units)) != len(units):
+    if options.serial and len(set(units)) != len(units):
         raise ConfigError(
-            "two meters share a Modbus unit id on one listener: give each a distinct "
-            "modbus_unit (at most 247 per listener) or use one port per meter"
+            "two meters share a Modbus unit id on a serial line: give each a distinct "
+            "modbus_unit (at most 247 per line) or serve them over Modbus TCP gateways"
         )
+    plan = gw.plan(fleet.config) if options.modbus_port is not None else []
+    chosen = gw.ports(plan, options.modbus_port or 0)
     endpoints = Endpoints(meters={rt.meter_id: rt.config.modbus_unit for rt in runtimes})
     async with contextlib.AsyncExitStack() as stack:
-        if options.modbus_port is not None:
-            service = await stack.enter_async_context(
-                serve_tcp(runtimes, options.modbus_host, options.modbus_port)
+        for gateway, port in zip(plan, chosen, strict=True):
+            behind = [fleet.runtimes[meter.meter_id] for meter in gateway.meters]
+            service = await stack.enter_async_context(serve_tcp(behind, options.modbus_host, port))
+            endpoints.gateways.append(
+                GatewayEndpoint(
+                    gateway.name,
+                    options.modbus_host,
+                    service.port,
+                    {rt.meter_id: rt.config.modbus_unit for rt in behind},
+                )
             )
-            endpoints.modbus_tcp = f"{options.modbus_host}:{service.port}"
+        if endpoints.gateways:
+            first = endpoints.gateways[0]
+            endpoints.modbus_tcp = f"{first.host}:{first.port}"
         if options.port_per_meter is not None:
             services = await stack.enter_async_context(
                 serve_tcp_per_meter(runtimes, options.modbus_host, options.port_per_meter)
@@ -153,4 +274,4 @@ async def serve_fleet(
                 )
         if ready is not None:
             ready(endpoints)
-        await fleet.run(stop)
+        await fleet.run(stop, final_save=False)

@@ -112,6 +112,10 @@ def _fleet_with(section: str, key: str, value: Any) -> tuple[dict[str, Any], str
     if section == "mqtt":
         document["mqtt"] = {key: value}
         return document, f"mqtt.{key}"
+    if section == "gateway":
+        document["gateways"] = [{"name": "G", key: value}]
+        meter["gateway"] = "G"
+        return document, f"gateways[0].{key}"
     if section == "meter":
         meter[key] = value
         return document, f"meters[0].{key}"

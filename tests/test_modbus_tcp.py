@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import os
 import shutil
 import struct
 import threading
@@ -602,18 +601,20 @@ async def test_go_executes_once_and_a_single_register_write_of_go_works(
     assert runtime.snapshot().last_event_seq == events_before  # nothing executed twice
 
 
-async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_free(
+async def test_a_command_is_answered_once_on_disk_and_its_commit_leaves_the_loop_free(
     server: Any, meters: list[MeterRuntime], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     runtime = meters[0]
     entered, release = threading.Event(), threading.Event()
-    real_fsync = os.fsync
+    assert runtime.store is not None
+    database = runtime.store.fleet
+    real_write = database.write
 
-    def slow_fsync(fd: int) -> None:
+    def slow_write(prepared: Any) -> int:  # the commit, with its fsync, waits for the test
         entered.set()
         if not release.wait(5):
-            raise AssertionError("fsync ran on the event loop: the test could not release it")
-        real_fsync(fd)
+            raise AssertionError("the commit ran on the event loop: the test could not release it")
+        return real_write(prepared)
 
     clients = [
         AsyncModbusTcpClient("127.0.0.1", port=server.port, timeout=10, retries=0) for _ in range(3)
@@ -622,7 +623,7 @@ async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_
     for bare in clients:
         assert await bare.connect()
     try:
-        monkeypatch.setattr(os, "fsync", slow_fsync)
+        monkeypatch.setattr(database, "write", slow_write)
         envelope = CommandEnvelope(runtime.meter_id, 1, Command.remote_disconnect())
         writing = asyncio.create_task(
             writer.write_registers(rm.COMMAND_START, rm.encode_command(envelope), device_id=1)
@@ -639,7 +640,7 @@ async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_
         release.set()
         for bare in clients:
             bare.close()
-    monkeypatch.setattr(os, "fsync", real_fsync)
+    monkeypatch.setattr(database, "write", real_write)
     assert runtime.store is not None
     saved = MeterRuntime.open_stopped(runtime.config, runtime.store.path.parent)
     assert saved.last_result().code is ResultCode.OK

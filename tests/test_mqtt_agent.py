@@ -142,7 +142,7 @@ async def test_commands_and_reads_through_the_link(
     assert runtime.snapshot().credit == 105_000
 
 
-async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_free(
+async def test_a_command_is_answered_once_on_disk_and_its_commit_leaves_the_loop_free(
     broker: LocalBroker,
     make_runtime: RuntimeFactory,
     hub: MqttLinkHub,
@@ -150,17 +150,19 @@ async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_
 ) -> None:
     runtimes = [make_runtime(M1), make_runtime(M2)]
     entered, release = threading.Event(), threading.Event()
-    real_fsync = os.fsync
+    assert runtimes[0].store is not None
+    database = runtimes[0].store.fleet
+    real_write = database.write
 
-    def slow_fsync(fd: int) -> None:
+    def slow_write(prepared: object) -> int:  # the commit, with its fsync, waits for the test
         entered.set()
         if not release.wait(5):
-            raise AssertionError("fsync ran on the event loop: the test could not release it")
-        real_fsync(fd)
+            raise AssertionError("the commit ran on the event loop: the test could not release it")
+        return real_write(prepared)  # type: ignore[arg-type]
 
     async with run_agents(runtimes, broker.settings(), options=SLOW) as group:
         await group.wait_connected(5)
-        monkeypatch.setattr(os, "fsync", slow_fsync)
+        monkeypatch.setattr(database, "write", slow_write)
         try:
             executing = asyncio.create_task(
                 hub.link(M1).execute(_envelope(1, Command.credit_transfer(1, 700)), 8)
@@ -175,7 +177,7 @@ async def test_a_command_is_answered_once_on_disk_and_its_fsync_leaves_the_loop_
             assert (await watching).sequence == 1
         finally:
             release.set()
-            monkeypatch.setattr(os, "fsync", real_fsync)
+            monkeypatch.setattr(database, "write", real_write)
     store = runtimes[0].store
     assert store is not None
     assert store.load()["last_transfer"] == 1

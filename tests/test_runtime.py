@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
-import os
+import sqlite3
 import threading
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from meter_sim.config import LoadConfig, MeterConfig, default_fleet
 from meter_sim.fleet import CLOCK_FILE, Fleet, resume_time
 from meter_sim.nvm import StateStore
 from meter_sim.runtime import MeterRuntime
+from meter_sim.statedb import DB_NAME, FleetStore
 from protocols.clock import ManualClock
 from protocols.commands import Command, CommandEnvelope, ResultCode
 from protocols.cosem import OBIS_CLOCK, OBIS_ENERGY_IMPORT
@@ -21,6 +23,10 @@ from protocols.errors import StateFileError
 from protocols.readings import EventCode
 
 THU_10 = 1_767_225_600.0 + 10 * 3600
+
+
+def sha256(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
 
 
 def config(**overrides: object) -> MeterConfig:
@@ -42,9 +48,23 @@ def topup(runtime: MeterRuntime, sequence: int, transfer: int, amount: int) -> R
 
 def test_a_new_meter_is_saved_at_once(tmp_path: Path) -> None:
     MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
-    assert (tmp_path / "RT1.json").exists()
-    state = StateStore.for_meter(tmp_path, "RT1").load()
+    assert (tmp_path / DB_NAME).exists()
+    state = FleetStore(tmp_path).meter("RT1").load()
     assert state["meter_id"] == "RT1"
+
+
+def test_a_state_directory_of_json_files_is_read_and_then_saved_in_the_store(
+    tmp_path: Path,
+) -> None:
+    clock = ManualClock(THU_10)
+    older = MeterRuntime(config(), clock, MeterRuntime.open(config(), clock).meter)
+    StateStore.for_meter(tmp_path, "RT1").save(older.meter.to_state())
+    assert topup(older, 1, 1, 700) is ResultCode.OK  # in memory only: not in the JSON file
+    StateStore.for_meter(tmp_path, "RT1").save(older.meter.to_state())
+    runtime = MeterRuntime.open(config(), ManualClock(THU_10 + 60), tmp_path)
+    assert runtime.meter.last_transfer == 1
+    assert topup(runtime, 2, 2, 700) is ResultCode.OK
+    assert FleetStore(tmp_path).meter("RT1").load()["last_transfer"] == 2  # the store wins
 
 
 def test_a_command_is_persisted_before_execute_returns(tmp_path: Path) -> None:
@@ -123,31 +143,44 @@ def test_open_stopped_without_state(tmp_path: Path) -> None:
 
 
 def _saved(tmp_path: Path) -> Path:
-    MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
-    return tmp_path / "RT1.json"
+    runtime = MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+    assert runtime.store is not None
+    runtime.store.fleet.close()  # the log is checkpointed into the file
+    return tmp_path / DB_NAME
+
+
+def _update(path: Path, statement: str, *args: object) -> None:
+    with sqlite3.connect(path) as connection:
+        connection.execute(statement, args)
+    connection.close()
 
 
 @pytest.mark.parametrize(
     "damage",
-    ["truncate", "garbage", "checksum", "format", "no_state", "empty"],
+    ["truncate", "garbage", "checksum", "format", "not_json", "not_a_table", "empty"],
 )
-def test_a_corrupt_state_file_raises_state_file_error(tmp_path: Path, damage: str) -> None:
+def test_a_corrupt_state_store_raises_state_file_error(tmp_path: Path, damage: str) -> None:
     path = _saved(tmp_path)
     raw = path.read_bytes()
-    document = json.loads(raw)
     if damage == "truncate":
         path.write_bytes(raw[: len(raw) // 2])
     elif damage == "garbage":
-        path.write_bytes(b"\xff\xfe not json")
+        path.write_bytes(b"\xff\xfe not a database" * 100)
     elif damage == "checksum":
-        document["state"]["credit"] += 1
-        path.write_text(json.dumps(document))
+        row = "SELECT state FROM meter_state WHERE meter_id = 'RT1'"
+        with sqlite3.connect(path) as connection:
+            body = connection.execute(row).fetchone()[0]
+        connection.close()
+        state = json.loads(body)
+        state["credit"] += 1
+        _update(path, "UPDATE meter_state SET state = ?", json.dumps(state).encode())
     elif damage == "format":
-        document["format"] = 2
-        path.write_text(json.dumps(document))
-    elif damage == "no_state":
-        del document["state"]
-        path.write_text(json.dumps(document))
+        _update(path, "UPDATE meter_state SET format = 2")
+    elif damage == "not_json":
+        body = b"{not json"
+        _update(path, "UPDATE meter_state SET state = ?, sha256 = ?", body, sha256(body))
+    elif damage == "not_a_table":
+        _update(path, "DROP TABLE meter_state")
     else:
         path.write_bytes(b"")
     with pytest.raises(StateFileError):
@@ -157,14 +190,14 @@ def test_a_corrupt_state_file_raises_state_file_error(tmp_path: Path, damage: st
 
 
 def test_a_state_that_does_not_fit_raises_state_file_error(tmp_path: Path) -> None:
-    path = _saved(tmp_path)
-    store = StateStore(path)
+    _saved(tmp_path)
+    store = FleetStore(tmp_path).meter("RT1")
     state = store.load()
     del state["credit"]
-    store.save(state)  # a well-formed file with a valid checksum, but a key missing
-    with pytest.raises(StateFileError):
+    store.save(state)  # a well-formed row with a valid checksum, but a key missing
+    with pytest.raises(StateFileError, match="does not fit"):
         MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
-    state = StateStore(path).load()
+    state = FleetStore(tmp_path).meter("RT1").load()
     state["meter_id"] = "OTHER"
     state["credit"] = 1
     store.save(state)
@@ -220,19 +253,21 @@ def test_a_corrupt_clock_file_raises_state_file_error(tmp_path: Path, text: str)
 
 
 async def test_an_async_command_is_durable_when_it_returns_and_fsync_is_off_the_loop(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     runtime = MeterRuntime.open(config(), ManualClock(THU_10), tmp_path)
+    assert runtime.store is not None
+    store = runtime.store.fleet
     entered, release = threading.Event(), threading.Event()
-    real_fsync = os.fsync
+    real_write = store.write
 
-    def slow_fsync(fd: int) -> None:
+    def slow_write(prepared: object) -> int:
         entered.set()
         if not release.wait(10):
-            raise AssertionError("fsync ran on the event loop: the test could not release it")
-        real_fsync(fd)
+            raise AssertionError("the commit ran on the event loop: the test could not release it")
+        return real_write(prepared)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "fsync", slow_fsync)
+    store.write = slow_write  # type: ignore[method-assign]
     envelope = CommandEnvelope("RT1", 1, Command.credit_transfer(1, 500))
     executing = asyncio.create_task(runtime.execute_async(envelope))
     await asyncio.to_thread(entered.wait, 10)
@@ -240,8 +275,7 @@ async def test_an_async_command_is_durable_when_it_returns_and_fsync_is_off_the_
     release.set()  # the event loop runs while the save waits in its thread
     result = await executing
     assert result.code is ResultCode.OK
-    monkeypatch.setattr(os, "fsync", real_fsync)
-    assert StateStore.for_meter(tmp_path, "RT1").load()["last_transfer"] == 1
+    assert FleetStore(tmp_path).meter("RT1").load()["last_transfer"] == 1
 
 
 async def test_a_fleet_saves_off_the_loop(tmp_path: Path) -> None:
@@ -252,5 +286,5 @@ async def test_a_fleet_saves_off_the_loop(tmp_path: Path) -> None:
     await fleet.save_all_async()
     assert resume_time(default_fleet(1), tmp_path, ManualClock(THU_10)) == THU_10 + 3600
     for meter_id, runtime in fleet.runtimes.items():
-        saved = StateStore.for_meter(tmp_path, meter_id).load()
+        saved = FleetStore(tmp_path).meter(meter_id).load()
         assert saved == json.loads(json.dumps(runtime.meter.to_state()))

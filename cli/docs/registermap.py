@@ -133,8 +133,9 @@ def render_markdown() -> str:
         "* **Tables**: input registers (function 04, `mbpoll -t 3`) hold what the meter reports; "
         "holding registers (functions 03/06/16/23, `mbpoll -t 4`) hold settings, the command "
         "block, the result block, the record windows and the token gateway.",
-        "* **Unit id**: each meter has its own (1..247, `modbus_unit`). One TCP listener serves "
-        "many meters by unit id; on a serial line only the addressed meter answers.",
+        "* **Unit id**: each meter has its own (1..247, `modbus_unit`). One TCP listener (a "
+        "gateway) serves up to 247 meters by unit id; on a serial line only the addressed "
+        "meter answers. See [addressing a fleet](#addressing-a-fleet).",
         "* **Word order** of 32- and 64-bit numbers: big-endian (most significant word first) "
         'unless the meter is configured `word_order = "little"`. Input register 1 says which '
         "(0 big, 1 little) and `order_probe` reads "
@@ -150,6 +151,35 @@ def render_markdown() -> str:
         "integers: energy in Wh, money in the account unit.",
         "* **Not implemented**: an optional value the meter does not have reads as all ones "
         "(unsigned), the type's minimum (signed), NaN (f32), or 65535 in every register (dec20).",
+        "",
+        "## Addressing a fleet",
+        "",
+        "Over Modbus TCP the meters stand behind gateways, as meters stand behind Modbus TCP "
+        "gateways or data concentrators in the field: each gateway is one listener and a meter "
+        "is addressed by the gateway's host and port and its own unit id, "
+        "`tcp://host:port/unit`. A fleet file without `[[gateways]]` is spread in file order, "
+        "each meter behind the first gateway where its unit id is free: N meters with "
+        "consecutive unit ids take ceil(N/247) gateways, `GW-1` on `meter-sim serve "
+        "--modbus-port` (5020 by default) with meters 1..247, `GW-2` on the next port with "
+        "meters 248..494, and so on. A fleet file with `[[gateways]]` names each meter's "
+        "gateway (`gateway = ...`) and may give a gateway its port (see "
+        "[configuration](configuration.md)). `--port-per-meter` adds one listener per meter "
+        "instead, each answering its meter's own unit id.",
+        "",
+        "`meter-sim serve --ready-json` prints, once every listener is up, one JSON line:",
+        "",
+        "```json",
+        '{"modbus_tcp": "127.0.0.1:5020", "gateways": [{"name": "GW-1", "host": "127.0.0.1", '
+        '"port": 5020, "meters": {"MTR-0001": 1, "MTR-0002": 2}}, {"name": "GW-2", ...}], '
+        '"modbus_ports": {}, "serial": [], "mqtt": null, "meters": {"MTR-0001": 1, '
+        '"MTR-0002": 2}}',
+        "```",
+        "",
+        "`modbus_tcp` is the first gateway, `gateways[].meters` maps each meter id behind a "
+        "gateway to its unit id there, `modbus_ports` each meter's own port under "
+        "`--port-per-meter`, and `meters` every meter's unit id. "
+        "`hes meters import --from-fleet FLEET --endpoint-base tcp://host:5020` records the "
+        "same endpoints from the fleet file.",
         "",
         "## Errors",
         "",

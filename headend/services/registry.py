@@ -6,7 +6,8 @@ from pathlib import Path
 
 from headend.domain.registry import MeterRecord, Route, RowRefusal, parse_meters_csv
 from headend.links.endpoint import parse_endpoint
-from meter_sim.config import load_fleet
+from meter_sim import gateways
+from meter_sim.config import FleetConfig, load_fleet
 from protocols.errors import ConfigError, DecodeError, ValidationError
 
 
@@ -44,7 +45,8 @@ def records_from_fleet(
     path: Path, endpoint_base: str
 ) -> tuple[list[tuple[int, MeterRecord]], list[RowRefusal]]:
     """Every meter of a fleet file, reached at ``endpoint_base``: ``tcp://host:port`` (each
-    meter at its Modbus unit id) or ``mqtt://host:port`` (each by its meter id). Keys included."""
+    meter behind its gateway, the first of which listens on ``port``, at its Modbus unit id;
+    see meter_sim/gateways.py) or ``mqtt://host:port`` (each by its meter id). Keys included."""
     fleet = load_fleet(path)
     base = endpoint_base.rstrip("/")
     scheme = base.partition("://")[0].lower()
@@ -52,10 +54,11 @@ def records_from_fleet(
         raise ConfigError(
             f"--endpoint-base is tcp://host:port or mqtt://host:port, got {endpoint_base!r}"
         )
+    at = _gateway_endpoints(fleet, base) if scheme == "tcp" else {}
     rows: list[tuple[int, MeterRecord]] = []
     refused: list[RowRefusal] = []
     for number, meter in enumerate(fleet.meters, start=1):
-        endpoint = f"{base}/{meter.modbus_unit if scheme == 'tcp' else meter.meter_id}"
+        endpoint = at[meter.meter_id] if scheme == "tcp" else f"{base}/{meter.meter_id}"
         try:
             record = MeterRecord(
                 meter_id=meter.meter_id,
@@ -74,3 +77,24 @@ def records_from_fleet(
             continue
         rows.append((number, record))
     return rows, refused
+
+
+def _gateway_endpoints(fleet: FleetConfig, base: str) -> dict[str, str]:
+    """meter id -> ``tcp://host:port/unit`` of the gateway it stands behind, as
+    ``meter-sim serve --modbus-port <base's port>`` serves the fleet."""
+    plan = gateways.plan(fleet)
+    if len(plan) == 1 and plan[0].declared_port is None:  # one gateway: at the base itself
+        return {m.meter_id: f"{base}/{m.modbus_unit}" for m in plan[0].meters}
+    parsed = parse_endpoint(base)
+    ports = gateways.ports(plan, parsed.port or 502)
+    host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+    found: dict[str, str] = {}
+    for gateway, port in zip(plan, ports, strict=True):
+        if port == 0:
+            raise ConfigError(
+                f"gateway {gateway.name} listens on a free port (port = 0 in the fleet file): "
+                "give it a fixed port to import its meters"
+            )
+        for meter in gateway.meters:
+            found[meter.meter_id] = f"tcp://{host}:{port}/{meter.modbus_unit}"
+    return found

@@ -165,6 +165,15 @@ def _int_range(dtype: DataType) -> tuple[int, int]:
     return 0, (1 << bits) - 1
 
 
+def plain_int_bounds(row: Row) -> tuple[int, int]:
+    """The ints a row of an integer type carries as they are: its type's range, less the
+    "not implemented" sentinel when the row is optional (what its codec's to_raw accepts)."""
+    low, high = _int_range(row.dtype)
+    if row.optional:
+        return (low + 1, high) if row.dtype in _SIGNED else (low, high - 1)
+    return low, high
+
+
 def sentinel(dtype: DataType) -> int | float | None:
     """The "not implemented" value of a type (None for strings and octets, which have none)."""
     if dtype in INTEGER_TYPES:

@@ -31,6 +31,7 @@ from protocols.readings import (
 )
 from protocols.registermap.datatypes import (
     DEC20_MAX,
+    INTEGER_TYPES,
     MAP_VERSION,
     ORDER_PROBE,
     TYPE_CODECS,
@@ -41,6 +42,7 @@ from protocols.registermap.datatypes import (
     check_order,
     decode_value,
     encode_value,
+    plain_int_bounds,
 )
 from protocols.registermap.table import (
     ARG_SLOTS,
@@ -107,6 +109,32 @@ class RowsCodec:
             (row, codec.to_raw, codec.from_raw, codec.items)
             for row, codec in zip(self.rows, self.codecs, strict=True)
         )
+        #: per row, the (lowest, highest) plain int it packs as it is (None: not an integer
+        #: row), so that such values skip the per-row conversion (see encode_list)
+        self._int_bounds = tuple(
+            plain_int_bounds(row) if row.dtype in INTEGER_TYPES else None for row in self.rows
+        )
+
+    def encode_list(self, values: Sequence[Any], order: WordOrder = "big") -> list[int]:
+        """:meth:`encode` of the rows' values given in row order, with the same registers and
+        errors: a plain int within its row's range is packed as it is, anything else (None,
+        an enum, a string, a value out of range) goes through its row's conversion. The
+        snapshot is encoded this way on every read."""
+        order = check_order(order)
+        if len(values) != len(self.rows):
+            raise ValidationError(f"{len(self.rows)} values expected, got {len(values)}")
+        args: list[Any] = []
+        for value, bounds, (row, to_raw, _, _) in zip(
+            values, self._int_bounds, self._plan, strict=True
+        ):
+            if bounds is not None and type(value) is int and bounds[0] <= value <= bounds[1]:
+                args.append(value)
+            else:
+                args += to_raw(row, value)
+        registers = list(self.words.unpack(self.values.pack(*args)))
+        if order == "little":
+            registers = [registers[index] for index in self.little]
+        return registers
 
     def encode(self, values: Mapping[str, Any], order: WordOrder = "big") -> list[int]:
         order = check_order(order)
@@ -225,6 +253,23 @@ _SNAPSHOT_CODEC: Final = RowsCodec(_SNAPSHOT_ROWS)
 _SNAPSHOT_ROW_NAMES: Final = tuple(
     (name, spec.row_names(name)) for name, spec in SNAPSHOT_FIELDS if spec.register
 )
+
+
+def _snapshot_layout() -> tuple[tuple[str | None, int | None], ...]:
+    """Where each register row of the snapshot blocks takes its value, in row order: (the
+    snapshot field, the index in a field of several rows or None); (None, None) is
+    ``output_state``, derived from the control state."""
+    where: dict[str, tuple[str | None, int | None]] = {"output_state": (None, None)}
+    for name, row_names in _SNAPSHOT_ROW_NAMES:
+        if len(row_names) == 1:
+            where[row_names[0]] = (name, None)
+        else:
+            where.update((row, (name, index)) for index, row in enumerate(row_names))
+    return tuple(where[row.name] for row in _SNAPSHOT_ROWS)
+
+
+#: the precomputed layout of encode_snapshot (a row without a source fails at import)
+_SNAPSHOT_LAYOUT: Final = _snapshot_layout()
 _SNAPSHOT_RANGES: Final = tuple(
     (name, spec.minimum, spec.maximum)
     for name, spec in SNAPSHOT_FIELDS
@@ -235,14 +280,18 @@ _SNAPSHOT_RANGES: Final = tuple(
 def encode_snapshot(snapshot: MeterSnapshot, order: WordOrder = "big") -> list[int]:
     """The MEASUREMENTS, ACCOUNT and STATUS blocks (``SNAPSHOT_SIZE`` registers from
     ``SNAPSHOT_START``). The meter id lives in the identification block."""
-    fields = snapshot.to_values()
-    values: dict[str, Any] = {"output_state": int(output_state(snapshot.control_state))}
-    for name, row_names in _SNAPSHOT_ROW_NAMES:
-        if len(row_names) == 1:
-            values[name] = fields[name]
+    values: list[Any] = []
+    for field, index in _SNAPSHOT_LAYOUT:
+        if field is None:
+            value: Any = int(output_state(snapshot.control_state))
         else:
-            values.update(zip(row_names, fields[name], strict=True))
-    return _SNAPSHOT_CODEC.encode(values, order)
+            value = getattr(snapshot, field)
+            if index is not None:
+                value = value[index]
+            if isinstance(value, int):  # enums, flags and bools as plain ints (to_values)
+                value = int(value)
+        values.append(value)
+    return _SNAPSHOT_CODEC.encode_list(values, order)
 
 
 def decode_snapshot(

@@ -1,0 +1,263 @@
+"""`meter-sim serve` at fleet scale: N meters behind Modbus TCP gateways.
+
+    .venv/bin/python bench/fleet_serve.py                       # 1,000 and 10,000 meters
+    .venv/bin/python bench/fleet_serve.py --meters 1000 --stall-seconds 10
+
+For each N the real command runs as a child process (``meter-sim serve --modbus-port 0
+--ready-json`` on a fresh fleet file of N meters, state in a temporary directory), and this
+process measures:
+
+* ready: seconds from the spawn to the ready line; RSS of the child, in total and per meter;
+  the child's CPU while idle (share of one core over ``--idle-seconds``);
+* a full poll, as a head-end reads a fleet: for every meter connect, identify, read the
+  snapshot, close; once by the head-end's ``ModbusTcpLink`` and once by a bare pymodbus client
+  issuing the same reads (the identification block, then the snapshot block), ``--concurrency``
+  meters at a time, alternately ``--repeat`` times; medians and their ratio;
+* the longest stall: one reader polls one meter in a loop on one connection for
+  ``--stall-seconds`` while the fleet saves every ``--save-seconds``; the longest gap between
+  two answers (and the 99th percentile);
+* shutdown: seconds from SIGTERM to the exit (the last save included).
+
+Bounded: N <= 20,000, loopback only, every phase has a time-out. Figures from a shared
+machine are noisy: compare the ratios of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from pymodbus.client import AsyncModbusTcpClient
+
+from headend.links.modbus import LinkSettings, ModbusTcpLink
+from protocols import registermap as rm
+
+HOST = "127.0.0.1"
+ROOT = Path(__file__).resolve().parent.parent
+IDENT = rm.BLOCKS[rm.Block.IDENTIFICATION]
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+Target = tuple[str, int, int]  # meter id, port, unit
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as handle:
+        return int(handle.read().split()[1]) * PAGE
+
+
+def _cpu(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+async def _bounded(
+    targets: list[Target], concurrency: int, one: Callable[[Target], Awaitable[None]]
+) -> float:
+    gate = asyncio.Semaphore(concurrency)
+
+    async def guarded(target: Target) -> None:
+        async with gate:
+            await one(target)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(guarded(target) for target in targets))
+    return time.perf_counter() - started
+
+
+async def link_poll(targets: list[Target], concurrency: int) -> float:
+    settings = LinkSettings(timeout=10, retries=1)
+
+    async def one(target: Target) -> None:
+        meter_id, port, unit = target
+        link = ModbusTcpLink(HOST, port, unit, settings=settings)
+        try:
+            await link.connect()  # identifies the meter
+            snapshot = await link.read_snapshot()
+        finally:
+            await link.close()
+        if snapshot.meter_id != meter_id:
+            raise SystemExit(f"{HOST}:{port}/{unit} is {snapshot.meter_id}, not {meter_id}")
+
+    return await _bounded(targets, concurrency, one)
+
+
+async def bare_poll(targets: list[Target], concurrency: int) -> float:
+    async def one(target: Target) -> None:
+        _, port, unit = target
+        client = AsyncModbusTcpClient(HOST, port=port, timeout=10, retries=0)
+        try:
+            if not await client.connect():
+                raise SystemExit(f"cannot connect to {HOST}:{port}")
+            for start, count in (
+                (IDENT.start, IDENT.end - IDENT.start),
+                (rm.SNAPSHOT_START, rm.SNAPSHOT_SIZE),
+            ):
+                response = await client.read_input_registers(start, count=count, device_id=unit)
+                if response.isError():
+                    raise SystemExit(f"bare read failed: {response}")
+        finally:
+            client.close()
+
+    return await _bounded(targets, concurrency, one)
+
+
+async def stall(target: Target, seconds: float) -> tuple[float, float, int]:
+    """(longest gap, 99th percentile gap, reads) of one reader polling one meter."""
+    _, port, unit = target
+    client = AsyncModbusTcpClient(HOST, port=port, timeout=10, retries=0)
+    if not await client.connect():
+        raise SystemExit(f"cannot connect to {HOST}:{port}")
+    gaps: list[float] = []
+    try:
+        last = started = time.perf_counter()
+        while last - started < seconds:
+            response = await client.read_input_registers(
+                rm.SNAPSHOT_START, count=rm.SNAPSHOT_SIZE, device_id=unit
+            )
+            if response.isError():
+                raise SystemExit(f"read failed: {response}")
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+    finally:
+        client.close()
+    gaps.sort()
+    return gaps[-1], gaps[int(len(gaps) * 0.99)], len(gaps)
+
+
+async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="fleet-serve-") as work:
+        fleet = Path(work) / "fleet.toml"
+        fleet.write_text(
+            f'[simulation]\nstate_dir = "{work}/state"\nsave_seconds = {args.save_seconds}\n'
+            f"speed = 60\n\n[defaults]\ninitial_credit = 1000000\n\n[[meters]]\ncount = {count}\n"
+        )
+        spawned = time.perf_counter()
+        child = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cli.meter_sim",
+            "serve",
+            "--config",
+            str(fleet),
+            "--modbus-port",
+            "0",
+            "--ready-json",
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            limit=2**24,  # the ready line names every meter
+        )
+        assert child.stdout is not None
+        try:
+            line = await asyncio.wait_for(child.stdout.readline(), 300)
+            if not line:
+                raise SystemExit(f"meter-sim serve exited with {await child.wait()}")
+            ready = time.perf_counter() - spawned
+            shape = json.loads(line)
+            targets: list[Target] = [
+                (meter_id, gateway["port"], unit)
+                for gateway in shape["gateways"]
+                for meter_id, unit in gateway["meters"].items()
+            ]
+            rss = _rss(child.pid)
+            cpu = _cpu(child.pid)
+            await asyncio.sleep(args.idle_seconds)  # measuring idle CPU: nothing to wait for
+            idle = (_cpu(child.pid) - cpu) / args.idle_seconds
+            results: dict[str, Any] = {
+                "meters": count,
+                "gateways": len(shape["gateways"]),
+                "ready_s": ready,
+                "rss_mib": rss / 2**20,
+                "rss_kib_per_meter": rss / 1024 / count,
+                "idle_core": idle,
+            }
+            link_runs: list[float] = []
+            bare_runs: list[float] = []
+            for _ in range(args.repeat):
+                link_runs.append(await link_poll(targets, args.concurrency))
+                bare_runs.append(await bare_poll(targets, args.concurrency))
+            results["poll_link_s"] = statistics.median(link_runs)
+            results["poll_bare_s"] = statistics.median(bare_runs)
+            results["poll_runs"] = {"link": link_runs, "bare": bare_runs}
+            longest, p99, reads = await stall(targets[len(targets) // 2], args.stall_seconds)
+            results.update(stall_max_s=longest, stall_p99_s=p99, stall_reads=reads)
+            stopping = time.perf_counter()
+            child.send_signal(signal.SIGTERM)
+            code = await asyncio.wait_for(child.wait(), 120)
+            results["shutdown_s"] = time.perf_counter() - stopping
+            results["exit"] = code
+            return results
+        finally:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    n = results["meters"]
+    print(f"== {n:,} meters behind {results['gateways']} gateway(s)")
+    print(
+        f"ready after {results['ready_s']:.2f} s; RSS {results['rss_mib']:.0f} MiB "
+        f"({results['rss_kib_per_meter']:.1f} KiB per meter); idle CPU "
+        f"{100 * results['idle_core']:.0f} % of a core"
+    )
+    link, bare = results["poll_link_s"], results["poll_bare_s"]
+    runs = results["poll_runs"]
+    print(
+        f"full poll (connect, identify, snapshot, close; {args.concurrency} at a time), "
+        f"median of {args.repeat}:"
+    )
+    print(
+        f"  head-end link     {link:6.2f} s  ({n / link:,.0f} meters/s)  runs "
+        + ", ".join(f"{r:.2f}" for r in runs["link"])
+    )
+    print(
+        f"  bare pymodbus     {bare:6.2f} s  ({n / bare:,.0f} meters/s)  runs "
+        + ", ".join(f"{r:.2f}" for r in runs["bare"])
+    )
+    print(f"  ratio link / bare time: {link / bare:.2f}")
+    print(
+        f"one reader polling one meter for {args.stall_seconds:.0f} s, saves every "
+        f"{args.save_seconds:g} s: longest gap {1000 * results['stall_max_s']:.0f} ms, "
+        f"p99 {1000 * results['stall_p99_s']:.1f} ms over {results['stall_reads']:,} reads"
+    )
+    print(f"shutdown after SIGTERM: {results['shutdown_s']:.2f} s, exit {results['exit']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--meters", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--concurrency", type=int, default=100, help="meters polled at once")
+    parser.add_argument("--repeat", type=int, default=3, help="full polls by each master (1..9)")
+    parser.add_argument("--save-seconds", type=float, default=5.0)
+    parser.add_argument("--stall-seconds", type=float, default=15.0)
+    parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
+    args = parser.parse_args()
+    if not all(1 <= n <= 20_000 for n in args.meters) or not 1 <= args.repeat <= 9:
+        parser.error("--meters are 1..20000, --repeat 1..9")
+    if not 1 <= args.concurrency <= 1000 or not 0 < args.stall_seconds <= 300:
+        parser.error("--concurrency is 1..1000, --stall-seconds 0..300")
+    for count in args.meters:
+        results = asyncio.run(measure(count, args))
+        report(results, args)
+        if args.json:
+            print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
