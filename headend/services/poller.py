@@ -35,7 +35,6 @@ from headend.domain.validation import (
 )
 from headend.links.base import MeterLink
 from headend.storage import Database, Session
-from headend.storage.database import insert_new
 from headend.storage.polling import (
     PollTarget,
     active_targets,
@@ -46,15 +45,14 @@ from headend.storage.polling import (
 from headend.storage.readings import (
     event_rows,
     gap_row,
+    insert_rows,
     interval_row,
     last_event_seq,
-    last_event_seqs,
     last_interval,
-    last_intervals,
-    latest_readings,
     reading_row,
     record_read,
     record_reads_ok,
+    stored_before,
 )
 from headend.storage.schema import Gap, Interval, MeterEvent, Reading
 from protocols.clock import Clock
@@ -152,7 +150,28 @@ class _Fetched:
     snapshot: MeterSnapshot
     profile: list[ProfileRow]
     events: list[Event]
-    asked_profile_from: int | None
+    profile_read: bool  # the profile was read up to the snapshot's time
+    hint: _Hint  # what the read started from
+
+
+@dataclass(frozen=True, slots=True)
+class _Hint:
+    """What this poller stored last of a meter: its latest interval, its latest event sequence
+    and the meter time up to which its profile was read (None: not known). Older than the
+    store at worst (another worker may have stored more), which only makes a read ask for rows
+    the store has; the store's own rows are what a batch validates against."""
+
+    last: CheckedInterval | None
+    seq: int
+    profile_through: int | None = None
+
+
+def _profile_due(start: int, through: int | None, period: int) -> tuple[int, int]:
+    """(the meter time from which a profile read has something new to give, the start of
+    that read): rows up to ``through`` are stored; rows fall on multiples of ``period``."""
+    if through is None or through < start:
+        return start, start
+    return max(start, (through // period + 1) * period), through + 1
 
 
 class Poller:
@@ -177,9 +196,9 @@ class Poller:
         self.counts: Counter[str] = Counter()
         self._pending: list[tuple[PollTarget, _Fetched, ReadOutcome, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
-        #: per meter, the last interval and event sequence this poller stored (a hint that
-        #: saves two queries a read; a stale hint only makes a read ask for rows it has)
-        self._known: dict[str, tuple[CheckedInterval | None, int]] = {}
+        #: per meter, what this poller stored last (saves two queries and, while the meter has
+        #: captured no new interval, the profile request of a read)
+        self._known: dict[str, _Hint] = {}
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -294,26 +313,32 @@ class Poller:
             raise LinkError(
                 f"{target.endpoint} answers as {snapshot.meter_id}, not {target.meter_id}"
             )
-        known = self._known.get(target.meter_id)
-        if known is not None:  # what this poller stored last: older than the store at worst
-            last, since = known
-        else:
+        hint = self._known.get(target.meter_id)
+        if hint is None:  # this poller has not stored the meter yet: ask the store
             async with self.db.read() as session:
-                last = await last_interval(session, target.meter_id)
-                since = await last_event_seq(session, target.meter_id)
-        if last is not None:
-            start = last.start + 2 * target.profile_period  # the next interval's end
+                hint = _Hint(
+                    await last_interval(session, target.meter_id),
+                    await last_event_seq(session, target.meter_id),
+                )
+        period = target.profile_period
+        if hint.last is not None:
+            start = hint.last.start + 2 * period  # the next interval's end
         else:
             start = snapshot.time - self.plan.initial_history
-        profile = await link.read_profile(start, snapshot.time) if start <= snapshot.time else []
+        # a profile row is captured when the meter's clock passes its time (a multiple of the
+        # period), so rows up to the time of a snapshot read before are all stored: ask again
+        # only once the clock has passed the next boundary after it
+        due, start = _profile_due(start, hint.profile_through, period)
+        profile = await link.read_profile(start, snapshot.time) if due <= snapshot.time else []
         events: list[Event] = []
+        since = hint.seq
         while since < snapshot.last_event_seq:
             page = await link.read_events(since, self.plan.event_page)
             if not page:
                 break
             events += page
             since = page[-1].seq
-        return _Fetched(snapshot, profile, events, start if last is not None else None)
+        return _Fetched(snapshot, profile, events, due <= snapshot.time, hint)
 
     async def _store(self, target: PollTarget, fetched: _Fetched, outcome: ReadOutcome) -> None:
         """Store one meter's read; reads finishing together share one transaction (a group
@@ -355,53 +380,64 @@ class Poller:
 
     async def _store_batch(
         self, session: Session, items: Sequence[tuple[PollTarget, _Fetched, ReadOutcome]]
-    ) -> dict[str, tuple[CheckedInterval | None, int]]:
-        """Validate and store the reads of several meters (distinct) with a few statements."""
+    ) -> dict[str, _Hint]:
+        """Validate and store the reads of several meters (distinct) with a few statements:
+        what the store holds of them (the latest interval and event sequence only of the meters
+        whose read brought rows), then one insert per table and one update of their health."""
         now = self._now()
         head_end_time = int(self.clock.now())
         ids = [target.meter_id for target, _, _ in items]
-        previous = await latest_readings(session, ids)
-        lasts = await last_intervals(session, ids)
-        seqs = await last_event_seqs(session, ids)
+        before = await stored_before(
+            session,
+            ids,
+            intervals_of=[t.meter_id for t, f, _ in items if f.profile],
+            events_of=[t.meter_id for t, f, _ in items if f.events],
+        )
         readings: list[dict[str, Any]] = []
         intervals: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         gaps: list[dict[str, Any]] = []
         expected: Counter[str] = Counter()
-        hints: dict[str, tuple[CheckedInterval | None, int]] = {}
+        hints: dict[str, _Hint] = {}
+        limits = self.plan.limits
         for target, fetched, outcome in items:
             meter_id, snapshot = target.meter_id, fetched.snapshot
-            before = previous.get(meter_id)
-            if before is not None and before.meter_time == snapshot.time:
+            previous = before.readings.get(meter_id)
+            if previous is not None and previous.meter_time == snapshot.time:
                 findings = Findings()  # the same reading again: stored already
             else:
-                findings = validate_reading(snapshot, before, head_end_time, self.plan.limits)
+                findings = validate_reading(snapshot, previous, head_end_time, limits)
                 if findings.flags:
                     outcome.flagged += 1
                     log.info("meter %s: %s", meter_id, findings.reason)
             readings.append(reading_row(snapshot, findings, now, "poll"))
-            last = lasts.get(meter_id)
-            checked, found = check_intervals(
-                fetched.profile, target.profile_period, last, self.plan.limits
-            )
-            estimates = _estimates(last, checked)
-            intervals += [interval_row(meter_id, i) for i in (*checked, *estimates)]
-            expected[meter_id] = len(checked) + len(estimates)
-            outcome.intervals, outcome.estimated = len(checked), len(estimates)
-            outcome.flagged += sum(bool(c.findings.flags) for c in checked)
-            outcome.backfilled = len(checked) > 1 and last is not None
-            gaps += [gap_row(meter_id, "intervals", a, b, now) for a, b in found]
-            since = seqs.get(meter_id, 0)
-            new_events = [e for e in fetched.events if e.seq > since]
-            if new_events and new_events[0].seq > since + 1:
+            hint = fetched.hint
+            last = before.intervals.get(meter_id) if fetched.profile else None
+            newest = hint.last
+            if fetched.profile:
+                checked, found = check_intervals(
+                    fetched.profile, target.profile_period, last, limits
+                )
+                estimates = _estimates(last, checked)
+                intervals += [interval_row(meter_id, i) for i in (*checked, *estimates)]
+                expected[meter_id] = len(checked) + len(estimates)
+                outcome.intervals, outcome.estimated = len(checked), len(estimates)
+                outcome.flagged += sum(bool(c.findings.flags) for c in checked)
+                outcome.backfilled = len(checked) > 1 and last is not None
+                gaps += [gap_row(meter_id, "intervals", a, b, now) for a, b in found]
+                newest = max((*checked, *estimates), key=lambda i: i.start, default=last)
+            since = before.seqs.get(meter_id, 0) if fetched.events else None
+            new_events = [e for e in fetched.events if since is not None and e.seq > since]
+            if since is not None and new_events and new_events[0].seq > since + 1:
                 gaps.append(gap_row(meter_id, "events", since + 1, new_events[0].seq - 1, now))
             events += event_rows(meter_id, new_events, now)
-            newest = max((*checked, *estimates), key=lambda i: i.start, default=last)
-            hints[meter_id] = (newest, new_events[-1].seq if new_events else since)
-        new_readings = {key[0] for key in await insert_new(session, Reading, readings)}
-        stored = Counter(key[0] for key in await insert_new(session, Interval, intervals))
-        stored_events = Counter(key[0] for key in await insert_new(session, MeterEvent, events))
-        stored_gaps = Counter(key[0] for key in await insert_new(session, Gap, gaps, Gap.meter_id))
+            seq = new_events[-1].seq if new_events else since
+            through = snapshot.time if fetched.profile_read else hint.profile_through
+            hints[meter_id] = _Hint(newest, hint.seq if seq is None else seq, through)
+        new_readings = {row[0] for row in await insert_rows(session, Reading, readings)}
+        stored = Counter(row[0] for row in await insert_rows(session, Interval, intervals))
+        stored_events = Counter(row[0] for row in await insert_rows(session, MeterEvent, events))
+        stored_gaps = Counter(row[0] for row in await insert_rows(session, Gap, gaps, Gap.meter_id))
         for target, _, outcome in items:
             meter_id = target.meter_id
             outcome.reading_new = meter_id in new_readings
@@ -410,7 +446,8 @@ class Poller:
             outcome.duplicates += expected[meter_id] - stored[meter_id]
             outcome.events = stored_events[meter_id]
             outcome.gaps = stored_gaps[meter_id]
-        await record_reads_ok(session, ids, now)
+        for meter_id, change in await record_reads_ok(session, ids, now, before.health):
+            log.info("meter %s is %s: %s", meter_id, change.new, change.reason)
         return hints
 
     # -- the schedule ---------------------------------------------------------------------------
