@@ -193,9 +193,12 @@ class Poller:
         self._draw = draw
         self._transport: dict[str, asyncio.Semaphore] = {}
         self._gateway: dict[tuple[str, str], asyncio.Semaphore] = {}
+        #: reads that succeeded and failed, and the transactions that stored them ("batches")
         self.counts: Counter[str] = Counter()
         self._pending: list[tuple[PollTarget, _Fetched, ReadOutcome, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._fetching = 0  # reads talking to their meter now (their store may join a batch)
+        self._flush = asyncio.Event()  # a batch is full, or no read is left to join it
         #: per meter, what this poller stored last (saves two queries and, while the meter has
         #: captured no new interval, the profile request of a read)
         self._known: dict[str, _Hint] = {}
@@ -267,7 +270,13 @@ class Poller:
                         if deadline is None:
                             deadline = loop.time() + self.plan.read_deadline
                         async with asyncio.timeout_at(deadline):
-                            fetched = await self._fetch(target)
+                            self._fetching += 1
+                            try:
+                                fetched = await self._fetch(target)
+                            finally:
+                                self._fetching -= 1
+                                if not self._fetching:
+                                    self._flush.set()
                     await self._store(target, fetched, outcome)
                     outcome.ok = True
                     break
@@ -345,18 +354,28 @@ class Poller:
         commit: one writer, one commit for the batch), each still all or nothing."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((target, fetched, outcome, done))
+        if len(self._pending) >= _BATCH or not self._fetching:
+            self._flush.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_batches())
         await done
 
     async def _write_batches(self) -> None:
         while self._pending:
+            if len(self._pending) < _BATCH and self._fetching:
+                # reads are finishing meanwhile: let the batch fill for a moment, since one
+                # transaction of many reads costs about what one of a single read does
+                self._flush.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_LINGER):
+                        await self._flush.wait()
             batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
             items = [(target, fetched, outcome) for target, fetched, outcome, _ in batch]
             try:
                 async with self.db.begin() as session:
                     hints = await self._store_batch(session, items)
                 self._known.update(hints)  # committed
+                self.counts["batches"] += 1
             except StorageError:
                 # one read spoiled the batch: store each on its own, so only it fails
                 for target, fetched, outcome, done in batch:
@@ -493,6 +512,8 @@ class Poller:
 
 #: reads stored in one transaction at most
 _BATCH = 200
+#: how long a batch waits for more reads to join it at most, s
+_LINGER = 0.05
 
 
 def _reset(outcome: ReadOutcome) -> None:
