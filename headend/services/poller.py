@@ -18,10 +18,11 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Protocol
 
 from headend.domain.schedule import next_due, retry_delay
@@ -233,21 +234,52 @@ class Poller:
     async def _round(
         self, targets: Sequence[PollTarget], progress: Callable[[ReadOutcome], None] | None
     ) -> RoundSummary:
+        """Read ``targets``: per gateway as many readers as it takes reads at once, each
+        reading its gateway's meters one after the other and handing each read to the batch
+        writer without waiting for it to be stored."""
         summary = RoundSummary()
+        queues: dict[tuple[str, str], deque[PollTarget]] = {}
+        for target in targets:
+            queues.setdefault((target.transport, target.gateway), deque()).append(target)
+        storing: list[asyncio.Future[None]] = []
 
-        async def one(target: PollTarget) -> None:
-            try:
-                outcome = await self.read(target)
-            except StorageError as exc:  # this meter's read is lost; the round goes on
-                log.error("storing a read of %s failed: %s", target.meter_id, exc)
-                outcome = ReadOutcome(target.meter_id, ok=False, error=f"storage: {exc}")
+        def finish(outcome: ReadOutcome) -> None:
             summary.outcomes.append(outcome)
             if progress is not None:
                 progress(outcome)
 
+        def stored(target: PollTarget, outcome: ReadOutcome, done: asyncio.Future[None]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is None:
+                finish(self._stored(outcome))
+            else:  # this meter's read is lost; the round goes on
+                log.error("storing a read of %s failed: %s", target.meter_id, error)
+                finish(ReadOutcome(target.meter_id, ok=False, error=f"storage: {error}"))
+
+        async def reader(queue: deque[PollTarget]) -> None:
+            while queue:
+                target = queue.popleft()
+                try:
+                    outcome, fetched = await self._fetch_retried(target)
+                    if fetched is None:
+                        finish(await self._failed(target, outcome))
+                        continue
+                except StorageError as exc:  # this meter's read is lost; the round goes on
+                    log.error("storing a read of %s failed: %s", target.meter_id, exc)
+                    finish(ReadOutcome(target.meter_id, ok=False, error=f"storage: {exc}"))
+                    continue
+                done = self._enqueue(target, fetched, outcome)
+                done.add_done_callback(partial(stored, target, outcome))
+                storing.append(done)
+
         async with asyncio.TaskGroup() as group:
-            for target in targets:
-                group.create_task(one(target))
+            for (kind, _), queue in queues.items():
+                for _ in range(min(len(queue), self.plan.per_gateway.get(kind, 1))):
+                    group.create_task(reader(queue))
+        if storing:
+            await asyncio.wait(storing)
         summary.outcomes.sort(key=lambda o: o.meter_id)
         return summary
 
@@ -255,8 +287,23 @@ class Poller:
 
     async def read(self, target: PollTarget) -> ReadOutcome:
         """Read one meter with retries inside its deadline, store what it gave, record its
-        health; never raises for the meter's own failures. The deadline runs from when the
-        read first gets its turn on the transport and gateway, not while it queues."""
+        health; never raises for the meter's own failures (a StorageError when its read cannot
+        be stored). The deadline runs from when the read first gets its turn on the transport
+        and gateway, not while it queues."""
+        outcome, fetched = await self._fetch_retried(target)
+        if fetched is None:
+            return await self._failed(target, outcome)
+        await self._enqueue(target, fetched, outcome)
+        return self._stored(outcome)
+
+    def _stored(self, outcome: ReadOutcome) -> ReadOutcome:
+        outcome.ok = True
+        self.counts["read"] += 1
+        return outcome
+
+    async def _fetch_retried(self, target: PollTarget) -> tuple[ReadOutcome, _Fetched | None]:
+        """The meter's read, tried again after link errors within the deadline; None (and
+        the outcome's error) when it failed."""
         outcome = ReadOutcome(target.meter_id, ok=False)
         transport, gateway = self._limits(target)
         loop = asyncio.get_running_loop()
@@ -272,14 +319,11 @@ class Poller:
                         async with asyncio.timeout_at(deadline):
                             self._fetching += 1
                             try:
-                                fetched = await self._fetch(target)
+                                return outcome, await self._fetch(target)
                             finally:
                                 self._fetching -= 1
                                 if not self._fetching:
                                     self._flush.set()
-                    await self._store(target, fetched, outcome)
-                    outcome.ok = True
-                    break
                 except LinkError as exc:
                     error = str(exc) or type(exc).__name__
                     await self.links.discard(target)
@@ -299,20 +343,23 @@ class Poller:
                 raise
             error = f"{type(exc).__name__}: {exc}"
             await self.links.discard(target)
-        if not outcome.ok:
-            outcome.error = error
-            async with self.db.begin() as session:
-                change = await record_read(
-                    session,
-                    target.meter_id,
-                    False,
-                    now=self._now(),
-                    error=error,
-                    unreachable_after=self.plan.unreachable_after,
-                )
-            if change is not None:
-                log.warning("meter %s is %s: %s", target.meter_id, change.new, error)
-        self.counts["read" if outcome.ok else "failed"] += 1
+        outcome.error = error
+        return outcome, None
+
+    async def _failed(self, target: PollTarget, outcome: ReadOutcome) -> ReadOutcome:
+        """Record a failed read in the meter's health."""
+        async with self.db.begin() as session:
+            change = await record_read(
+                session,
+                target.meter_id,
+                False,
+                now=self._now(),
+                error=outcome.error,
+                unreachable_after=self.plan.unreachable_after,
+            )
+        if change is not None:
+            log.warning("meter %s is %s: %s", target.meter_id, change.new, outcome.error)
+        self.counts["failed"] += 1
         return outcome
 
     async def _fetch(self, target: PollTarget) -> _Fetched:
@@ -349,16 +396,19 @@ class Poller:
             since = page[-1].seq
         return _Fetched(snapshot, profile, events, due <= snapshot.time, hint)
 
-    async def _store(self, target: PollTarget, fetched: _Fetched, outcome: ReadOutcome) -> None:
-        """Store one meter's read; reads finishing together share one transaction (a group
-        commit: one writer, one commit for the batch), each still all or nothing."""
+    def _enqueue(
+        self, target: PollTarget, fetched: _Fetched, outcome: ReadOutcome
+    ) -> asyncio.Future[None]:
+        """Hand one meter's read to the writer; the future is done once it is stored (or its
+        StorageError). Reads finishing together share one transaction (a group commit: one
+        writer, one commit for the batch), each still all or nothing."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((target, fetched, outcome, done))
         if len(self._pending) >= _BATCH or not self._fetching:
             self._flush.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_batches())
-        await done
+        return done
 
     async def _write_batches(self) -> None:
         while self._pending:
@@ -376,7 +426,7 @@ class Poller:
                     hints = await self._store_batch(session, items)
                 self._known.update(hints)  # committed
                 self.counts["batches"] += 1
-            except StorageError:
+            except HesError:
                 # one read spoiled the batch: store each on its own, so only it fails
                 for target, fetched, outcome, done in batch:
                     _reset(outcome)
@@ -384,18 +434,19 @@ class Poller:
                         async with self.db.begin() as session:
                             hints = await self._store_batch(session, [(target, fetched, outcome)])
                         self._known.update(hints)
-                    except StorageError as exc:
-                        done.set_exception(exc)
+                    except HesError as exc:
+                        if not isinstance(exc, StorageError):
+                            exc = StorageError(f"{type(exc).__name__}: {exc}")
+                        _settle(done, exc)
                     else:
-                        done.set_result(None)
+                        _settle(done, None)
                 continue
             except BaseException as exc:
                 for *_, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+                    _settle(done, exc)
                 raise
             for *_, done in batch:
-                done.set_result(None)
+                _settle(done, None)
 
     async def _store_batch(
         self, session: Session, items: Sequence[tuple[PollTarget, _Fetched, ReadOutcome]]
@@ -514,6 +565,16 @@ class Poller:
 _BATCH = 200
 #: how long a batch waits for more reads to join it at most, s
 _LINGER = 0.05
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    """Tell a read's store whether it is stored (unless it stopped waiting: cancelled)."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 def _reset(outcome: ReadOutcome) -> None:
