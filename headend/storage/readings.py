@@ -287,26 +287,51 @@ _HEALTH_OF = select(PollHealth.meter_id, PollHealth.health).where(PollHealth.met
 async def insert_rows(
     session: AsyncSession, model: type[Any], rows: Sequence[dict[str, Any]], *returning: Any
 ) -> list[Row[Any]]:
-    """Insert-or-ignore ``rows`` into ``model``'s table with one Core executemany (no ORM on
-    the way: SQLAlchemy's "insertmanyvalues" sends them as multi-row INSERTs); returns, of
-    each row that was new, its ``returning`` columns (default: the primary key)."""
+    """Insert-or-ignore ``rows`` (dicts with the same keys) into ``model``'s table in one
+    statement, without the ORM; returns, of each row that was new, its ``returning`` columns
+    (default: the primary key).
+
+    On SQLite the rows go as multi-row INSERTs ("insertmanyvalues"). On PostgreSQL they go as
+    one array per column, ``INSERT … SELECT unnest(…), …``: the statement's text is the same
+    for any number of rows, so neither SQLAlchemy nor psycopg parse it again per batch (a
+    multi-row VALUES list of a few thousand parameters is parsed anew each time)."""
     if not rows:
         return []
     table = _table(model)
     conn = await session.connection()
     dialect = conn.dialect.name
     columns = tuple(returning) or tuple(table.primary_key.columns)
-    key = (dialect, table.name, tuple(c.key for c in columns))
+    keys = tuple(rows[0])
+    key = (dialect, table.name, keys, tuple(c.key for c in columns))
     statement = _INSERTS.get(key)
     if statement is None:
-        insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-        statement = insert(table).on_conflict_do_nothing().returning(*columns)
+        statement = _insert_statement(dialect, table, keys, columns)
         _INSERTS[key] = statement
     with storage_errors(f"storing {table.name}"):
+        if dialect == "postgresql":
+            arrays = {k: [row[k] for row in rows] for k in keys}
+            return list((await conn.execute(statement, arrays)).all())
         return list((await conn.execute(statement, list(rows))).all())
 
 
-_INSERTS: dict[tuple[str, str, tuple[str, ...]], Any] = {}
+def _insert_statement(
+    dialect: str, table: Table, keys: tuple[str, ...], returning: tuple[Any, ...]
+) -> Any:
+    if dialect != "postgresql":
+        return sqlite.insert(table).on_conflict_do_nothing().returning(*returning)
+    arrays = [
+        func.unnest(bindparam(k, type_=postgresql.ARRAY(table.c[k].type))).label(k) for k in keys
+    ]
+    source = select(*arrays)
+    return (
+        postgresql.insert(table)
+        .from_select(list(keys), source)
+        .on_conflict_do_nothing()
+        .returning(*returning)
+    )
+
+
+_INSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
 
 
 @dataclass(slots=True)
