@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, Subquery, Table, bindparam, func, select, update
+from sqlalchemy import Subquery, Table, bindparam, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -22,7 +22,6 @@ from headend.storage.schema import (
     MeterEvent,
     PollHealth,
     Reading,
-    TelemetrySeen,
 )
 from protocols.readings import Event, MeterSnapshot
 
@@ -286,7 +285,7 @@ _HEALTH_OF = select(PollHealth.meter_id, PollHealth.health).where(PollHealth.met
 
 async def insert_rows(
     session: AsyncSession, model: type[Any], rows: Sequence[dict[str, Any]], *returning: Any
-) -> list[Row[Any]]:
+) -> list[tuple[Any, ...]]:
     """Insert-or-ignore ``rows`` (dicts with the same keys) into ``model``'s table in one
     statement, without the ORM; returns, of each row that was new, its ``returning`` columns
     (default: the primary key).
@@ -310,8 +309,10 @@ async def insert_rows(
     with storage_errors(f"storing {table.name}"):
         if dialect == "postgresql":
             arrays = {k: [row[k] for row in rows] for k in keys}
-            return list((await conn.execute(statement, arrays)).all())
-        return list((await conn.execute(statement, list(rows))).all())
+            result = await conn.execute(statement, arrays)
+        else:
+            result = await conn.execute(statement, list(rows))
+        return [tuple(row) for row in result]
 
 
 def _insert_statement(
@@ -459,14 +460,7 @@ async def record_presence(
     return change
 
 
-async def meter_status(session: AsyncSession, meter_id: str) -> str | None:
-    """The registered meter's status (active, retired); None when it is not registered."""
-    return await session.scalar(select(Meter.status).where(Meter.id == meter_id))
-
-
-async def store_telemetry_seen(
-    session: AsyncSession, meter_id: str, boot: int, n: int, meter_time: int
-) -> bool:
-    """Record that MQTT telemetry ``(meter, boot, n)`` is stored; False if it was already."""
-    row = {"meter_id": meter_id, "boot": boot, "n": n, "meter_time": meter_time}
-    return await insert_ignore(session, TelemetrySeen, [row]) == 1
+async def meter_statuses(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, str]:
+    """The registered meters' statuses (active, retired); unregistered ones are left out."""
+    rows = await session.execute(select(Meter.id, Meter.status).where(Meter.id.in_(meter_ids)))
+    return {meter_id: status for meter_id, status in rows}
