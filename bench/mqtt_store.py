@@ -249,9 +249,10 @@ class BareSubscriber:
 class ProjectSubscriber:
     """The head-end's ingest and storage sink."""
 
-    def __init__(self, settings: BrokerSettings, url: str) -> None:
+    def __init__(self, settings: BrokerSettings, url: str, name: str) -> None:
         self.settings = settings
         self.url = url
+        self.name = name  # sessions of another store's run are never reused
         self.session = 0  # a new session a round (see open_session)
         self.redelivered = 0  # messages the broker delivered again, stored once (duplicates)
 
@@ -260,7 +261,7 @@ class ProjectSubscriber:
             self.settings,
             sink,
             TOPICS,
-            client_id=f"bench-ingest-store-{self.session}",
+            client_id=f"bench-ingest-{self.name}-{self.session}",
             kinds=(TopicKind.TELEMETRY,),
             receive_maximum=RECEIVE_MAXIMUM,
         )
@@ -310,7 +311,7 @@ async def compare(
         await _register(bare_url, broker, args.meters)
         await _register(project_url, broker, args.meters)
         bare = BareSubscriber(broker.settings(), bare_url, args.batch)
-        project = ProjectSubscriber(broker.settings(), project_url)
+        project = ProjectSubscriber(broker.settings(), project_url, dialect)
         bare_times: list[float] = []
         project_times: list[float] = []
         try:

@@ -31,7 +31,7 @@ import collections
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -83,6 +83,15 @@ class IngestSink(Protocol):
     async def event(self, message: EventMessage) -> None: ...
 
     async def state(self, message: StateMessage) -> None: ...
+
+
+class BurstSink(IngestSink, Protocol):
+    """A sink that also takes a burst of messages at once (``take``): it returns, for each in
+    order, None when it is stored or the exception the single-message method would raise."""
+
+    async def take(
+        self, messages: Sequence[Telemetry | EventMessage | StateMessage]
+    ) -> list[BaseException | None]: ...
 
 
 class MemorySink:
@@ -254,22 +263,23 @@ class Ingest:
 
     async def _handle_burst(self, burst: list[Incoming]) -> None:
         """Check each message of ``burst`` (in arrival order), hand the accepted ones to the
-        sink together (a storage sink stores them in one transaction), then settle and
-        acknowledge each in arrival order; one that the sink failed to take transiently is
-        tried again on its own, in order, before any later one is acknowledged."""
+        sink (all at once to a :class:`BurstSink`, which may store them in one transaction;
+        else one after the other), then settle and acknowledge each in arrival order; one
+        that the sink failed to take transiently is tried again on its own, in order, before
+        any later one is acknowledged."""
         staged = [(message, self._stage_safely(message)) for message in burst]
         deliveries = [d for _, d in staged if d is not None]
         results: list[BaseException | None] = []
-        if len(deliveries) == 1:
-            try:
-                await deliveries[0].handler(deliveries[0].payload)
-                results.append(None)
-            except Exception as exc:
-                results.append(exc)
-        elif deliveries:
-            results = await asyncio.gather(
-                *(d.handler(d.payload) for d in deliveries), return_exceptions=True
-            )
+        take = getattr(self.sink, "take", None)
+        if take is not None and deliveries:  # a sink that stores a burst at once
+            results = await take([d.payload for d in deliveries])
+        else:
+            for each in deliveries:
+                try:
+                    await each.handler(each.payload)
+                    results.append(None)
+                except Exception as exc:
+                    results.append(exc)
         outcomes = iter(results)
         for message, delivery in staged:
             if delivery is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -115,6 +115,18 @@ class StorageSink:
     async def state(self, message: StateMessage) -> None:
         await self._submit(message)
 
+    async def take(self, messages: Sequence[_Message]) -> list[BaseException | None]:
+        """A burst of messages, written together (:class:`headend.ingest.BurstSink`)."""
+        async with self._write():
+            loop = asyncio.get_running_loop()
+            futures: list[asyncio.Future[None]] = [loop.create_future() for _ in messages]
+            self._pending += zip(messages, futures, strict=True)
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write_batches())
+            # a cancelled caller leaves the batch to finish
+            await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+            return [f.exception() for f in futures]
+
     async def _submit(self, message: _Message) -> None:
         async with self._write():
             done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -194,8 +206,9 @@ class StorageSink:
     ) -> None:
         """Telemetry stored once per (meter, boot, n) and once per (meter, meter time), each
         validated against the meter's reading before it (stored, or earlier in the batch)."""
+        snapshots = {id(m): m.snapshot() for m in messages}
         seen_rows = [
-            {"meter_id": m.meter_id, "boot": m.boot, "n": m.n, "meter_time": m.snapshot().time}
+            {"meter_id": m.meter_id, "boot": m.boot, "n": m.n, "meter_time": snapshots[id(m)].time}
             for m in messages
         ]
         new_keys = {
@@ -214,7 +227,7 @@ class StorageSink:
         rows: list[dict[str, Any]] = []
         flagged: dict[tuple[str, int], bool] = {}
         for message in fresh:
-            snapshot = message.snapshot()
+            snapshot = snapshots[id(message)]
             before = previous.get(message.meter_id)
             if before is not None and before.meter_time == snapshot.time:
                 findings = Findings()  # the same reading again (a poll stored it)
