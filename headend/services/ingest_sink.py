@@ -16,8 +16,10 @@ A message from a meter that is not registered (or is retired) is refused with
 :class:`~protocols.errors.ValidationError`, so the ingest dead-letters it (a meter found active
 is remembered, so one retired while the ingest runs is refused from the ingest's next start);
 a database that is away raises :class:`~protocols.errors.StorageError`, so the ingest pauses
-and tries the same message again. Every write is one transaction, so a message is stored whole
-or not at all; :meth:`StorageSink.stop` lets the write in flight finish and takes no more.
+and tries the same message again. The messages of a burst are written in one transaction, so
+each is stored whole or not at all (a failed burst fails for each of its messages, and the
+ingest tries each again on its own); :meth:`StorageSink.stop` lets the writes in flight finish
+and takes no more.
 """
 
 from __future__ import annotations

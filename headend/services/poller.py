@@ -1,10 +1,18 @@
 """Automated meter reading: read every active meter once per interval, validate, store.
 
-A read is one transaction per meter: the snapshot (validated against the meter's previous
+A read is stored all or nothing: the snapshot (validated against the meter's previous
 reading), the load-profile intervals since the last stored one (gaps the meter can no longer
 fill recorded and estimated), the events since the last stored sequence, and the meter's read
-health. A read killed half-way stores nothing, and the next read picks up from what is stored,
-so the store has no gap that the meter could still fill and no duplicate.
+health. Reads that finish together share one transaction (a group commit: a batch waits a
+moment for the reads still talking to their meters); a batch that fails is stored again read
+by read, so only the read at fault fails. A read killed half-way stores nothing, and the next
+read picks up from what is stored, so the store has no gap that the meter could still fill and
+no duplicate.
+
+A read costs one request while the meter has nothing new: the profile is asked for only once
+the meter's clock has passed the next interval boundary after the last profile read (rows fall
+on multiples of the period), the event log only when the snapshot's last event sequence is
+beyond the last one stored.
 
 Each transport has its own concurrency bound, each gateway (a Modbus TCP host:port, a serial
 line, a broker) its own; a serial line carries one request at a time. Meters are spread over
