@@ -31,10 +31,10 @@ import collections
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from headend.transport.mqtt import Incoming, MqttConnection, publish_properties
 from protocols.errors import DecodeError, LinkError, StorageError, ValidationError
@@ -58,7 +58,19 @@ P = TypeVar("P")
 
 INGEST_KINDS = (TopicKind.TELEMETRY, TopicKind.EVENTS, TopicKind.STATE)
 _BOOTS_REMEMBERED = 4
+_BURST = 500  # messages checked and handed to the sink together at most
 _LOGGED_MALFORMED = 20
+
+
+@dataclass(frozen=True, slots=True)
+class _Delivery:
+    """An accepted message on its way to the sink: the sink's method, the decoded payload,
+    and the statistic it counts in once taken."""
+
+    message: Incoming
+    handler: Callable[[Any], Awaitable[None]]
+    payload: Any
+    kind: str
 
 
 class IngestSink(Protocol):
@@ -71,6 +83,15 @@ class IngestSink(Protocol):
     async def event(self, message: EventMessage) -> None: ...
 
     async def state(self, message: StateMessage) -> None: ...
+
+
+class BurstSink(IngestSink, Protocol):
+    """A sink that also takes a burst of messages at once (``take``): it returns, for each in
+    order, None when it is stored or the exception the single-message method would raise."""
+
+    async def take(
+        self, messages: Sequence[Telemetry | EventMessage | StateMessage]
+    ) -> list[BaseException | None]: ...
 
 
 class MemorySink:
@@ -237,16 +258,52 @@ class Ingest:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            message = inbox.popleft()
-            try:
-                await self._handle(message)
-            except Exception:  # the ingest never dies of one message
-                log.exception("ingest: unexpected failure on %s", message.topic)
-                self.stats.internal_errors += 1
-                self._dead_letter(message, "internal error")
+            burst = [inbox.popleft() for _ in range(min(len(inbox), _BURST))]
+            await self._handle_burst(burst)
+
+    async def _handle_burst(self, burst: list[Incoming]) -> None:
+        """Check each message of ``burst`` (in arrival order), hand the accepted ones to the
+        sink (all at once to a :class:`BurstSink`, which may store them in one transaction;
+        else one after the other), then settle and acknowledge each in arrival order; one
+        that the sink failed to take transiently is tried again on its own, in order, before
+        any later one is acknowledged."""
+        staged = [(message, self._stage_safely(message)) for message in burst]
+        deliveries = [d for _, d in staged if d is not None]
+        results: list[BaseException | None] = []
+        take = getattr(self.sink, "take", None)
+        if take is not None and deliveries:  # a sink that stores a burst at once
+            results = await take([d.payload for d in deliveries])
+        else:
+            for each in deliveries:
+                try:
+                    await each.handler(each.payload)
+                    results.append(None)
+                except Exception as exc:
+                    results.append(exc)
+        outcomes = iter(results)
+        for message, delivery in staged:
+            if delivery is not None:
+                result = next(outcomes)
+                try:
+                    await self._settle(delivery, result)
+                except Exception as exc:  # the ingest never dies of one message
+                    log.error("ingest: unexpected failure on %s", message.topic, exc_info=exc)
+                    self.stats.internal_errors += 1
+                    self._dead_letter(message, "internal error")
             self.connection.ack(message)
 
-    async def _handle(self, message: Incoming) -> None:
+    def _stage_safely(self, message: Incoming) -> _Delivery | None:
+        try:
+            return self._stage(message)
+        except Exception:  # the ingest never dies of one message
+            log.exception("ingest: unexpected failure on %s", message.topic)
+            self.stats.internal_errors += 1
+            self._dead_letter(message, "internal error")
+            return None
+
+    def _stage(self, message: Incoming) -> _Delivery | None:
+        """Check one message; what to hand to the sink, or None when it is finished with
+        (a duplicate, or malformed and dead-lettered)."""
         self.stats.received += 1
         try:
             meter_id, kind = self.topics.parse(message.topic)
@@ -256,13 +313,14 @@ class Ingest:
                         f"schema {schema!r}; this ingest reads {SCHEMA_PROPERTY_VALUE}"
                     )
             if kind is TopicKind.TELEMETRY:
-                await self._telemetry(meter_id, decode_telemetry(message.payload), message)
-            elif kind is TopicKind.EVENTS:
-                await self._event(meter_id, decode_event(message.payload), message)
-            elif kind is TopicKind.STATE:
-                await self._state(meter_id, decode_state(message.payload), message)
-            else:
-                raise DecodeError(f"the ingest does not take {kind.value} messages")
+                return self._telemetry(meter_id, decode_telemetry(message.payload), message)
+            if kind is TopicKind.EVENTS:
+                return self._event(meter_id, decode_event(message.payload), message)
+            if kind is TopicKind.STATE:
+                payload = decode_state(message.payload)
+                self._check_owner(meter_id, payload.meter_id)
+                return _Delivery(message, self.sink.state, payload, "states")
+            raise DecodeError(f"the ingest does not take {kind.value} messages")
         except DecodeError as exc:
             self.stats.malformed += 1
             if self.stats.malformed <= _LOGGED_MALFORMED or self.stats.malformed % 1000 == 0:
@@ -273,37 +331,59 @@ class Ingest:
                     exc,
                 )
             self._dead_letter(message, str(exc))
+            return None
 
     @staticmethod
     def _check_owner(meter_id: str, payload_meter_id: str) -> None:
         if payload_meter_id != meter_id:
             raise DecodeError(f"payload of meter {payload_meter_id!r} on {meter_id!r}'s topic")
 
-    async def _telemetry(self, meter_id: str, payload: Telemetry, message: Incoming) -> None:
+    def _telemetry(self, meter_id: str, payload: Telemetry, message: Incoming) -> _Delivery | None:
         self._check_owner(meter_id, payload.meter_id)
         boots = self._telemetry_seen.setdefault(meter_id, {})
         if payload.n <= boots.get(payload.boot, 0):
             self.stats.duplicates += 1
-            return
-        if await self._deliver(self.sink.telemetry, payload, message):
-            self.stats.telemetry += 1
+            return None
+        # seen from here on: the message is stored, or dead-lettered, before it is acknowledged
         boots[payload.boot] = payload.n
         if len(boots) > _BOOTS_REMEMBERED:
             del boots[next(iter(boots))]
+        return _Delivery(message, self.sink.telemetry, payload, "telemetry")
 
-    async def _event(self, meter_id: str, payload: EventMessage, message: Incoming) -> None:
+    def _event(self, meter_id: str, payload: EventMessage, message: Incoming) -> _Delivery | None:
         self._check_owner(meter_id, payload.meter_id)
         if payload.event.seq <= self._event_seen.get(meter_id, 0):
             self.stats.duplicates += 1
-            return
-        if await self._deliver(self.sink.event, payload, message):
-            self.stats.events += 1
+            return None
         self._event_seen[meter_id] = payload.event.seq
+        return _Delivery(message, self.sink.event, payload, "events")
 
-    async def _state(self, meter_id: str, payload: StateMessage, message: Incoming) -> None:
-        self._check_owner(meter_id, payload.meter_id)
-        if await self._deliver(self.sink.state, payload, message):
-            self.stats.states += 1
+    async def _settle(self, delivery: _Delivery, result: BaseException | None) -> None:
+        """Count what the sink made of a delivery; a transient failure is tried again until
+        the sink takes the message (or refuses it)."""
+        if isinstance(result, StorageError):
+            self.stats.sink_failures += 1
+            if not self.paused:
+                self.paused = True
+                log.warning("ingest: the sink failed (%s); paused until it recovers", result)
+            taken = await self._deliver(delivery.handler, delivery.payload, delivery.message)
+        elif isinstance(result, ValidationError | DecodeError):
+            self._refused(delivery.message, result)
+            taken = False
+        elif result is not None:
+            raise result
+        else:
+            taken = True
+            if self.paused:
+                self.paused = False
+                log.warning("ingest: the sink recovered; consuming again")
+        if taken:
+            setattr(self.stats, delivery.kind, getattr(self.stats, delivery.kind) + 1)
+
+    def _refused(self, message: Incoming, exc: BaseException) -> None:
+        self.stats.sink_refused += 1
+        log.warning("ingest: the sink refused a message from %s: %s", message.topic, exc)
+        self._dead_letter(message, f"refused by the sink: {exc}")
 
     async def _deliver(
         self, handler: Callable[[P], Awaitable[None]], payload: P, message: Incoming
@@ -313,6 +393,8 @@ class Ingest:
         low, high = self.sink_backoff
         delay = low
         while True:
+            await asyncio.sleep(delay * self._rng.uniform(0.8, 1.2))
+            delay = min(delay * 2, high)
             try:
                 await handler(payload)
             except StorageError as exc:
@@ -320,13 +402,9 @@ class Ingest:
                 if not self.paused:
                     self.paused = True
                     log.warning("ingest: the sink failed (%s); paused until it recovers", exc)
-                await asyncio.sleep(delay * self._rng.uniform(0.8, 1.2))
-                delay = min(delay * 2, high)
                 continue
             except (ValidationError, DecodeError) as exc:
-                self.stats.sink_refused += 1
-                log.warning("ingest: the sink refused a message from %s: %s", message.topic, exc)
-                self._dead_letter(message, f"refused by the sink: {exc}")
+                self._refused(message, exc)
                 return False
             if self.paused:
                 self.paused = False

@@ -250,3 +250,34 @@ async def test_stop_lets_the_write_in_flight_finish_and_takes_no_more(
     finally:
         lock.close()
         await database.close()
+
+
+async def test_a_burst_is_stored_in_order_with_each_message_settled(db: Database) -> None:
+    sink = StorageSink(db, ManualClock(T0))
+    went_back = dataclasses.replace(SNAPSHOT, meter_id=M1, time=T0 + 60 * 4, energy_import_wh=10)
+    went_back = dataclasses.replace(went_back, energy_rates_wh=(10, 0, 0, 0))
+    burst = [
+        mqtt.decode_telemetry(_telemetry(1)),
+        mqtt.decode_telemetry(_telemetry(2, meter_id=M2)),  # M2 is not registered
+        mqtt.decode_telemetry(_telemetry(2)),
+        mqtt.decode_telemetry(_telemetry(2)),  # the same message again
+        mqtt.decode_telemetry(mqtt.encode_telemetry(went_back, 1, 4)),  # below telemetry 2
+        mqtt.decode_state(mqtt.encode_state(M1, False, 7)),
+        mqtt.decode_state(mqtt.encode_state(M1, True, 7)),
+        mqtt.decode_event(mqtt.encode_event(M1, _event(1))),
+    ]
+    results = await sink.take(burst)
+    assert [type(r).__name__ if r else None for r in results] == [
+        None, "ValidationError", None, None, None, None, None, None,
+    ]  # fmt: skip
+    assert (sink.stats.readings, sink.stats.duplicates, sink.stats.events) == (3, 1, 1)
+    assert sink.stats.flagged == 1
+    async with db.read() as session:
+        flags = dict((await session.execute(select(Reading.meter_time, Reading.flags))).all())
+        changes = (await session.scalars(select(HealthChange.new).order_by(HealthChange.id))).all()
+    assert flags[T0 + 60 * 4] & Flag.ENERGY_BACKWARDS
+    assert not flags[T0 + 60 * 2] & Flag.ENERGY_BACKWARDS
+    assert list(changes) == ["unreachable", "online"]
+    assert await _count(db, TelemetrySeen) == 3
+    assert (await sink.take([mqtt.decode_telemetry(_telemetry(1))])) == [None]  # a redelivery
+    assert sink.stats.duplicates == 2

@@ -16,30 +16,33 @@ A message from a meter that is not registered (or is retired) is refused with
 :class:`~protocols.errors.ValidationError`, so the ingest dead-letters it (a meter found active
 is remembered, so one retired while the ingest runs is refused from the ingest's next start);
 a database that is away raises :class:`~protocols.errors.StorageError`, so the ingest pauses
-and tries the same message again. Every write is one transaction, so a message is stored whole
-or not at all; :meth:`StorageSink.stop` lets the write in flight finish and takes no more.
+and tries the same message again. The messages of a burst are written in one transaction, so
+each is stored whole or not at all (a failed burst fails for each of its messages, and the
+ingest tries each again on its own); :meth:`StorageSink.stop` lets the writes in flight finish
+and takes no more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from headend.domain.health import Health
-from headend.domain.validation import Findings, Limits, validate_reading
-from headend.storage import Database
+from headend.domain.validation import Findings, Limits, Previous, validate_reading
+from headend.storage import Database, Session
 from headend.storage.readings import (
-    latest_reading,
-    meter_status,
+    event_rows,
+    insert_rows,
+    latest_readings,
+    meter_statuses,
     reading_row,
     record_presence,
-    store_events,
-    store_readings,
-    store_telemetry_seen,
 )
+from headend.storage.schema import MeterEvent, Reading, TelemetrySeen
 from protocols.clock import Clock
 from protocols.errors import ValidationError
 from protocols.mqtt import EventMessage, StateMessage, Telemetry
@@ -59,7 +62,13 @@ class SinkStats:
 
 
 class StorageSink:
-    """An :class:`headend.ingest.IngestSink` that writes into the head-end's database."""
+    """An :class:`headend.ingest.IngestSink` that writes into the head-end's database.
+
+    The messages handed to it together (the ingest hands over a burst at once) are written by
+    one writer in one transaction, in the order they came (a group commit): a few set-wise
+    statements for the burst's telemetry and events, the state messages one after the other.
+    Each caller returns once that transaction is committed; if it fails, every message of it
+    gets the error (the ingest then tries each again on its own)."""
 
     def __init__(self, db: Database, clock: Clock, limits: Limits | None = None) -> None:
         self.db = db
@@ -70,6 +79,8 @@ class StorageSink:
         self._stopping = asyncio.Event()
         self._writing = 0
         self._idle = asyncio.Event()
+        self._pending: list[tuple[_Message, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -89,64 +100,161 @@ class StorageSink:
                 self._idle.set()
 
     async def stop(self) -> None:
-        """Take no new message; return once the write in flight (if any) is committed."""
+        """Take no new message; return once the writes in flight (if any) are committed."""
         self._stopping.set()
         while self._writing:
             self._idle.clear()
             await self._idle.wait()
-
-    def _admit(self, meter_id: str, status: str | None) -> None:
-        """ValidationError unless the meter is registered and active."""
-        if status is None:
-            raise ValidationError(f"meter {meter_id} is not registered")
-        if status != "active":
-            raise ValidationError(f"meter {meter_id} is {status}")
-        self._known.add(meter_id)
+        if self._writer is not None:  # a batch whose callers stopped waiting (cancelled)
+            await asyncio.wait([self._writer])
 
     async def telemetry(self, message: Telemetry) -> None:
-        snapshot = message.snapshot()
-        async with self._write(), self.db.begin() as session:
-            now = self._now()
-            if message.meter_id not in self._known:
-                self._admit(message.meter_id, await meter_status(session, message.meter_id))
-            new = await store_telemetry_seen(
-                session, message.meter_id, message.boot, message.n, snapshot.time
-            )
-            if not new:
-                self.stats.duplicates += 1
-                return
-            previous = await latest_reading(session, message.meter_id)
-            if previous is not None and previous.meter_time == snapshot.time:
-                findings = Findings()  # the same reading again (a poll stored it)
-            else:
-                findings = validate_reading(snapshot, previous, int(self.clock.now()), self.limits)
-            stored = await store_readings(session, [reading_row(snapshot, findings, now, "mqtt")])
-        if stored:
-            self.stats.readings += 1
-            self.stats.flagged += bool(findings.flags)
-        else:
-            self.stats.duplicates += 1
+        await self._submit(message)
 
     async def event(self, message: EventMessage) -> None:
-        async with self._write(), self.db.begin() as session:
-            if message.meter_id not in self._known:
-                self._admit(message.meter_id, await meter_status(session, message.meter_id))
-            stored = await store_events(
-                session, message.meter_id, [message.event.to_event()], self._now(), boot=0
-            )
-        if stored:
-            self.stats.events += 1
-        else:
-            self.stats.duplicates += 1
+        await self._submit(message)
 
     async def state(self, message: StateMessage) -> None:
-        health = PRESENCE[message.state]
-        reason = f"the meter's agent reports {message.state} (boot {message.boot})"
-        async with self._write(), self.db.begin() as session:
+        await self._submit(message)
+
+    async def take(self, messages: Sequence[_Message]) -> list[BaseException | None]:
+        """A burst of messages, written together (:class:`headend.ingest.BurstSink`)."""
+        async with self._write():
+            loop = asyncio.get_running_loop()
+            futures: list[asyncio.Future[None]] = [loop.create_future() for _ in messages]
+            self._pending += zip(messages, futures, strict=True)
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write_batches())
+            # a cancelled caller leaves the batch to finish
+            await asyncio.shield(asyncio.gather(*futures, return_exceptions=True))
+            return [f.exception() for f in futures]
+
+    async def _submit(self, message: _Message) -> None:
+        async with self._write():
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._pending.append((message, done))
+            if self._writer is None or self._writer.done():
+                self._writer = asyncio.create_task(self._write_batches())
+            await asyncio.shield(done)  # a cancelled caller leaves the batch to finish
+
+    async def _write_batches(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
+            try:
+                async with self.db.begin() as session:
+                    refused, counted = await self._store(session, [m for m, _ in batch])
+            except BaseException as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                if not isinstance(exc, Exception):
+                    raise
+                continue
+            self._count(counted)
+            for index, (_, done) in enumerate(batch):
+                if done.done():
+                    continue
+                if index in refused:
+                    done.set_exception(refused[index])
+                else:
+                    done.set_result(None)
+
+    async def _store(
+        self, session: Session, messages: list[_Message]
+    ) -> tuple[dict[int, ValidationError], SinkStats]:
+        """Write ``messages`` in order in ``session``; the refused ones by index, and what was
+        stored."""
+        counted = SinkStats()
+        refused: dict[int, ValidationError] = {}
+        statuses: dict[str, str] = {}
+        unknown = sorted({m.meter_id for m in messages} - self._known)
+        if unknown:
+            statuses = await meter_statuses(session, unknown)
+            for meter_id in unknown:
+                if statuses.get(meter_id) == "active":
+                    self._known.add(meter_id)
+        for index, message in enumerate(messages):
             if message.meter_id not in self._known:
-                self._admit(message.meter_id, await meter_status(session, message.meter_id))
-            change = await record_presence(
-                session, message.meter_id, health, now=self._now(), reason=reason
+                refused[index] = _refusal(message.meter_id, statuses.get(message.meter_id))
+        now = self._now()
+        telemetry = [
+            (i, m) for i, m in enumerate(messages) if isinstance(m, Telemetry) and i not in refused
+        ]
+        if telemetry:
+            await self._store_telemetry(session, [m for _, m in telemetry], now, counted)
+        events = [
+            m for i, m in enumerate(messages) if isinstance(m, EventMessage) and i not in refused
+        ]
+        if events:
+            rows = [
+                row for m in events for row in event_rows(m.meter_id, [m.event.to_event()], now)
+            ]
+            stored = len(await insert_rows(session, MeterEvent, rows))
+            counted.events += stored
+            counted.duplicates += len(events) - stored
+        for index, message in enumerate(messages):
+            if isinstance(message, StateMessage) and index not in refused:
+                health = PRESENCE[message.state]
+                reason = f"the meter's agent reports {message.state} (boot {message.boot})"
+                change = await record_presence(
+                    session, message.meter_id, health, now=now, reason=reason
+                )
+                counted.states += 1
+                counted.health_changes += change is not None
+        return refused, counted
+
+    async def _store_telemetry(
+        self, session: Session, messages: list[Telemetry], now: datetime, counted: SinkStats
+    ) -> None:
+        """Telemetry stored once per (meter, boot, n) and once per (meter, meter time), each
+        validated against the meter's reading before it (stored, or earlier in the batch)."""
+        snapshots = {id(m): m.snapshot() for m in messages}
+        seen_rows = [
+            {"meter_id": m.meter_id, "boot": m.boot, "n": m.n, "meter_time": snapshots[id(m)].time}
+            for m in messages
+        ]
+        new_keys = {
+            tuple(row)
+            for row in await insert_rows(
+                session, TelemetrySeen, seen_rows, TelemetrySeen.meter_id, TelemetrySeen.boot,
+                TelemetrySeen.n,
             )
-        self.stats.states += 1
-        self.stats.health_changes += change is not None
+        }  # fmt: skip
+        fresh = [m for m in messages if (m.meter_id, m.boot, m.n) in new_keys]
+        counted.duplicates += len(messages) - len(fresh)
+        if not fresh:
+            return
+        previous = await latest_readings(session, sorted({m.meter_id for m in fresh}))
+        head_end_time = int(self.clock.now())
+        rows: list[dict[str, Any]] = []
+        flagged: dict[tuple[str, int], bool] = {}
+        for message in fresh:
+            snapshot = snapshots[id(message)]
+            before = previous.get(message.meter_id)
+            if before is not None and before.meter_time == snapshot.time:
+                findings = Findings()  # the same reading again (a poll stored it)
+            else:
+                findings = validate_reading(snapshot, before, head_end_time, self.limits)
+            if before is None or snapshot.time > before.meter_time:
+                previous[message.meter_id] = Previous(snapshot.time, snapshot.energy_import_wh)
+            rows.append(reading_row(snapshot, findings, now, "mqtt"))
+            flagged.setdefault((message.meter_id, snapshot.time), bool(findings.flags))
+        stored = await insert_rows(session, Reading, rows, Reading.meter_id, Reading.meter_time)
+        counted.readings += len(stored)
+        counted.duplicates += len(rows) - len(stored)
+        counted.flagged += sum(flagged[(row[0], row[1])] for row in stored)
+
+    def _count(self, counted: SinkStats) -> None:
+        for name in SinkStats.__dataclass_fields__:
+            setattr(self.stats, name, getattr(self.stats, name) + getattr(counted, name))
+
+
+_Message = Telemetry | EventMessage | StateMessage
+#: messages written in one transaction at most
+_BATCH = 1000
+
+
+def _refusal(meter_id: str, status: str | None) -> ValidationError:
+    if status is None:
+        return ValidationError(f"meter {meter_id} is not registered")
+    return ValidationError(f"meter {meter_id} is {status}")

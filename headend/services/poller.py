@@ -1,10 +1,18 @@
 """Automated meter reading: read every active meter once per interval, validate, store.
 
-A read is one transaction per meter: the snapshot (validated against the meter's previous
+A read is stored all or nothing: the snapshot (validated against the meter's previous
 reading), the load-profile intervals since the last stored one (gaps the meter can no longer
 fill recorded and estimated), the events since the last stored sequence, and the meter's read
-health. A read killed half-way stores nothing, and the next read picks up from what is stored,
-so the store has no gap that the meter could still fill and no duplicate.
+health. Reads that finish together share one transaction (a group commit: a batch waits a
+moment for the reads still talking to their meters); a batch that fails is stored again read
+by read, so only the read at fault fails. A read killed half-way stores nothing, and the next
+read picks up from what is stored, so the store has no gap that the meter could still fill and
+no duplicate.
+
+A read costs one request while the meter has nothing new: the profile is asked for only once
+the meter's clock has passed the next interval boundary after the last profile read (rows fall
+on multiples of the period), the event log only when the snapshot's last event sequence is
+beyond the last one stored.
 
 Each transport has its own concurrency bound, each gateway (a Modbus TCP host:port, a serial
 line, a broker) its own; a serial line carries one request at a time. Meters are spread over
@@ -18,10 +26,11 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Protocol
 
 from headend.domain.schedule import next_due, retry_delay
@@ -35,7 +44,6 @@ from headend.domain.validation import (
 )
 from headend.links.base import MeterLink
 from headend.storage import Database, Session
-from headend.storage.database import insert_new
 from headend.storage.polling import (
     PollTarget,
     active_targets,
@@ -46,15 +54,14 @@ from headend.storage.polling import (
 from headend.storage.readings import (
     event_rows,
     gap_row,
+    insert_rows,
     interval_row,
     last_event_seq,
-    last_event_seqs,
     last_interval,
-    last_intervals,
-    latest_readings,
     reading_row,
     record_read,
     record_reads_ok,
+    stored_before,
 )
 from headend.storage.schema import Gap, Interval, MeterEvent, Reading
 from protocols.clock import Clock
@@ -152,7 +159,28 @@ class _Fetched:
     snapshot: MeterSnapshot
     profile: list[ProfileRow]
     events: list[Event]
-    asked_profile_from: int | None
+    profile_read: bool  # the profile was read up to the snapshot's time
+    hint: _Hint  # what the read started from
+
+
+@dataclass(frozen=True, slots=True)
+class _Hint:
+    """What this poller stored last of a meter: its latest interval, its latest event sequence
+    and the meter time up to which its profile was read (None: not known). Older than the
+    store at worst (another worker may have stored more), which only makes a read ask for rows
+    the store has; the store's own rows are what a batch validates against."""
+
+    last: CheckedInterval | None
+    seq: int
+    profile_through: int | None = None
+
+
+def _profile_due(start: int, through: int | None, period: int) -> tuple[int, int]:
+    """(the meter time from which a profile read has something new to give, the start of
+    that read): rows up to ``through`` are stored; rows fall on multiples of ``period``."""
+    if through is None or through < start:
+        return start, start
+    return max(start, (through // period + 1) * period), through + 1
 
 
 class Poller:
@@ -174,12 +202,15 @@ class Poller:
         self._draw = draw
         self._transport: dict[str, asyncio.Semaphore] = {}
         self._gateway: dict[tuple[str, str], asyncio.Semaphore] = {}
+        #: reads that succeeded and failed, and the transactions that stored them ("batches")
         self.counts: Counter[str] = Counter()
         self._pending: list[tuple[PollTarget, _Fetched, ReadOutcome, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
-        #: per meter, the last interval and event sequence this poller stored (a hint that
-        #: saves two queries a read; a stale hint only makes a read ask for rows it has)
-        self._known: dict[str, tuple[CheckedInterval | None, int]] = {}
+        self._fetching = 0  # reads talking to their meter now (their store may join a batch)
+        self._flush = asyncio.Event()  # a batch is full, or no read is left to join it
+        #: per meter, what this poller stored last (saves two queries and, while the meter has
+        #: captured no new interval, the profile request of a read)
+        self._known: dict[str, _Hint] = {}
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -211,21 +242,52 @@ class Poller:
     async def _round(
         self, targets: Sequence[PollTarget], progress: Callable[[ReadOutcome], None] | None
     ) -> RoundSummary:
+        """Read ``targets``: per gateway as many readers as it takes reads at once, each
+        reading its gateway's meters one after the other and handing each read to the batch
+        writer without waiting for it to be stored."""
         summary = RoundSummary()
+        queues: dict[tuple[str, str], deque[PollTarget]] = {}
+        for target in targets:
+            queues.setdefault((target.transport, target.gateway), deque()).append(target)
+        storing: list[asyncio.Future[None]] = []
 
-        async def one(target: PollTarget) -> None:
-            try:
-                outcome = await self.read(target)
-            except StorageError as exc:  # this meter's read is lost; the round goes on
-                log.error("storing a read of %s failed: %s", target.meter_id, exc)
-                outcome = ReadOutcome(target.meter_id, ok=False, error=f"storage: {exc}")
+        def finish(outcome: ReadOutcome) -> None:
             summary.outcomes.append(outcome)
             if progress is not None:
                 progress(outcome)
 
+        def stored(target: PollTarget, outcome: ReadOutcome, done: asyncio.Future[None]) -> None:
+            if done.cancelled():
+                return
+            error = done.exception()
+            if error is None:
+                finish(self._stored(outcome))
+            else:  # this meter's read is lost; the round goes on
+                log.error("storing a read of %s failed: %s", target.meter_id, error)
+                finish(ReadOutcome(target.meter_id, ok=False, error=f"storage: {error}"))
+
+        async def reader(queue: deque[PollTarget]) -> None:
+            while queue:
+                target = queue.popleft()
+                try:
+                    outcome, fetched = await self._fetch_retried(target)
+                    if fetched is None:
+                        finish(await self._failed(target, outcome))
+                        continue
+                except StorageError as exc:  # this meter's read is lost; the round goes on
+                    log.error("storing a read of %s failed: %s", target.meter_id, exc)
+                    finish(ReadOutcome(target.meter_id, ok=False, error=f"storage: {exc}"))
+                    continue
+                done = self._enqueue(target, fetched, outcome)
+                done.add_done_callback(partial(stored, target, outcome))
+                storing.append(done)
+
         async with asyncio.TaskGroup() as group:
-            for target in targets:
-                group.create_task(one(target))
+            for (kind, _), queue in queues.items():
+                for _ in range(min(len(queue), self.plan.per_gateway.get(kind, 1))):
+                    group.create_task(reader(queue))
+        if storing:
+            await asyncio.wait(storing)
         summary.outcomes.sort(key=lambda o: o.meter_id)
         return summary
 
@@ -233,8 +295,23 @@ class Poller:
 
     async def read(self, target: PollTarget) -> ReadOutcome:
         """Read one meter with retries inside its deadline, store what it gave, record its
-        health; never raises for the meter's own failures. The deadline runs from when the
-        read first gets its turn on the transport and gateway, not while it queues."""
+        health; never raises for the meter's own failures (a StorageError when its read cannot
+        be stored). The deadline runs from when the read first gets its turn on the transport
+        and gateway, not while it queues."""
+        outcome, fetched = await self._fetch_retried(target)
+        if fetched is None:
+            return await self._failed(target, outcome)
+        await self._enqueue(target, fetched, outcome)
+        return self._stored(outcome)
+
+    def _stored(self, outcome: ReadOutcome) -> ReadOutcome:
+        outcome.ok = True
+        self.counts["read"] += 1
+        return outcome
+
+    async def _fetch_retried(self, target: PollTarget) -> tuple[ReadOutcome, _Fetched | None]:
+        """The meter's read, tried again after link errors within the deadline; None (and
+        the outcome's error) when it failed."""
         outcome = ReadOutcome(target.meter_id, ok=False)
         transport, gateway = self._limits(target)
         loop = asyncio.get_running_loop()
@@ -248,10 +325,13 @@ class Poller:
                         if deadline is None:
                             deadline = loop.time() + self.plan.read_deadline
                         async with asyncio.timeout_at(deadline):
-                            fetched = await self._fetch(target)
-                    await self._store(target, fetched, outcome)
-                    outcome.ok = True
-                    break
+                            self._fetching += 1
+                            try:
+                                return outcome, await self._fetch(target)
+                            finally:
+                                self._fetching -= 1
+                                if not self._fetching:
+                                    self._flush.set()
                 except LinkError as exc:
                     error = str(exc) or type(exc).__name__
                     await self.links.discard(target)
@@ -271,20 +351,23 @@ class Poller:
                 raise
             error = f"{type(exc).__name__}: {exc}"
             await self.links.discard(target)
-        if not outcome.ok:
-            outcome.error = error
-            async with self.db.begin() as session:
-                change = await record_read(
-                    session,
-                    target.meter_id,
-                    False,
-                    now=self._now(),
-                    error=error,
-                    unreachable_after=self.plan.unreachable_after,
-                )
-            if change is not None:
-                log.warning("meter %s is %s: %s", target.meter_id, change.new, error)
-        self.counts["read" if outcome.ok else "failed"] += 1
+        outcome.error = error
+        return outcome, None
+
+    async def _failed(self, target: PollTarget, outcome: ReadOutcome) -> ReadOutcome:
+        """Record a failed read in the meter's health."""
+        async with self.db.begin() as session:
+            change = await record_read(
+                session,
+                target.meter_id,
+                False,
+                now=self._now(),
+                error=outcome.error,
+                unreachable_after=self.plan.unreachable_after,
+            )
+        if change is not None:
+            log.warning("meter %s is %s: %s", target.meter_id, change.new, outcome.error)
+        self.counts["failed"] += 1
         return outcome
 
     async def _fetch(self, target: PollTarget) -> _Fetched:
@@ -294,45 +377,64 @@ class Poller:
             raise LinkError(
                 f"{target.endpoint} answers as {snapshot.meter_id}, not {target.meter_id}"
             )
-        known = self._known.get(target.meter_id)
-        if known is not None:  # what this poller stored last: older than the store at worst
-            last, since = known
-        else:
+        hint = self._known.get(target.meter_id)
+        if hint is None:  # this poller has not stored the meter yet: ask the store
             async with self.db.read() as session:
-                last = await last_interval(session, target.meter_id)
-                since = await last_event_seq(session, target.meter_id)
-        if last is not None:
-            start = last.start + 2 * target.profile_period  # the next interval's end
+                hint = _Hint(
+                    await last_interval(session, target.meter_id),
+                    await last_event_seq(session, target.meter_id),
+                )
+        period = target.profile_period
+        if hint.last is not None:
+            start = hint.last.start + 2 * period  # the next interval's end
         else:
             start = snapshot.time - self.plan.initial_history
-        profile = await link.read_profile(start, snapshot.time) if start <= snapshot.time else []
+        # a profile row is captured when the meter's clock passes its time (a multiple of the
+        # period), so rows up to the time of a snapshot read before are all stored: ask again
+        # only once the clock has passed the next boundary after it
+        due, start = _profile_due(start, hint.profile_through, period)
+        profile = await link.read_profile(start, snapshot.time) if due <= snapshot.time else []
         events: list[Event] = []
+        since = hint.seq
         while since < snapshot.last_event_seq:
             page = await link.read_events(since, self.plan.event_page)
             if not page:
                 break
             events += page
             since = page[-1].seq
-        return _Fetched(snapshot, profile, events, start if last is not None else None)
+        return _Fetched(snapshot, profile, events, due <= snapshot.time, hint)
 
-    async def _store(self, target: PollTarget, fetched: _Fetched, outcome: ReadOutcome) -> None:
-        """Store one meter's read; reads finishing together share one transaction (a group
-        commit: one writer, one commit for the batch), each still all or nothing."""
+    def _enqueue(
+        self, target: PollTarget, fetched: _Fetched, outcome: ReadOutcome
+    ) -> asyncio.Future[None]:
+        """Hand one meter's read to the writer; the future is done once it is stored (or its
+        StorageError). Reads finishing together share one transaction (a group commit: one
+        writer, one commit for the batch), each still all or nothing."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((target, fetched, outcome, done))
+        if len(self._pending) >= _BATCH or not self._fetching:
+            self._flush.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_batches())
-        await done
+        return done
 
     async def _write_batches(self) -> None:
         while self._pending:
+            if len(self._pending) < _BATCH and self._fetching:
+                # reads are finishing meanwhile: let the batch fill for a moment, since one
+                # transaction of many reads costs about what one of a single read does
+                self._flush.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_LINGER):
+                        await self._flush.wait()
             batch, self._pending = self._pending[:_BATCH], self._pending[_BATCH:]
             items = [(target, fetched, outcome) for target, fetched, outcome, _ in batch]
             try:
                 async with self.db.begin() as session:
                     hints = await self._store_batch(session, items)
                 self._known.update(hints)  # committed
-            except StorageError:
+                self.counts["batches"] += 1
+            except HesError:
                 # one read spoiled the batch: store each on its own, so only it fails
                 for target, fetched, outcome, done in batch:
                     _reset(outcome)
@@ -340,68 +442,80 @@ class Poller:
                         async with self.db.begin() as session:
                             hints = await self._store_batch(session, [(target, fetched, outcome)])
                         self._known.update(hints)
-                    except StorageError as exc:
-                        done.set_exception(exc)
+                    except HesError as exc:
+                        if not isinstance(exc, StorageError):
+                            exc = StorageError(f"{type(exc).__name__}: {exc}")
+                        _settle(done, exc)
                     else:
-                        done.set_result(None)
+                        _settle(done, None)
                 continue
             except BaseException as exc:
                 for *_, done in batch:
-                    if not done.done():
-                        done.set_exception(exc)
+                    _settle(done, exc)
                 raise
             for *_, done in batch:
-                done.set_result(None)
+                _settle(done, None)
 
     async def _store_batch(
         self, session: Session, items: Sequence[tuple[PollTarget, _Fetched, ReadOutcome]]
-    ) -> dict[str, tuple[CheckedInterval | None, int]]:
-        """Validate and store the reads of several meters (distinct) with a few statements."""
+    ) -> dict[str, _Hint]:
+        """Validate and store the reads of several meters (distinct) with a few statements:
+        what the store holds of them (the latest interval and event sequence only of the meters
+        whose read brought rows), then one insert per table and one update of their health."""
         now = self._now()
         head_end_time = int(self.clock.now())
         ids = [target.meter_id for target, _, _ in items]
-        previous = await latest_readings(session, ids)
-        lasts = await last_intervals(session, ids)
-        seqs = await last_event_seqs(session, ids)
+        before = await stored_before(
+            session,
+            ids,
+            intervals_of=[t.meter_id for t, f, _ in items if f.profile],
+            events_of=[t.meter_id for t, f, _ in items if f.events],
+        )
         readings: list[dict[str, Any]] = []
         intervals: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
         gaps: list[dict[str, Any]] = []
         expected: Counter[str] = Counter()
-        hints: dict[str, tuple[CheckedInterval | None, int]] = {}
+        hints: dict[str, _Hint] = {}
+        limits = self.plan.limits
         for target, fetched, outcome in items:
             meter_id, snapshot = target.meter_id, fetched.snapshot
-            before = previous.get(meter_id)
-            if before is not None and before.meter_time == snapshot.time:
+            previous = before.readings.get(meter_id)
+            if previous is not None and previous.meter_time == snapshot.time:
                 findings = Findings()  # the same reading again: stored already
             else:
-                findings = validate_reading(snapshot, before, head_end_time, self.plan.limits)
+                findings = validate_reading(snapshot, previous, head_end_time, limits)
                 if findings.flags:
                     outcome.flagged += 1
                     log.info("meter %s: %s", meter_id, findings.reason)
             readings.append(reading_row(snapshot, findings, now, "poll"))
-            last = lasts.get(meter_id)
-            checked, found = check_intervals(
-                fetched.profile, target.profile_period, last, self.plan.limits
-            )
-            estimates = _estimates(last, checked)
-            intervals += [interval_row(meter_id, i) for i in (*checked, *estimates)]
-            expected[meter_id] = len(checked) + len(estimates)
-            outcome.intervals, outcome.estimated = len(checked), len(estimates)
-            outcome.flagged += sum(bool(c.findings.flags) for c in checked)
-            outcome.backfilled = len(checked) > 1 and last is not None
-            gaps += [gap_row(meter_id, "intervals", a, b, now) for a, b in found]
-            since = seqs.get(meter_id, 0)
-            new_events = [e for e in fetched.events if e.seq > since]
-            if new_events and new_events[0].seq > since + 1:
+            hint = fetched.hint
+            last = before.intervals.get(meter_id) if fetched.profile else None
+            newest = hint.last
+            if fetched.profile:
+                checked, found = check_intervals(
+                    fetched.profile, target.profile_period, last, limits
+                )
+                estimates = _estimates(last, checked)
+                intervals += [interval_row(meter_id, i) for i in (*checked, *estimates)]
+                expected[meter_id] = len(checked) + len(estimates)
+                outcome.intervals, outcome.estimated = len(checked), len(estimates)
+                outcome.flagged += sum(bool(c.findings.flags) for c in checked)
+                outcome.backfilled = len(checked) > 1 and last is not None
+                gaps += [gap_row(meter_id, "intervals", a, b, now) for a, b in found]
+                newest = max((*checked, *estimates), key=lambda i: i.start, default=last)
+            since = before.seqs.get(meter_id, 0) if fetched.events else None
+            new_events = [e for e in fetched.events if since is not None and e.seq > since]
+            if since is not None and new_events and new_events[0].seq > since + 1:
                 gaps.append(gap_row(meter_id, "events", since + 1, new_events[0].seq - 1, now))
             events += event_rows(meter_id, new_events, now)
-            newest = max((*checked, *estimates), key=lambda i: i.start, default=last)
-            hints[meter_id] = (newest, new_events[-1].seq if new_events else since)
-        new_readings = {key[0] for key in await insert_new(session, Reading, readings)}
-        stored = Counter(key[0] for key in await insert_new(session, Interval, intervals))
-        stored_events = Counter(key[0] for key in await insert_new(session, MeterEvent, events))
-        stored_gaps = Counter(key[0] for key in await insert_new(session, Gap, gaps, Gap.meter_id))
+            seq = new_events[-1].seq if new_events else since
+            through = snapshot.time if fetched.profile_read else hint.profile_through
+            hints[meter_id] = _Hint(newest, hint.seq if seq is None else seq, through)
+        new_readings = {row[0] for row in await insert_rows(session, Reading, readings)}
+        stored = Counter(row[0] for row in await insert_rows(session, Interval, intervals))
+        stored_events = Counter(row[0] for row in await insert_rows(session, MeterEvent, events))
+        stored_gaps = Counter(row[0] for row in await insert_rows(session, Gap, gaps, Gap.meter_id))
         for target, _, outcome in items:
             meter_id = target.meter_id
             outcome.reading_new = meter_id in new_readings
@@ -410,7 +524,8 @@ class Poller:
             outcome.duplicates += expected[meter_id] - stored[meter_id]
             outcome.events = stored_events[meter_id]
             outcome.gaps = stored_gaps[meter_id]
-        await record_reads_ok(session, ids, now)
+        for meter_id, change in await record_reads_ok(session, ids, now, before.health):
+            log.info("meter %s is %s: %s", meter_id, change.new, change.reason)
         return hints
 
     # -- the schedule ---------------------------------------------------------------------------
@@ -456,6 +571,18 @@ class Poller:
 
 #: reads stored in one transaction at most
 _BATCH = 200
+#: how long a batch waits for more reads to join it at most, s
+_LINGER = 0.05
+
+
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    """Tell a read's store whether it is stored (unless it stopped waiting: cancelled)."""
+    if done.done():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
 
 
 def _reset(outcome: ReadOutcome) -> None:

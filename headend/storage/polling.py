@@ -26,15 +26,19 @@ class PollTarget:
 
 async def active_targets(db: Database, meter_ids: list[str] | None = None) -> list[PollTarget]:
     """The active meters (all, or those named), in id order."""
-    query = select(Meter).where(Meter.status == "active").order_by(Meter.id)
+    query = (
+        select(
+            Meter.id, Meter.endpoint, Meter.transport, Meter.gateway, Meter.profile_period,
+            Meter.poll_group,
+        )
+        .where(Meter.status == "active")
+        .order_by(Meter.id)
+    )  # fmt: skip
     if meter_ids is not None:
         query = query.where(Meter.id.in_(meter_ids))
     async with db.read() as session:
-        meters = (await session.scalars(query)).all()
-    return [
-        PollTarget(m.id, m.endpoint, m.transport, m.gateway, m.profile_period, m.poll_group)
-        for m in meters
-    ]
+        rows = (await (await session.connection()).execute(query)).all()
+    return [PollTarget(*row) for row in rows]
 
 
 async def ensure_health_rows(db: Database) -> None:

@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Subquery, func, select, update
+from sqlalchemy import Subquery, Table, bindparam, func, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.health import Change, Health, after_read
 from headend.domain.validation import CheckedInterval, Findings, Flag, Previous
-from headend.storage.database import insert_ignore
+from headend.storage.database import insert_ignore, storage_errors
 from headend.storage.schema import (
     Gap,
     HealthChange,
@@ -21,7 +22,6 @@ from headend.storage.schema import (
     MeterEvent,
     PollHealth,
     Reading,
-    TelemetrySeen,
 )
 from protocols.readings import Event, MeterSnapshot
 
@@ -211,13 +211,8 @@ def latest_times(*where: Any) -> Subquery:
 
 async def latest_readings(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, Previous]:
     """Each meter's latest stored reading, by meter time, in one query."""
-    latest = latest_times(Reading.meter_id.in_(meter_ids))
-    rows = await session.execute(
-        select(Reading.meter_id, Reading.meter_time, Reading.energy_import_wh).join(
-            latest,
-            (Reading.meter_id == latest.c.meter_id) & (Reading.meter_time == latest.c.meter_time),
-        )
-    )
+    conn = await session.connection()
+    rows = await conn.execute(_LATEST_READINGS, {"ids": list(meter_ids)})
     return {meter_id: Previous(time, energy) for meter_id, time, energy in rows}
 
 
@@ -225,28 +220,8 @@ async def last_intervals(
     session: AsyncSession, meter_ids: Sequence[str]
 ) -> dict[str, CheckedInterval]:
     """Each meter's latest stored interval, in one query."""
-    latest = (
-        select(Interval.meter_id, func.max(Interval.start).label("start"))
-        .where(Interval.meter_id.in_(meter_ids))
-        .group_by(Interval.meter_id)
-        .subquery()
-    )
-    rows = await session.execute(
-        select(
-            Interval.meter_id,
-            Interval.start,
-            Interval.period,
-            Interval.energy_wh,
-            Interval.register_wh,
-            Interval.credit,
-            Interval.status,
-            Interval.flags,
-            Interval.flag_reason,
-            Interval.estimated,
-        ).join(
-            latest, (Interval.meter_id == latest.c.meter_id) & (Interval.start == latest.c.start)
-        )
-    )
+    conn = await session.connection()
+    rows = await conn.execute(_LAST_INTERVALS, {"ids": list(meter_ids)})
     found: dict[str, CheckedInterval] = {}
     for meter_id, start, period, wh, register, credit, status, flags, reason, estimated in rows:
         reasons = tuple(reason.split("; ")) if reason else ()
@@ -257,57 +232,175 @@ async def last_intervals(
 
 
 async def last_event_seqs(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, int]:
-    rows = await session.execute(
-        select(MeterEvent.meter_id, func.max(MeterEvent.seq))
-        .where(MeterEvent.meter_id.in_(meter_ids))
-        .group_by(MeterEvent.meter_id)
+    """Each meter's highest stored event sequence (meters without events are left out)."""
+    conn = await session.connection()
+    rows = await conn.execute(_LAST_SEQS, {"ids": list(meter_ids)})
+    return {meter_id: int(seq) for meter_id, seq in rows if seq is not None}
+
+
+def _ids() -> Any:
+    return bindparam("ids", expanding=True)
+
+
+def _latest_per_meter(column: Any, key: Any) -> Subquery:
+    """``(meter_id, latest)``: each named meter's greatest ``column`` (of the table whose meter
+    column is ``key``), or NULL. Driven from the meters table with one correlated ``max()`` per
+    meter, which both SQLite and PostgreSQL answer from the primary key's index at its end
+    (a GROUP BY over the table would visit every row the meters have)."""
+    latest = select(func.max(column)).where(key == Meter.id).scalar_subquery()
+    return (
+        select(Meter.id.label("meter_id"), latest.label("latest"))
+        .where(Meter.id.in_(_ids()))
+        .subquery()
     )
-    return {meter_id: int(seq) for meter_id, seq in rows}
+
+
+_latest_reading = _latest_per_meter(Reading.meter_time, Reading.meter_id)
+_LATEST_READINGS = select(Reading.meter_id, Reading.meter_time, Reading.energy_import_wh).join(
+    _latest_reading,
+    (Reading.meter_id == _latest_reading.c.meter_id)
+    & (Reading.meter_time == _latest_reading.c.latest),
+)
+_latest_interval = _latest_per_meter(Interval.start, Interval.meter_id)
+_LAST_INTERVALS = select(
+    Interval.meter_id,
+    Interval.start,
+    Interval.period,
+    Interval.energy_wh,
+    Interval.register_wh,
+    Interval.credit,
+    Interval.status,
+    Interval.flags,
+    Interval.flag_reason,
+    Interval.estimated,
+).join(
+    _latest_interval,
+    (Interval.meter_id == _latest_interval.c.meter_id)
+    & (Interval.start == _latest_interval.c.latest),
+)
+_latest_seq = _latest_per_meter(MeterEvent.seq, MeterEvent.meter_id)
+_LAST_SEQS = select(_latest_seq.c.meter_id, _latest_seq.c.latest)
+_HEALTH_OF = select(PollHealth.meter_id, PollHealth.health).where(PollHealth.meter_id.in_(_ids()))
+
+
+async def insert_rows(
+    session: AsyncSession, model: type[Any], rows: Sequence[dict[str, Any]], *returning: Any
+) -> list[tuple[Any, ...]]:
+    """Insert-or-ignore ``rows`` (dicts with the same keys) into ``model``'s table in one
+    statement, without the ORM; returns, of each row that was new, its ``returning`` columns
+    (default: the primary key).
+
+    On SQLite the rows go as multi-row INSERTs ("insertmanyvalues"). On PostgreSQL they go as
+    one array per column, ``INSERT … SELECT unnest(…), …``: the statement's text is the same
+    for any number of rows, so neither SQLAlchemy nor psycopg parse it again per batch (a
+    multi-row VALUES list of a few thousand parameters is parsed anew each time)."""
+    if not rows:
+        return []
+    table = _table(model)
+    conn = await session.connection()
+    dialect = conn.dialect.name
+    columns = tuple(returning) or tuple(table.primary_key.columns)
+    keys = tuple(rows[0])
+    key = (dialect, table.name, keys, tuple(c.key for c in columns))
+    statement = _INSERTS.get(key)
+    if statement is None:
+        statement = _insert_statement(dialect, table, keys, columns)
+        _INSERTS[key] = statement
+    with storage_errors(f"storing {table.name}"):
+        if dialect == "postgresql":
+            arrays = {k: [row[k] for row in rows] for k in keys}
+            result = await conn.execute(statement, arrays)
+        else:
+            result = await conn.execute(statement, list(rows))
+        return [tuple(row) for row in result]
+
+
+def _insert_statement(
+    dialect: str, table: Table, keys: tuple[str, ...], returning: tuple[Any, ...]
+) -> Any:
+    if dialect != "postgresql":
+        return sqlite.insert(table).on_conflict_do_nothing().returning(*returning)
+    arrays = [
+        func.unnest(bindparam(k, type_=postgresql.ARRAY(table.c[k].type))).label(k) for k in keys
+    ]
+    source = select(*arrays)
+    return (
+        postgresql.insert(table)
+        .from_select(list(keys), source)
+        .on_conflict_do_nothing()
+        .returning(*returning)
+    )
+
+
+_INSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
+
+
+@dataclass(slots=True)
+class StoredBefore:
+    """What the store holds of the meters of a batch before the batch is written: each
+    meter's latest reading, read health and, of the meters asked for, latest interval and
+    event sequence."""
+
+    readings: dict[str, Previous]
+    health: dict[str, str]
+    intervals: dict[str, CheckedInterval]
+    seqs: dict[str, int]
+
+
+async def stored_before(
+    session: AsyncSession,
+    meter_ids: Sequence[str],
+    *,
+    intervals_of: Sequence[str] = (),
+    events_of: Sequence[str] = (),
+) -> StoredBefore:
+    """One to four queries: latest readings and health of ``meter_ids``; latest intervals of
+    ``intervals_of`` and latest event sequences of ``events_of`` only when those are given."""
+    conn = await session.connection()
+    with storage_errors("reading what is stored"):
+        health = {m: h for m, h in await conn.execute(_HEALTH_OF, {"ids": list(meter_ids)})}
+    return StoredBefore(
+        readings=await latest_readings(session, meter_ids),
+        health=health,
+        intervals=await last_intervals(session, intervals_of) if intervals_of else {},
+        seqs=await last_event_seqs(session, events_of) if events_of else {},
+    )
 
 
 async def record_reads_ok(
-    session: AsyncSession, meter_ids: Sequence[str], now: datetime
-) -> list[Change]:
-    """Good reads of many meters: each is online now; the changes of health are stored."""
+    session: AsyncSession,
+    meter_ids: Sequence[str],
+    now: datetime,
+    health: dict[str, str] | None = None,
+) -> list[tuple[str, Change]]:
+    """Good reads of many meters: each is online now; the changes of health are stored.
+    ``health`` is each meter's read health as the transaction found it (read here when not
+    given); a meter without a health row gets one."""
     if not meter_ids:
         return []
-    await insert_ignore(
-        session,
-        PollHealth,
-        [
-            {"meter_id": m, "health": Health.UNKNOWN.value, "consecutive_failures": 0}
-            for m in meter_ids
-        ],
-    )
-    before = dict(
-        (
-            await session.execute(
-                select(PollHealth.meter_id, PollHealth.health).where(
-                    PollHealth.meter_id.in_(meter_ids)
-                )
-            )
-        ).all()
-    )
-    changes = [
-        Change(Health(before[m]), Health.ONLINE, "read succeeded")
-        for m in meter_ids
-        if before.get(m) != Health.ONLINE.value
-    ]
-    changed = [m for m in meter_ids if before.get(m) != Health.ONLINE.value]
-    await session.execute(
-        update(PollHealth)
-        .where(PollHealth.meter_id.in_(meter_ids))
-        .values(
-            health=Health.ONLINE.value,
-            consecutive_failures=0,
-            last_attempt=now,
-            last_seen=now,
-            last_error=None,
-            next_due=None,
+    conn = await session.connection()
+    if health is None:
+        health = {m: h for m, h in await conn.execute(_HEALTH_OF, {"ids": list(meter_ids)})}
+    missing = [m for m in meter_ids if m not in health]
+    if missing:
+        await insert_rows(
+            session,
+            PollHealth,
+            [
+                {"meter_id": m, "health": Health.UNKNOWN.value, "consecutive_failures": 0}
+                for m in missing
+            ],
         )
-    )
-    if changed:
-        await insert_ignore(
+    online = Health.ONLINE.value
+    changes = [
+        (m, Change(Health(health.get(m, Health.UNKNOWN.value)), Health.ONLINE, "read succeeded"))
+        for m in meter_ids
+        if health.get(m) != online
+    ]
+    with storage_errors("recording read health"):
+        await conn.execute(_READS_OK, {"ids": list(meter_ids), "now": now})
+    if changes:
+        await insert_rows(
             session,
             HealthChange,
             [
@@ -318,10 +411,30 @@ async def record_reads_ok(
                     "new": c.new.value,
                     "reason": c.reason,
                 }
-                for m, c in zip(changed, changes, strict=True)
+                for m, c in changes
             ],
         )
     return changes
+
+
+def _table(model: type[Any]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+_READS_OK = (
+    update(PollHealth)
+    .where(PollHealth.meter_id.in_(_ids()))
+    .values(
+        health=Health.ONLINE.value,
+        consecutive_failures=0,
+        last_attempt=bindparam("now"),
+        last_seen=bindparam("now"),
+        last_error=None,
+        next_due=None,
+    )
+)
 
 
 async def record_presence(
@@ -347,14 +460,7 @@ async def record_presence(
     return change
 
 
-async def meter_status(session: AsyncSession, meter_id: str) -> str | None:
-    """The registered meter's status (active, retired); None when it is not registered."""
-    return await session.scalar(select(Meter.status).where(Meter.id == meter_id))
-
-
-async def store_telemetry_seen(
-    session: AsyncSession, meter_id: str, boot: int, n: int, meter_time: int
-) -> bool:
-    """Record that MQTT telemetry ``(meter, boot, n)`` is stored; False if it was already."""
-    row = {"meter_id": meter_id, "boot": boot, "n": n, "meter_time": meter_time}
-    return await insert_ignore(session, TelemetrySeen, [row]) == 1
+async def meter_statuses(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, str]:
+    """The registered meters' statuses (active, retired); unregistered ones are left out."""
+    rows = await session.execute(select(Meter.id, Meter.status).where(Meter.id.in_(meter_ids)))
+    return {meter_id: status for meter_id, status in rows}
