@@ -8,6 +8,7 @@ must end the command with a non-zero exit and one line that names the key or the
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -155,6 +156,16 @@ def _one_line(output: str) -> str:
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="module")
+def current_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A database at the schema's head, made once by `hes db upgrade` and copied into each
+    case's directory (the migrations run once, not once per case)."""
+    directory = tmp_path_factory.mktemp("current-db")
+    url = f"sqlite:///{directory / 'hes.db'}"
+    assert runner.invoke(hes.app, ["db", "upgrade", "--db", url]).exit_code == 0
+    return directory / "hes.db"
 
 
 @pytest.mark.parametrize(("section", "key", "value"), list(_config_cases()))
@@ -380,11 +391,11 @@ def _option_cases() -> Iterator[Any]:
 
 @pytest.mark.parametrize(("command", "option", "value"), list(_option_cases()))
 def test_every_option_refuses_a_bad_value(
-    workdir: Path, command: str, option: str, value: str
+    workdir: Path, current_db: Path, command: str, option: str, value: str
 ) -> None:
     (workdir / "a-file").write_text("")
     if command.startswith("hes "):
-        assert runner.invoke(hes.app, ["db", "upgrade"]).exit_code == 0  # ./hes.db, current
+        shutil.copyfile(current_db, workdir / "hes.db")  # ./hes.db, current
         (workdir / "meters.csv").write_text("meter_id,endpoint\nM-1,tcp://127.0.0.1:1/1\n")
         (workdir / "fleet.toml").write_text('[mqtt]\npassword_secret = "' + "ab" * 32 + '"\n'
                                             '[[meters]]\nid = "M-1"\n')  # fmt: skip
