@@ -86,6 +86,11 @@ class BalanceMonitor:
         """One pass over the whole fleet."""
         now = datetime.fromtimestamp(self.clock.now(), UTC)
         result = MonitorRound()
+        async with self.db.read() as session:  # the usual pass finds nothing: no write lock
+            if not await level_changes(session, self.margin_percent) and not (
+                await forecast_changes(session, self.horizon_days)
+            ):
+                return result
         async with self.db.begin() as session:
             changes = await level_changes(session, self.margin_percent)
             for change in changes:

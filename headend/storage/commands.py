@@ -478,7 +478,15 @@ async def claim_commands(
         .values(lease_owner=worker, lease_until=lease_until)
         .returning(CommandRow.id)
     )
+    due = select(CommandRow.id).where(
+        CommandRow.state.in_(workable), CommandRow.next_attempt_at <= now
+    )
+    if meter_ids is not None:
+        due = due.where(CommandRow.meter_id.in_(list(meter_ids)))
     with storage_errors("claiming commands"):
+        async with db.read() as session:  # nothing due: no write lock taken (the usual case)
+            if (await session.execute(due.limit(1))).first() is None:
+                return []
         async with db.begin() as session:
             ids = (await session.execute(statement)).scalars().all()
             if not ids:
