@@ -34,6 +34,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import amr  # this folder's AMR bench: its simulator subprocess and fresh databases
 from sqlalchemy import and_, insert, select, text, update
 
 from headend.domain.commands import Kind
@@ -52,10 +53,9 @@ from headend.storage.supply import policy_inputs
 from protocols.clock import ManualClock, SystemClock
 from protocols.commands import Command, CommandEnvelope
 
-HOST = "127.0.0.1"
+HOST = amr.HOST
 ROOT = Path(__file__).resolve().parent.parent
-POSTGRES_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
-UNITS_PER_LISTENER = 247
+POSTGRES_ADMIN = amr.POSTGRES_ADMIN
 T0 = 1_767_268_800  # 2026-01-01T12:00:00Z
 NOW = datetime.fromtimestamp(T0, UTC)
 
@@ -63,39 +63,15 @@ NOW = datetime.fromtimestamp(T0, UTC)
 # -- databases ------------------------------------------------------------------------------------
 
 
-def _postgres_answers() -> bool:
-    import psycopg
-
-    try:
-        psycopg.connect(POSTGRES_ADMIN, autocommit=True, connect_timeout=2).close()
-    except psycopg.Error:
-        return False
-    return True
-
-
 @contextlib.asynccontextmanager
 async def fresh_database(dialect: str, workdir: Path, name: str) -> AsyncIterator[Database]:
-    """An empty database migrated to head, open; removed (dropped) at the end."""
-    if dialect == "sqlite":
-        url = f"sqlite:///{workdir / (name + '.db')}"
-    else:
-        import psycopg
-
-        name = f"hes_bench_{name}_{int(time.time())}"
-        with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        url = f"{POSTGRES_ADMIN.rsplit('/', 1)[0]}/{name}"
-    db = await open_database(url, check=False)
-    try:
-        await db.upgrade()
-        yield db
-    finally:
-        await db.close()
-        if dialect == "postgresql":
-            import psycopg
-
-            with psycopg.connect(POSTGRES_ADMIN, autocommit=True) as conn:
-                conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    """``bench/amr.py``'s fresh database (migrated; removed at the end), open."""
+    async with amr.fresh_database(dialect, workdir, name) as url:
+        db = await open_database(url, check=False)
+        try:
+            yield db
+        finally:
+            await db.close()
 
 
 # -- 1. evaluation --------------------------------------------------------------------------------
@@ -213,28 +189,6 @@ async def evaluation(dialect: str, count: int, workdir: Path) -> None:
 # -- 2. dispatch ----------------------------------------------------------------------------------
 
 
-async def serve(count: int) -> None:
-    """The simulator's side: ``count`` meters, 247 unit ids per listener, until stdin closes."""
-    from meter_sim.config import default_fleet
-    from meter_sim.modbus_server import serve_tcp
-    from meter_sim.runtime import MeterRuntime
-
-    fleet = default_fleet(count, initial_credit=1_000_000)
-    runtimes = [MeterRuntime.open(meter, SystemClock()) for meter in fleet.meters]
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    async with contextlib.AsyncExitStack() as stack:
-        targets: list[tuple[int, int, str]] = []
-        for first in range(0, count, UNITS_PER_LISTENER):
-            chunk = runtimes[first : first + UNITS_PER_LISTENER]
-            service = await stack.enter_async_context(serve_tcp(chunk, HOST))
-            targets += [(service.port, r.config.modbus_unit, r.meter_id) for r in chunk]
-        sys.stdout.write(json.dumps({"targets": targets}) + "\n")
-        sys.stdout.flush()
-        await stdin.read()
-
-
 async def register(db: Database, targets: Sequence[tuple[int, int, str]]) -> None:
     async with db.begin() as session:
         await session.execute(
@@ -295,7 +249,7 @@ async def bare_loop(
 
 async def dispatch(dialect: str, count: int, workdir: Path) -> None:
     server = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "--serve", str(count), cwd=ROOT,
+        sys.executable, amr.__file__, "--serve", str(count), cwd=ROOT,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=16 * 1024 * 1024,
     )  # fmt: skip
     assert server.stdout is not None
@@ -334,7 +288,7 @@ async def dispatch(dialect: str, count: int, workdir: Path) -> None:
 
 async def measure(args: argparse.Namespace) -> None:
     dialects = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
-    if "postgresql" in dialects and not _postgres_answers():
+    if "postgresql" in dialects and not amr._postgres_answers():
         if args.db == "postgresql":
             raise SystemExit(f"PostgreSQL at {POSTGRES_ADMIN} does not answer")
         print(f"PostgreSQL at {POSTGRES_ADMIN} does not answer: SQLite only")
@@ -353,11 +307,7 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=100_000, help="1..200000")
     parser.add_argument("--commands", type=int, default=1000, help="1..2000")
     parser.add_argument("--db", choices=("both", "sqlite", "postgresql"), default="both")
-    parser.add_argument("--serve", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve is not None:
-        asyncio.run(serve(args.serve))
-        return
     if not 1 <= args.accounts <= 200_000 or not 1 <= args.commands <= 2000:
         parser.error("--accounts is 1..200000, --commands 1..2000")
     asyncio.run(measure(args))

@@ -41,6 +41,11 @@ class AcceleratedClock:
         return self._start + (time.monotonic() - self._origin) * self.speed
 
 
+def clock_speed(clock: Clock) -> float:
+    """Clock seconds per real second (an accelerated clock's leases and back-offs stretch)."""
+    return float(getattr(clock, "speed", 1.0))
+
+
 class ManualClock:
     """Time that moves only when told to; for tests and batch simulations."""
 

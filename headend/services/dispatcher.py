@@ -60,7 +60,7 @@ from headend.storage.commands import (
 )
 from headend.storage.polling import PollTarget
 from headend.storage.supply import policy_inputs
-from protocols.clock import Clock
+from protocols.clock import Clock, clock_speed
 from protocols.commands import CommandResult
 from protocols.disconnect import ControlState
 from protocols.errors import DecodeError, DeviceException, LinkError, StorageError
@@ -89,10 +89,6 @@ class DispatchRound:
     outcomes: Counter[str] = field(default_factory=Counter)  # final state of each attempt
     queued: int = 0  # commands the policy queued
     button_notices: int = 0
-
-
-def _speed(clock: Clock) -> float:
-    return float(getattr(clock, "speed", 1.0))
 
 
 class Dispatcher:
@@ -185,7 +181,7 @@ class Dispatcher:
         """Claim the due commands and work each one step as far as it goes now."""
         result = DispatchRound()
         now = self.now()
-        lease_until = now + timedelta(seconds=self.settings.lease * _speed(self.clock))
+        lease_until = now + timedelta(seconds=self.settings.lease * clock_speed(self.clock))
         claimed = await claim_commands(
             self.db, self.worker, now, lease_until, self.settings.batch, meter_ids=meter_ids
         )
@@ -342,29 +338,22 @@ class Dispatcher:
     async def _failed(
         self, command: Claimed, trigger: Trigger, reason: str, code: int | None = None
     ) -> str:
+        """Give the command up (failed, or expired for EXPIRE), telling operators."""
         now = self.now()
+        step = advance(command.state, trigger, reason)
         done = await self.recorder.record(
             command,
-            advance(command.state, trigger, reason),
+            step,
             now=now,
             result_code=code,
             error=reason,
             notices=[self._operator_notice(command, reason, now)],
         )
-        log.warning("%s: command %d failed: %s", command.meter_id, command.id, reason)
-        return "lost" if done is None else CommandState.FAILED.value
+        log.warning("%s: command %d %s: %s", command.meter_id, command.id, step.new, reason)
+        return "lost" if done is None else step.new.value
 
     async def _expire(self, command: Claimed, reason: str) -> str:
-        now = self.now()
-        done = await self.recorder.record(
-            command,
-            advance(command.state, Trigger.EXPIRE, reason),
-            now=now,
-            error=reason,
-            notices=[self._operator_notice(command, reason, now)],
-        )
-        log.warning("%s: command %d expired: %s", command.meter_id, command.id, reason)
-        return "lost" if done is None else CommandState.EXPIRED.value
+        return await self._failed(command, Trigger.EXPIRE, reason)
 
     async def _unanswered(self, command: Claimed, reason: str) -> str:
         """No answer: try again after a back-off, or expire if that is past the deadline."""

@@ -64,7 +64,7 @@ from headend.storage.readings import (
     stored_before,
 )
 from headend.storage.schema import Gap, Interval, MeterEvent, Reading
-from protocols.clock import Clock
+from protocols.clock import Clock, clock_speed
 from protocols.errors import HesError, LinkError, StorageError, ValidationError
 from protocols.readings import Event, MeterSnapshot, ProfileRow
 
@@ -540,7 +540,7 @@ class Poller:
                 await ensure_health_rows(self.db)  # meters registered meanwhile
             rounds += 1
             now = self._now()
-            lease_until = now + timedelta(seconds=self.plan.lease * _speed(self.clock))
+            lease_until = now + timedelta(seconds=self.plan.lease * clock_speed(self.clock))
             room = max(0, sum(self.plan.concurrency.values()) - len(in_flight))
             claimed = await claim_due(self.db, self.worker, now, lease_until, room) if room else []
             if claimed:
@@ -591,11 +591,6 @@ def _reset(outcome: ReadOutcome) -> None:
     outcome.intervals = outcome.estimated = outcome.events = outcome.gaps = 0
     outcome.flagged = outcome.duplicates = 0
     outcome.backfilled = False
-
-
-def _speed(clock: Clock) -> float:
-    """How many clock seconds pass per real second (an accelerated clock's leases stretch)."""
-    return float(getattr(clock, "speed", 1.0))
 
 
 def _estimates(

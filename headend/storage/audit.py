@@ -48,33 +48,9 @@ async def append(
     detail: dict[str, Any] | None = None,
 ) -> Entry:
     """Append one entry in ``session``'s transaction; returns it."""
-    if session.get_bind().dialect.name == "postgresql":
-        await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
-    last = (
-        await session.execute(
-            select(AuditEntry.position, AuditEntry.hash)
-            .order_by(AuditEntry.position.desc())
-            .limit(1)
-        )
-    ).first()
-    position, previous = (1, GENESIS) if last is None else (last[0] + 1, last[1])
-    entry = Entry(position, at, actor, action, subject, reason, outcome, detail or {})
-    digest = chain_hash(entry, previous)
-    session.add(
-        AuditEntry(
-            position=position,
-            at=at,
-            actor=actor,
-            action=action,
-            subject=subject,
-            reason=reason,
-            outcome=outcome,
-            detail=json.dumps(entry.detail, sort_keys=True),
-            prev_hash=previous,
-            hash=digest,
-        )
+    (entry,) = await append_many(
+        session, [Pending(at, actor, action, subject, reason, outcome, detail or {})]
     )
-    await session.flush()
     return entry
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
@@ -638,22 +638,7 @@ async def record_many(
         current[command.id] = (step.new.value, command.worker if keep_lease else None)
         writes.transition(command, step, actor=command.worker, now=now)
         writes.notices.extend((command, notice, now) for notice in options.get("notices", ()))
-        results.append(
-            Claimed(
-                command.id,
-                command.meter_id,
-                command.kind,
-                step.new,
-                attempts,
-                command.envelope,
-                command.reason,
-                command.expires_at,
-                command.endpoint,
-                command.transport,
-                command.gateway,
-                command.worker,
-            )
-        )
+        results.append(replace(command, state=step.new, attempts=attempts))
     await write_groups()
     return results
 
