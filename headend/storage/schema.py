@@ -439,6 +439,41 @@ class PaymentChannel(Base):
     key_prefix: Mapped[str] = mapped_column(String(16))  # shown to tell keys apart
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime]
+    #: every HTTP request of the channel carries an HMAC-SHA256 signature made with the
+    #: signing secret kept in key_material (see headend/domain/signature.py)
+    require_signature: Mapped[bool] = mapped_column(Boolean, default=False)
+    signing_key_id: Mapped[int | None] = mapped_column(ForeignKey("key_material.id"))
+
+
+class RequestSignature(Base):
+    """Signatures already accepted, so that a request replayed within the time window is
+    refused by every worker; rows older than the window are pruned as new ones arrive."""
+
+    __tablename__ = "request_signatures"
+
+    channel_id: Mapped[int] = mapped_column(ForeignKey("payment_channels.id"), primary_key=True)
+    signature: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_request_signatures_seen_at", "seen_at"),)
+
+
+class PaymentAttempt(Base):
+    """A payment refused: no balance changed, but the attempt is kept for the operator (the
+    request as received, the refusal's code and detail)."""
+
+    __tablename__ = "payment_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    channel: Mapped[str] = mapped_column(String(64))
+    reference: Mapped[str | None]
+    source: Mapped[str] = mapped_column(String(8))  # api cli
+    code: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str]
+    request: Mapped[str]  # JSON text, as received (cut to 4096 characters)
+
+    __table_args__ = (Index("ix_payment_attempts_channel", "channel", "at"),)
 
 
 class Payment(Base):
