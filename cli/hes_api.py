@@ -4,6 +4,7 @@ inside the daemon)."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import signal
 import sys
 from typing import Annotated
@@ -14,13 +15,14 @@ from cli.common import handle_errors, setup_logging
 from cli.hes_db import DbOption
 from headend.api import ApiServer, create_app
 from headend.storage import open_database
+from protocols.errors import ConfigError
 
 ApiHostOption = Annotated[
     str,
     typer.Option(
         "--host",
-        help="Address the API listens on (any the operator gives: put TLS in front of it "
-        "beyond this machine).",
+        help="IP address the API listens on (0.0.0.0: every interface; beyond this machine, "
+        "put TLS in front of it).",
     ),
 ]
 
@@ -41,6 +43,11 @@ def api_command(
     flight and exits 0."""
     if verbose:
         setup_logging(verbose)
+    try:
+        ipaddress.ip_address(host)
+    except ValueError as exc:
+        if host != "localhost":
+            raise ConfigError(f"--host {host!r} is an IP address") from exc
 
     async def run() -> None:
         database = await open_database(db)

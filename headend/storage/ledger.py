@@ -50,6 +50,7 @@ from headend.storage.database import Database, insert_ignore, insert_new, storag
 from headend.storage.registry import tariff_record
 from headend.storage.schema import (
     Account,
+    ChannelSigning,
     CreditTransfer,
     KeyMaterial,
     LedgerAccount,
@@ -97,15 +98,11 @@ def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def _channel_view(row: PaymentChannel, secret: str | None = None) -> ChannelView:
+def _channel_view(
+    row: PaymentChannel, signs: bool = False, secret: str | None = None
+) -> ChannelView:
     return ChannelView(
-        row.name,
-        row.kind,
-        row.key_prefix,
-        row.status,
-        row.created_at,
-        bool(row.require_signature),
-        secret,
+        row.name, row.kind, row.key_prefix, row.status, row.created_at, signs, secret
     )
 
 
@@ -129,20 +126,16 @@ async def add_channel(
         if await _channel(session, name) is not None:
             raise StorageError(f"channel {name!r} exists already")
         row = PaymentChannel(
-            name=name,
-            kind=kind,
-            key_hash=_key_hash(key),
-            key_prefix=key[:12],
-            created_at=now,
-            require_signature=require_signature,
+            name=name, kind=kind, key_hash=_key_hash(key), key_prefix=key[:12], created_at=now
         )
+        session.add(row)
+        await session.flush()
         if secret is not None:
             material = KeyMaterial(kind="channel", secret=secret.encode(), created_at=now)
             session.add(material)
             await session.flush()
-            row.signing_key_id = material.id
-        session.add(row)
-        await session.flush()
+            session.add(ChannelSigning(channel_id=row.id, key_id=material.id, created_at=now))
+            await session.flush()
         await audit.append(
             session,
             at=now,
@@ -157,7 +150,7 @@ async def add_channel(
                 "require_signature": require_signature,
             },
         )
-        return _channel_view(row, secret), key
+        return _channel_view(row, secret is not None, secret), key
 
 
 async def _channel(session: AsyncSession, name: str) -> PaymentChannel | None:
@@ -168,8 +161,14 @@ async def _channel(session: AsyncSession, name: str) -> PaymentChannel | None:
 
 async def list_channels(db: Database) -> list[ChannelView]:
     async with db.read() as session:
-        rows = (await session.scalars(select(PaymentChannel).order_by(PaymentChannel.name))).all()
-    return [_channel_view(r) for r in rows]
+        rows = (
+            await session.execute(
+                select(PaymentChannel, ChannelSigning.key_id)
+                .outerjoin(ChannelSigning, ChannelSigning.channel_id == PaymentChannel.id)
+                .order_by(PaymentChannel.name)
+            )
+        ).all()
+    return [_channel_view(row, key_id is not None) for row, key_id in rows]
 
 
 async def channel_for_key(db: Database, key: str) -> ChannelView | None:
@@ -179,14 +178,18 @@ async def channel_for_key(db: Database, key: str) -> ChannelView | None:
         found = (
             await session.execute(
                 select(PaymentChannel, KeyMaterial.secret)
-                .outerjoin(KeyMaterial, KeyMaterial.id == PaymentChannel.signing_key_id)
+                .outerjoin(ChannelSigning, ChannelSigning.channel_id == PaymentChannel.id)
+                .outerjoin(KeyMaterial, KeyMaterial.id == ChannelSigning.key_id)
                 .where(PaymentChannel.key_hash == _key_hash(key), PaymentChannel.status == "active")
             )
         ).first()
     if found is None:
         return None
     row, secret = found
-    return _channel_view(row, None if secret is None else bytes(secret).decode())
+    secret_bytes: bytes | None = secret  # None: an outer join found no signing secret
+    if secret_bytes is None:
+        return _channel_view(row)
+    return _channel_view(row, True, secret_bytes.decode())
 
 
 async def remember_signature(
@@ -277,6 +280,8 @@ async def list_attempts(
     if channel is not None:
         query = query.where(PaymentAttempt.channel == channel)
     async with db.read() as session:
+        if channel is not None and await _channel(session, channel) is None:
+            raise StorageError(f"no channel {channel!r}")
         rows = (await session.scalars(query)).all()
     return [
         AttemptView(r.id, r.at, r.channel, r.reference, r.source, r.code, r.detail, r.request)

@@ -439,10 +439,17 @@ class PaymentChannel(Base):
     key_prefix: Mapped[str] = mapped_column(String(16))  # shown to tell keys apart
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime]
-    #: every HTTP request of the channel carries an HMAC-SHA256 signature made with the
-    #: signing secret kept in key_material (see headend/domain/signature.py)
-    require_signature: Mapped[bool] = mapped_column(Boolean, default=False)
-    signing_key_id: Mapped[int | None] = mapped_column(ForeignKey("key_material.id"))
+
+
+class ChannelSigning(Base):
+    """A channel that signs every HTTP request (HMAC-SHA256, headend/domain/signature.py)
+    with the signing secret kept in key_material."""
+
+    __tablename__ = "channel_signing"
+
+    channel_id: Mapped[int] = mapped_column(ForeignKey("payment_channels.id"), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("key_material.id"))
+    created_at: Mapped[datetime]
 
 
 class RequestSignature(Base):

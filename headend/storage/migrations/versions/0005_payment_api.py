@@ -1,5 +1,6 @@
-"""The payment API: a channel's signature setting and signing secret, the signatures already
-accepted (replay memory shared by every worker), and the refused payment attempts.
+"""The payment API: the channels that sign their requests (with their signing secret), the
+signatures already accepted (replay memory shared by every worker), and the refused payment
+attempts.
 
 Revision ID: 0005
 Revises: 0004
@@ -18,19 +19,21 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("payment_channels", schema=None) as batch_op:
-        batch_op.add_column(
-            sa.Column("require_signature", sa.Boolean(), nullable=False, server_default=sa.false())
-        )
-        batch_op.add_column(sa.Column("signing_key_id", sa.Integer(), nullable=True))
-        batch_op.create_foreign_key(
-            op.f("fk_payment_channels_signing_key_id_key_material"),
-            "key_material",
-            ["signing_key_id"],
-            ["id"],
-        )
-    with op.batch_alter_table("payment_channels", schema=None) as batch_op:
-        batch_op.alter_column("require_signature", server_default=None)
+    op.create_table(
+        "channel_signing",
+        sa.Column("channel_id", sa.Integer(), nullable=False),
+        sa.Column("key_id", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["channel_id"],
+            ["payment_channels.id"],
+            name=op.f("fk_channel_signing_channel_id_payment_channels"),
+        ),
+        sa.ForeignKeyConstraint(
+            ["key_id"], ["key_material.id"], name=op.f("fk_channel_signing_key_id_key_material")
+        ),
+        sa.PrimaryKeyConstraint("channel_id", name=op.f("pk_channel_signing")),
+    )
     op.create_table(
         "request_signatures",
         sa.Column("channel_id", sa.Integer(), nullable=False),
@@ -68,9 +71,4 @@ def downgrade() -> None:
     op.drop_table("payment_attempts")
     op.drop_index("ix_request_signatures_seen_at", table_name="request_signatures")
     op.drop_table("request_signatures")
-    with op.batch_alter_table("payment_channels", schema=None) as batch_op:
-        batch_op.drop_constraint(
-            op.f("fk_payment_channels_signing_key_id_key_material"), type_="foreignkey"
-        )
-        batch_op.drop_column("signing_key_id")
-        batch_op.drop_column("require_signature")
+    op.drop_table("channel_signing")
