@@ -6,6 +6,7 @@ stale (the test suite runs the same check).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from cli import hes, meter_sim
 from cli.docs import mqtt as mqtt_docs
 from cli.docs import registermap as registermap_docs
 from cli.docs import registry as registry_docs
+from headend.api import openapi_document
 from meter_sim import config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,12 +78,18 @@ def render_cli_markdown() -> str:
     return "\n".join(lines)
 
 
+def render_openapi() -> str:
+    """The payment API's OpenAPI document, as the API serves it at /openapi.json."""
+    return json.dumps(openapi_document(), indent=2, ensure_ascii=False) + "\n"
+
+
 GENERATED: dict[str, Callable[[], str]] = {
     "docs/configuration.md": config.render_markdown,
     "docs/cli.md": render_cli_markdown,
     "docs/mqtt.md": mqtt_docs.render_markdown,
     "docs/register-map.md": registermap_docs.render_markdown,
     "docs/meters-csv.md": registry_docs.render_markdown,
+    "docs/openapi.json": render_openapi,
 }
 
 

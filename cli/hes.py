@@ -6,6 +6,7 @@ import typer
 
 from cli.common import OneLineErrors, setup_logging
 from cli.hes_accounts import accounts_app
+from cli.hes_api import register as register_api
 from cli.hes_audit import audit_app
 from cli.hes_broker import broker_app
 from cli.hes_commands import commands_app
@@ -57,6 +58,7 @@ app.add_typer(channels_app, name="channels")
 app.add_typer(keypad_app, name="keypad")
 app.add_typer(payments_app, name="payments")
 register_link_commands(app)
+register_api(app)
 register_commands(app)
 register_demo(app)
 register_pay(app)

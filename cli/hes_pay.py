@@ -24,10 +24,12 @@ from headend.storage.ledger import (
     PaymentView,
     add_channel,
     get_payment,
+    list_attempts,
     list_channels,
     list_payments,
     pay,
     quote,
+    reprint,
     reverse_payment,
     set_keypad,
 )
@@ -51,7 +53,9 @@ _AMOUNT = re.compile(r"\d{1,15}(?:\.\d{1,4})?")
 
 channels_app = typer.Typer(help="Payment channels and their API keys.", no_args_is_help=True)
 keypad_app = typer.Typer(help="Keypad (STS) meters' key data.", no_args_is_help=True)
-payments_app = typer.Typer(help="Payments taken: list, show, reverse.", no_args_is_help=True)
+payments_app = typer.Typer(
+    help="Payments taken: list, show, reverse, reprint; refused attempts.", no_args_is_help=True
+)
 
 
 def _now() -> datetime:
@@ -80,6 +84,7 @@ def _channel_dict(view: ChannelView) -> dict[str, Any]:
         "key_prefix": view.key_prefix,
         "status": view.status,
         "created_at": view.created_at.isoformat(),
+        "require_signature": view.require_signature,
     }
 
 
@@ -90,21 +95,38 @@ def channels_add(
     kind: Annotated[
         str, typer.Option("--kind", help=f"One of {', '.join(CHANNEL_KINDS)}.", show_default=False)
     ],
+    require_signature: Annotated[
+        bool,
+        typer.Option(
+            "--require-signature",
+            help="Every HTTP request of the channel is signed (HMAC-SHA256 with a signing "
+            "secret printed once, after the key).",
+        ),
+    ] = False,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Register a payment channel and print its API key: shown this once, stored hashed."""
+    """Register a payment channel and print its API key (and with --require-signature its
+    signing secret on the next line): shown this once."""
     channel_name(name)
     channel_kind(kind)
     view, key = with_db(
-        db, lambda database: add_channel(database, name, kind, _now(), actor=operator())
+        db,
+        lambda database: add_channel(
+            database, name, kind, _now(), actor=operator(), require_signature=require_signature
+        ),
     )
     if as_json:
-        print_json(_channel_dict(view) | {"api_key": key})
+        secret = {"signing_secret": view.signing_secret} if view.signing_secret else {}
+        print_json(_channel_dict(view) | {"api_key": key} | secret)
         return
     console.print(key, markup=False, highlight=False)
+    shown = "API key is"
+    if view.signing_secret:
+        console.print(view.signing_secret, markup=False, highlight=False)
+        shown = "API key and (below it) its signing secret are"
     err_console.print(
-        f"channel {name} ({kind}) registered; its API key is above and is not shown again",
+        f"channel {name} ({kind}) registered; its {shown} above and not shown again",
         markup=False,
         highlight=False,
     )
@@ -118,12 +140,13 @@ def channels_list(db: DbOption = None, as_json: JsonOption = False) -> None:
     if as_json:
         print_json([_channel_dict(view) for view in views])
         return
-    table = Table("channel", "kind", "key", "status", "since")
+    table = Table("channel", "kind", "key", "signed", "status", "since")
     for view in views:
         table.add_row(
             view.name,
             view.kind,
             f"{view.key_prefix}…",
+            "yes" if view.require_signature else "no",
             view.status,
             view.created_at.isoformat(timespec="seconds"),
         )
@@ -369,3 +392,50 @@ def payments_reverse(
         print_json(view.document())
         return
     _print_payment(view)
+
+
+@payments_app.command("reprint")
+@handle_errors
+def payments_reprint(
+    payment_id: Annotated[int, typer.Argument(help="The payment's id.")],
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print a payment's receipt again, with the token first issued (never a new token); the
+    reprint is on the audit trail."""
+    view = with_db(db, lambda database: reprint(database, payment_id, _now(), actor=operator()))
+    text = receipt_text(view.answer, view.state, reprint=True)
+    if as_json:
+        print_json(view.document() | {"text": text, "reprint": True})
+        return
+    console.print(text, markup=False, highlight=False, end="")
+
+
+@payments_app.command("attempts")
+@handle_errors
+def payments_attempts(
+    channel: Annotated[str | None, typer.Option("--channel", help="Only this channel's.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100_000, help="The latest N attempts.")] = 50,
+    db: DbOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Refused payment attempts, newest first: no balance changed, the request and why it
+    was refused are kept."""
+    if channel is not None:
+        channel_name(channel)
+    views = with_db(db, lambda database: list_attempts(database, channel=channel, limit=limit))
+    if as_json:
+        print_json([view.document() for view in views])
+        return
+    table = Table("id", "at", "channel", "source", "reference", "code", "detail")
+    for view in views:
+        table.add_row(
+            str(view.attempt_id),
+            view.at.isoformat(timespec="seconds"),
+            view.channel,
+            view.source,
+            view.reference or "",
+            view.code,
+            view.detail,
+        )
+    console.print(table)

@@ -205,6 +205,16 @@ def serve_command(
     metrics_host: Annotated[
         str, typer.Option(help="Address the metrics endpoint binds.")
     ] = "127.0.0.1",
+    api_port: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            max=65535,
+            help="Also serve the payment API (as `hes api` does) on http://HOST:PORT "
+            "(0: a free port); default: no API in this worker.",
+        ),
+    ] = None,
+    api_host: Annotated[str, typer.Option(help="Address the payment API binds.")] = "127.0.0.1",
     log_json: Annotated[
         bool, typer.Option("--log-json", help="Log lines (on stderr) as JSON objects.")
     ] = False,
@@ -268,11 +278,12 @@ def serve_command(
         raise ConfigError(f"--worker {name!r}: letters, digits, _ . - (at most 64)")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", group):
         raise ConfigError(f"--group {group!r}: letters, digits, _ . - (no / + #)")
-    try:
-        ipaddress.ip_address(metrics_host)
-    except ValueError as exc:
-        if metrics_host != "localhost":
-            raise ConfigError(f"--metrics-host {metrics_host!r} is an IP address") from exc
+    for option, host in (("--metrics-host", metrics_host), ("--api-host", api_host)):
+        try:
+            ipaddress.ip_address(host)
+        except ValueError as exc:
+            if host != "localhost":
+                raise ConfigError(f"{option} {host!r} is an IP address") from exc
     senders = notice_senders(
         sms_gateway, sms_token, smtp, mail_from, webhook, webhook_secret, notices_file
     )
@@ -296,6 +307,8 @@ def serve_command(
         if no_dispatch
         else DispatchSettings(grace=timedelta(seconds=parse_duration(grace, "--grace"))),
         policy_every=None if no_policy else 10.0,
+        api_port=api_port,
+        api_host=api_host,
     )
 
     def announce(ready: Ready) -> None:
@@ -303,9 +316,11 @@ def serve_command(
             line = json.dumps({"event": "ready"} | _ready_dict(ready))
         else:
             where = f"; metrics on http://{metrics_host}:{ready.metrics_port}/metrics"
+            api = f"; payment API on http://{api_host}:{ready.api_port}"
             line = (
                 f"serving {ready.meters} meter(s) from {ready.database} as worker "
                 f"{ready.worker}{where if ready.metrics_port is not None else ''}"
+                f"{api if ready.api_port is not None else ''}"
                 f"{'; ingesting from ' + ready.mqtt if ready.mqtt else ''} (Ctrl-C stops)"
             )
         sys.stdout.write(line + "\n")
@@ -332,6 +347,7 @@ def _ready_dict(ready: Ready) -> dict[str, object]:
         "database": ready.database,
         "metrics_port": ready.metrics_port,
         "mqtt": ready.mqtt,
+        "api_port": ready.api_port,
     }
 
 

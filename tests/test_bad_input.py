@@ -260,6 +260,10 @@ BASE: dict[str, list[str]] = {
     "hes payments list": ["payments", "list"],
     "hes payments show": ["payments", "show", "1"],
     "hes payments reverse": ["payments", "reverse", "1", "--reason", "typo"],
+    "hes payments reprint": ["payments", "reprint", "1"],
+    "hes payments attempts": ["payments", "attempts"],
+    # an empty database: were a bad value accepted, the API would not start (schema behind)
+    "hes api": ["api", "--port", "0", "--db", "sqlite:///empty.db"],
 }
 #: values of the right form that an option refuses, where its range is checked by the command
 #: rather than declared on the option; and the bad values of text options
@@ -319,6 +323,8 @@ BAD_VALUES: dict[str, list[str]] = {
     "--worker": ["bad worker!"],
     "--group": ["a/b"],
     "--metrics-host": ["256.0.0.1"],
+    "--api-host": ["256.0.0.1"],
+    "--host": ["256.0.0.1"],
     "--metrics-port": ["70000"],
     "--sms-gateway": ["ftp://x"],
     "--sms-token": [""],

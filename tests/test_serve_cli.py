@@ -101,6 +101,7 @@ def test_log_json_writes_one_object_per_line(tmp_path: Path) -> None:
             "database": url,
             "metrics_port": None,
             "mqtt": None,
+            "api_port": None,
         }
         process.terminate()
         _, stderr = process.communicate(timeout=10)

@@ -61,6 +61,8 @@ class Code(StrEnum):
     NOT_VENDABLE = "not_vendable"  # no tariff, or one that cannot price this meter's credit
     ALREADY_REVERSED = "already_reversed"
     IN_DELIVERY = "in_delivery"  # a reversal while the dispatcher holds the transfer
+    UNKNOWN_PAYMENT = "unknown_payment"  # no payment of this channel under this reference
+    UNKNOWN_RECEIPT = "unknown_receipt"
 
 
 class PaymentRefused(ValidationError):
@@ -278,7 +280,7 @@ __all__ = [
 ]
 
 
-def receipt_text(payment: dict[str, Any], state: str = "accepted") -> str:
+def receipt_text(payment: dict[str, Any], state: str = "accepted", *, reprint: bool = False) -> str:
     """A payment's receipt as plain text, from its stored answer (see the storage's
     ``pay``): every line of the split, the credit, the token, the receipt number."""
     scale = int(payment["currency_scale"])
@@ -317,4 +319,6 @@ def receipt_text(payment: dict[str, Any], state: str = "accepted") -> str:
         lines.append(f"transfer    no. {delivery['number']} to the meter")
     if state == "reversed":
         lines.append("REVERSED")
+    if reprint:
+        lines.append("REPRINT (the same token: no new one was issued)")
     return "\n".join(lines) + "\n"

@@ -20,7 +20,9 @@ from protocols.units import Money
 
 CreditUnit = Literal["money", "energy"]
 Transport = Literal["tcp", "rtu", "mqtt"]
-_ID: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+#: what a meter, account or tariff id may be
+ID_PATTERN: Final = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+_ID: Final = re.compile(ID_PATTERN)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,5 +1,6 @@
 """`hes serve`: one asyncio process running the poller's schedule, the MQTT ingest, the balance
-monitor, the notifier and the command dispatcher (with the supply-control policy).
+monitor, the notifier and the command dispatcher (with the supply-control policy), and with
+``api_port`` the payment API (uvicorn in the same event loop).
 
 The poller reads meters as they fall due (claimed through the database, so several workers on
 one PostgreSQL database share a fleet); with a broker, the ingest writes what MQTT meters push
@@ -24,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from headend.api import ApiServer, create_app
 from headend.domain.validation import Limits
 from headend.ingest import Ingest
 from headend.links.endpoint import LinkOptions
@@ -61,6 +63,8 @@ class ServeSettings:
     dispatch: DispatchSettings | None = field(default_factory=DispatchSettings)  # None: none
     policy_every: float | None = 10.0  # seconds between two policy passes; None: none
     poll: bool = True  # False: no poll schedule here (a worker that only ingests)
+    api_port: int | None = None  # the payment API on this port (0: a free one); None: none
+    api_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,7 @@ class Ready:
     database: str
     metrics_port: int | None
     mqtt: str | None
+    api_port: int | None = None
 
 
 class MeteredPoller(Poller):
@@ -132,6 +137,7 @@ async def serve(
     ingest: Ingest | None = None
     sink: StorageSink | None = None
     housekeeping: _Housekeeping | None = None
+    api: ApiServer | None = None
     notifier = (
         Notifier(db, settings.senders, clock, worker=f"{settings.worker}-notifier")
         if settings.senders
@@ -163,6 +169,9 @@ async def serve(
         meters = len(await active_targets(db))
         housekeeping = _Housekeeping(db, metrics, ingest)
         await housekeeping.once()
+        if settings.api_port is not None:
+            api = ApiServer(create_app(db, clock), settings.api_host, settings.api_port)
+            await api.start()
         log.info("serving %d meter(s) as worker %s", meters, settings.worker)
         if ready is not None:
             ready(
@@ -172,9 +181,12 @@ async def serve(
                     db.shown_url,
                     port,
                     settings.broker.url() if settings.broker else None,
+                    None if api is None else api.port,
                 )
             )
         async with asyncio.TaskGroup() as group:
+            if api is not None:  # stops taking requests when stop is set
+                group.create_task(api.run(stop), name="api")
             if settings.poll:
                 group.create_task(_schedule(poller, stop, metrics), name="poll schedule")
             group.create_task(housekeeping.run(stop, settings.housekeeping), name="housekeeping")
@@ -194,6 +206,8 @@ async def serve(
                 group.create_task(_stop_ingest(ingest, sink, stop), name="ingest stop")
         log.info("stopped: the reads in flight are stored")
     finally:
+        if api is not None:
+            await api.stop()
         if notifier is not None:
             await notifier.close()
         if ingest is not None:

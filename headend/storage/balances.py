@@ -137,26 +137,24 @@ class ForecastChange:
     recipient: Recipient
 
 
-async def forecast_changes(
-    session: AsyncSession, horizon_days: int, window_days: int = 14
-) -> list[ForecastChange]:
-    """Accounts whose credit, spent at their own pace of the last ``window_days`` (the credit
-    each reading lost against the one before; top-ups do not count), lasts fewer than
-    ``horizon_days`` while still above the low threshold and no reminder went out; and those
-    whose reminder re-arms because the credit now lasts a day more than the horizon."""
+def spending_pace(window_days: int = 14, *where: Any) -> Any:
+    """Per meter (of the readings that meet ``where``), the credit spent over the last
+    ``window_days`` before the newest reading (what each reading lost against the one before;
+    top-ups do not count) and the span of those readings in seconds: ``(meter_id, spent, span,
+    meter_time)``, a subquery."""
     previous = func.lag(Reading.credit).over(
         partition_by=Reading.meter_id, order_by=Reading.meter_time
     )
-    newest = select(func.max(Reading.meter_time)).scalar_subquery()
+    newest = select(func.max(Reading.meter_time)).where(*where).scalar_subquery()
     recent = (
         select(Reading.meter_id, Reading.meter_time, Reading.credit, previous.label("previous"))
-        .where(Reading.meter_time >= newest - window_days * 86400)
+        .where(Reading.meter_time >= newest - window_days * 86400, *where)
         .subquery()
     )
     spent = func.sum(
         case((recent.c.previous > recent.c.credit, recent.c.previous - recent.c.credit), else_=0)
     )
-    pace = (
+    return (
         select(
             recent.c.meter_id,
             spent.label("spent"),
@@ -166,6 +164,24 @@ async def forecast_changes(
         .group_by(recent.c.meter_id)
         .subquery()
     )
+
+
+def days_left(credit: int, spent: int, span: int) -> int | None:
+    """Whole days ``credit`` lasts at the pace of ``spent`` over ``span`` seconds (None: no
+    pace yet, under a day of readings or nothing spent)."""
+    if spent <= 0 or span < 86400:
+        return None
+    return max(0, int(credit) * int(span) // (int(spent) * 86400))
+
+
+async def forecast_changes(
+    session: AsyncSession, horizon_days: int, window_days: int = 14
+) -> list[ForecastChange]:
+    """Accounts whose credit, spent at their own pace of the last ``window_days`` (see
+    :func:`spending_pace`), lasts fewer than ``horizon_days`` while still above the low
+    threshold and no reminder went out; and those whose reminder re-arms because the credit
+    now lasts a day more than the horizon."""
+    pace = spending_pace(window_days)
     low = func.coalesce(Account.low_threshold, Tariff.low_threshold, Reading.low_credit_threshold)
     # days left = credit / (spent / span * 86400); compared without division
     lasts = Reading.credit * pace.c.span
@@ -188,7 +204,7 @@ async def forecast_changes(
     changes: list[ForecastChange] = []
     for account_id, meter_id, sent, total, span, *fields in (await session.execute(query)).all():
         recipient = Recipient(*fields)
-        days = int(recipient.credit * span // (total * 86400))
+        days = days_left(recipient.credit, total, span) or 0
         changes.append(ForecastChange(account_id, meter_id, not sent, days, recipient))
     return changes
 

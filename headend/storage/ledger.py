@@ -14,11 +14,11 @@ import hashlib
 import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,10 +46,11 @@ from headend.domain.pricing import (
 )
 from headend.domain.registry import TariffRecord
 from headend.storage import audit
-from headend.storage.database import Database, insert_ignore, storage_errors
+from headend.storage.database import Database, insert_ignore, insert_new, storage_errors
 from headend.storage.registry import tariff_record
 from headend.storage.schema import (
     Account,
+    ChannelSigning,
     CreditTransfer,
     KeyMaterial,
     LedgerAccount,
@@ -59,9 +60,11 @@ from headend.storage.schema import (
     Meter,
     MeterVending,
     Payment,
+    PaymentAttempt,
     PaymentChannel,
     Reading,
     Receipt,
+    RequestSignature,
     Tariff,
 )
 from headend.vending import Rounding, VendingKeyData, vend_credit
@@ -85,20 +88,40 @@ class ChannelView:
     key_prefix: str
     status: str
     created_at: datetime
+    require_signature: bool = False
+    #: the HMAC key of a channel that signs its requests: set only by :func:`add_channel`
+    #: (shown once) and :func:`channel_for_key` (to check a request), never listed
+    signing_secret: str | None = field(default=None, repr=False)
 
 
 def _key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def _channel_view(
+    row: PaymentChannel, signs: bool = False, secret: str | None = None
+) -> ChannelView:
+    return ChannelView(
+        row.name, row.kind, row.key_prefix, row.status, row.created_at, signs, secret
+    )
+
+
 async def add_channel(
-    db: Database, name: str, kind: str, now: datetime, *, actor: str
+    db: Database,
+    name: str,
+    kind: str,
+    now: datetime,
+    *,
+    actor: str,
+    require_signature: bool = False,
 ) -> tuple[ChannelView, str]:
     """Register a payment channel; returns it and its API key, which is never stored (only
-    its SHA-256) and so cannot be shown again."""
+    its SHA-256) and so cannot be shown again. With ``require_signature`` the view carries
+    the channel's signing secret (kept in key_material, as the HMAC needs it) this once."""
     channel_name(name)
     channel_kind(kind)
     key = f"hes_{secrets.token_urlsafe(32)}"
+    secret = f"hss_{secrets.token_urlsafe(32)}" if require_signature else None
     async with db.begin() as session:
         if await _channel(session, name) is not None:
             raise StorageError(f"channel {name!r} exists already")
@@ -107,6 +130,12 @@ async def add_channel(
         )
         session.add(row)
         await session.flush()
+        if secret is not None:
+            material = KeyMaterial(kind="channel", secret=secret.encode(), created_at=now)
+            session.add(material)
+            await session.flush()
+            session.add(ChannelSigning(channel_id=row.id, key_id=material.id, created_at=now))
+            await session.flush()
         await audit.append(
             session,
             at=now,
@@ -115,9 +144,13 @@ async def add_channel(
             subject=f"channel:{name}",
             reason="operator",
             outcome="registered",
-            detail={"kind": kind, "key_prefix": row.key_prefix},
+            detail={
+                "kind": kind,
+                "key_prefix": row.key_prefix,
+                "require_signature": require_signature,
+            },
         )
-    return ChannelView(name, kind, row.key_prefix, row.status, now), key
+        return _channel_view(row, secret is not None, secret), key
 
 
 async def _channel(session: AsyncSession, name: str) -> PaymentChannel | None:
@@ -128,25 +161,132 @@ async def _channel(session: AsyncSession, name: str) -> PaymentChannel | None:
 
 async def list_channels(db: Database) -> list[ChannelView]:
     async with db.read() as session:
-        rows = (await session.scalars(select(PaymentChannel).order_by(PaymentChannel.name))).all()
-    return [ChannelView(r.name, r.kind, r.key_prefix, r.status, r.created_at) for r in rows]
+        rows = (
+            await session.execute(
+                select(PaymentChannel, ChannelSigning.key_id)
+                .outerjoin(ChannelSigning, ChannelSigning.channel_id == PaymentChannel.id)
+                .order_by(PaymentChannel.name)
+            )
+        ).all()
+    return [_channel_view(row, key_id is not None) for row, key_id in rows]
 
 
 async def channel_for_key(db: Database, key: str) -> ChannelView | None:
-    """The active channel whose API key is ``key``, if any."""
+    """The active channel whose API key is ``key``, if any (with its signing secret when it
+    signs its requests)."""
     async with db.read() as session:
-        row = (
-            await session.scalars(
-                select(PaymentChannel).where(
-                    PaymentChannel.key_hash == _key_hash(key), PaymentChannel.status == "active"
-                )
+        found = (
+            await session.execute(
+                select(PaymentChannel, KeyMaterial.secret)
+                .outerjoin(ChannelSigning, ChannelSigning.channel_id == PaymentChannel.id)
+                .outerjoin(KeyMaterial, KeyMaterial.id == ChannelSigning.key_id)
+                .where(PaymentChannel.key_hash == _key_hash(key), PaymentChannel.status == "active")
             )
         ).first()
-    return (
-        None
-        if row is None
-        else ChannelView(row.name, row.kind, row.key_prefix, row.status, row.created_at)
-    )
+    if found is None:
+        return None
+    row, secret = found
+    secret_bytes: bytes | None = secret  # None: an outer join found no signing secret
+    if secret_bytes is None:
+        return _channel_view(row)
+    return _channel_view(row, True, secret_bytes.decode())
+
+
+async def remember_signature(
+    db: Database, channel: str, signature: str, now: datetime, keep: timedelta
+) -> bool:
+    """Remember a request signature of ``channel``; False if it was seen before (a replay).
+    Signatures older than ``keep`` are forgotten in the same transaction: by then their
+    timestamp is outside the window and refused anyway."""
+    async with db.begin() as session:
+        channel_id = await session.scalar(
+            select(PaymentChannel.id).where(PaymentChannel.name == channel)
+        )
+        if channel_id is None:
+            raise StorageError(f"no channel {channel!r}")
+        await session.execute(delete(RequestSignature).where(RequestSignature.seen_at < now - keep))
+        new = await insert_new(
+            session,
+            RequestSignature,
+            [{"channel_id": channel_id, "signature": signature, "seen_at": now}],
+        )
+    return bool(new)
+
+
+# -- refused attempts -----------------------------------------------------------------------------
+
+ATTEMPT_TEXT = 4096  # characters of a refused request kept
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptView:
+    attempt_id: int
+    at: datetime
+    channel: str
+    reference: str | None
+    source: str
+    code: str
+    detail: str
+    request: str
+
+    def document(self) -> dict[str, Any]:
+        return {
+            "id": self.attempt_id,
+            "at": self.at.isoformat(),
+            "channel": self.channel,
+            "reference": self.reference,
+            "source": self.source,
+            "code": self.code,
+            "detail": self.detail,
+            "request": self.request,
+        }
+
+
+async def record_attempt(
+    db: Database,
+    channel: str,
+    *,
+    reference: str | None,
+    code: str,
+    detail: str,
+    request: str,
+    now: datetime,
+    source: str,
+) -> None:
+    """Keep a refused payment attempt for the operator (it changes no balance)."""
+
+    def kept(text: str, most: int) -> str:  # PostgreSQL's text takes no NUL
+        return text.replace("\x00", "\\x00")[:most]
+
+    async with db.begin() as session:
+        session.add(
+            PaymentAttempt(
+                at=now,
+                channel=kept(channel, 64),
+                reference=None if reference is None else kept(reference, 200),
+                source=source,
+                code=code,
+                detail=kept(detail, 1000),
+                request=kept(request, ATTEMPT_TEXT),
+            )
+        )
+
+
+async def list_attempts(
+    db: Database, *, channel: str | None = None, limit: int = 50
+) -> list[AttemptView]:
+    """The latest refused payment attempts (of a channel), newest first."""
+    query = select(PaymentAttempt).order_by(PaymentAttempt.id.desc()).limit(limit)
+    if channel is not None:
+        query = query.where(PaymentAttempt.channel == channel)
+    async with db.read() as session:
+        if channel is not None and await _channel(session, channel) is None:
+            raise StorageError(f"no channel {channel!r}")
+        rows = (await session.scalars(query)).all()
+    return [
+        AttemptView(r.id, r.at, r.channel, r.reference, r.source, r.code, r.detail, r.request)
+        for r in rows
+    ]
 
 
 # -- keypad meters --------------------------------------------------------------------------------
@@ -397,9 +537,42 @@ async def _vendee(session: AsyncSession, meter_id: str) -> Vendee:
     return Vendee(meter, account.id, tariff, -tariff.currency_scale, meter.sts_key_id is not None)
 
 
-def parse_amount(text: str, currency: str, exponent: int) -> int:
+async def _meter_of(session: AsyncSession, meter_id: str | None, account_id: str | None) -> str:
+    """The meter a payment or quote is for: the one named, or the account's one active
+    meter (an account with several must name the meter, so credit never goes astray)."""
+    if meter_id is not None:
+        return meter_id
+    assert account_id is not None
+    account = await session.get(Account, account_id)
+    if account is None:
+        raise PaymentRefused(Code.UNKNOWN_ACCOUNT, f"no account {account_id!r}")
+    if account.status == "closed":
+        raise PaymentRefused(Code.ACCOUNT_CLOSED, f"account {account_id} is closed")
+    meters = (
+        await session.scalars(
+            select(Meter.id)
+            .where(Meter.account_id == account_id, Meter.status == "active")
+            .order_by(Meter.id)
+        )
+    ).all()
+    if not meters:
+        raise PaymentRefused(Code.UNKNOWN_ACCOUNT, f"account {account_id} has no active meter")
+    if len(meters) > 1:
+        raise PaymentRefused(
+            Code.MALFORMED_FIELD,
+            f"meter_id: account {account_id} has {len(meters)} meters "
+            f"({', '.join(meters[:5])}): name the meter",
+        )
+    return str(meters[0])
+
+
+def parse_amount(text: str | int, currency: str, exponent: int) -> int:
     """A decimal amount in ``currency`` as minor units, exactly; more decimals than the
-    currency has is refused (malformed_field)."""
+    currency has is refused (malformed_field). An int is minor units already."""
+    if isinstance(text, int):
+        if text <= 0:
+            raise AmountOutOfBounds(f"an amount is more than zero, got {text}")
+        return text
     try:
         money = Money.parse(text, currency, exponent)
     except ValidationError as exc:
@@ -467,23 +640,39 @@ class Quote:
         }
 
 
-async def quote(db: Database, meter_id: str, amount_text: str, now: datetime) -> Quote:
-    """What ``amount_text`` would buy for the meter now; changes nothing."""
+async def quote(
+    db: Database,
+    meter_id: str | None,
+    amount_text: str | int,
+    now: datetime,
+    *,
+    account_id: str | None = None,
+) -> Quote:
+    """What ``amount_text`` (decimal text, or an int of minor units) would buy for the meter
+    (or the account's one meter) now; changes nothing."""
     async with db.read() as session:
+        meter_id = await _meter_of(session, meter_id, account_id)
         vendee = await _vendee(session, meter_id)
         amount = parse_amount(amount_text, vendee.tariff.currency, vendee.exponent)
         result = split(vendee.tariff, amount, await _situation(session, vendee, now))
     return Quote(meter_id, vendee.account, vendee.tariff, result, vendee.keypad)
 
 
+#: how far from the head-end's clock a channel's ``paid_at`` may be
+PAID_AHEAD = timedelta(minutes=5)
+PAID_BEHIND = timedelta(days=7)
+
+
 @dataclass(frozen=True, slots=True)
 class PaymentRequest:
     channel: str
     reference: str
-    meter_id: str
-    amount: str  # decimal text in the account's currency
+    meter_id: str | None  # None: the account's one active meter
+    amount: str | int  # decimal text in the account's currency, or an int of minor units
     currency: str | None = None  # None: the account's
     payer: str | None = None
+    account_id: str | None = None
+    paid_at: datetime | None = None  # when the channel took the money; None: when stored
 
     def __post_init__(self) -> None:
         if not 1 <= len(self.reference) <= 128 or not self.reference.isprintable():
@@ -492,16 +681,41 @@ class PaymentRequest:
             1 <= len(self.payer) <= 200 and self.payer.isprintable() and self.payer.strip()
         ):
             raise PaymentRefused(Code.MALFORMED_FIELD, "payer is 1 to 200 printable characters")
+        if (self.meter_id is None) == (self.account_id is None):
+            raise PaymentRefused(
+                Code.MALFORMED_FIELD, "meter_id or account_id: a payment names one of the two"
+            )
+        if self.paid_at is not None and self.paid_at.tzinfo is None:
+            raise PaymentRefused(Code.MALFORMED_FIELD, "paid_at: give the time zone (e.g. Z)")
 
     def digest(self) -> str:
         """What makes two requests under one reference the same request."""
-        body = {
+        body: dict[str, Any] = {
             "meter_id": self.meter_id,
-            "amount": self.amount.strip(),
             "currency": self.currency,
             "payer": self.payer,
         }
+        if isinstance(self.amount, int):
+            body["amount_minor"] = self.amount
+        else:
+            body["amount"] = self.amount.strip()
+        if self.account_id is not None:
+            body["account_id"] = self.account_id
+        if self.paid_at is not None:
+            body["paid_at"] = self.paid_at.astimezone(UTC).isoformat()
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+    def document(self) -> dict[str, Any]:
+        """The request as it came, for the record of a refused attempt."""
+        return {
+            "reference": self.reference,
+            "meter_id": self.meter_id,
+            "account_id": self.account_id,
+            "amount": self.amount,
+            "currency": self.currency,
+            "paid_at": None if self.paid_at is None else self.paid_at.isoformat(),
+            "payer": self.payer,
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -510,18 +724,34 @@ class PaymentAnswer:
     replayed: bool  # the same request again: the first answer, nothing new stored
 
 
-async def pay(db: Database, request: PaymentRequest, now: datetime, *, actor: str) -> PaymentAnswer:
+async def pay(
+    db: Database, request: PaymentRequest, now: datetime, *, actor: str, source: str = "cli"
+) -> PaymentAnswer:
     """Take a payment (see the module); the same request under a used reference gets the
-    first answer again, a different one is refused with reference_conflict."""
-    with storage_errors("taking a payment"):
-        for attempt in range(2):
-            try:
-                async with db.sessions() as session, session.begin():
-                    return await _pay(session, request, now, actor)
-            except IntegrityError:
-                # the same reference taken by a concurrent request: its answer, on retry
-                if attempt:
-                    raise
+    first answer again, a different one is refused with reference_conflict. A refusal
+    changes no balance; the attempt is kept (:func:`list_attempts`)."""
+    try:
+        with storage_errors("taking a payment"):
+            for attempt in range(2):
+                try:
+                    async with db.sessions() as session, session.begin():
+                        return await _pay(session, request, now, actor)
+                except IntegrityError:
+                    # the same reference taken by a concurrent request: its answer, on retry
+                    if attempt:
+                        raise
+    except PaymentRefused as refused:
+        await record_attempt(
+            db,
+            request.channel,
+            reference=request.reference,
+            code=str(refused.code),
+            detail=refused.detail,
+            request=json.dumps(request.document(), sort_keys=True),
+            now=now,
+            source=source,
+        )
+        raise
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -531,8 +761,9 @@ async def _pay(
     channel = await _channel(session, request.channel)
     if channel is None or channel.status != "active":
         detail = f"no channel {request.channel!r}"
-        if await session.get(Meter, request.meter_id) is None:  # name every unknown at once
-            detail += f"; no meter {request.meter_id!r} is registered"
+        named = request.meter_id
+        if named is not None and await session.get(Meter, named) is None:
+            detail += f"; no meter {named!r} is registered"  # name every unknown at once
         raise PaymentRefused(Code.UNKNOWN_CHANNEL, detail)
     existing = (
         await session.scalars(
@@ -550,15 +781,24 @@ async def _pay(
                 "a different payment",
             )
         return PaymentAnswer(json.loads(existing.answer), replayed=True)
-    vendee = await _vendee(session, request.meter_id)
+    paid = now if request.paid_at is None else request.paid_at.astimezone(UTC)
+    if not now - PAID_BEHIND <= paid <= now + PAID_AHEAD:
+        raise PaymentRefused(
+            Code.MALFORMED_FIELD,
+            f"paid_at: {paid.isoformat()} is not within {PAID_BEHIND.days} days before and "
+            f"{int(PAID_AHEAD.total_seconds() // 60)} minutes after the head-end's clock "
+            f"({now.isoformat(timespec='seconds')})",
+        )
+    meter_id = await _meter_of(session, request.meter_id, request.account_id)
+    vendee = await _vendee(session, meter_id)
     tariff = vendee.tariff
     if request.currency is not None and request.currency != tariff.currency:
         raise PaymentRefused(
             Code.CURRENCY_MISMATCH,
-            f"meter {request.meter_id}'s account pays in {tariff.currency}, not {request.currency}",
+            f"meter {meter_id}'s account pays in {tariff.currency}, not {request.currency}",
         )
     amount = parse_amount(request.amount, tariff.currency, vendee.exponent)
-    vending = await _vending(session, request.meter_id)
+    vending = await _vending(session, meter_id)
     result = split(tariff, amount, await _situation(session, vendee, now))
     delivery, number, token = await _deliver(session, vendee, vending, result, now)
     currency, account = tariff.currency, vendee.account
@@ -578,7 +818,7 @@ async def _pay(
         transaction,
         now,
         actor=actor,
-        subject=request.meter_id,
+        subject=meter_id,
         reason=f"payment by {channel.name}",
         detail={"channel": channel.name, "reference": request.reference},
     )
@@ -587,7 +827,7 @@ async def _pay(
         reference=request.reference,
         request_hash=digest,
         account_id=account,
-        meter_id=request.meter_id,
+        meter_id=meter_id,
         tariff_id=tariff.tariff_id,
         currency=currency,
         amount=amount,
@@ -604,7 +844,7 @@ async def _pay(
         wh=result.wh,
         state="accepted",
         payer=request.payer,
-        paid_at=now,
+        paid_at=paid,
         created_at=now,
         transaction_id=transaction_id,
         answer="{}",
@@ -622,12 +862,12 @@ async def _pay(
         "channel": channel.name,
         "reference": request.reference,
         "account": account,
-        "meter": request.meter_id,
+        "meter": meter_id,
         "tariff": tariff.tariff_id,
         "currency": currency,
         "currency_scale": tariff.currency_scale,
         "payer": request.payer,
-        "paid_at": now.isoformat(),
+        "paid_at": paid.isoformat(),
         "split": result.document(),
         "delivery": None
         if delivery is None
@@ -763,12 +1003,20 @@ def _payments_query() -> Any:
 
 
 async def list_payments(
-    db: Database, *, meter: str | None = None, channel: str | None = None, limit: int = 50
+    db: Database,
+    *,
+    meter: str | None = None,
+    channel: str | None = None,
+    account: str | None = None,
+    limit: int = 50,
 ) -> list[PaymentView]:
-    """The latest ``limit`` payments (of a meter, of a channel), newest first."""
+    """The latest ``limit`` payments (of a meter, of a channel, of an account), newest
+    first."""
     query = _payments_query().order_by(Payment.id.desc()).limit(limit)
     if meter is not None:
         query = query.where(Payment.meter_id == meter)
+    if account is not None:
+        query = query.where(Payment.account_id == account)
     if channel is not None:
         query = query.where(PaymentChannel.name == channel)
     async with db.read() as session:
@@ -790,6 +1038,49 @@ async def _get(session: AsyncSession, payment_id: int) -> PaymentView:
     if row is None:
         raise StorageError(f"no payment {payment_id}")
     return _view(*row)
+
+
+async def payment_by_reference(db: Database, channel: str, reference: str) -> PaymentView:
+    """The payment ``channel`` posted under ``reference`` (a channel sees only its own)."""
+    async with db.read() as session:
+        row = (
+            await session.execute(
+                _payments_query().where(
+                    PaymentChannel.name == channel, Payment.reference == reference
+                )
+            )
+        ).first()
+    if row is None:
+        raise PaymentRefused(
+            Code.UNKNOWN_PAYMENT, f"channel {channel} has no payment with reference {reference!r}"
+        )
+    return _view(*row)
+
+
+async def payment_by_receipt(db: Database, number: int) -> PaymentView:
+    async with db.read() as session:
+        row = (await session.execute(_payments_query().where(Receipt.number == number))).first()
+    if row is None:
+        raise PaymentRefused(Code.UNKNOWN_RECEIPT, f"no receipt {number}")
+    return _view(*row)
+
+
+async def reprint(db: Database, payment_id: int, now: datetime, *, actor: str) -> PaymentView:
+    """A payment's receipt and token again, as first issued (never a new token); the reprint
+    is an entry on the audit trail."""
+    async with db.begin() as session:
+        view = await _get(session, payment_id)
+        await audit.append(
+            session,
+            at=now,
+            actor=actor,
+            action="payment.reprint",
+            subject=view.meter_id,
+            reason=f"reprint for {view.channel}",
+            outcome="reprinted",
+            detail={"payment": payment_id, "receipt": view.receipt},
+        )
+    return view
 
 
 # -- reversals ------------------------------------------------------------------------------------
@@ -860,6 +1151,9 @@ async def reverse_payment(
 
 
 __all__ = [
+    "PAID_AHEAD",
+    "PAID_BEHIND",
+    "AttemptView",
     "BalanceCheck",
     "ChannelView",
     "PaymentAnswer",
@@ -870,11 +1164,17 @@ __all__ = [
     "channel_for_key",
     "check_balances",
     "get_payment",
+    "list_attempts",
     "list_channels",
     "list_payments",
     "pay",
+    "payment_by_receipt",
+    "payment_by_reference",
     "post",
     "quote",
+    "record_attempt",
+    "remember_signature",
+    "reprint",
     "reverse_payment",
     "set_keypad",
 ]

@@ -441,6 +441,48 @@ class PaymentChannel(Base):
     created_at: Mapped[datetime]
 
 
+class ChannelSigning(Base):
+    """A channel that signs every HTTP request (HMAC-SHA256, headend/domain/signature.py)
+    with the signing secret kept in key_material."""
+
+    __tablename__ = "channel_signing"
+
+    channel_id: Mapped[int] = mapped_column(ForeignKey("payment_channels.id"), primary_key=True)
+    key_id: Mapped[int] = mapped_column(ForeignKey("key_material.id"))
+    created_at: Mapped[datetime]
+
+
+class RequestSignature(Base):
+    """Signatures already accepted, so that a request replayed within the time window is
+    refused by every worker; rows older than the window are pruned as new ones arrive."""
+
+    __tablename__ = "request_signatures"
+
+    channel_id: Mapped[int] = mapped_column(ForeignKey("payment_channels.id"), primary_key=True)
+    signature: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_request_signatures_seen_at", "seen_at"),)
+
+
+class PaymentAttempt(Base):
+    """A payment refused: no balance changed, but the attempt is kept for the operator (the
+    request as received, the refusal's code and detail)."""
+
+    __tablename__ = "payment_attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime]
+    channel: Mapped[str] = mapped_column(String(64))
+    reference: Mapped[str | None]
+    source: Mapped[str] = mapped_column(String(8))  # api cli
+    code: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str]
+    request: Mapped[str]  # JSON text, as received (cut to 4096 characters)
+
+    __table_args__ = (Index("ix_payment_attempts_channel", "channel", "at"),)
+
+
 class Payment(Base):
     """A payment taken, once per (channel, reference); ``answer`` is the first answer, given
     again to every repeat of the same request (``request_hash``)."""

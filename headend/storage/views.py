@@ -10,6 +10,8 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from headend.domain.ledger import debt, prepaid
+from headend.storage.balances import days_left, spending_pace
 from headend.storage.database import Database
 from headend.storage.readings import latest_times
 from headend.storage.schema import (
@@ -17,6 +19,7 @@ from headend.storage.schema import (
     Customer,
     HealthChange,
     Interval,
+    LedgerAccount,
     Meter,
     MeterEvent,
     PollHealth,
@@ -256,3 +259,92 @@ async def export(
             query = query.where(Interval.estimated.is_(False))
         intervals = (await session.scalars(query.order_by(Interval.start))).all()
     return Export(list(readings), list(intervals))
+
+
+# -- an account, as a payment channel sees it -----------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class MeterSummary:
+    meter_id: str
+    credit_unit: str
+    keypad: bool
+    last_reading_at: datetime | None  # the meter's clock
+    credit: int | None  # minor units or Wh, at the last reading
+    relay: str | None
+    days_left: int | None  # at the account's own pace (the balance monitor's forecast)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountOverview:
+    account_id: str
+    status: str
+    currency: str | None
+    currency_scale: int | None
+    prepaid: int  # paid for and not yet delivered, and change held (the ledger)
+    debt: int
+    meters: list[MeterSummary]
+
+
+async def account_overview(db: Database, account_id: str) -> AccountOverview | None:
+    """An account's balances in the ledger, and per active meter its last reading and the
+    days its credit lasts at its own pace; None: no such account."""
+    async with db.read() as session:
+        account = await session.get(Account, account_id)
+        if account is None:
+            return None
+        meters = (
+            await session.scalars(
+                select(Meter)
+                .where(Meter.account_id == account_id, Meter.status == "active")
+                .order_by(Meter.id)
+            )
+        ).all()
+        currency = meters[0].currency if meters else None
+        scale = meters[0].currency_scale if meters else None
+        balances = {"prepaid": 0, "debt": 0}
+        if currency is not None:
+            for name, ref in (
+                ("prepaid", prepaid(account_id, currency)),
+                ("debt", debt(account_id, currency)),
+            ):
+                cached = await session.scalar(
+                    select(LedgerAccount.balance).where(LedgerAccount.code == ref.code)
+                )
+                balances[name] = ref.shown(int(cached or 0))
+        summaries = []
+        for meter in meters:
+            latest = (
+                await session.scalars(
+                    select(Reading)
+                    .where(Reading.meter_id == meter.id)
+                    .order_by(Reading.meter_time.desc())
+                    .limit(1)
+                )
+            ).first()
+            days = None
+            if latest is not None:
+                pace = spending_pace(14, Reading.meter_id == meter.id)
+                found = (await session.execute(select(pace.c.spent, pace.c.span))).first()
+                if found is not None and found[0] is not None:
+                    days = days_left(latest.credit, int(found[0]), int(found[1]))
+            summaries.append(
+                MeterSummary(
+                    meter.id,
+                    meter.credit_unit,
+                    meter.sts_key_id is not None,
+                    None if latest is None else datetime.fromtimestamp(latest.meter_time, UTC),
+                    None if latest is None else latest.credit,
+                    None if latest is None else relay_name(latest.control_state),
+                    days,
+                )
+            )
+    return AccountOverview(
+        account_id,
+        account.status,
+        currency,
+        scale,
+        balances["prepaid"],
+        balances["debt"],
+        summaries,
+    )
