@@ -30,6 +30,7 @@ from cli.common import (
     print_json,
     setup_logging,
 )
+from cli.meter_sim_rig import rig_app
 from meter_sim.config import (
     MAX_AMOUNT,
     FleetConfig,
@@ -606,6 +607,8 @@ def register_map(as_json: bool = JsonOption) -> None:
 
 
 # sub-apps
+
+app.add_typer(rig_app, name="rig")
 
 
 def main() -> None:
