@@ -611,8 +611,9 @@ class _RtuRequestHandler(ServerRequestHandler):
             self.tap.received(data, now)
         timing = self.timing
         if timing.gap is not None and self.recv_buffer and self.last_received is not None:
-            # the arrival of a piece includes the time its own characters took on the line
-            gap = now - self.last_received - len(data) * timing.char
+            # a piece arrives once its first character is complete: the line was silent for
+            # the time since the last piece less that character
+            gap = now - self.last_received - timing.char
             if gap > timing.gap:
                 log.debug(
                     "a gap of %.1f characters inside a frame: %d byte(s) discarded",

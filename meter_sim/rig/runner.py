@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import serial
 from msgspec import UNSET
 
 from meter_sim.config import MeterConfig
@@ -28,6 +30,7 @@ from meter_sim.runtime import MeterRuntime
 from protocols.clock import Clock
 from protocols.commands import CommandEnvelope, CommandResult
 from protocols.errors import ConfigError
+from protocols.readings import Event, EventCode
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +107,26 @@ def output_on(meter: Meter) -> bool:
     return bool(meter.disconnect.output_state or meter.relay_welded)
 
 
+def check_port(settings: SerialSettings) -> None:
+    """ConfigError unless ``settings.port`` opens as a serial line the server can wait on (a
+    device, a pty, or a pyserial URL with a file descriptor: not loop://)."""
+    try:
+        line = serial.serial_for_url(settings.port, do_not_open=True)
+        line.baudrate = settings.baudrate
+        line.open()
+    except (serial.SerialException, ValueError, OSError) as exc:
+        raise ConfigError(f"--serial {settings.port}: cannot open: {exc}") from exc
+    try:
+        line.fileno()
+    except (io.UnsupportedOperation, AttributeError) as exc:
+        raise ConfigError(
+            f"--serial {settings.port}: this URL has no file descriptor to wait on; give a "
+            "serial device or a pty (socat)"
+        ) from exc
+    finally:
+        line.close()
+
+
 class RigRuntime(MeterRuntime):
     """A meter of the rig: every command the master has it execute is recorded, and an armed
     power cut strikes right after the command it waits for."""
@@ -155,19 +178,21 @@ class Run:
         self._subscribe(runtime)
         return runtime
 
-    def _subscribe(self, runtime: MeterRuntime) -> None:
+    def _subscribe(self, runtime: MeterRuntime, since: int | None = None) -> None:
+        """Record the meter's events from now on (and those after ``since``, which a boot has
+        already logged)."""
         meter_id = runtime.meter_id
         events = self.record.events.setdefault(meter_id, [])
 
-        def seen(event: object) -> None:
-            code = getattr(event, "code", None)
-            name = code.name.lower() if code is not None else str(event)
+        def seen(event: Event) -> None:
+            name = event.code.name.lower()
             events.append(name)
-            if name == "topup_accepted":
-                self.record.applied.setdefault(meter_id, []).append(
-                    (int(getattr(event, "a", 0)), int(getattr(event, "b", 0)))
-                )
+            if event.code is EventCode.TOPUP_ACCEPTED:
+                self.record.applied.setdefault(meter_id, []).append((event.a, event.b))
 
+        if since is not None:
+            for event in runtime.meter.events_since(since, 1000):
+                seen(event)
         self.unsubscribe[meter_id] = runtime.subscribe(seen)
 
     def _command(
@@ -203,10 +228,9 @@ class Run:
         state = self.saved.pop(meter_id, None)
         if state is None:
             return
-        runtime.meter = Meter.from_state(
-            runtime.config, state, self.clock.now(), runtime.meter.load
-        )
-        self._subscribe(runtime)
+        load = runtime.meter.load
+        runtime.meter = Meter.from_state(runtime.config, state, self.clock.now(), load)
+        self._subscribe(runtime, since=int(state["event_seq"]))  # type: ignore[call-overload]
         self.line.power(runtime.config.modbus_unit, True, self.now())
         self.say(f"{meter_id}: power restored, the meter booted")
 
@@ -339,6 +363,7 @@ class Run:
 
     async def run(self) -> Record:
         rig = self.scenario.rig
+        check_port(self.serial)
         for config in self.scenario.meters:
             self.runtimes[config.meter_id] = self._open(config, self.clock)
         for meter_id, runtime in self.runtimes.items():

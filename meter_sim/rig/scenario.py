@@ -283,12 +283,12 @@ Expectation = (
 EXPECT_TYPES: tuple[type[_Expect], ...] = get_args(Expectation)
 
 
-class ScenarioTable(Struct, forbid_unknown_fields=True, frozen=True):
+class ScenarioTable(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     rig: RigTable
     meters: list[dict[str, Any]] | UnsetType = UNSET
     defaults: dict[str, Any] | UnsetType = UNSET
+    expect: Annotated[list[Expectation], Meta(min_length=1)]
     steps: list[Step] = []
-    expect: Annotated[list[Expectation], Meta(min_length=1)] = []
 
 
 @dataclass(frozen=True, slots=True)
@@ -337,7 +337,11 @@ class KeyLines:
         for number, line in enumerate(text.splitlines(), 1):
             header = _HEADER.match(line)
             if header is not None:
-                table = self._resolve(_names(header[2]), arrays)
+                names = _names(header[2])
+                table = self._resolve(names[:-1], arrays)
+                table = f"{table}.{names[-1]}" if table else names[-1]
+                if header[1] != "[[" and table in arrays:  # [a] after [[a]]: not TOML, kept
+                    table = f"{table}[{arrays[table]}]"
                 if header[1] == "[[":
                     arrays[table] = arrays.get(table, -1) + 1
                     table = f"{table}[{arrays[table]}]"
@@ -385,6 +389,8 @@ def _from_msgspec(exc: msgspec.ValidationError) -> _Refusal:
     if found := re.match(r"Object contains unknown field `(.+)`", what):
         return _Refusal(_join(path, found[1]), "unknown key")
     if found := re.match(r"Object missing required field `(.+)`", what):
+        if not path and found[1] == "expect":
+            return _Refusal("expect", "give at least one [[expect]] entry")
         return _Refusal(_join(path, found[1]), "required key is missing")
     if found := re.match(r"Invalid value '(.+)'", what):
         tag = path.rsplit(".", 1)[-1]
