@@ -348,6 +348,24 @@ async def test_each_line_fault_as_the_master_sees_it(
         assert rows[0].fault == action
 
 
+async def test_the_response_delay_holds_every_answer_back(
+    tmp_path: Path, pty_pair: tuple[str, str]
+) -> None:
+    async def master(port: str) -> list[tuple[float, bytes]]:
+        raw = RawMaster(port, 9600)
+        try:
+            await raw.send(MAP_VERSION_READ)
+            sent = time.monotonic()
+            return [(t - sent, data) for t, data in await raw.pieces(0.5)]
+        finally:
+            raw.close()
+
+    text = scenario_text(duration="1.2s", rig='response_delay = "300ms"')
+    _, _, pieces = await run_with(tmp_path, text, pty_pair, master)
+    assert b"".join(d for _, d in pieces) == MAP_VERSION_ANSWER
+    assert pieces[0][0] >= 0.3
+
+
 @pytest.mark.parametrize("strict", [True, False])
 async def test_a_frame_broken_by_a_gap_is_discarded_on_receive(
     tmp_path: Path, pty_pair: tuple[str, str], strict: bool
