@@ -732,6 +732,7 @@ async def test_the_worked_examples_hold_against_the_head_ends_link(
         assert events.count("topup_accepted") == 1
         assert "power_up" in events
         assert [c.new for c in record.commands].count(True) == 1
+        assert record.line.injected["power_cut"] == 1
     if example == "noisy-line.toml":
         assert set(record.line.injected) == {
             "noise",

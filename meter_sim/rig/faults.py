@@ -127,6 +127,7 @@ class RigLine:
             self.fault_ends.setdefault(unit, []).append(at)
         else:
             self.off.add(unit)
+            self.injected["power_cut"] = self.injected.get("power_cut", 0) + 1
 
     # -- the tap ----------------------------------------------------------------------------------
 
