@@ -15,6 +15,7 @@ from typing import Any
 import typer.main
 
 from cli import hes, meter_sim
+from cli.docs import hil as hil_docs
 from cli.docs import mqtt as mqtt_docs
 from cli.docs import registermap as registermap_docs
 from cli.docs import registry as registry_docs
@@ -90,6 +91,7 @@ GENERATED: dict[str, Callable[[], str]] = {
     "docs/register-map.md": registermap_docs.render_markdown,
     "docs/meters-csv.md": registry_docs.render_markdown,
     "docs/openapi.json": render_openapi,
+    "docs/hil.md": hil_docs.render_markdown,
 }
 
 

@@ -30,6 +30,7 @@ from cli.common import (
     print_json,
     setup_logging,
 )
+from cli.meter_sim_rig import rig_app
 from meter_sim.config import (
     MAX_AMOUNT,
     FleetConfig,
@@ -509,6 +510,14 @@ def serve(
     parity: ParityChoice = typer.Option("N", help="Serial parity: N, E or O."),
     stopbits: int = typer.Option(1, min=1, max=2, help="Serial stop bits: 1 or 2."),
     pace: bool = typer.Option(False, "--pace", help="Answer at the pace of a real serial line."),
+    strict_gaps: bool = typer.Option(
+        False,
+        "--strict-gaps",
+        help="Discard a serial frame with a gap of more than 1.5 characters inside it.",
+    ),
+    response_delay: float = typer.Option(
+        0.0, min=0.0, max=60.0, help="Seconds each meter waits before a serial answer."
+    ),
     mqtt: str | None = typer.Option(
         None,
         help="MQTT broker URL (mqtt://host:port, mqtts://...?ca=FILE); meters log in as "
@@ -537,7 +546,10 @@ def serve(
         modbus_host=modbus_host,
         modbus_port=None if no_modbus_tcp else modbus_port,
         port_per_meter=port_per_meter,
-        serial=tuple(SerialLine(url, baud, parity, stopbits, pace) for url in serial),
+        serial=tuple(
+            SerialLine(url, baud, parity, stopbits, pace, strict_gaps, response_delay)
+            for url in serial
+        ),
         broker=_option("--mqtt", lambda: BrokerSettings.parse_url(mqtt)) if mqtt else None,
         mqtt_prefix=_option("--mqtt-prefix", lambda: TopicScheme(mqtt_prefix).prefix),
         telemetry_interval=telemetry_interval,
@@ -606,6 +618,8 @@ def register_map(as_json: bool = JsonOption) -> None:
 
 
 # sub-apps
+
+app.add_typer(rig_app, name="rig")
 
 
 def main() -> None:

@@ -238,6 +238,7 @@ class Meter:
         self.last_result = self.last_exec_result
         self.event_seq = 0
         self.tamper = False
+        self.relay_welded = False  # a stuck contactor: the output stays on whatever the state
         self.low_credit_armed = True
         self.exhausted = False
         self.relay_cause = RelayCause.REMOTE
@@ -309,7 +310,7 @@ class Meter:
         meter_t = t + self.clock_offset
         demand = self.load.demand(t)
         self.demand_w = demand
-        connected = self.disconnect.output_state
+        connected = self.disconnect.output_state or self.relay_welded
         power = demand if connected else 0
         self.energy_residue_mj += round(power * dt * 1000)
         wh, self.energy_residue_mj = divmod(self.energy_residue_mj, MJ_PER_WH)
@@ -474,7 +475,10 @@ class Meter:
     def _fire(self, trigger: Trigger, cause: RelayCause, meter_t: float) -> str:
         letter = self.disconnect.fire(trigger)
         self.relay_cause = cause
-        self._log(meter_t, _RELAY_EVENT[self.disconnect.control_state], int(cause), ord(letter))
+        state = self.disconnect.control_state
+        self._log(meter_t, _RELAY_EVENT[state], int(cause), ord(letter))
+        if self.relay_welded and not self.disconnect.output_state:
+            self._log(meter_t, EventCode.RELAY_WELDED, int(state))
         if self.disconnect.control_state is ControlState.CONNECTED:
             self.limiter_tripped_at = None
         return letter
@@ -531,6 +535,13 @@ class Meter:
             return ResultCode(exc.code or ResultCode.REFUSED_BY_STATE)
         self._update_status()
         return ResultCode.OK
+
+    def set_relay_welded(self, now: float, welded: bool = True) -> None:
+        """A contactor whose contacts weld shut (a fault a test rig switches on): the relay
+        still changes state when told to, but supply stays on, and every switch to open is
+        logged as ``relay_welded``. ``welded=False`` mends it."""
+        self.advance(now)
+        self.relay_welded = welded
 
     def set_tamper(self, now: float) -> None:
         """A tamper switch (cover opened, magnet): logged and shown in the status until cleared."""
@@ -915,6 +926,7 @@ class Meter:
             "last_result": _result_to_state(self.last_result),
             "event_seq": self.event_seq,
             "tamper": self.tamper,
+            "relay_welded": self.relay_welded,
             "low_credit_armed": self.low_credit_armed,
             "exhausted": self.exhausted,
             "last_capture_energy": self.last_capture_energy,
@@ -988,6 +1000,7 @@ class Meter:
         meter.last_result = _result_from_state(state["last_result"])
         meter.event_seq = int(state["event_seq"])
         meter.tamper = bool(state["tamper"])
+        meter.relay_welded = bool(state.get("relay_welded", False))
         meter.low_credit_armed = bool(state["low_credit_armed"])
         meter.exhausted = bool(state["exhausted"])
         meter.last_capture_energy = int(state["last_capture_energy"])

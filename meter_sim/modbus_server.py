@@ -24,7 +24,11 @@ the map before its write is applied, so a refused request changes nothing. Read 
 identification (0x2B/0x0E) answers from the meter's identification. On a serial line a frame
 also ends with 3.5 characters of silence at the line's speed: what is left over then is
 answered if it is a whole frame and discarded if not, so a truncated frame never swallows the
-next request.
+next request. With ``strict_gaps`` the 1.5-character rule holds as well: a gap of more than
+1.5 characters inside a frame discards the frame, and what follows is dropped until the next
+3.5-character silence. ``response_delay`` waits before every answer, and a :class:`LineTap`
+(the test rig's, meter_sim/rig/) sees every byte in both directions and may silence a unit,
+answer a request with an exception, or reshape an answer before it is sent.
 
 Unit ids: every server also holds a catch-all device (id 0, which pymodbus uses for any unit id
 without a device of its own) that raises ``NoSuchIdException``: over TCP pymodbus answers it
@@ -40,7 +44,7 @@ import logging
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from pymodbus.constants import ExcCodes
 from pymodbus.datastore import ModbusServerContext
@@ -301,6 +305,7 @@ def char_seconds(baudrate: int, bytesize: int, parity: str, stopbits: int) -> fl
 #: Modbus over serial line v1.02 (2.5.1.1): above 19,200 baud the silence is a fixed 1.75 ms
 _FAST_LINE_BAUD = 19_200
 _FAST_LINE_SILENCE = 0.00175
+_FAST_LINE_GAP = 0.00075
 
 
 def frame_silence(baudrate: int, bytesize: int, parity: str, stopbits: int) -> float:
@@ -308,6 +313,46 @@ def frame_silence(baudrate: int, bytesize: int, parity: str, stopbits: int) -> f
     if baudrate > _FAST_LINE_BAUD:
         return _FAST_LINE_SILENCE
     return 3.5 * char_seconds(baudrate, bytesize, parity, stopbits)
+
+
+def gap_limit(baudrate: int, bytesize: int, parity: str, stopbits: int) -> float:
+    """The longest gap allowed between two characters of one frame: 1.5 characters, or
+    0.75 ms above 19,200 baud."""
+    if baudrate > _FAST_LINE_BAUD:
+        return _FAST_LINE_GAP
+    return 1.5 * char_seconds(baudrate, bytesize, parity, stopbits)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestPlan:
+    """What a :class:`LineTap` decides for one request: answer it (``exception`` None), answer
+    it with that exception code without executing it, or say nothing (``silent``)."""
+
+    silent: bool = False
+    exception: int | None = None
+
+
+#: pieces of an answer as sent: (seconds to wait before the piece, bytes)
+Pieces = list[tuple[float, bytes]]
+
+
+class LineTap(Protocol):
+    """A view of one serial line from the meters' side, and the hand that shapes it."""
+
+    def received(self, data: bytes, at: float) -> None:
+        """Bytes that arrived (loop time ``at``)."""
+
+    def sent(self, data: bytes, at: float) -> None:
+        """Bytes that went out."""
+
+    def request(self, unit: int, pdu: ModbusPDU) -> RequestPlan:
+        """A whole request for a meter of this line has been framed."""
+        ...
+
+    def answer(self, unit: int, frame: bytes) -> Pieces:
+        """The pieces to send for ``frame`` (the answer to the last request); [] sends
+        nothing."""
+        ...
 
 
 class _Pacer:
@@ -554,7 +599,78 @@ class _RtuRequestHandler(ServerRequestHandler):
     def __init__(self, owner: _RtuServer) -> None:
         super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
         self.silence = owner.silence
+        self.timing = owner.timing
+        self.tap = owner.tap
         self.frame_end: asyncio.TimerHandle | None = None
+        self.last_received: float | None = None
+        self.discarding = False  # a gap broke the frame: drop bytes until the silence
+
+    def data_received(self, data: bytes) -> None:
+        now = self.loop.time()
+        if self.tap is not None:
+            self.tap.received(data, now)
+        timing = self.timing
+        if timing.gap is not None and self.recv_buffer and self.last_received is not None:
+            # a piece arrives once its first character is complete: the line was silent for
+            # the time since the last piece less that character
+            gap = now - self.last_received - timing.char
+            if gap > timing.gap:
+                log.debug(
+                    "a gap of %.1f characters inside a frame: %d byte(s) discarded",
+                    gap / timing.char,
+                    len(self.recv_buffer),
+                )
+                self.recv_buffer = b""
+                self.discarding = True
+        self.last_received = now
+        if self.discarding:
+            self._arm_silence()
+            return
+        super().data_received(data)
+
+    def _arm_silence(self) -> None:
+        if self.frame_end is not None:
+            self.frame_end.cancel()
+        self.frame_end = self.loop.call_later(self.silence, self._silence)
+
+    async def handle_request(self) -> None:
+        pdu = self.last_pdu
+        if pdu is None or self.tap is None or pdu.dev_id not in self.server.meters:
+            await super().handle_request()  # type: ignore[no-untyped-call]
+            return
+        plan = self.tap.request(pdu.dev_id, pdu)
+        if plan.silent:
+            return
+        if plan.exception is not None:
+            response = ExceptionResponse(pdu.function_code, plan.exception)
+            response.dev_id = pdu.dev_id
+            self.server_send(response, self.last_addr)  # type: ignore[no-untyped-call]
+            return
+        await super().handle_request()  # type: ignore[no-untyped-call]
+
+    def pdu_send(self, pdu: ModbusPDU, addr: tuple[Any, ...] | None = None) -> None:
+        packet = self.framer.buildFrame(pdu)
+        pieces: Pieces = [(0.0, packet)]
+        if self.tap is not None and pdu.dev_id in self.server.meters:
+            pieces = self.tap.answer(pdu.dev_id, packet)
+        delay = self.timing.response_delay
+        if delay <= 0 and len(pieces) == 1 and pieces[0][0] <= 0:
+            self._send_piece(pieces[0][1])
+            return
+        self.loop.create_task(self._send_pieces(pieces, delay))
+
+    async def _send_pieces(self, pieces: Pieces, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        for wait, piece in pieces:
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._send_piece(piece)
+
+    def _send_piece(self, piece: bytes) -> None:
+        if self.tap is not None:
+            self.tap.sent(piece, self.loop.time())
+        self.send(piece)
 
     def callback_data(self, data: bytes, addr: tuple[Any, ...] | None = None) -> int:
         used = int(super().callback_data(data, addr))
@@ -574,6 +690,9 @@ class _RtuRequestHandler(ServerRequestHandler):
     def _silence(self) -> None:
         self.frame_end = None
         frame, self.recv_buffer = self.recv_buffer, b""
+        if self.discarding:
+            self.discarding = False
+            return
         crc = int.from_bytes(frame[-2:], "big")
         if len(frame) < FramerRTU.MIN_SIZE or not FramerRTU.check_CRC(frame[:-2], crc):
             log.debug(
@@ -588,14 +707,37 @@ class _RtuRequestHandler(ServerRequestHandler):
         self.loop.call_soon(self.handle_later)
 
 
+@dataclass(frozen=True, slots=True)
+class LineTiming:
+    """The receive and transmit timing of a line: one character's time, the silence that ends
+    a frame, the longest gap inside one (None: gaps are not checked) and the wait before every
+    answer."""
+
+    char: float
+    silence: float
+    gap: float | None = None
+    response_delay: float = 0.0
+
+
 class _RtuServer(ModbusSerialServer):
     """pymodbus's serial server with the meter's decoder and the RTU silence rule; it exists
     only to hand each connection an ``_RtuRequestHandler``."""
 
-    def __init__(self, devices: list[SimDevice], decoder: DecodePDU, silence: float, **kwargs: Any):
+    def __init__(
+        self,
+        devices: list[SimDevice],
+        decoder: DecodePDU,
+        timing: LineTiming,
+        tap: LineTap | None,
+        meters: Mapping[int, MeterRegisters],
+        **kwargs: Any,
+    ):
         super().__init__(devices, **kwargs)
         self.decoder = decoder
-        self.silence = silence
+        self.silence = timing.silence
+        self.timing = timing
+        self.tap = tap
+        self.meters = meters
 
     def callback_new_connection(self) -> ServerRequestHandler:
         return _RtuRequestHandler(self)
@@ -732,22 +874,37 @@ async def serve_rtu(
     stopbits: int = 1,
     bytesize: int = 8,
     pace: bool = False,
+    strict_gaps: bool = False,
+    response_delay: float = 0.0,
+    tap: LineTap | None = None,
 ) -> AsyncIterator[ModbusService]:
     """Modbus RTU on one serial line (a device path or a pyserial URL) for one or more meters
     with distinct unit ids; a request to another unit id gets no answer.
 
     ``pace=True`` delays every answer by the time the exchange takes on a real line at
-    ``baudrate`` (a pty or a socket transmits instantly otherwise)."""
+    ``baudrate`` (a pty or a socket transmits instantly otherwise). ``strict_gaps`` discards a
+    frame with a gap of more than 1.5 characters inside it; ``response_delay`` (seconds) waits
+    before every answer; ``tap`` sees and shapes the line (see :class:`LineTap`)."""
     if parity.upper() not in ("N", "E", "O"):
         raise ConfigError(f"parity is N, E or O, got {parity!r}")
     if stopbits not in (1, 2) or bytesize not in (7, 8) or baudrate <= 0:
         raise ConfigError("stop bits are 1 or 2, byte size 7 or 8, baud rate positive")
+    if not 0 <= response_delay <= 60:
+        raise ConfigError(f"the response delay is 0..60 s, got {response_delay!r}")
     pacer = _Pacer(baudrate, bytesize, parity, stopbits) if pace else None
     meters = _meters(runtimes)
+    timing = LineTiming(
+        char=char_seconds(baudrate, bytesize, parity, stopbits),
+        silence=frame_silence(baudrate, bytesize, parity, stopbits),
+        gap=gap_limit(baudrate, bytesize, parity, stopbits) if strict_gaps else None,
+        response_delay=response_delay,
+    )
     server = _RtuServer(
         _catch_all(),
         _MeterDecoder(meters),
-        frame_silence(baudrate, bytesize, parity, stopbits),
+        timing,
+        tap,
+        meters,
         port=url,
         baudrate=baudrate,
         parity=parity.upper(),

@@ -38,6 +38,8 @@ class SerialLine:
     parity: str = "N"
     stopbits: int = 1
     pace: bool = False  # answer at the pace of a real line at this baud rate
+    strict_gaps: bool = False  # discard a frame with a gap of more than 1.5 characters
+    response_delay: float = 0.0  # seconds to wait before every answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +250,8 @@ async def _serve(
                     parity=line.parity,
                     stopbits=line.stopbits,
                     pace=line.pace,
+                    strict_gaps=line.strict_gaps,
+                    response_delay=line.response_delay,
                 )
             )
             endpoints.serial.append(line.url)

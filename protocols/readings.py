@@ -77,6 +77,7 @@ class EventCode(IntEnum):
     TAMPER_CLEARED = 51
     LIMITER_TRIP = 60
     LIMITER_RESTORED = 61
+    RELAY_WELDED = 62
     KEY_CHANGED = 70
     POWER_LIMIT_SET = 71
     CREDIT_CLEARED = 72
@@ -152,6 +153,11 @@ EVENT_DETAILS: dict[EventCode, tuple[str, str, str]] = {
     EventCode.TAMPER_CLEARED: ("tamper flag cleared", "", ""),
     EventCode.LIMITER_TRIP: ("load limiter opened the relay", "demand W", "threshold W"),
     EventCode.LIMITER_RESTORED: ("load limiter closed the relay again", "", ""),
+    EventCode.RELAY_WELDED: (
+        "the relay was switched open but its contacts stay closed (welded): supply stays on",
+        "the control state it was switched to",
+        "",
+    ),
     EventCode.KEY_CHANGED: ("STS key changed", "key revision", "tariff index"),
     EventCode.POWER_LIMIT_SET: ("power limit set by token", "limit W", ""),
     EventCode.CREDIT_CLEARED: ("credit cleared by token", "amount cleared", ""),

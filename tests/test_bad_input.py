@@ -197,6 +197,8 @@ BASE: dict[str, list[str]] = {
     "meter-sim console": ["console"],
     "meter-sim serve": ["serve", "--modbus-port", "0"],
     "meter-sim register-map": ["register-map"],
+    "meter-sim rig check": ["rig", "check", "scenario.toml"],
+    "meter-sim rig run": ["rig", "run", "scenario.toml", "--serial", "loop://"],
     "hes token credit": ["token", "credit", "--amount", "1", *KEY],
     "hes token power-limit": ["token", "power-limit", "--value", "1000", *KEY],
     "hes token phase-unbalance-limit": ["token", "phase-unbalance-limit", "--value", "10", *KEY],
@@ -343,7 +345,21 @@ BAD_VALUES: dict[str, list[str]] = {
     "--block": ["abc", "50"],
     "--vat": ["x", "101", "7.125"],
     "--debt-share": ["x", "101"],
+    "--junit": ["/no/such/dir/report.xml"],
+    "--capture": ["/no/such/dir/frames.csv"],
 }
+RIG_SCENARIO = """
+[rig]
+duration = "1s"
+
+[[meters]]
+id = "M-1"
+
+[[expect]]
+kind = "relay"
+meter = "M-1"
+state = "closed"
+"""
 #: options whose every text is a valid value (names, labels)
 FREE_TEXT = frozenset({"--serial", "--customer"})
 NUMBERS = (int, float)
@@ -405,6 +421,8 @@ def test_every_option_refuses_a_bad_value(
         (workdir / "meters.csv").write_text("meter_id,endpoint\nM-1,tcp://127.0.0.1:1/1\n")
         (workdir / "fleet.toml").write_text('[mqtt]\npassword_secret = "' + "ab" * 32 + '"\n'
                                             '[[meters]]\nid = "M-1"\n')  # fmt: skip
+    if command.startswith("meter-sim rig"):
+        (workdir / "scenario.toml").write_text(RIG_SCENARIO)
     app = meter_sim.app if command.startswith("meter-sim") else hes.app
     args = [*BASE[command], option, value]
     result = runner.invoke(app, args, input="quit\n")

@@ -176,6 +176,24 @@ def test_no_energy_while_the_relay_is_open() -> None:
     assert m.read(OBIS_CURRENT) == 0
 
 
+def test_a_welded_relay_keeps_the_supply_on_and_says_so() -> None:
+    m = meter()
+    head = Head(m)
+    m.set_relay_welded(THU_10 + HOUR)
+    assert head.send(Command.remote_disconnect()).code is ResultCode.OK
+    assert m.disconnect.control_state is ControlState.DISCONNECTED
+    m.advance(THU_10 + 3 * HOUR)
+    assert m.energy.value == 3000  # the contacts stay closed: the load is still drawn
+    assert m.read(OBIS_POWER) == 1000
+    welded = events(m, EventCode.RELAY_WELDED)
+    assert [(e.a, e.b) for e in welded] == [(int(ControlState.DISCONNECTED), 0)]
+    restored = Meter.from_state(m.config, m.to_state(), THU_10 + 4 * HOUR, m.load)
+    assert restored.relay_welded  # a weld survives a power cut
+    restored.set_relay_welded(THU_10 + 4 * HOUR, welded=False)
+    restored.advance(THU_10 + 5 * HOUR)
+    assert restored.energy.value == 3000  # mended: the open relay cuts the supply
+
+
 def test_instantaneous_values_are_consistent_with_the_load() -> None:
     m = meter(load=2300)
     m.advance(THU_10 + 600)
