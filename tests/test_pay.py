@@ -21,7 +21,7 @@ from cli.hes import app
 from headend.domain.registry import Block, MeterRecord, TariffRecord
 from headend.services.registry import route_of
 from headend.storage import open_database
-from headend.storage.database import MIGRATIONS
+from headend.storage.database import MIGRATIONS, head_revision
 from headend.storage.ledger import (
     PaymentRequest,
     add_channel,
@@ -520,7 +520,7 @@ async def test_the_migration_goes_down_and_up_again(db: str) -> None:
         assert await database.revision() == "0002"
         async with database.engine.begin() as conn:
             await conn.run_sync(_migrate, "head", False)
-        assert await database.revision() == "0004"
+        assert await database.revision() == head_revision()
         await add_channel(database, "COUNTER-1", "counter", now, actor="a")
         again = await pay(
             database, PaymentRequest("COUNTER-1", "M", "M-1", "100.00"), now, actor="a"

@@ -22,6 +22,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from headend.domain.delivery import UNDELIVERED, TransferState
 from headend.domain.ledger import (
     AccountKind,
     AccountRef,
@@ -69,9 +70,11 @@ from protocols.errors import StorageError, ValidationError
 from protocols.sts import Pan
 from protocols.units import Money
 
-#: transfer states; a token is 'issued' until the meter reports it accepted
-PENDING = "pending_delivery"
-UNDELIVERED = ("pending_delivery", "issued")
+#: a transfer waiting for the credit deliverer (see headend.domain.delivery for the others)
+PENDING = TransferState.PENDING.value
+#: credit whose value the prepaid balance holds for the meter (not change): owed, or refused
+#: by the meter and waiting for an operator (a reversal cancels it)
+HELD = (*UNDELIVERED, TransferState.FAILED.value)
 TOKEN_STEP_WH = 100  # an STS electricity token counts 0.1 kWh
 
 
@@ -433,7 +436,7 @@ async def _situation(session: AsyncSession, vendee: Vendee, now: datetime) -> Si
     undelivered = await session.scalar(
         select(func.coalesce(func.sum(CreditTransfer.value), 0))
         .join(Payment, Payment.id == CreditTransfer.payment_id)
-        .where(Payment.account_id == account, CreditTransfer.state.in_(UNDELIVERED))
+        .where(Payment.account_id == account, CreditTransfer.state.in_(HELD))
     )
     held = await _balance(session, prepaid(account, tariff.currency))
     return Situation(
@@ -821,14 +824,17 @@ async def reverse_payment(
         outcome = "cancelled before delivery"
         if transfer is not None:
             leased = transfer.lease_until is not None and transfer.lease_until > now
-            if transfer.state == PENDING and leased:
+            cancellable = transfer.state in (PENDING, TransferState.FAILED.value)
+            if transfer.state == TransferState.SENDING.value or (cancellable and leased):
+                # on its way (the meter may have it): confirmed or refused soon, not cancelled
                 raise PaymentRefused(
                     Code.IN_DELIVERY,
                     f"payment {payment_id}'s transfer is being delivered: try again shortly",
                 )
-            if transfer.state == PENDING:
-                transfer.state = "cancelled"
+            if cancellable:
+                transfer.state = TransferState.CANCELLED.value
                 transfer.updated_at = now
+                transfer.next_attempt_at = None
             else:
                 value = transfer.value
                 currency = payment.currency

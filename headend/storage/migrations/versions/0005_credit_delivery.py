@@ -1,0 +1,38 @@
+"""Credit delivery: each transfer's signed envelope (stored before it is first sent), its next
+attempt, its last error and when the meter confirmed it; tokens accepted are matched by meter
+and TID.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-01
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("credit_transfers", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("envelope", sa.LargeBinary(), nullable=True))
+        batch_op.add_column(sa.Column("next_attempt_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.add_column(sa.Column("last_error", sa.Text(), nullable=True))
+        batch_op.add_column(sa.Column("delivered_at", sa.DateTime(timezone=True), nullable=True))
+        batch_op.create_index(
+            "ix_credit_transfers_meter", ["meter_id", "state", "number"], unique=False
+        )
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("credit_transfers", schema=None) as batch_op:
+        batch_op.drop_index("ix_credit_transfers_meter")
+        batch_op.drop_column("delivered_at")
+        batch_op.drop_column("last_error")
+        batch_op.drop_column("next_attempt_at")
+        batch_op.drop_column("envelope")

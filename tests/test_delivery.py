@@ -1,0 +1,415 @@
+"""The credit deliverer and its store on SQLite and PostgreSQL, against real firmware meters
+behind in-memory links: a transfer delivered once with its ledger posting and notice, a lost
+answer settled by reading back without a resend, a meter restart, a deliverer killed before
+and after the envelope went out, a reversal before delivery (nothing reaches the meter) and
+while the transfer is on its way, a command sequence passed by a command, a refusal, a
+command still to go out, and two deliverers at once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select
+
+from headend.domain.commands import Kind
+from headend.domain.pricing import Code, PaymentRefused
+from headend.domain.registry import CustomerRecord, MeterRecord, TariffRecord
+from headend.links.base import RetryPolicy, send_command
+from headend.links.memory import FaultPlan, MemoryLink
+from headend.services.delivery import Deliverer, DeliverySettings
+from headend.services.dispatcher import Dispatcher, DispatchSettings
+from headend.services.registry import route_of
+from headend.storage import Database, open_database
+from headend.storage.audit import verify_chain, verify_ledger
+from headend.storage.delivery import (
+    Held,
+    claim_transfers,
+    get_transfer,
+    list_transfers,
+    start_attempt,
+)
+from headend.storage.ledger import (
+    PaymentRequest,
+    add_channel,
+    check_balances,
+    pay,
+    reverse_payment,
+)
+from headend.storage.registry import add_customer, add_tariff, import_meters
+from headend.storage.schema import LedgerAccount, LedgerTransaction, Notification
+from meter_sim.config import MeterConfig
+from meter_sim.firmware import Meter
+from meter_sim.loads import load_for
+from protocols.clock import ManualClock
+from protocols.commands import Command
+from tests.databases import db_url, postgres_server
+from tests.test_dispatcher import Links
+
+__all__ = ["db_url", "postgres_server"]  # fixtures
+
+T0 = 1_767_268_800.0  # 2026-01-01T12:00:00Z, a Thursday noon: no quiet hours
+NOW = datetime.fromtimestamp(T0, UTC)
+KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
+QUICK = RetryPolicy(backoff=0.001, max_backoff=0.004)
+SETTINGS = DeliverySettings(attempt_timeout=0.3, lease=60.0, retry_base=timedelta(seconds=30))
+METERS = ("MTR-1", "MTR-2", "MTR-3")
+START = 10_000  # each meter's credit at the start, minor units
+
+
+@pytest.fixture
+async def db(db_url: str) -> AsyncIterator[Database]:
+    database = await open_database(db_url, check=False)
+    await database.upgrade()
+    await add_tariff(database, TariffRecord("RES", "KES", -2, (2500,), 5000, 1000), NOW, actor="t")
+    rows = []
+    for n, meter_id in enumerate(METERS):
+        customer = CustomerRecord(f"Customer {n}", None, f"+25470000000{n}", "sms")
+        await add_customer(database, customer, f"ACC-{n}", NOW, actor="t")
+        endpoint = f"tcp://127.0.0.1:1/{n + 1}"
+        record = MeterRecord(
+            meter_id=meter_id,
+            endpoint=endpoint,
+            route=route_of(endpoint),
+            customer=f"Customer {n}",
+            account=f"ACC-{n}",
+            tariff="RES",
+            auth_key=KEY,
+        )
+        rows.append((n + 2, record))
+    assert (await import_meters(database, rows, [], NOW, actor="t")).applied
+    await add_channel(database, "KIOSK-1", "kiosk", NOW, actor="t")
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+def _meter(meter_id: str, clock: ManualClock, **kw: object) -> Meter:
+    config = MeterConfig(meter_id, **({"initial_credit": START, "auth_key": KEY.hex()} | kw))  # type: ignore[arg-type]
+    return Meter(config, clock.now(), load_for(config))
+
+
+def _setup(plan: FaultPlan | None = None, **meter: object) -> tuple[ManualClock, Links]:
+    clock = ManualClock(T0)
+    links = Links(
+        {
+            m: MemoryLink(_meter(m, clock, **meter), plan or FaultPlan(), timeout=0.05)
+            for m in METERS
+        }
+    )
+    return clock, links
+
+
+def _deliverer(db: Database, links: Links, clock: ManualClock, worker: str = "d1") -> Deliverer:
+    return Deliverer(db, links, clock, worker=worker, settings=SETTINGS, retry=QUICK)
+
+
+def _now(clock: ManualClock) -> datetime:
+    return datetime.fromtimestamp(clock.now(), UTC)
+
+
+async def _pay(db: Database, clock: ManualClock, ref: str, meter: str, amount: str) -> int:
+    answer = await pay(db, PaymentRequest("KIOSK-1", ref, meter, amount), _now(clock), actor="t")
+    assert answer.answer["delivery"]["state"] == "pending_delivery"
+    return int(answer.answer["payment_id"])
+
+
+def _credit(links: Links, meter_id: str) -> int:
+    return links.links[meter_id].meter.snapshot().credit
+
+
+async def _balance(db: Database, code: str) -> int:
+    async with db.read() as session:
+        return int(
+            await session.scalar(select(LedgerAccount.balance).where(LedgerAccount.code == code))
+            or 0
+        )
+
+
+async def _deliveries(db: Database) -> int:
+    async with db.read() as session:
+        return int(
+            await session.scalar(select(func.count()).where(LedgerTransaction.kind == "delivery"))
+            or 0
+        )
+
+
+async def _notices(db: Database, kind: str) -> list[dict[str, str]]:
+    async with db.read() as session:
+        rows = (
+            await session.scalars(
+                select(Notification.payload)
+                .where(Notification.kind == kind)
+                .order_by(Notification.id)
+            )
+        ).all()
+    return [json.loads(row) for row in rows]
+
+
+async def _start(db: Database, held: Held, now: datetime) -> Held:
+    started = await start_attempt(db, held, now)
+    assert isinstance(started, Held)
+    return started
+
+
+async def _consistent(db: Database) -> None:
+    assert all(c.cached == c.from_postings for c in await check_balances(db))
+    assert (await verify_chain(db)).broken is None
+    assert await verify_ledger(db) is None
+
+
+async def test_a_transfer_is_delivered_once_posted_and_notified(db: Database) -> None:
+    clock, links = _setup()
+    payment = await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {"delivered": 1}
+    assert _credit(links, "MTR-1") == START + 10_000
+    assert links.links["MTR-1"].meter.snapshot().last_transfer == 1
+    assert links.links["MTR-1"].executed == 1
+    (view,) = await list_transfers(db)
+    assert (view.payment_id, view.state, view.attempts, view.sequence) == (
+        payment, "delivered", 1, 1,
+    )  # fmt: skip
+    assert view.delivered_at is not None
+    # the credit's value moved from the prepaid balance to revenue, once
+    assert await _balance(db, "prepaid:ACC-0:KES") == 0
+    assert await _balance(db, "revenue:KES") == -10_000
+    assert await _deliveries(db) == 1
+    notices = await _notices(db, "payment_received")
+    assert notices == [
+        {"meter": "MTR-1", "amount": "100.00 KES", "balance": "200.00 KES", "token_line": ""}
+    ]
+    # nothing more to do: no second send, no second posting
+    assert (await deliverer.deliver_once()).outcomes == {}
+    assert links.links["MTR-1"].executed == 1
+    assert await _deliveries(db) == 1
+    await _consistent(db)
+
+
+async def test_transfers_of_a_meter_go_in_number_order(db: Database) -> None:
+    clock, links = _setup()
+    for n in range(3):
+        await _pay(db, clock, f"R-{n}", "MTR-1", "10.00")
+    await _pay(db, clock, "R-X", "MTR-2", "20.00")
+    deliverer = _deliverer(db, links, clock)
+    rounds = [await deliverer.deliver_once() for _ in range(3)]
+    assert [r.outcomes["delivered"] for r in rounds] == [2, 1, 1]  # one per meter at a time
+    assert _credit(links, "MTR-1") == START + 3_000
+    assert _credit(links, "MTR-2") == START + 2_000
+    assert links.links["MTR-1"].meter.snapshot().last_transfer == 3
+    await _consistent(db)
+
+
+async def test_a_lost_answer_is_settled_by_asking_not_by_a_resend(db: Database) -> None:
+    clock, links = _setup(FaultPlan(drop_answer=1.0, only=frozenset({"send"})))
+    await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    assert (await _deliverer(db, links, clock).deliver_once()).outcomes == {"delivered": 1}
+    link = links.links["MTR-1"]
+    assert (link.executed, _credit(links, "MTR-1")) == (1, START + 10_000)
+
+
+async def test_an_unconfirmed_attempt_is_read_back_before_any_resend(db: Database) -> None:
+    # every answer is lost: the attempt ends unconfirmed, though the meter applied it
+    clock, links = _setup(FaultPlan(drop_answer=1.0))
+    await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {"sending": 1}
+    link = links.links["MTR-1"]
+    executed = link.executed
+    assert _credit(links, "MTR-1") == START + 10_000
+    (view,) = await list_transfers(db)
+    assert view.state == "sending"
+    assert view.last_error
+    with pytest.raises(PaymentRefused) as refused:  # it may be on the meter: not cancelled
+        await reverse_payment(db, 1, "paid twice", _now(clock), actor="t")
+    assert refused.value.code is Code.IN_DELIVERY
+    assert (await deliverer.deliver_once()).outcomes == {}  # backing off
+    link.plan = FaultPlan()
+    clock.advance(31)
+    assert (await deliverer.deliver_once()).outcomes == {"delivered": 1}
+    assert link.executed == executed  # read back: nothing sent again
+    assert _credit(links, "MTR-1") == START + 10_000
+    assert await _deliveries(db) == 1
+    await _consistent(db)
+
+
+async def test_a_meter_restart_loses_nothing_and_applies_nothing_twice(db: Database) -> None:
+    clock, links = _setup(FaultPlan(drop_answer=1.0))
+    await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    await _pay(db, clock, "R-2", "MTR-1", "50.00")
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {"sending": 1}
+    old = links.links["MTR-1"]
+    clock.advance(60)
+    restarted = Meter.from_state(old.meter.config, old.meter.to_state(), clock.now(),
+                                 old.meter.load)  # fmt: skip
+    links.links["MTR-1"] = MemoryLink(restarted, timeout=0.05)
+    assert restarted.snapshot().last_transfer == 1
+    assert (await deliverer.deliver_once()).outcomes == {"delivered": 1}  # read back
+    assert links.links["MTR-1"].executed == 0
+    assert (await deliverer.deliver_once()).outcomes == {"delivered": 1}  # the next one
+    assert _credit(links, "MTR-1") == START + 15_000
+    assert restarted.snapshot().last_transfer == 2
+    await _consistent(db)
+
+
+async def test_a_deliverer_killed_before_the_send_sends_it_after(db: Database) -> None:
+    clock, links = _setup()
+    await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    now = _now(clock)
+    (held,) = await claim_transfers(db, "dead", now, now + timedelta(seconds=60), 10)
+    started = await _start(db, held, now)
+    # killed here: 'sending', its envelope stored, never sent; the lease runs out
+    assert (await get_transfer(db, held.id)).state == "sending"
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {}  # still leased
+    clock.advance(61)
+    assert (await deliverer.deliver_once()).outcomes == {"delivered": 1}
+    link = links.links["MTR-1"]
+    assert (link.executed, _credit(links, "MTR-1")) == (1, START + 10_000)
+    view = await get_transfer(db, held.id)
+    assert started.envelope is not None
+    assert (view.sequence, view.attempts) == (started.envelope.sequence, 2)
+    await _consistent(db)
+
+
+async def test_a_deliverer_killed_after_the_send_does_not_send_again(db: Database) -> None:
+    clock, links = _setup()
+    await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    now = _now(clock)
+    (held,) = await claim_transfers(db, "dead", now, now + timedelta(seconds=60), 10)
+    started = await _start(db, held, now)
+    assert started.envelope is not None
+    link = links.links["MTR-1"]
+    assert (await link.execute(started.envelope)).code.accepted
+    # killed before it recorded the answer
+    clock.advance(61)
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {"delivered": 1}
+    assert (link.executed, _credit(links, "MTR-1")) == (1, START + 10_000)
+    await _consistent(db)
+
+
+async def test_a_reversal_before_delivery_sends_nothing(db: Database) -> None:
+    clock, links = _setup()
+    payment = await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    view = await reverse_payment(db, payment, "paid twice", _now(clock), actor="t")
+    assert view.delivery_state == "cancelled"
+    assert (await _deliverer(db, links, clock).deliver_once()).outcomes == {}
+    assert links.links["MTR-1"].executed == 0
+    assert _credit(links, "MTR-1") == START
+    assert await _balance(db, "prepaid:ACC-0:KES") == 0
+    assert await _deliveries(db) == 0
+    await _consistent(db)
+
+
+async def test_a_reversal_waits_for_a_leased_transfer_and_the_lease_fences_it(
+    db: Database,
+) -> None:
+    clock, links = _setup()
+    payment = await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    now = _now(clock)
+    (held,) = await claim_transfers(db, "slow", now, now + timedelta(seconds=60), 10)
+    with pytest.raises(PaymentRefused) as refused:
+        await reverse_payment(db, payment, "paid twice", now, actor="t")
+    assert refused.value.code is Code.IN_DELIVERY
+    clock.advance(61)  # the worker died holding it: its lease ends, the reversal goes through
+    await reverse_payment(db, payment, "paid twice", _now(clock), actor="t")
+    assert await start_attempt(db, held, _now(clock)) is None  # its fence does not hold
+    assert (await _deliverer(db, links, clock).deliver_once()).outcomes == {}
+    assert links.links["MTR-1"].executed == 0
+    await _consistent(db)
+
+
+async def test_a_reversal_after_delivery_becomes_debt(db: Database) -> None:
+    clock, links = _setup()
+    payment = await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    assert (await _deliverer(db, links, clock).deliver_once()).outcomes == {"delivered": 1}
+    await reverse_payment(db, payment, "chargeback", _now(clock), actor="t")
+    assert await _balance(db, "prepaid:ACC-0:KES") == 0
+    assert await _balance(db, "debt:ACC-0:KES") == 10_000
+    assert await _balance(db, "revenue:KES") == -10_000
+    await _consistent(db)
+
+
+async def test_a_command_that_passed_the_sequence_gets_the_transfer_signed_again(
+    db: Database,
+) -> None:
+    clock, links = _setup()
+    await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    now = _now(clock)
+    (held,) = await claim_transfers(db, "w0", now, now + timedelta(seconds=1), 10)
+    await _start(db, held, now)  # signed under sequence 1, never sent
+    link = links.links["MTR-1"]
+    # a command sent around the head-end takes sequence 1 on the meter first
+    await send_command(link, Command.set_clock(int(T0)), KEY)
+    clock.advance(31)
+    assert (await _deliverer(db, links, clock).deliver_once()).outcomes == {"delivered": 1}
+    view = await get_transfer(db, held.id)
+    # attempts: the killed one, its envelope again (refused as replayed), signed anew
+    assert (view.sequence, view.attempts) == (2, 3)
+    assert _credit(links, "MTR-1") == START + 10_000
+    await _consistent(db)
+
+
+async def test_a_command_still_to_go_out_goes_first(db: Database) -> None:
+    clock, links = _setup()
+    dispatcher = Dispatcher(
+        db, links, clock, worker="disp", settings=DispatchSettings(attempt_timeout=0.3),
+        retry=QUICK,
+    )  # fmt: skip
+    queued = await dispatcher.queue("MTR-1", Kind.DISCONNECT, "test", "t")
+    await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {"pending_delivery": 1}
+    assert (await dispatcher.dispatch_once()).outcomes == {"verified": 1}
+    clock.advance(6)
+    assert (await deliverer.deliver_once()).outcomes == {"delivered": 1}
+    assert (await get_transfer(db, 1)).sequence == queued.sequence + 1
+    assert _credit(links, "MTR-1") == START + 10_000
+
+
+async def test_a_refused_transfer_fails_tells_operators_and_can_be_reversed(
+    db: Database,
+) -> None:
+    clock, links = _setup(max_topup=5_000)
+    payment = await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    await _pay(db, clock, "R-2", "MTR-1", "20.00")
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {"failed": 1}
+    (failed,) = await _notices(db, "command_failed")
+    assert failed["command"] == "credit transfer 1"
+    assert "amount_out_of_bounds" in failed["reason"]
+    assert (await deliverer.deliver_once()).outcomes == {"delivered": 1}  # the next one
+    assert _credit(links, "MTR-1") == START + 2_000
+    view = await reverse_payment(db, payment, "the meter refused it", _now(clock), actor="t")
+    assert view.delivery_state == "cancelled"
+    assert await _balance(db, "prepaid:ACC-0:KES") == 0
+    await _consistent(db)
+
+
+async def test_two_deliverers_apply_each_transfer_once(db: Database) -> None:
+    clock, links = _setup(FaultPlan(drop_answer=0.3, seed=7))
+    paid = {meter_id: 0 for meter_id in METERS}
+    for n in range(4):
+        for meter_id in METERS:
+            await _pay(db, clock, f"R-{meter_id}-{n}", meter_id, f"{n + 1}.00")
+            paid[meter_id] += (n + 1) * 100
+    first, second = _deliverer(db, links, clock, "d1"), _deliverer(db, links, clock, "d2")
+    for _ in range(40):
+        await asyncio.gather(first.deliver_once(), second.deliver_once())
+        if not await list_transfers(db, states=["pending_delivery", "sending"]):
+            break
+        clock.advance(700)
+    for meter_id in METERS:
+        assert _credit(links, meter_id) == START + paid[meter_id]
+        assert links.links[meter_id].meter.snapshot().last_transfer == 4
+    views = await list_transfers(db)
+    assert {v.state for v in views} == {"delivered"}
+    assert await _deliveries(db) == 12
+    assert len(await _notices(db, "payment_received")) == 12
+    await _consistent(db)
