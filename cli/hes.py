@@ -21,6 +21,7 @@ from cli.hes_poll import register as register_poll
 from cli.hes_registry import customers_app, meters_app, tariffs_app
 from cli.hes_serve import register as register_serve
 from cli.hes_token import token_app
+from cli.hes_transfers import transfers_app
 from cli.hes_views import register as register_views
 
 app = typer.Typer(
@@ -56,6 +57,7 @@ app.add_typer(tariffs_app, name="tariffs")
 app.add_typer(channels_app, name="channels")
 app.add_typer(keypad_app, name="keypad")
 app.add_typer(payments_app, name="payments")
+app.add_typer(transfers_app, name="transfers")
 register_link_commands(app)
 register_commands(app)
 register_demo(app)

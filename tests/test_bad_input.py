@@ -260,6 +260,9 @@ BASE: dict[str, list[str]] = {
     "hes payments list": ["payments", "list"],
     "hes payments show": ["payments", "show", "1"],
     "hes payments reverse": ["payments", "reverse", "1", "--reason", "typo"],
+    "hes transfers list": ["transfers", "list"],
+    "hes transfers show": ["transfers", "show", "1"],
+    "hes transfers deliver": ["transfers", "deliver", "--timeout", "1"],
 }
 #: values of the right form that an option refuses, where its range is checked by the command
 #: rather than declared on the option; and the bad values of text options

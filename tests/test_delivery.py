@@ -11,18 +11,24 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
+from cli.hes import app
 from headend.domain.commands import Kind
 from headend.domain.pricing import Code, PaymentRefused
 from headend.domain.registry import CustomerRecord, MeterRecord, TariffRecord
 from headend.links.base import RetryPolicy, send_command
+from headend.links.endpoint import LinkOptions
 from headend.links.memory import FaultPlan, MemoryLink
 from headend.services.delivery import Deliverer, DeliverySettings
 from headend.services.dispatcher import Dispatcher, DispatchSettings
 from headend.services.registry import route_of
+from headend.services.serve import ServeSettings, serve
 from headend.storage import Database, open_database
 from headend.storage.audit import verify_chain, verify_ledger
 from headend.storage.delivery import (
@@ -44,7 +50,9 @@ from headend.storage.schema import LedgerAccount, LedgerTransaction, Notificatio
 from meter_sim.config import MeterConfig
 from meter_sim.firmware import Meter
 from meter_sim.loads import load_for
-from protocols.clock import ManualClock
+from meter_sim.modbus_server import serve_tcp
+from meter_sim.runtime import MeterRuntime
+from protocols.clock import ManualClock, SystemClock
 from protocols.commands import Command
 from tests.databases import db_url, postgres_server
 from tests.test_dispatcher import Links
@@ -58,6 +66,7 @@ QUICK = RetryPolicy(backoff=0.001, max_backoff=0.004)
 SETTINGS = DeliverySettings(attempt_timeout=0.3, lease=60.0, retry_base=timedelta(seconds=30))
 METERS = ("MTR-1", "MTR-2", "MTR-3")
 START = 10_000  # each meter's credit at the start, minor units
+runner = CliRunner()
 
 
 @pytest.fixture
@@ -413,3 +422,71 @@ async def test_two_deliverers_apply_each_transfer_once(db: Database) -> None:
     assert await _deliveries(db) == 12
     assert len(await _notices(db, "payment_received")) == 12
     await _consistent(db)
+
+
+# -- end to end -----------------------------------------------------------------------------------
+
+
+async def test_payments_reach_a_meter_over_modbus_tcp_once(tmp_path: Path) -> None:
+    """`hes pay`, then `hes transfers deliver` (one pass now) and `hes serve`, over Modbus TCP
+    to a simulated meter: its credit rises by exactly what was credited, and the audit chain
+    and the ledger verify."""
+    clock = ManualClock(T0)  # the meter's clock stands still: no consumption meanwhile
+    runtime = MeterRuntime.open(
+        MeterConfig("MTR-9", modbus_unit=1, initial_credit=START, auth_key=KEY.hex()),
+        clock,
+        tmp_path / "meter",
+    )
+    url = f"sqlite:///{tmp_path / 'hes.db'}"
+    db = await open_database(url, check=False)
+    stop = asyncio.Event()
+
+    def hes(*args: str) -> Any:
+        return asyncio.to_thread(runner.invoke, app, [*args, "--db", url])
+
+    try:
+        async with serve_tcp([runtime]) as service:
+            await db.upgrade()
+            await add_tariff(db, TariffRecord("RES", "KES", -2, (2500,), 5000, 1000), NOW,
+                             actor="t")  # fmt: skip
+            await add_customer(db, CustomerRecord("Zawadi", None, "+254700000009", "sms"),
+                               "ACC-9", NOW, actor="t")  # fmt: skip
+            endpoint = f"tcp://127.0.0.1:{service.port}/1"
+            record = MeterRecord(
+                meter_id="MTR-9", endpoint=endpoint, route=route_of(endpoint),
+                customer="Zawadi", account="ACC-9", tariff="RES", auth_key=KEY,
+            )  # fmt: skip
+            assert (await import_meters(db, [(2, record)], [], NOW, actor="t")).applied
+            assert (await hes("channels", "add", "KIOSK-9", "--kind", "kiosk")).exit_code == 0
+            paid = await hes("pay", "--channel", "KIOSK-9", "--ref", "E-1", "--meter", "MTR-9",
+                             "--amount", "123.45", "--json")  # fmt: skip
+            assert paid.exit_code == 0, paid.output
+            delivered = await hes("transfers", "deliver", "--timeout", "10", "--json")
+            assert delivered.exit_code == 0, delivered.output
+            (first,) = json.loads(delivered.output)
+            assert (first["state"], first["number"], first["amount"]) == ("delivered", 1, 12_345)
+            assert runtime.snapshot().credit == START + 12_345
+            # `hes serve` delivers the next one by itself
+            settings = ServeSettings(
+                db_url=url, worker="e2e", poll=False, monitor_every=None, dispatch=None,
+                link_options=LinkOptions(timeout=2.0, retries=1),
+                delivery=DeliverySettings(attempt_timeout=2.0),
+            )  # fmt: skip
+            task = asyncio.create_task(serve(settings, SystemClock(), stop))
+            again = await hes("pay", "--channel", "KIOSK-9", "--ref", "E-2", "--meter", "MTR-9",
+                              "--amount", "50.00")  # fmt: skip
+            assert again.exit_code == 0, again.output
+            async with asyncio.timeout(15):
+                while runtime.snapshot().last_transfer < 2:  # noqa: ASYNC110 - nothing signals
+                    await asyncio.sleep(0.05)
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            assert runtime.snapshot().credit == START + 12_345 + 5_000
+            listed = await hes("transfers", "list", "--json")
+            assert [t["state"] for t in json.loads(listed.output)] == ["delivered", "delivered"]
+            shown = await hes("transfers", "show", "1")
+            assert "delivered" in shown.output
+            assert (await hes("audit", "verify")).exit_code == 0
+    finally:
+        stop.set()
+        await db.close()
