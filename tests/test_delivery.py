@@ -27,6 +27,7 @@ from headend.links.endpoint import LinkOptions
 from headend.links.memory import FaultPlan, MemoryLink
 from headend.services.delivery import Deliverer, DeliverySettings
 from headend.services.dispatcher import Dispatcher, DispatchSettings
+from headend.services.poller import Poller
 from headend.services.registry import route_of
 from headend.services.serve import ServeSettings, serve
 from headend.storage import Database, open_database
@@ -44,11 +45,14 @@ from headend.storage.ledger import (
     check_balances,
     pay,
     reverse_payment,
+    set_keypad,
 )
+from headend.storage.polling import active_targets
 from headend.storage.registry import add_customer, add_tariff, import_meters
 from headend.storage.schema import LedgerAccount, LedgerTransaction, Notification
-from meter_sim.config import MeterConfig
+from meter_sim.config import MeterConfig, StsConfig
 from meter_sim.firmware import Meter
+from meter_sim.keypad import key_data_from_config
 from meter_sim.loads import load_for
 from meter_sim.modbus_server import serve_tcp
 from meter_sim.runtime import MeterRuntime
@@ -421,6 +425,53 @@ async def test_two_deliverers_apply_each_transfer_once(db: Database) -> None:
     assert {v.state for v in views} == {"delivered"}
     assert await _deliveries(db) == 12
     assert len(await _notices(db, "payment_received")) == 12
+    await _consistent(db)
+
+
+# -- keypad tokens --------------------------------------------------------------------------------
+
+STS = StsConfig(vending_key="abababababababab", drn="00000000000")
+
+
+async def _keypad(db: Database, clock: ManualClock) -> tuple[Links, Meter]:
+    """A keypad meter KP-1 (energy credit, STS key data kept) behind an in-memory link."""
+    endpoint = "tcp://127.0.0.1:1/9"
+    record = MeterRecord(
+        meter_id="KP-1", endpoint=endpoint, route=route_of(endpoint), customer="Keypad",
+        account="ACC-K", tariff="RES", credit_unit="energy",
+    )  # fmt: skip
+    customer = CustomerRecord("Keypad", None, "+254700000099", "sms")
+    await add_customer(db, customer, "ACC-K", NOW, actor="t")
+    assert (await import_meters(db, [(2, record)], [], NOW, actor="t")).applied
+    assert await set_keypad(db, "KP-1", key_data_from_config(STS), NOW, actor="t")
+    meter = _meter("KP-1", clock, credit_unit="energy", sts=STS, initial_credit=1_000)
+    return Links({"KP-1": MemoryLink(meter, timeout=0.05)}), meter
+
+
+async def test_a_token_is_delivered_when_its_meter_reports_it_accepted(db: Database) -> None:
+    clock = ManualClock(T0)
+    links, meter = await _keypad(db, clock)
+    first = await pay(db, PaymentRequest("KIOSK-1", "K-1", "KP-1", "50.00"), NOW, actor="t")
+    second = await pay(db, PaymentRequest("KIOSK-1", "K-2", "KP-1", "25.00"), NOW, actor="t")
+    token, tid = first.answer["token"], first.answer["delivery"]["number"]
+    assert (first.answer["delivery"]["state"], first.answer["split"]["wh"]) == ("issued", 2_000)
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {}  # not keyed in yet
+    assert meter.enter_token(token).result.accepted  # the customer keys in the first one
+    clock.advance(60)
+    (target,) = await active_targets(db, ["KP-1"])
+    assert (await Poller(db, links, clock).read(target)).ok  # the poll stores the meter's events
+    assert (await deliverer.deliver_once()).outcomes == {"token accepted": 1}
+    views = {v.payment_id: v for v in await list_transfers(db, meter_id="KP-1")}
+    assert views[first.answer["payment_id"]].state == "delivered"
+    assert views[first.answer["payment_id"]].number == tid
+    assert views[second.answer["payment_id"]].state == "issued"  # the other one is not
+    assert await _balance(db, "revenue:KES") == -first.answer["split"]["credit_value"]
+    (notice,) = await _notices(db, "payment_received")
+    assert notice["amount"] == "50.00 KES"
+    assert notice["balance"] == "3.000 kWh"
+    assert notice["token_line"] == f" Token: {token}."
+    assert (await deliverer.deliver_once()).outcomes == {}  # once
     await _consistent(db)
 
 

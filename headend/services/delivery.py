@@ -18,6 +18,10 @@ store (:mod:`headend.storage.delivery`) before the next one starts:
 4. ``delivered`` posts the delivery in the ledger and raises the customer's "payment
    received" notice, in the same transaction.
 
+A keypad meter's STS token is not sent: the customer keys it in. It is marked delivered, with
+the same posting and notice, once the meter reports its TID accepted (an event the poller or the
+MQTT ingest stored).
+
 One transfer per meter is in flight at a time, in transfer-number order; at most
 ``per_gateway`` meters of one gateway at once (one per serial line).
 """
@@ -39,6 +43,7 @@ from headend.services.poller import LinkSource
 from headend.storage import Database
 from headend.storage.delivery import (
     Held,
+    accept_tokens,
     claim_transfers,
     confirm,
     give_up,
@@ -101,9 +106,19 @@ class Deliverer:
         return datetime.fromtimestamp(self.clock.now(), UTC)
 
     async def deliver_once(self, meter_ids: Sequence[str] | None = None) -> DeliveryRound:
-        """Claim the due transfers and work each one as far as it goes now."""
+        """Mark the tokens meters reported accepted; claim the due transfers and work each one
+        as far as it goes now."""
         result = DeliveryRound()
         now = self.now()
+        accepted = await accept_tokens(
+            self.db,
+            now,
+            actor=self.worker,
+            quiet=self.quiet,
+            expiry=self.settings.notice_expiry,
+        )
+        if accepted:
+            result.outcomes["token accepted"] += accepted
         lease_until = now + timedelta(seconds=self.settings.lease * clock_speed(self.clock))
         claimed = await claim_transfers(
             self.db, self.worker, now, lease_until, self.settings.batch, meter_ids=meter_ids

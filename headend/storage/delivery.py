@@ -10,6 +10,8 @@ and writing each step behind a fence, with its audit entry, its ledger posting a
   with the meter's next command sequence, the counter the command store uses too, and stores it.
   It does not take a new sequence while a command of the meter's may still be sent (queued,
   sent or retrying): that command's lower sequence would then be refused.
+* :func:`accept_tokens` marks an STS token delivered once its meter reports the token's TID
+  accepted (an event read by a poll or pushed over MQTT), with the same posting and notice.
 * :func:`confirm` marks it ``delivered`` and, in the same transaction, posts the delivery (the
   credit's value from the customer's prepaid balance to revenue), its audit entry and the
   customer's "payment received" notice; :func:`give_up` marks it ``failed`` and tells
@@ -44,12 +46,14 @@ from headend.storage.schema import (
     CreditTransfer,
     KeyMaterial,
     Meter,
+    MeterEvent,
     Notification,
     Payment,
     Reading,
 )
 from protocols.commands import Command, CommandEnvelope
 from protocols.errors import StorageError
+from protocols.readings import EventCode
 from protocols.units import decimal_text
 
 #: the command states in which a command may still go out under its (lower) sequence
@@ -401,12 +405,15 @@ async def _post_delivery(
     )  # fmt: skip
 
 
-async def _credit_after(session: AsyncSession, row: CreditTransfer) -> int | None:
+async def _credit_after(
+    session: AsyncSession, row: CreditTransfer, accepted_at: int | None = None
+) -> int | None:
     """The meter's credit after the transfer, from its latest stored reading when the meter
-    was not read (plus the transfer when that reading predates it)."""
+    was not read, plus the transfer when that reading predates it (by its last transfer
+    number; a token: by the time the meter accepted it, ``accepted_at``)."""
     latest = (
         await session.execute(
-            select(Reading.credit, Reading.last_transfer)
+            select(Reading.credit, Reading.last_transfer, Reading.meter_time)
             .where(Reading.meter_id == row.meter_id)
             .order_by(Reading.meter_time.desc())
             .limit(1)
@@ -414,8 +421,10 @@ async def _credit_after(session: AsyncSession, row: CreditTransfer) -> int | Non
     ).first()
     if latest is None:
         return None
-    credit, last_transfer = latest
+    credit, last_transfer, meter_time = latest
     if row.kind == "transfer" and int(last_transfer) < row.number:
+        return int(credit) + row.amount
+    if row.kind == "token" and accepted_at is not None and int(meter_time) < accepted_at:
         return int(credit) + row.amount
     return int(credit)
 
@@ -552,6 +561,74 @@ async def give_up(
             return True
 
 
+# -- tokens ---------------------------------------------------------------------------------------
+
+
+async def accept_tokens(
+    db: Database,
+    now: datetime,
+    *,
+    actor: str,
+    quiet: QuietHours,
+    expiry: timedelta,
+    limit: int = 500,
+) -> int:
+    """Mark delivered the issued STS tokens their meters reported accepted (an event
+    ``TOKEN_TID`` with the token's TID, read by a poll or pushed over MQTT), each with its
+    delivery posting, its audit entry and the customer's notice; returns how many. A look
+    first: with nothing to mark, no write lock is taken."""
+    reported = (
+        select(CreditTransfer.id, func.max(MeterEvent.meter_time))
+        .join(
+            MeterEvent,
+            and_(
+                MeterEvent.meter_id == CreditTransfer.meter_id,
+                MeterEvent.code == int(EventCode.TOKEN_TID),
+                MeterEvent.a == CreditTransfer.number,
+            ),
+        )
+        .where(
+            CreditTransfer.kind == "token",
+            CreditTransfer.state == TransferState.ISSUED.value,
+        )
+        .group_by(CreditTransfer.id)
+        .order_by(CreditTransfer.id)
+        .limit(limit)
+    )
+    with storage_errors("matching accepted tokens"):
+        async with db.read() as session:
+            found = [(int(i), int(t)) for i, t in (await session.execute(reported)).all()]
+        if not found:
+            return 0
+        done = 0
+        async with db.begin() as session:
+            for transfer_id, meter_time in found:
+                row = (
+                    await session.scalars(
+                        select(CreditTransfer)
+                        .where(CreditTransfer.id == transfer_id)
+                        .with_for_update()
+                        .execution_options(populate_existing=True)
+                    )
+                ).one()
+                if row.state != TransferState.ISSUED.value:
+                    continue  # another worker marked it meanwhile
+                payment = await session.get(Payment, row.payment_id)
+                meter = await session.get(Meter, row.meter_id)
+                assert payment is not None  # foreign keys keep them
+                assert meter is not None
+                row.state = TransferState.DELIVERED.value
+                row.delivered_at = row.updated_at = now
+                how = f"the meter reported token TID {row.number} accepted"
+                await _post_delivery(session, row, payment, now, actor=actor, how=how)
+                credit = await _credit_after(session, row, meter_time)
+                await _payment_notice(
+                    session, row, payment, meter, credit, now=now, quiet=quiet, expiry=expiry
+                )
+                done += 1
+        return done
+
+
 # -- reading transfers back -----------------------------------------------------------------------
 
 
@@ -600,6 +677,7 @@ async def workable_count(db: Database, meter_ids: Sequence[str] | None = None) -
 __all__ = [
     "Held",
     "TransferView",
+    "accept_tokens",
     "claim_transfers",
     "confirm",
     "get_transfer",
