@@ -12,6 +12,7 @@ from cli.hes_commands import commands_app
 from cli.hes_commands import register as register_commands
 from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
+from cli.hes_keypad import register as register_keypad
 from cli.hes_link import register_link_commands
 from cli.hes_notices import notices_app
 from cli.hes_pay import channels_app, keypad_app, payments_app
@@ -58,6 +59,7 @@ app.add_typer(channels_app, name="channels")
 app.add_typer(keypad_app, name="keypad")
 app.add_typer(payments_app, name="payments")
 app.add_typer(transfers_app, name="transfers")
+register_keypad(keypad_app)
 register_link_commands(app)
 register_commands(app)
 register_demo(app)

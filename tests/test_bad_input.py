@@ -255,6 +255,7 @@ BASE: dict[str, list[str]] = {
     "hes channels add": ["channels", "add", "COUNTER-1", "--kind", "counter"],
     "hes channels list": ["channels", "list"],
     "hes keypad add": ["keypad", "add", "M-1", *KEY],
+    "hes keypad rotate": ["keypad", "rotate", "M-1", "--vending-key", "abababababababab"],
     "hes quote": ["quote", "--meter", "M-1", "--amount", "100.00"],
     "hes pay": ["pay", "--channel", "C-1", "--ref", "R-1", "--meter", "M-1", "--amount", "1"],
     "hes payments list": ["payments", "list"],

@@ -45,6 +45,7 @@ from headend.storage.ledger import (
     check_balances,
     pay,
     reverse_payment,
+    rotate_keypad,
     set_keypad,
 )
 from headend.storage.polling import active_targets
@@ -58,6 +59,7 @@ from meter_sim.modbus_server import serve_tcp
 from meter_sim.runtime import MeterRuntime
 from protocols.clock import ManualClock, SystemClock
 from protocols.commands import Command
+from protocols.errors import StorageError, ValidationError
 from tests.databases import db_url, postgres_server
 from tests.test_dispatcher import Links
 
@@ -472,6 +474,30 @@ async def test_a_token_is_delivered_when_its_meter_reports_it_accepted(db: Datab
     assert notice["balance"] == "3.000 kWh"
     assert notice["token_line"] == f" Token: {token}."
     assert (await deliverer.deliver_once()).outcomes == {}  # once
+    await _consistent(db)
+
+
+async def test_a_key_rotation_gives_the_meter_key_change_tokens_it_accepts(
+    db: Database,
+) -> None:
+    clock = ManualClock(T0)
+    links, meter = await _keypad(db, clock)
+    new_key = bytes.fromhex("0123456789abcdef")
+    change = await rotate_keypad(db, "KP-1", new_key, NOW, actor="t", krn=2)
+    assert (change.key.krn, change.rollover) == (2, False)
+    for token in (change.first, change.second):  # keyed in, in order
+        assert meter.enter_token(token.digits).result.accepted
+    answer = await pay(db, PaymentRequest("KIOSK-1", "K-1", "KP-1", "50.00"), NOW, actor="t")
+    assert meter.enter_token(answer.answer["token"]).result.accepted  # under the new key
+    clock.advance(60)
+    (target,) = await active_targets(db, ["KP-1"])
+    assert (await Poller(db, links, clock).read(target)).ok
+    deliverer = _deliverer(db, links, clock)
+    assert (await deliverer.deliver_once()).outcomes == {"token accepted": 1}
+    with pytest.raises(ValidationError):  # nothing would change
+        await rotate_keypad(db, "KP-1", new_key, NOW, actor="t")
+    with pytest.raises(StorageError):  # no key data to move from
+        await rotate_keypad(db, "MTR-1", new_key, NOW, actor="t")
     await _consistent(db)
 
 
