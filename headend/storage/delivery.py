@@ -381,8 +381,19 @@ async def _post_delivery(
     how: str,
 ) -> None:
     """The delivery's ledger transaction: the credit's value from the customer's prepaid
-    balance to revenue (on the audit trail's hash chain)."""
-    if row.value <= 0:
+    balance to revenue, on the audit trail's hash chain (its entry names the transfer)."""
+    detail = {"transfer": row.id, "kind": row.kind, "number": row.number, "payment": payment.id}
+    if row.value <= 0:  # nothing to move: the audit entry alone
+        await audit.append(
+            session,
+            at=now,
+            actor=actor,
+            action="transfer.deliver",
+            subject=row.meter_id,
+            reason=how,
+            outcome=TransferState.DELIVERED.value,
+            detail=detail,
+        )
         return
     currency = payment.currency
     transaction = build(
@@ -400,9 +411,8 @@ async def _post_delivery(
         actor=actor,
         subject=row.meter_id,
         reason=how,
-        detail={"transfer": row.id, "kind": row.kind, "number": row.number,
-                "payment": payment.id},
-    )  # fmt: skip
+        detail=detail,
+    )
 
 
 async def _credit_after(
