@@ -23,7 +23,8 @@ the same posting and notice, once the meter reports its TID accepted (an event t
 MQTT ingest stored).
 
 One transfer per meter is in flight at a time, in transfer-number order; at most
-``per_gateway`` meters of one gateway at once (one per serial line).
+``per_gateway`` meters of one gateway at once (one per serial line). The steps of concurrent
+attempts are written together (:class:`~headend.storage.delivery.GroupWriter`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from headend.links.base import MeterLink, RetryPolicy, execute_confirmed
 from headend.services.poller import LinkSource
 from headend.storage import Database
 from headend.storage.delivery import (
+    GroupWriter,
     Held,
     accept_tokens,
     claim_transfers,
@@ -101,6 +103,7 @@ class Deliverer:
         self.quiet = quiet or QuietHours()
         self.retry = retry
         self._lines: dict[str, asyncio.Semaphore] = {}
+        self.writer = GroupWriter(db)
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -166,7 +169,9 @@ class Deliverer:
                 return await self._delivered(held, why, snapshot.credit)
         resign = False
         for _ in range(RESIGNS):
-            started = await start_attempt(self.db, held, self.now(), resign=resign)
+            started = await start_attempt(
+                self.db, held, self.now(), resign=resign, writer=self.writer
+            )
             if started is None:
                 return "lost"
             if started == "busy":
@@ -217,6 +222,7 @@ class Deliverer:
             credit=credit,
             quiet=self.quiet,
             expiry=self.settings.notice_expiry,
+            writer=self.writer,
         )
         if not done:
             return "lost"
@@ -233,7 +239,10 @@ class Deliverer:
         if read_back(held.number, snapshot.last_transfer):
             why = f"read back: the meter's last transfer is {snapshot.last_transfer}"
             return await self._delivered(held, why, snapshot.credit)
-        done = await give_up(self.db, held, self.now(), reason, expiry=self.settings.notice_expiry)
+        done = await give_up(
+            self.db, held, self.now(), reason, expiry=self.settings.notice_expiry,
+            writer=self.writer,
+        )  # fmt: skip
         if not done:
             return "lost"
         log.warning("%s: transfer %d failed: %s", held.meter_id, held.number, reason)
@@ -245,7 +254,7 @@ class Deliverer:
             wait = retry_delay(
                 max(held.attempts, 1), self.settings.retry_base, self.settings.retry_most
             )
-        done = await retry_later(self.db, held, now, now + wait, reason)
+        done = await retry_later(self.db, held, now, now + wait, reason, writer=self.writer)
         return held.state.value if done else "lost"
 
     async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:

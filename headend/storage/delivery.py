@@ -22,10 +22,11 @@ and writing each step behind a fence, with its audit entry, its ledger posting a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -55,6 +56,10 @@ from protocols.commands import Command, CommandEnvelope
 from protocols.errors import StorageError
 from protocols.readings import EventCode
 from protocols.units import decimal_text
+
+T = TypeVar("T")
+#: one step's writes, run in the session of a transaction
+Step = Callable[[AsyncSession], Awaitable[T]]
 
 #: the command states in which a command may still go out under its (lower) sequence
 _MAY_SEND = (CommandState.QUEUED.value, CommandState.SENT.value, CommandState.RETRYING.value)
@@ -291,43 +296,101 @@ async def _sign(session: AsyncSession, row: CreditTransfer) -> CommandEnvelope |
     )
 
 
+class GroupWriter:
+    """Group commit of the deliverer's steps: the ones concurrent attempts ask for while a
+    write is under way go into the next transaction together (at most ``most``), each behind
+    its own fence, so a deliverer working many meters at once makes a few transactions, not
+    one per step (on SQLite, many writers waiting for its one lock). Each caller gets its own
+    step's result; when a batch's transaction fails, every caller in it gets the StorageError
+    and nothing of the batch is written."""
+
+    def __init__(self, db: Database, most: int = 256) -> None:
+        self.db = db
+        self.most = most
+        self.transactions = 0  # how many it made, for measurements
+        self._waiting: list[tuple[Step[Any], asyncio.Future[Any]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def run(self, step: Step[T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._waiting.append((step, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="credit transfer steps")
+        return await asyncio.shield(future)
+
+    async def _write(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(0)  # the callers running now add theirs to this batch
+            batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
+            try:
+                with storage_errors("writing credit transfer steps"):
+                    async with self.db.begin() as session:
+                        results = [await step(session) for step, _ in batch]
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            finally:
+                self.transactions += 1
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
+async def _write(db: Database, writer: GroupWriter | None, what: str, step: Step[T]) -> T:
+    """Run ``step`` in a transaction of its own, or in ``writer``'s next group."""
+    if writer is not None:
+        return await writer.run(step)
+    with storage_errors(what):
+        async with db.begin() as session:
+            return await step(session)
+
+
 async def start_attempt(
-    db: Database, held: Held, now: datetime, *, resign: bool = False
+    db: Database,
+    held: Held,
+    now: datetime,
+    *,
+    resign: bool = False,
+    writer: GroupWriter | None = None,
 ) -> Held | Literal["busy"] | None:
     """Mark the transfer ``sending`` (one more attempt) before its envelope goes out, signing
     the envelope first when it has none or ``resign``; "busy" (nothing written) while one of
     the meter's commands may still go out; None when the fence did not hold."""
-    with storage_errors("starting a credit transfer's attempt"):
-        async with db.begin() as session:
-            row = await _fenced(session, held)
-            if row is None:
-                return None
-            envelope = held.envelope
-            if envelope is None or resign:
-                envelope = await _sign(session, row)
-                if envelope is None:
-                    return "busy"
-                row.envelope = pack_envelope(envelope)
-            row.state = TransferState.SENDING.value
-            row.attempts += 1
-            row.updated_at = now
-            await audit.append(
-                session,
-                at=now,
-                actor=held.worker,
-                action="transfer.send",
-                subject=held.meter_id,
-                reason="first attempt" if row.attempts == 1 else f"attempt {row.attempts}",
-                outcome=TransferState.SENDING.value,
-                detail={
-                    "transfer": held.id,
-                    "number": held.number,
-                    "sequence": envelope.sequence,
-                    "resigned": resign,
-                },
-            )
-            return replace(held, state=TransferState.SENDING, attempts=row.attempts,
-                           envelope=envelope)  # fmt: skip
+
+    async def step(session: AsyncSession) -> Held | Literal["busy"] | None:
+        row = await _fenced(session, held)
+        if row is None:
+            return None
+        envelope = held.envelope
+        if envelope is None or resign:
+            envelope = await _sign(session, row)
+            if envelope is None:
+                return "busy"
+            row.envelope = pack_envelope(envelope)
+        row.state = TransferState.SENDING.value
+        row.attempts += 1
+        row.updated_at = now
+        await audit.append(
+            session,
+            at=now,
+            actor=held.worker,
+            action="transfer.send",
+            subject=held.meter_id,
+            reason="first attempt" if row.attempts == 1 else f"attempt {row.attempts}",
+            outcome=TransferState.SENDING.value,
+            detail={
+                "transfer": held.id,
+                "number": held.number,
+                "sequence": envelope.sequence,
+                "resigned": resign,
+            },
+        )
+        return replace(held, state=TransferState.SENDING, attempts=row.attempts,
+                       envelope=envelope)  # fmt: skip
+
+    return await _write(db, writer, "starting a credit transfer's attempt", step)
 
 
 def _balance_text(unit: str, credit: int, scale: int, currency: str) -> str:
@@ -345,30 +408,32 @@ async def confirm(
     credit: int | None,
     quiet: QuietHours,
     expiry: timedelta,
+    writer: GroupWriter | None = None,
 ) -> bool:
     """Mark the transfer delivered (``how``: what showed it) and post its delivery, its audit
     entry and the customer's "payment received" notice (``credit``: the meter's credit
     afterwards, if it was read); False when the fence did not hold (nothing written)."""
-    with storage_errors("confirming a credit transfer"):
-        async with db.begin() as session:
-            row = await _fenced(session, held)
-            if row is None:
-                return False
-            payment = await session.get(Payment, row.payment_id)
-            meter = await session.get(Meter, row.meter_id)
-            if payment is None or meter is None:  # pragma: no cover - foreign keys keep them
-                raise StorageError(f"transfer {row.id} names no payment or meter")
-            row.state = TransferState.DELIVERED.value
-            row.delivered_at = row.updated_at = now
-            row.lease_owner = row.lease_until = None
-            row.next_attempt_at = None
-            await _post_delivery(session, row, payment, now, actor=held.worker, how=how)
-            if credit is None:
-                credit = await _credit_after(session, row)
-            await _payment_notice(
-                session, row, payment, meter, credit, now=now, quiet=quiet, expiry=expiry
-            )
-            return True
+
+    async def step(session: AsyncSession) -> bool:
+        row = await _fenced(session, held)
+        if row is None:
+            return False
+        payment = await session.get(Payment, row.payment_id)
+        meter = await session.get(Meter, row.meter_id)
+        if payment is None or meter is None:  # pragma: no cover - foreign keys keep them
+            raise StorageError(f"transfer {row.id} names no payment or meter")
+        row.state = TransferState.DELIVERED.value
+        row.delivered_at = row.updated_at = now
+        row.lease_owner = row.lease_until = None
+        row.next_attempt_at = None
+        await _post_delivery(session, row, payment, now, actor=held.worker, how=how)
+        after = credit if credit is not None else await _credit_after(session, row)
+        await _payment_notice(
+            session, row, payment, meter, after, now=now, quiet=quiet, expiry=expiry
+        )
+        return True
+
+    return await _write(db, writer, "confirming a credit transfer", step)
 
 
 async def _post_delivery(
@@ -488,32 +553,42 @@ async def _payment_notice(
     )
 
 
-async def retry_later(db: Database, held: Held, now: datetime, when: datetime, why: str) -> bool:
+async def retry_later(
+    db: Database,
+    held: Held,
+    now: datetime,
+    when: datetime,
+    why: str,
+    *,
+    writer: GroupWriter | None = None,
+) -> bool:
     """Give the transfer back in its state, due again at ``when``, with ``why`` kept as its
     last error (an audit entry for a transfer that was sent); False when the fence did not
     hold."""
-    with storage_errors("releasing a credit transfer"):
-        async with db.begin() as session:
-            row = await _fenced(session, held)
-            if row is None:
-                return False
-            row.lease_owner = row.lease_until = None
-            row.next_attempt_at = when
-            row.last_error = why
-            row.updated_at = now
-            if held.state is TransferState.SENDING:
-                await audit.append(
-                    session,
-                    at=now,
-                    actor=held.worker,
-                    action="transfer.retry",
-                    subject=held.meter_id,
-                    reason=why,
-                    outcome=f"again at {when.isoformat()}",
-                    detail={"transfer": held.id, "number": held.number,
-                            "attempts": held.attempts},
-                )  # fmt: skip
-            return True
+
+    async def step(session: AsyncSession) -> bool:
+        row = await _fenced(session, held)
+        if row is None:
+            return False
+        row.lease_owner = row.lease_until = None
+        row.next_attempt_at = when
+        row.last_error = why
+        row.updated_at = now
+        if held.state is TransferState.SENDING:
+            await audit.append(
+                session,
+                at=now,
+                actor=held.worker,
+                action="transfer.retry",
+                subject=held.meter_id,
+                reason=why,
+                outcome=f"again at {when.isoformat()}",
+                detail={"transfer": held.id, "number": held.number,
+                        "attempts": held.attempts},
+            )  # fmt: skip
+        return True
+
+    return await _write(db, writer, "releasing a credit transfer", step)
 
 
 async def give_up(
@@ -523,52 +598,55 @@ async def give_up(
     why: str,
     *,
     expiry: timedelta,
+    writer: GroupWriter | None = None,
 ) -> bool:
     """Mark the transfer failed (the meter refused it and does not have it), with its audit
     entry and a notice to operators; the payment may then be reversed (its credit is
     cancelled). False when the fence did not hold."""
-    with storage_errors("failing a credit transfer"):
-        async with db.begin() as session:
-            row = await _fenced(session, held)
-            if row is None:
-                return False
-            row.state = TransferState.FAILED.value
-            row.lease_owner = row.lease_until = None
-            row.last_error = why
-            row.updated_at = now
-            await audit.append(
-                session,
-                at=now,
-                actor=held.worker,
-                action="transfer.fail",
-                subject=held.meter_id,
-                reason=why,
-                outcome=TransferState.FAILED.value,
-                detail={"transfer": held.id, "number": held.number, "payment": held.payment_id},
-            )
-            await insert_ignore(
-                session,
-                Notification,
-                [
-                    notice_row(
-                        key=f"{NoticeKind.COMMAND_FAILED.value}:transfer:{held.id}",
-                        kind=NoticeKind.COMMAND_FAILED.value,
-                        channel="webhook",
-                        address="operators",
-                        language="en",
-                        values={
-                            "meter": held.meter_id,
-                            "command": f"credit transfer {held.number}",
-                            "reason": why,
-                        },
-                        now=now,
-                        deliver_at=now,
-                        expires_at=now + expiry,
-                        meter_id=held.meter_id,
-                    )
-                ],
-            )
-            return True
+
+    async def step(session: AsyncSession) -> bool:
+        row = await _fenced(session, held)
+        if row is None:
+            return False
+        row.state = TransferState.FAILED.value
+        row.lease_owner = row.lease_until = None
+        row.last_error = why
+        row.updated_at = now
+        await audit.append(
+            session,
+            at=now,
+            actor=held.worker,
+            action="transfer.fail",
+            subject=held.meter_id,
+            reason=why,
+            outcome=TransferState.FAILED.value,
+            detail={"transfer": held.id, "number": held.number, "payment": held.payment_id},
+        )
+        await insert_ignore(
+            session,
+            Notification,
+            [
+                notice_row(
+                    key=f"{NoticeKind.COMMAND_FAILED.value}:transfer:{held.id}",
+                    kind=NoticeKind.COMMAND_FAILED.value,
+                    channel="webhook",
+                    address="operators",
+                    language="en",
+                    values={
+                        "meter": held.meter_id,
+                        "command": f"credit transfer {held.number}",
+                        "reason": why,
+                    },
+                    now=now,
+                    deliver_at=now,
+                    expires_at=now + expiry,
+                    meter_id=held.meter_id,
+                )
+            ],
+        )
+        return True
+
+    return await _write(db, writer, "failing a credit transfer", step)
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -685,6 +763,7 @@ async def workable_count(db: Database, meter_ids: Sequence[str] | None = None) -
 
 
 __all__ = [
+    "GroupWriter",
     "Held",
     "TransferView",
     "accept_tokens",
