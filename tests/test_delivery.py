@@ -8,8 +8,11 @@ command still to go out, and two deliverers at once."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import random
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -427,6 +430,66 @@ async def test_two_deliverers_apply_each_transfer_once(db: Database) -> None:
     assert {v.state for v in views} == {"delivered"}
     assert await _deliveries(db) == 12
     assert len(await _notices(db, "payment_received")) == 12
+    await _consistent(db)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+async def test_money_confirmed_equals_credit_received_after_random_faults(
+    db: Database, seed: int
+) -> None:
+    """Payments, reversals, lost requests and answers, dropped connections, meter restarts and
+    deliverers killed mid-pass, at random: at the end every meter holds exactly the credit of
+    its delivered transfers, each posted once, and the ledger verifies."""
+    rng = random.Random(seed)
+    clock = ManualClock(T0)
+    faults = FaultPlan(drop_request=0.3, drop_answer=0.3, disconnect=0.1, seed=seed)
+    links = Links({m: MemoryLink(_meter(m, clock), faults, timeout=0.02) for m in METERS})
+    settings = replace(SETTINGS, attempt_timeout=0.08)  # attempts often end unconfirmed
+
+    def new_deliverer(worker: str) -> Deliverer:
+        return Deliverer(db, links, clock, worker=worker, settings=settings, retry=QUICK)
+
+    workers = 0
+    deliverer = new_deliverer("w0")
+    payments: list[int] = []
+    for step in range(60):
+        action = rng.random()
+        if action < 0.45:
+            meter_id = rng.choice(METERS)
+            amount = f"{rng.randint(1, 30)}.00"
+            payments.append(await _pay(db, clock, f"R-{step}", meter_id, amount))
+        elif action < 0.55 and payments:
+            with contextlib.suppress(PaymentRefused):  # in delivery, or reversed already
+                await reverse_payment(db, rng.choice(payments), "test", _now(clock), actor="t")
+        elif action < 0.65:
+            meter_id = rng.choice(METERS)
+            old = links.links[meter_id].meter
+            restarted = Meter.from_state(old.config, old.to_state(), clock.now(), old.load)
+            links.links[meter_id] = MemoryLink(restarted, faults, timeout=0.02)
+        elif action < 0.75:  # killed mid-send, before or after the envelope went out
+            workers += 1
+            now = _now(clock)
+            held = await claim_transfers(db, f"dead{workers}", now, now + timedelta(seconds=60), 1)
+            started = await start_attempt(db, held[0], now) if held else None
+            if isinstance(started, Held) and started.envelope is not None and rng.random() < 0.5:
+                links.links[started.meter_id].meter.execute(started.envelope)
+            deliverer = new_deliverer(f"w{workers}")  # takes over once the lease runs out
+            clock.advance(61)
+        else:
+            await deliverer.deliver_once()
+        clock.advance(rng.choice([1, 31, 700]))
+    for link in links.links.values():
+        link.plan = FaultPlan()
+    for _ in range(20):
+        clock.advance(700)
+        await deliverer.deliver_once()
+    views = await list_transfers(db, limit=1000)
+    assert {v.state for v in views} <= {"delivered", "cancelled"}
+    for meter_id in METERS:
+        delivered = sum(v.amount for v in views if v.meter_id == meter_id
+                        and v.state == "delivered")  # fmt: skip
+        assert _credit(links, meter_id) == START + delivered
+    assert await _deliveries(db) == sum(v.state == "delivered" for v in views)
     await _consistent(db)
 
 
