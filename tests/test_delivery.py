@@ -61,8 +61,8 @@ from meter_sim.loads import load_for
 from meter_sim.modbus_server import serve_tcp
 from meter_sim.runtime import MeterRuntime
 from protocols.clock import ManualClock, SystemClock
-from protocols.commands import Command
-from protocols.errors import StorageError, ValidationError
+from protocols.commands import Command, CommandEnvelope, CommandResult
+from protocols.errors import DeviceException, StorageError, ValidationError
 from tests.databases import db_url, postgres_server
 from tests.test_dispatcher import Links
 
@@ -407,6 +407,35 @@ async def test_a_refused_transfer_fails_tells_operators_and_can_be_reversed(
     view = await reverse_payment(db, payment, "the meter refused it", _now(clock), actor="t")
     assert view.delivery_state == "cancelled"
     assert await _balance(db, "prepaid:ACC-0:KES") == 0
+    await _consistent(db)
+
+
+class RefusingLink(MemoryLink):
+    """A link whose meter refuses every envelope at the protocol level (an exception reply)."""
+
+    async def send_envelope(self, envelope: CommandEnvelope, timeout: float) -> CommandResult:
+        raise DeviceException("exception 4: slave device failure", 4)
+
+
+async def test_a_protocol_refusal_fails_only_once_read_back_shows_nothing_applied(
+    db: Database,
+) -> None:
+    clock, links = _setup()
+    await _pay(db, clock, "R-1", "MTR-1", "100.00")
+    await _pay(db, clock, "R-2", "MTR-2", "100.00")
+    now = _now(clock)
+    (first, _) = await claim_transfers(db, "dead", now, now + timedelta(seconds=60), 10)
+    started = await _start(db, first, now)
+    assert started.envelope is not None
+    links.links["MTR-1"].meter.execute(started.envelope)  # applied; then the worker died
+    for meter_id in ("MTR-1", "MTR-2"):
+        links.links[meter_id] = RefusingLink(links.links[meter_id].meter, timeout=0.05)
+    clock.advance(61)
+    outcomes = (await _deliverer(db, links, clock).deliver_once()).outcomes
+    assert outcomes == {"delivered": 1, "failed": 1}
+    states = {v.meter_id: v.state for v in await list_transfers(db)}
+    assert states == {"MTR-1": "delivered", "MTR-2": "failed"}  # read back: MTR-1 has it
+    assert (_credit(links, "MTR-1"), _credit(links, "MTR-2")) == (START + 10_000, START)
     await _consistent(db)
 
 

@@ -186,7 +186,12 @@ class Deliverer:
                 )
             except (DeviceException, DecodeError) as exc:
                 await self.links.discard(target)
-                return await self._refused(held, link, f"the meter's answer: {exc}")
+                why = f"the meter's answer: {exc}"
+                try:
+                    link = await self.links.link(target)  # a new one, to read back over
+                except LinkError as again:
+                    return await self._later(held, f"{why}; reconnecting: {again}")
+                return await self._refused(held, link, why)
             except LinkError as exc:
                 await self.links.discard(target)
                 return await self._later(held, str(exc))
