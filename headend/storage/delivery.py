@@ -28,7 +28,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, TypeVar
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, exists, func, literal_column, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -671,7 +671,8 @@ async def accept_tokens(
             MeterEvent,
             and_(
                 MeterEvent.meter_id == CreditTransfer.meter_id,
-                MeterEvent.code == int(EventCode.TOKEN_TID),
+                # a literal, not a parameter, so the partial index on code 35 applies
+                MeterEvent.code == literal_column(str(int(EventCode.TOKEN_TID))),
                 MeterEvent.a == CreditTransfer.number,
             ),
         )

@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -217,6 +218,17 @@ class MeterEvent(Base):
     a: Mapped[int]
     b: Mapped[int]
     received_at: Mapped[datetime]
+
+    #: accepted tokens' TIDs (event 35, token_tid), which issued tokens are matched to
+    __table_args__ = (
+        Index(
+            "ix_meter_events_token_tid",
+            "meter_id",
+            "a",
+            sqlite_where=text("code = 35"),
+            postgresql_where=text("code = 35"),
+        ),
+    )
 
 
 class TelemetrySeen(Base):

@@ -1,6 +1,6 @@
 """Credit delivery: each transfer's signed envelope (stored before it is first sent), its next
-attempt, its last error and when the meter confirmed it; tokens accepted are matched by meter
-and TID.
+attempt, its last error and when the meter confirmed it; an index of the events that report
+an accepted token's TID, which issued tokens are matched by.
 
 Revision ID: 0005
 Revises: 0004
@@ -27,9 +27,19 @@ def upgrade() -> None:
         batch_op.create_index(
             "ix_credit_transfers_meter", ["meter_id", "state", "number"], unique=False
         )
+    # partial: only the events that report an accepted token's TID (code 35, token_tid)
+    op.create_index(
+        "ix_meter_events_token_tid",
+        "meter_events",
+        ["meter_id", "a"],
+        unique=False,
+        sqlite_where=sa.text("code = 35"),
+        postgresql_where=sa.text("code = 35"),
+    )
 
 
 def downgrade() -> None:
+    op.drop_index("ix_meter_events_token_tid", table_name="meter_events")
     with op.batch_alter_table("credit_transfers", schema=None) as batch_op:
         batch_op.drop_index("ix_credit_transfers_meter")
         batch_op.drop_column("delivered_at")
