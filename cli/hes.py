@@ -13,6 +13,7 @@ from cli.hes_commands import commands_app
 from cli.hes_commands import register as register_commands
 from cli.hes_db import db_app
 from cli.hes_demo import register as register_demo
+from cli.hes_keypad import register as register_keypad
 from cli.hes_link import register_link_commands
 from cli.hes_notices import notices_app
 from cli.hes_pay import channels_app, keypad_app, payments_app
@@ -22,6 +23,7 @@ from cli.hes_poll import register as register_poll
 from cli.hes_registry import customers_app, meters_app, tariffs_app
 from cli.hes_serve import register as register_serve
 from cli.hes_token import token_app
+from cli.hes_transfers import transfers_app
 from cli.hes_views import register as register_views
 
 app = typer.Typer(
@@ -57,6 +59,8 @@ app.add_typer(tariffs_app, name="tariffs")
 app.add_typer(channels_app, name="channels")
 app.add_typer(keypad_app, name="keypad")
 app.add_typer(payments_app, name="payments")
+app.add_typer(transfers_app, name="transfers")
+register_keypad(keypad_app)
 register_link_commands(app)
 register_api(app)
 register_commands(app)

@@ -20,6 +20,7 @@ from cli.common import handle_errors, parse_duration, setup_logging
 from cli.hes_db import DbOption
 from headend.links.endpoint import LinkOptions
 from headend.metrics import METRIC_NAMES
+from headend.services.delivery import DeliverySettings
 from headend.services.dispatcher import DispatchSettings
 from headend.services.poller import PollPlan
 from headend.services.senders import (
@@ -243,6 +244,12 @@ def serve_command(
             help="Apply no supply-control policy: send only the commands operators queue.",
         ),
     ] = False,
+    no_delivery: Annotated[
+        bool,
+        typer.Option(
+            "--no-delivery", help="Deliver no credit transfers to meters from this worker."
+        ),
+    ] = False,
     grace: Annotated[
         str, typer.Option(help="The policy's wait after credit runs out, before a disconnect.")
     ] = "1h",
@@ -265,7 +272,8 @@ def serve_command(
     """Run the head-end: read every active meter once per --interval (spread over it, claimed
     through the database so several workers share a fleet); with --mqtt, store what MQTT
     meters push; watch balances and send notices; send queued commands and the ones the
-    supply-control policy asks for. Prints one line when serving (JSON with --log-json).
+    supply-control policy asks for; deliver the credit payments owe to remote-credit meters.
+    Prints one line when serving (JSON with --log-json).
     SIGTERM or Ctrl-C stops taking new work, finishes the writes in flight and exits 0."""
     if verbose:
         setup_logging(verbose)
@@ -309,6 +317,7 @@ def serve_command(
         policy_every=None if no_policy else 10.0,
         api_port=api_port,
         api_host=api_host,
+        delivery=None if no_delivery else DeliverySettings(),
     )
 
     def announce(ready: Ready) -> None:

@@ -98,7 +98,7 @@ from protocols.readings import (
     RelayCause,
     StatusFlag,
 )
-from protocols.sts import CLEAR_ALL_REGISTERS
+from protocols.sts import CLEAR_ALL_REGISTERS, TID_TOKEN_TYPES
 from protocols.units import ScalerUnit, Unit
 
 MJ_PER_WH = 3_600_000  # milli-joules in a watt-hour
@@ -728,6 +728,8 @@ class Meter:
         gateway.token_status = TokenStatus.EXECUTION_OK
         token_class = getattr(decision.token, "token_class", 0)
         self._log(meter_t, EventCode.TOKEN_ACCEPTED, int(token_class), _action_value(action))
+        if isinstance(decision.token, TID_TOKEN_TYPES):
+            self._log(meter_t, EventCode.TOKEN_TID, decision.token.tid, int(token_class))
         self._update_status()
         return TokenEntryResult(TokenStatus.EXECUTION_OK, ResultCode.OK, "", None, detail)
 

@@ -67,6 +67,7 @@ class EventCode(IntEnum):
     TOPUP_DUPLICATE = 32
     TOKEN_ACCEPTED = 33
     TOKEN_REFUSED = 34
+    TOKEN_TID = 35  # right after TOKEN_ACCEPTED, for a token that carries a TID
     COMMAND_REFUSED = 40
     AUTH_FAILED = 41
     REPLAY_REFUSED = 42
@@ -135,6 +136,11 @@ EVENT_DETAILS: dict[EventCode, tuple[str, str, str]] = {
         "value: Wh, W, clear mask, key revision or test control",
     ),
     EventCode.TOKEN_REFUSED: ("STS token refused", "token gateway status", "keypad refusal"),
+    EventCode.TOKEN_TID: (
+        "the TID of the STS token just accepted (what a head-end matches it by)",
+        "TID",
+        "token class",
+    ),
     EventCode.COMMAND_REFUSED: (
         "a command (or the button) was refused",
         "command code (0: the customer's button)",

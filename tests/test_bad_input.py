@@ -257,6 +257,7 @@ BASE: dict[str, list[str]] = {
     "hes channels add": ["channels", "add", "COUNTER-1", "--kind", "counter"],
     "hes channels list": ["channels", "list"],
     "hes keypad add": ["keypad", "add", "M-1", *KEY],
+    "hes keypad rotate": ["keypad", "rotate", "M-1", "--vending-key", "abababababababab"],
     "hes quote": ["quote", "--meter", "M-1", "--amount", "100.00"],
     "hes pay": ["pay", "--channel", "C-1", "--ref", "R-1", "--meter", "M-1", "--amount", "1"],
     "hes payments list": ["payments", "list"],
@@ -266,6 +267,9 @@ BASE: dict[str, list[str]] = {
     "hes payments attempts": ["payments", "attempts"],
     # an empty database: were a bad value accepted, the API would not start (schema behind)
     "hes api": ["api", "--port", "0", "--db", "sqlite:///empty.db"],
+    "hes transfers list": ["transfers", "list"],
+    "hes transfers show": ["transfers", "show", "1"],
+    "hes transfers deliver": ["transfers", "deliver", "--timeout", "1"],
 }
 #: values of the right form that an option refuses, where its range is checked by the command
 #: rather than declared on the option; and the bad values of text options

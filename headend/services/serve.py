@@ -1,6 +1,6 @@
 """`hes serve`: one asyncio process running the poller's schedule, the MQTT ingest, the balance
-monitor, the notifier and the command dispatcher (with the supply-control policy), and with
-``api_port`` the payment API (uvicorn in the same event loop).
+monitor, the notifier, the command dispatcher (with the supply-control policy), the credit
+deliverer, and with ``api_port`` the payment API (uvicorn in the same event loop).
 
 The poller reads meters as they fall due (claimed through the database, so several workers on
 one PostgreSQL database share a fleet); with a broker, the ingest writes what MQTT meters push
@@ -30,6 +30,7 @@ from headend.domain.validation import Limits
 from headend.ingest import Ingest
 from headend.links.endpoint import LinkOptions
 from headend.metrics import ServeMetrics
+from headend.services.delivery import Deliverer, DeliverySettings
 from headend.services.dispatcher import Dispatcher, DispatchSettings
 from headend.services.ingest_sink import StorageSink
 from headend.services.links import EndpointLinks
@@ -62,6 +63,7 @@ class ServeSettings:
     monitor_every: float | None = 10.0  # seconds between balance-monitor passes; None: none
     dispatch: DispatchSettings | None = field(default_factory=DispatchSettings)  # None: none
     policy_every: float | None = 10.0  # seconds between two policy passes; None: none
+    delivery: DeliverySettings | None = field(default_factory=DeliverySettings)  # None: none
     poll: bool = True  # False: no poll schedule here (a worker that only ingests)
     api_port: int | None = None  # the payment API on this port (0: a free one); None: none
     api_host: str = "127.0.0.1"
@@ -202,6 +204,11 @@ async def serve(
                 group.create_task(
                     dispatcher.run(stop, policy_every=settings.policy_every), name="dispatcher"
                 )
+            if settings.delivery is not None:
+                deliverer = Deliverer(
+                    db, links, clock, worker=settings.worker, settings=settings.delivery
+                )
+                group.create_task(deliverer.run(stop), name="credit deliverer")
             if ingest is not None and sink is not None:
                 group.create_task(_stop_ingest(ingest, sink, stop), name="ingest stop")
         log.info("stopped: the reads in flight are stored")

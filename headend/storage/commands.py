@@ -247,13 +247,13 @@ class Writes:
             await session.execute(insert(CommandTransition), self.transitions)
         await audit.append_many(session, self.audit)
         if self.notices:
-            recipients = await _recipients(session, {c.meter_id for c, _, _ in self.notices})
+            found = await recipients(session, {c.meter_id for c, _, _ in self.notices})
             rows = []
             for command, notice, now in self.notices:
                 target = (
                     ("webhook", "operators", "en", None)
                     if notice.to_operators
-                    else recipients.get(command.meter_id)
+                    else found.get(command.meter_id)
                 )
                 if target is None:
                     continue
@@ -518,7 +518,7 @@ async def claim_commands(
     ]
 
 
-async def _recipients(
+async def recipients(
     session: Any, meter_ids: set[str]
 ) -> dict[str, tuple[str, str, str, str | None]]:
     """meter -> (channel, address, language, account) of its customer, for those who take

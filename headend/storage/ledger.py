@@ -14,7 +14,7 @@ import hashlib
 import json
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -22,6 +22,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from headend.domain.delivery import UNDELIVERED, TransferState
 from headend.domain.ledger import (
     AccountKind,
     AccountRef,
@@ -67,14 +68,22 @@ from headend.storage.schema import (
     RequestSignature,
     Tariff,
 )
-from headend.vending import Rounding, VendingKeyData, vend_credit
+from headend.vending import (
+    Rounding,
+    VendedToken,
+    VendingKeyData,
+    vend_credit,
+    vend_key_change,
+)
 from protocols.errors import StorageError, ValidationError
 from protocols.sts import Pan
 from protocols.units import Money
 
-#: transfer states; a token is 'issued' until the meter reports it accepted
-PENDING = "pending_delivery"
-UNDELIVERED = ("pending_delivery", "issued")
+#: a transfer waiting for the credit deliverer (see headend.domain.delivery for the others)
+PENDING = TransferState.PENDING.value
+#: credit whose value the prepaid balance holds for the meter (not change): owed, or refused
+#: by the meter and waiting for an operator (a reversal cancels it)
+HELD = (*UNDELIVERED, TransferState.FAILED.value)
 TOKEN_STEP_WH = 100  # an STS electricity token counts 0.1 kWh
 
 
@@ -342,6 +351,98 @@ async def set_keypad(
     return True
 
 
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """Two key change tokens (both under the old key, keyed in in order) and the key data the
+    meter's tokens are vended under from now on."""
+
+    meter_id: str
+    first: VendedToken
+    second: VendedToken
+    key: VendingKeyData
+    rollover: bool
+
+
+async def rotate_keypad(
+    db: Database,
+    meter_id: str,
+    vending_key: bytes,
+    now: datetime,
+    *,
+    actor: str,
+    sgc: int | None = None,
+    ti: int | None = None,
+    krn: int | None = None,
+    kt: int | None = None,
+    base_date: int | None = None,
+    ken: int | None = None,
+) -> KeyChange:
+    """Move a keypad meter to new key data: ``vending_key`` and whichever of sgc, ti, krn, kt,
+    base_date and ken are given (the others stay); returns the key change token pair
+    (:func:`~headend.vending.vend_key_change`). Its next tokens are vended under the new key;
+    a new base date (a rollover) starts its TIDs again. The new key material, the meter's key
+    data and the audit entry are one transaction; a change the tokens cannot carry is refused
+    and changes nothing."""
+    with storage_errors("rotating a keypad meter's key"):
+        async with db.begin() as session:
+            meter = await session.get(Meter, meter_id, with_for_update=True)
+            if meter is None or meter.status != "active":
+                raise StorageError(f"no active meter {meter_id!r} is registered")
+            vending = await _vending(session, meter_id)
+            material = (
+                None
+                if meter.sts_key_id is None
+                else await session.get(KeyMaterial, meter.sts_key_id)
+            )
+            old = _key_data(meter, vending, material)
+            if old is None:
+                raise StorageError(
+                    f"meter {meter_id} has no STS key data: `hes keypad add` keeps its first"
+                )
+            new = replace(
+                old,
+                vending_key=vending_key,
+                sgc=old.sgc if sgc is None else sgc,
+                ti=old.ti if ti is None else ti,
+                krn=old.krn if krn is None else krn,
+                kt=old.kt if kt is None else kt,
+                base_date=old.base_date if base_date is None else base_date,
+                ken=old.ken if ken is None else ken,
+            )
+            if new == old:
+                raise ValidationError("the new key data is the meter's key data already")
+            first, second = vend_key_change(old, new)
+            rollover = new.base_date != old.base_date
+            kept = KeyMaterial(kind="sts", secret=new.vending_key, created_at=now)
+            session.add(kept)
+            await session.flush()
+            meter.sts_key_id = kept.id
+            vending.sgc, vending.ti, vending.krn, vending.kt = new.sgc, new.ti, new.krn, new.kt
+            vending.base_date, vending.ken = new.base_date, new.ken
+            if rollover:
+                vending.last_tid = None  # the meter clears its TID memory
+            await audit.append(
+                session,
+                at=now,
+                actor=actor,
+                action="meter.keypad.rotate",
+                subject=meter_id,
+                reason="operator",
+                outcome="key change tokens issued",
+                detail={
+                    "pan": new.pan.digits,
+                    "sgc": new.sgc,
+                    "krn": new.krn,
+                    "ti": new.ti,
+                    "kt": new.kt,
+                    "base_date": new.base_date,
+                    "ken": new.ken,
+                    "rollover": rollover,
+                },
+            )
+    return KeyChange(meter_id, first, second, new, rollover)
+
+
 def _key_data(
     meter: Meter, vending: MeterVending, material: KeyMaterial | None
 ) -> VendingKeyData | None:
@@ -606,7 +707,7 @@ async def _situation(session: AsyncSession, vendee: Vendee, now: datetime) -> Si
     undelivered = await session.scalar(
         select(func.coalesce(func.sum(CreditTransfer.value), 0))
         .join(Payment, Payment.id == CreditTransfer.payment_id)
-        .where(Payment.account_id == account, CreditTransfer.state.in_(UNDELIVERED))
+        .where(Payment.account_id == account, CreditTransfer.state.in_(HELD))
     )
     held = await _balance(session, prepaid(account, tariff.currency))
     return Situation(
@@ -1112,14 +1213,17 @@ async def reverse_payment(
         outcome = "cancelled before delivery"
         if transfer is not None:
             leased = transfer.lease_until is not None and transfer.lease_until > now
-            if transfer.state == PENDING and leased:
+            cancellable = transfer.state in (PENDING, TransferState.FAILED.value)
+            if transfer.state == TransferState.SENDING.value or (cancellable and leased):
+                # on its way (the meter may have it): confirmed or refused soon, not cancelled
                 raise PaymentRefused(
                     Code.IN_DELIVERY,
                     f"payment {payment_id}'s transfer is being delivered: try again shortly",
                 )
-            if transfer.state == PENDING:
-                transfer.state = "cancelled"
+            if cancellable:
+                transfer.state = TransferState.CANCELLED.value
                 transfer.updated_at = now
+                transfer.next_attempt_at = None
             else:
                 value = transfer.value
                 currency = payment.currency
@@ -1156,6 +1260,7 @@ __all__ = [
     "AttemptView",
     "BalanceCheck",
     "ChannelView",
+    "KeyChange",
     "PaymentAnswer",
     "PaymentRequest",
     "PaymentView",
@@ -1176,5 +1281,6 @@ __all__ = [
     "remember_signature",
     "reprint",
     "reverse_payment",
+    "rotate_keypad",
     "set_keypad",
 ]

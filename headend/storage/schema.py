@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -217,6 +218,17 @@ class MeterEvent(Base):
     a: Mapped[int]
     b: Mapped[int]
     received_at: Mapped[datetime]
+
+    #: accepted tokens' TIDs (event 35, token_tid), which issued tokens are matched to
+    __table_args__ = (
+        Index(
+            "ix_meter_events_token_tid",
+            "meter_id",
+            "a",
+            sqlite_where=text("code = 35"),
+            postgresql_where=text("code = 35"),
+        ),
+    )
 
 
 class TelemetrySeen(Base):
@@ -556,7 +568,7 @@ class MeterVending(Base):
 
 class CreditTransfer(Base):
     """Credit owed to a meter: a remote transfer (``number`` the meter's transfer number) for
-    the dispatcher to deliver, or an STS token (``number`` its TID) for the customer to key in."""
+    the credit deliverer, or an STS token (``number`` its TID) for the customer to key in."""
 
     __tablename__ = "credit_transfers"
 
@@ -569,17 +581,23 @@ class CreditTransfer(Base):
     amount: Mapped[int]  # minor units or Wh, as the meter counts
     value: Mapped[int]  # minor units
     token: Mapped[str | None] = mapped_column(String(20))
-    #: pending_delivery delivered cancelled (transfer); issued accepted (token)
+    #: pending_delivery sending delivered failed cancelled (transfer); issued delivered (token)
     state: Mapped[str] = mapped_column(String(20))
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None]
+    #: the signed command envelope, stored before its first send (a transfer)
+    envelope: Mapped[bytes | None]
+    next_attempt_at: Mapped[datetime | None]  # None: due now
+    last_error: Mapped[str | None]
+    delivered_at: Mapped[datetime | None]  # when the meter confirmed it (or reported it accepted)
 
     __table_args__ = (
         UniqueConstraint("meter_id", "kind", "number"),
         Index("ix_credit_transfers_state", "state", "updated_at"),
+        Index("ix_credit_transfers_meter", "meter_id", "state", "number"),
     )
 
 

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from sqlalchemy import and_, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from headend.domain.delivery import UNDELIVERED
 from headend.domain.policy import AccountState, Calendar, MeterState
 from headend.domain.registry import calendar_from
 from headend.storage import audit
@@ -49,7 +50,7 @@ async def policy_inputs(
     #: deliver, or a token the customer has not keyed in yet
     on_its_way = (
         select(CreditTransfer.meter_id)
-        .where(CreditTransfer.state.in_(("pending_delivery", "issued")))
+        .where(CreditTransfer.state.in_(UNDELIVERED))
         .distinct()
         .subquery()
     )
