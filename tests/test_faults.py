@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import signal
+import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -466,3 +471,41 @@ async def test_chaos_over_mqtt_executes_every_command_exactly_once(
         totals = faults.totals()
         assert totals["drop"] >= 1
         assert totals["lose_ack"] >= 1
+
+
+# -- meter-sim serve ----------------------------------------------------------------------------
+
+
+def test_serve_with_faults_announces_them_and_counts_them_at_shutdown(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[faults]\ncorrupt = 0.5\n\n[[meters]]\nid = "M-1"\n')
+    command = [sys.executable, "-m", "cli.meter_sim", "serve", "-c", str(fleet)]
+    command += ["--state-dir", str(tmp_path / "state"), "--modbus-port", "0", "--ready-json"]
+    command += ["--faults", "drop=1", "--faults-seed", "4"]  # instead of the file's
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        ready = json.loads(proc.stdout.readline())
+        meter = ready["faults"]["meters"]["M-1"]
+        assert meter["faults"] == "drop=1,lose_ack=0,disconnect=0,corrupt=0,seed=4"
+        host, port = ready["modbus_tcp"].rsplit(":", 1)
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                sock.sendall(READ_IDENT)
+                sock.settimeout(0.2)
+                with pytest.raises(TimeoutError):  # dropped: no answer
+                    sock.recv(100)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    stopped = json.loads(stdout.strip().splitlines()[-1])
+    assert stopped["stopped"] is True
+    assert stopped["faults"]["totals"]["drop"] == 3
+    assert stopped["faults"]["meters"]["M-1"]["requests"] == 3
+    logged = [line for line in stderr.splitlines() if "injected fault drop" in line]
+    assert len(logged) == 3
+    assert all("meter M-1" in line for line in logged)
+    assert "faults injected into 1 meter(s) over 3 request(s): drop 3," in stderr
