@@ -36,6 +36,7 @@ from meter_sim.config import (
     FleetConfig,
     MeterConfig,
     default_fleet,
+    faults_from_text,
     fleet_from_mapping,
     load_fleet,
     new_password_secret,
@@ -527,11 +528,28 @@ def serve(
     telemetry_interval: float = typer.Option(
         60.0, min=0.1, max=86400.0, help="Real seconds between telemetry messages."
     ),
+    faults: str | None = typer.Option(
+        None,
+        "--faults",
+        help="Faults every meter injects into its Modbus TCP and MQTT answers, instead of the "
+        "fleet file's: key=value items of a [faults] table, e.g. "
+        '"drop=0.05,delay=uniform:0.1:0.5,lose_ack=0.1,disconnect=0.01,corrupt=0.02" '
+        "(docs/configuration.md#faults).",
+    ),
+    faults_seed: int | None = typer.Option(
+        None,
+        "--faults-seed",
+        min=0,
+        max=2**63 - 1,
+        help="Seed of every meter's fault draws (instead of the file's or --faults' seed): "
+        "the same requests meet the same faults.",
+    ),
     ready_json: bool = typer.Option(
         False,
         "--ready-json",
         help="Print one JSON line with the endpoints once serving: each gateway's name, host, "
-        "port and meters with their unit ids (docs/register-map.md#addressing-a-fleet).",
+        "port and meters with their unit ids (docs/register-map.md#addressing-a-fleet), and "
+        "the meters' faults; and one line with the faults injected when serving ends.",
     ),
 ) -> None:
     """Run the fleet and serve it over Modbus TCP, Modbus RTU and MQTT until Ctrl-C."""
@@ -553,11 +571,15 @@ def serve(
         broker=_option("--mqtt", lambda: BrokerSettings.parse_url(mqtt)) if mqtt else None,
         mqtt_prefix=_option("--mqtt-prefix", lambda: TopicScheme(mqtt_prefix).prefix),
         telemetry_interval=telemetry_interval,
+        faults=_option("--faults", lambda: faults_from_text(faults)) if faults else None,
+        faults_seed=faults_seed,
     )
     if options.broker is not None:
         mqtt_password_secret(config)  # refused before any meter is opened
+    served: list[Endpoints] = []
 
     def ready(endpoints: Endpoints) -> None:
+        served.append(endpoints)
         if ready_json:
             sys.stdout.write(json.dumps(endpoints.as_dict()) + "\n")
             sys.stdout.flush()
@@ -585,7 +607,13 @@ def serve(
         fleet = Fleet.from_config(
             config, AcceleratedClock(sim_speed, resume_time(config, directory)), directory
         )
-        asyncio.run(_serve(fleet, options, ready))
+        try:
+            asyncio.run(_serve(fleet, options, ready))
+        finally:
+            if ready_json and served and served[0].faults:
+                summary = {"stopped": True, "faults": served[0].faults.as_dict()}
+                sys.stdout.write(json.dumps(summary) + "\n")
+                sys.stdout.flush()
 
 
 async def _serve(fleet: Fleet, options: ServeOptions, ready: Callable[[Endpoints], None]) -> None:

@@ -3,7 +3,10 @@
 A fleet file has a ``[simulation]`` table, a ``[defaults]`` table whose keys apply to every meter,
 and ``[[meters]]`` entries: one meter each, or ``count`` meters named ``<id_prefix><n>``.
 ``[[gateways]]`` entries, when present, declare the Modbus TCP gateways the meters stand behind
-(see meter_sim/gateways.py for how a fleet without them is spread over gateways).
+(see meter_sim/gateways.py for how a fleet without them is spread over gateways). A ``[faults]``
+table (fleet-wide) or a meter's ``faults`` table sets the faults its Modbus TCP and MQTT serving
+injects (meter_sim/faults.py); ``meter-sim serve --faults`` gives the same keys on the command
+line.
 """
 
 from __future__ import annotations
@@ -45,6 +48,125 @@ def parse_hhmm(text: str) -> int:
 
 def format_hhmm(minute: int) -> str:
     return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_seconds(raw: object, maximum: float) -> float:
+    """A duration: a number of seconds or a string such as ``"250ms"``, ``"2s"``, ``"15m"``,
+    ``"1h"``, ``"2d"``, from 0 to ``maximum`` seconds; TypeError for a value of another type,
+    ValueError for one out of form or range. (The rig's scenarios and the faults share it.)"""
+    if isinstance(raw, bool):
+        raise TypeError('a duration is a number of seconds or a string such as "2s"')
+    if isinstance(raw, int | float):
+        value = float(raw)
+    elif isinstance(raw, str):
+        match = _DURATION.match(raw)
+        if match is None:
+            raise ValueError(f"not a duration: {raw!r} (e.g. 250ms, 2s, 15m, 1h, 2d)")
+        value = float(match[1]) * _DURATION_UNITS[match[2]]
+    else:
+        raise TypeError('a duration is a number of seconds or a string such as "2s"')
+    if not 0 <= value <= maximum:
+        raise ValueError(f"a duration is 0 s to {_seconds_text(maximum)}")
+    return value
+
+
+def _seconds_text(seconds: float) -> str:
+    days = seconds / 86400
+    return f"{days:g} days" if days >= 1 and days.is_integer() else f"{seconds:g} s"
+
+
+# -- faults of a served meter ---------------------------------------------------------------------
+
+DelayDistribution = Literal["fixed", "uniform", "exponential"]
+MAX_FAULT_DELAY = 60.0  # seconds, as the serial response delay
+#: the fault kinds, in the order a request's draw tries them (delay is drawn on its own)
+FAULT_KINDS = ("drop", "lose_ack", "disconnect", "corrupt", "delay")
+_DELAY_FORMS = "fixed:S, uniform:LOW:HIGH or exponential:MEAN (durations such as 0.2 or 250ms)"
+
+
+@dataclass(frozen=True, slots=True)
+class Delay:
+    """How late a delayed answer is: ``fixed`` (always ``low``), ``uniform`` (between ``low``
+    and ``high``) or ``exponential`` (mean ``low``, cut at MAX_FAULT_DELAY); seconds."""
+
+    distribution: DelayDistribution
+    low: float
+    high: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.distribution not in get_args(DelayDistribution):
+            raise ConfigError(f"a delay is {_DELAY_FORMS}, got {self.distribution!r}")
+        for value in (self.low, self.high):
+            if not 0 <= value <= MAX_FAULT_DELAY:
+                raise ConfigError(f"a delay is 0 to {MAX_FAULT_DELAY:g} s, got {value:g}")
+        if self.distribution == "uniform" and self.high < self.low:
+            raise ConfigError(f"uniform:{self.low:g}:{self.high:g}: the high end is below the low")
+
+    @classmethod
+    def parse(cls, text: str) -> Delay:
+        """``fixed:S``, ``uniform:LOW:HIGH`` or ``exponential:MEAN``."""
+        name, _, rest = text.strip().partition(":")
+        parts = rest.split(":") if rest else []
+        wanted = {"fixed": 1, "uniform": 2, "exponential": 1}.get(name)
+        if wanted is None or len(parts) != wanted:
+            raise ConfigError(f"a delay is {_DELAY_FORMS}, got {text!r}")
+        try:
+            values = [parse_seconds(part, MAX_FAULT_DELAY) for part in parts]
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{text!r}: {exc}") from exc
+        return cls(name, values[0], values[1] if len(values) > 1 else 0.0)  # type: ignore[arg-type]
+
+    def text(self) -> str:
+        if self.distribution == "uniform":
+            return f"uniform:{self.low:g}:{self.high:g}"
+        return f"{self.distribution}:{self.low:g}"
+
+
+@dataclass(frozen=True, slots=True)
+class FaultsConfig:
+    """The faults a served meter injects into its Modbus TCP and MQTT answers (meter_sim/faults.py):
+    the share of requests each fault takes (``drop``, ``lose_ack``, ``disconnect`` and
+    ``corrupt`` exclude one another: they add up to at most 1), how late a delayed answer is and
+    the share of answers delayed, and the seed of the draws."""
+
+    drop: float = 0.0
+    delay: Delay | None = None
+    delay_rate: float = 1.0
+    lose_ack: float = 0.0
+    disconnect: float = 0.0
+    corrupt: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("drop", "delay_rate", "lose_ack", "disconnect", "corrupt"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+                raise ConfigError(f"{name} is a share of requests, 0 to 1, got {value!r}")
+        total = self.drop + self.lose_ack + self.disconnect + self.corrupt
+        if total > 1 + 1e-9:
+            raise ConfigError(
+                f"drop, lose_ack, disconnect and corrupt add up to at most 1, got {total:g}"
+            )
+        if type(self.seed) is not int or not 0 <= self.seed < 2**63:
+            raise ConfigError(f"seed is an integer 0 to 2**63 - 1, got {self.seed!r}")
+
+    @property
+    def active(self) -> bool:
+        """Some fault can happen."""
+        delayed = self.delay is not None and self.delay_rate > 0 and self.delay.low > 0
+        return delayed or self.drop + self.lose_ack + self.disconnect + self.corrupt > 0
+
+    def text(self) -> str:
+        """The ``--faults`` form: ``drop=0.05,delay=uniform:0.1:0.5,...``."""
+        parts = [f"{name}={getattr(self, name):g}" for name in ("drop", "lose_ack")]
+        parts += [f"{name}={getattr(self, name):g}" for name in ("disconnect", "corrupt")]
+        if self.delay is not None:
+            parts += [f"delay={self.delay.text()}", f"delay_rate={self.delay_rate:g}"]
+        return ",".join([*parts, f"seed={self.seed}"])
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +276,7 @@ class MeterConfig:
     auth_key: str | None = None  # hex; None: commands need no tag (lab use)
     mqtt_password: str | None = None
     sts: StsConfig | None = None
+    faults: FaultsConfig | None = None  # None: the fleet's [faults], if any
 
     def __post_init__(self) -> None:
         if not is_meter_id(self.meter_id):
@@ -267,6 +390,8 @@ class FleetConfig:
     mqtt_password_secret: str | None = None
     #: declared gateways; empty: the meters are spread over gateways (meter_sim/gateways.py)
     gateways: tuple[GatewayConfig, ...] = ()
+    #: the ``[faults]`` table: faults of every meter without a ``faults`` table of its own
+    faults: FaultsConfig | None = None
 
     def __post_init__(self) -> None:
         if not self.meters:
@@ -308,6 +433,10 @@ class FleetConfig:
                     f"meters {other} and {meter.meter_id} share unit id {meter.modbus_unit} "
                     f"behind gateway {meter.gateway}"
                 )
+
+    def faults_of(self, meter: MeterConfig) -> FaultsConfig | None:
+        """The faults ``meter`` injects: its own table, else the fleet's (None: none)."""
+        return meter.faults if meter.faults is not None else self.faults
 
     def meters_without_mqtt_password(self) -> list[str]:
         """Meters that need ``mqtt_password_secret`` to log in to a broker."""
@@ -375,6 +504,17 @@ STS_KEYS: dict[str, Any] = {
     "base_date": Literal[1993, 2014, 2035],
 }
 MQTT_KEYS: dict[str, Any] = {"password_secret": _text(SECRET.pattern)}
+Share = Annotated[float, Meta(ge=0, le=1)]
+DELAY_PATTERN = r"^\s*(fixed|uniform|exponential)\s*:[0-9a-z.: ]+$"
+FAULT_KEYS: dict[str, Any] = {
+    "drop": Share,
+    "delay": _text(DELAY_PATTERN, min_length=1, max_length=64),
+    "delay_rate": Share,
+    "lose_ack": Share,
+    "disconnect": Share,
+    "corrupt": Share,
+    "seed": _int(0, 2**63 - 1),
+}
 GATEWAY_KEYS: dict[str, Any] = {
     "name": _text(METER_ID_PATTERN, max_length=METER_ID_MAX_LENGTH),
     "port": _int(0, 65535),
@@ -398,6 +538,7 @@ LoadTable = _table("LoadTable", LOAD_KEYS)
 StsTable = _table("StsTable", STS_KEYS, required=("vending_key", "drn"))
 MqttTable = _table("MqttTable", MQTT_KEYS)
 GatewayTable = _table("GatewayTable", GATEWAY_KEYS, required=("name",))
+FaultsTable = _table("FaultsTable", FAULT_KEYS)
 
 #: a meter's keys as written in TOML (``id`` is MeterConfig.meter_id)
 METER_KEYS: dict[str, Any] = {
@@ -438,6 +579,7 @@ METER_KEYS: dict[str, Any] = {
     "auth_key": _text(r"^([0-9a-fA-F]{2}){1,64}$"),
     "mqtt_password": _text(min_length=1),
     "sts": StsTable,
+    "faults": FaultsTable,
 }
 #: keys of a ``[[meters]]`` entry that are not a meter's: ``count`` meters named
 #: ``<id_prefix><n>`` instead of one named ``id``
@@ -456,6 +598,7 @@ FleetTable = msgspec.defstruct(
         ("defaults", DefaultsTable | UnsetType, UNSET),
         ("mqtt", MqttTable | UnsetType, UNSET),
         ("gateways", _many(GatewayTable) | UnsetType, UNSET),
+        ("faults", FaultsTable | UnsetType, UNSET),
     ],
     forbid_unknown_fields=True,
     frozen=True,
@@ -470,6 +613,7 @@ SCHEMA: dict[str, tuple[dict[str, Any], type[Any]]] = {
     "sts": (STS_KEYS, StsConfig),
     "mqtt": (MQTT_KEYS, MqttConfig),
     "gateway": (GATEWAY_KEYS, GatewayConfig),
+    "faults": (FAULT_KEYS, FaultsConfig),
 }
 
 #: what a key whose value must have a form looks like, for the error message
@@ -483,6 +627,7 @@ _FORMS = {
     "vending_key": "16 or 40 hex digits",
     "drn": "11 or 13 digits",
     "password_secret": "64 hex digits (meter-sim init writes one)",
+    "delay": _DELAY_FORMS,
 }
 _PATH = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _TYPE_NAMES = {"object": "table", "array": "array", "str": "string"}
@@ -572,9 +717,42 @@ def _meter_kwargs(table: Any) -> dict[str, Any]:
             kwargs[key] = LoadConfig(**_present(value))
         elif key == "sts":
             kwargs[key] = StsConfig(**_present(value))
+        elif key == "faults":
+            kwargs[key] = _build("faults", partial(_faults, value))
         else:
             kwargs[key] = value
     return kwargs
+
+
+def _faults(table: Any) -> FaultsConfig:
+    """A FaultsConfig from a validated faults table."""
+    keys = _present(table)
+    if "delay" in keys:
+        keys["delay"] = _build("delay", partial(Delay.parse, keys["delay"]))
+    return FaultsConfig(**keys)
+
+
+def faults_from_text(text: str) -> FaultsConfig:
+    """The faults of ``--faults``: ``key=value`` items separated by commas with the keys of a
+    ``[faults]`` table (``drop=0.05,delay=uniform:0.1:0.5,lose_ack=0.1``), checked by the same
+    schema; ConfigError naming the item for anything else."""
+    raw: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not item.strip():
+            raise ConfigError(f"an empty item in {text!r}: give key=value items, e.g. drop=0.05")
+        if not sep or not key or not value:
+            raise ConfigError(f"{item.strip()!r}: give key=value, e.g. drop=0.05")
+        if key not in FAULT_KEYS:
+            raise ConfigError(f"{key}: unknown fault key (known: {', '.join(FAULT_KEYS)})")
+        if key in raw:
+            raise ConfigError(f"{key}: given twice")
+        raw[key] = value
+    try:
+        table: Any = msgspec.convert(raw, FaultsTable, strict=False)
+    except msgspec.ValidationError as exc:
+        raise _schema_error(exc) from exc
+    return _faults(table)
 
 
 def _build(where: str, build: Callable[[], T]) -> T:
@@ -641,9 +819,12 @@ def fleet_from_mapping(raw: dict[str, Any]) -> FleetConfig:
     if document.gateways is not UNSET:
         for index, entry in enumerate(document.gateways):
             gateways.append(_build(f"gateways[{index}]", partial(GatewayConfig, **_present(entry))))
+    faults = None
+    if document.faults is not UNSET:
+        faults = _build("faults", partial(_faults, document.faults))
     return _build(
         "the fleet file",
-        lambda: FleetConfig(simulation, tuple(meters), secret, tuple(gateways)),
+        lambda: FleetConfig(simulation, tuple(meters), secret, tuple(gateways), faults),
     )
 
 
@@ -744,6 +925,8 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("meter", "mqtt_password"): "The meter's MQTT password; unset: derived from the fleet's "
     "`[mqtt] password_secret` (serving MQTT without either is refused).",
     ("meter", "sts"): "STS keypad parameters (table below); unset: no keypad.",
+    ("meter", "faults"): "Faults this meter injects into its Modbus TCP and MQTT answers "
+    "(table below); unset: the fleet's `[faults]`, if any.",
     ("tariff", "prices"): "Unit price of each rate (1..4), minor currency units per kWh.",
     ("tariff", "weekday"): 'Rate switch points Monday-Friday: `[["00:00", 2], ["07:00", 1], '
     '["23:00", 2]]`.',
@@ -766,6 +949,20 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     "digits of HMAC-SHA256 over its id keyed with this secret, so a broker's password file can "
     "be generated from the fleet file. Keep it out of version control. Unset: every meter that "
     "serves MQTT needs its own `mqtt_password`.",
+    ("faults", "drop"): "Share of requests lost on the way in: not executed, not answered.",
+    ("faults", "delay"): "How late a delayed answer is: `fixed:S`, `uniform:LOW:HIGH` or "
+    "`exponential:MEAN` (seconds or durations such as `250ms`, at most 60 s); unset: none.",
+    ("faults", "delay_rate"): "Share of the answers that are sent which are delayed (a corrupt "
+    "one included), when `delay` is set.",
+    ("faults", "lose_ack"): "Share of requests whose write (Modbus 6, 16, 23; an MQTT command) "
+    "is executed and its answer lost; a read it falls on is answered.",
+    ("faults", "disconnect"): "Share of requests met by a lost connection instead of being "
+    "executed: the Modbus TCP connection is closed, the MQTT session dropped without a "
+    "DISCONNECT (the broker publishes the meter's will; it reconnects after its back-off).",
+    ("faults", "corrupt"): "Share of requests executed and answered malformed: a Modbus TCP PDU "
+    "one byte short of what its byte count promises, an MQTT payload that is not JSON.",
+    ("faults", "seed"): "Seed of the draws (each meter's generator is seeded with it and the "
+    "meter's id): the same requests in the same order meet the same faults.",
     ("gateway", "name"): "The gateway's name, which meters give as `gateway`.",
     ("gateway", "port"): "Modbus TCP port it listens on (0: a free port); unset: "
     "`meter-sim serve --modbus-port` plus the gateway's index in the file.",
@@ -779,6 +976,7 @@ DOC_TABLES: tuple[tuple[str, str, type[Any]], ...] = (
     ("sts", "sts (inside a meter or [defaults])", StsConfig),
     ("mqtt", "[mqtt]", MqttConfig),
     ("gateway", "[[gateways]]", GatewayConfig),
+    ("faults", "[faults] and faults (inside a meter or [defaults])", FaultsConfig),
 )
 
 
@@ -864,7 +1062,49 @@ def render_markdown() -> str:
             kind = _type_text(msgspec.inspect.type_info(keys[key]), key)
             lines.append(f"| `{key}` | {kind} | {_default_text(cls, spec.name)} | {meaning} |")
         lines.append("")
-    return "\n".join(lines)
+    return "\n".join([*lines, FAULTS_TEXT])
+
+
+FAULTS_TEXT = """## Faults
+
+`meter-sim serve` can make meters misbehave over Modbus TCP and MQTT, so that a head-end's
+retries and exactly-once delivery are tested under chaos end to end (a serial line's faults are
+the rig's, scripted in time: [hil](hil.md)). A meter injects the faults of its own `faults`
+table, else those of the fleet's `[faults]` table; `meter-sim serve --faults` gives every
+meter the same faults instead, with the keys of the table as `key=value` items, and
+`--faults-seed` sets every seed:
+
+```toml
+[faults]                # every meter without a faults table of its own
+drop = 0.05
+lose_ack = 0.1
+delay = "uniform:0.1:0.5"
+delay_rate = 0.2
+seed = 7
+
+[[meters]]
+id = "LAB-1"
+faults = { corrupt = 0.02, disconnect = 0.01 }
+```
+
+```sh
+meter-sim serve --faults-seed 7 \\
+    --faults "drop=0.05,delay=uniform:0.1:0.5,lose_ack=0.1,disconnect=0.01,corrupt=0.02"
+```
+
+Each request a meter receives (a Modbus request to its unit id, an MQTT command or read
+request) takes one draw from the meter's generator: at most one of `drop`, `lose_ack`,
+`disconnect` and `corrupt` (their shares add up to at most 1), and, for an answer that is
+sent, a delay with probability `delay_rate`. A `drop` is not executed; a `lose_ack` is a
+write that is executed and never acknowledged, the case an exactly-once protocol exists for
+(over Modbus, `drop` and `lose_ack` of a function-23 command differ only in whether the
+command ran); a `disconnect` closes the TCP connection or drops the MQTT session without
+executing the request. Every injected fault is logged in one line (WARNING: the meter, the
+kind, what it hit) and counted: `--ready-json` prints each meter's faults with the endpoints,
+and when serving ends a last JSON line `{"stopped": true, "faults": {"totals": {...},
+"meters": {...}}}` with the counts per meter and kind; without `--ready-json` the counts are
+logged in one line.
+"""
 
 
 def _number(value: float) -> str:

@@ -30,6 +30,12 @@ next request. With ``strict_gaps`` the 1.5-character rule holds as well: a gap o
 (the test rig's, meter_sim/rig/) sees every byte in both directions and may silence a unit,
 answer a request with an exception, or reshape an answer before it is sent.
 
+Faults (meter_sim/faults.py): a Modbus TCP server given a meter's :class:`FaultInjector` draws
+the faults of each request for that meter's unit id when the request is framed: a dropped
+request is not executed, a disconnect closes the connection instead, a lost acknowledgement or
+a corrupt answer is decided when the answer goes out (by its transaction id), and a late
+answer is sent by a task of the connection, cancelled when the connection closes.
+
 Unit ids: every server also holds a catch-all device (id 0, which pymodbus uses for any unit id
 without a device of its own) that raises ``NoSuchIdException``: over TCP pymodbus answers it
 with exception 0B, on a serial line (``ignore_missing_devices``) with silence, so only the
@@ -64,6 +70,16 @@ from pymodbus.server.requesthandler import ServerRequestHandler
 from pymodbus.simulator import DataType as SimType
 from pymodbus.simulator import SimData, SimDevice
 
+from meter_sim.faults import (
+    CORRUPT,
+    DISCONNECT,
+    DROP,
+    LOSE_ACK,
+    NO_FAULT,
+    FaultInjector,
+    FleetFaults,
+)
+from meter_sim.faults import Draw as FaultDraw
 from meter_sim.runtime import MeterRuntime
 from protocols import modbus_functions as mf
 from protocols import registermap as rm
@@ -743,6 +759,93 @@ class _RtuServer(ModbusSerialServer):
         return _RtuRequestHandler(self)
 
 
+#: function codes that change a meter (a lost acknowledgement is drawn for these only)
+WRITE_FUNCTIONS = frozenset({0x06, 0x10, 0x17})
+_MBAP_SIZE = 7  # transaction id, protocol id, length, unit id
+
+
+def corrupt_tcp_frame(frame: bytes) -> bytes:
+    """A Modbus TCP answer made malformed: its PDU one byte short (a byte count that promises
+    more than follows, an exception without its code), with an MBAP length that agrees with
+    the cut, so the frame is whole and its content wrong."""
+    pdu = frame[_MBAP_SIZE:][:-1]
+    length = (1 + len(pdu)).to_bytes(2, "big")
+    return frame[:4] + length + frame[6:_MBAP_SIZE] + pdu
+
+
+class _TcpRequestHandler(ServerRequestHandler):
+    """A Modbus TCP connection to meters that inject faults (see "Faults" above)."""
+
+    def __init__(self, owner: _TcpServer) -> None:
+        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+        self.faults = owner.faults
+        self.draws: dict[int, FaultDraw] = {}  # transaction id -> what happens to its answer
+        self.late: set[asyncio.Task[None]] = set()
+
+    async def handle_request(self) -> None:
+        pdu = self.last_pdu
+        injector = self.faults.get(pdu.dev_id) if pdu is not None else None
+        if pdu is None or injector is None:
+            await super().handle_request()  # type: ignore[no-untyped-call]
+            return
+        code = pdu.function_code
+        draw = injector.draw(code in WRITE_FUNCTIONS, f"Modbus TCP function {code}")
+        if draw.fault == DROP:
+            return
+        if draw.fault == DISCONNECT:
+            self._cancel_late()
+            self.close()
+            return
+        if draw is not NO_FAULT:
+            self.draws[pdu.transaction_id] = draw
+        await super().handle_request()  # type: ignore[no-untyped-call]
+
+    def pdu_send(self, pdu: ModbusPDU, addr: tuple[Any, ...] | None = None) -> None:
+        draw = self.draws.pop(pdu.transaction_id, NO_FAULT)
+        if draw.fault == LOSE_ACK:
+            return
+        packet = self.framer.buildFrame(pdu)
+        if draw.fault == CORRUPT:
+            packet = corrupt_tcp_frame(packet)
+        if draw.delay <= 0:
+            self.send(packet, addr)
+            return
+        task = self.loop.create_task(self._send_late(packet, draw.delay, addr))
+        self.late.add(task)
+        task.add_done_callback(self.late.discard)
+
+    async def _send_late(self, packet: bytes, delay: float, addr: tuple[Any, ...] | None) -> None:
+        await asyncio.sleep(delay)
+        if self.transport is not None:
+            self.send(packet, addr)
+
+    def _cancel_late(self) -> None:
+        for task in self.late:
+            task.cancel()
+        self.draws.clear()
+
+    def callback_disconnected(self, exc: Exception | None) -> None:
+        self._cancel_late()
+        super().callback_disconnected(exc)
+
+    def close(self, reconnect: bool = False) -> None:
+        self._cancel_late()
+        super().close(reconnect)
+
+
+class _TcpServer(ModbusTcpServer):
+    """pymodbus's TCP server handing each connection a :class:`_TcpRequestHandler`."""
+
+    def __init__(
+        self, devices: list[SimDevice], faults: Mapping[int, FaultInjector], **kwargs: Any
+    ) -> None:
+        super().__init__(devices, **kwargs)
+        self.faults = faults
+
+    def callback_new_connection(self) -> ServerRequestHandler:
+        return _TcpRequestHandler(self)
+
+
 async def _no_such_device(  # noqa: PLR0917 - the signature pymodbus calls
     function_code: int,
     start_address: int,
@@ -830,14 +933,29 @@ def _bound_port(server: Any) -> int:
 
 @asynccontextmanager
 async def serve_tcp(
-    runtimes: Sequence[MeterRuntime], host: str = "127.0.0.1", port: int = 0
+    runtimes: Sequence[MeterRuntime],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    faults: FleetFaults | None = None,
 ) -> AsyncIterator[ModbusService]:
     """One Modbus TCP listener for many meters, each by its unit id (``modbus_unit``).
 
     ``port=0`` binds a free port; ``service.port`` is the bound one. The listener accepts
-    connections when the context is entered."""
+    connections when the context is entered. The meters with an injector in ``faults`` inject
+    its faults into their answers (see "Faults" above)."""
     meters = _meters(runtimes)
-    server = ModbusTcpServer(_catch_all(), address=(host, port), ignore_missing_devices=False)
+    by_unit: dict[int, FaultInjector] = {}
+    for unit, registers in meters.items():
+        injector = faults.get(registers.meter_id) if faults is not None else None
+        if injector is not None:
+            by_unit[unit] = injector
+    server: ModbusTcpServer
+    if by_unit:
+        server = _TcpServer(
+            _catch_all(), by_unit, address=(host, port), ignore_missing_devices=False
+        )
+    else:
+        server = ModbusTcpServer(_catch_all(), address=(host, port), ignore_missing_devices=False)
     _attach(server, meters, None)
     server.decoder = _MeterDecoder(meters)  # see "requests" above
     await _start(server, f"{host}:{port}")
@@ -851,7 +969,10 @@ async def serve_tcp(
 
 @asynccontextmanager
 async def serve_tcp_per_meter(
-    runtimes: Sequence[MeterRuntime], host: str = "127.0.0.1", first_port: int = 0
+    runtimes: Sequence[MeterRuntime],
+    host: str = "127.0.0.1",
+    first_port: int = 0,
+    faults: FleetFaults | None = None,
 ) -> AsyncIterator[list[ModbusService]]:
     """One Modbus TCP listener per meter on ports ``first_port``, ``first_port + 1``, ...
     (``first_port=0``: a free port each), for fleets beyond 247 unit ids. Each meter answers its
@@ -860,7 +981,9 @@ async def serve_tcp_per_meter(
         services: list[ModbusService] = []
         for index, runtime in enumerate(runtimes):
             port = first_port + index if first_port else 0
-            services.append(await stack.enter_async_context(serve_tcp([runtime], host, port)))
+            services.append(
+                await stack.enter_async_context(serve_tcp([runtime], host, port, faults))
+            )
         yield services
 
 

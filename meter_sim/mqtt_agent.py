@@ -20,6 +20,15 @@ left, so nothing acknowledged is lost and a duplicate can only be a message whos
 acknowledgement was lost (the ingest drops it by its key). When the outbox is full the oldest
 message is dropped and counted.
 
+Faults (meter_sim/faults.py): an agent given a :class:`~meter_sim.faults.FaultInjector` draws
+the faults of each command and read request it receives: a dropped one is neither executed nor
+answered, a lost acknowledgement executes the command and publishes no result, a corrupt
+answer is published cut to half its length (not JSON), a late one waits before it is published
+(the agent serves one message at a time, as a meter does, so what follows waits too), and a
+disconnect shuts the connection's socket down under the MQTT client: the broker sees the
+connection fail, publishes the meter's will (``offline``), and the agent reconnects after its
+back-off with its session.
+
 The transport is aiomqtt (paho underneath): no thread per meter; bench/mqtt_ingest.py measures
 1,000 agents in one process at about a quarter of one core.
 """
@@ -42,6 +51,16 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from meter_sim.faults import (
+    CORRUPT,
+    DISCONNECT,
+    DROP,
+    LOSE_ACK,
+    NO_FAULT,
+    Draw,
+    FaultInjector,
+    FleetFaults,
+)
 from meter_sim.runtime import MeterRuntime
 from protocols.commands import CommandResult, ResultCode
 from protocols.errors import DecodeError, HesError
@@ -199,8 +218,10 @@ class MeterAgent:
         broker: BrokerSettings,
         topics: TopicScheme | None,
         options: AgentOptions,
+        faults: FaultInjector | None = None,
     ) -> None:
         self.runtime = runtime
+        self.faults = faults
         self.meter_id = runtime.meter_id
         self.topics = topics or TopicScheme()
         self.options = options
@@ -421,16 +442,39 @@ class MeterAgent:
             log.info("meter %s: answering on %s, not on %s", self.meter_id, default, wanted)
         return default
 
+    def _draw(self, write: bool, what: str) -> Draw:
+        return self.faults.draw(write, what) if self.faults is not None else NO_FAULT
+
     async def _command(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.stats.commands += 1
+        draw = self._draw(True, "MQTT command")
+        if draw.fault == DROP:
+            return
+        if draw.fault == DISCONNECT:
+            drop_connection(client)
+            return
         result = await self.execute_payload(_payload_bytes(message), _schemas(message))
+        if draw.fault == LOSE_ACK:
+            return
         correlation = getattr(message.properties, "CorrelationData", None)
-        await client.publish(
+        await self._answer(
+            client,
             self._answer_topic(message, self.topics.cmd_result(self.meter_id)),
             encode_result(self.meter_id, result),
-            qos=1,
-            properties=_answer_properties(bytes(correlation) if correlation else None),
+            bytes(correlation) if correlation else None,
+            draw,
         )
+
+    @staticmethod
+    async def _answer(
+        client: aiomqtt.Client, topic: str, payload: bytes, correlation: bytes | None, draw: Draw
+    ) -> None:
+        """Publish an answer, spoiled or late as ``draw`` says."""
+        if draw.fault == CORRUPT:
+            payload = corrupt_payload(payload)
+        if draw.delay > 0:
+            await asyncio.sleep(draw.delay)
+        await client.publish(topic, payload, qos=1, properties=_answer_properties(correlation))
 
     async def execute_payload(self, payload: bytes, schemas: Sequence[str] = ()) -> CommandResult:
         """A command payload's result: executed by the runtime (returned once its outcome is on
@@ -459,14 +503,21 @@ class MeterAgent:
 
     async def _request(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         self.stats.requests += 1
+        draw = self._draw(False, "MQTT read request")
+        if draw.fault == DROP:
+            return
+        if draw.fault == DISCONNECT:
+            drop_connection(client)
+            return
         await self.runtime.settled()  # then answer with no await in between
         reply = self.answer_request(_payload_bytes(message), _schemas(message))
         correlation = getattr(message.properties, "CorrelationData", None)
-        await client.publish(
+        await self._answer(
+            client,
             self._answer_topic(message, self.topics.reply(self.meter_id)),
             encode_reply(reply),
-            qos=1,
-            properties=_answer_properties(bytes(correlation) if correlation else None),
+            bytes(correlation) if correlation else None,
+            draw,
         )
 
     def answer_request(self, payload: bytes, schemas: Sequence[str] = ()) -> Reply:
@@ -505,6 +556,22 @@ class MeterAgent:
         except Exception as exc:  # the agent outlives a failing read
             log.exception("meter %s: a read request failed", meter_id)
             return ErrorReply(meter_id=meter_id, error=f"internal error: {exc}"[:500])
+
+
+def corrupt_payload(payload: bytes) -> bytes:
+    """An answer's payload made malformed: its first half, which is not a JSON document."""
+    return payload[: len(payload) // 2]
+
+
+def drop_connection(client: aiomqtt.Client) -> None:
+    """Fail the client's connection as a network failure would: its socket is shut down under
+    paho, which then reports the connection lost (the messages iterator raises MqttError) and
+    sends no DISCONNECT, so the broker publishes the will. aiomqtt keeps its paho client
+    private; ``socket()`` is paho's public API."""
+    sock = client._client.socket()
+    if isinstance(sock, socket.socket):  # an ssl.SSLSocket is one too
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
 
 
 # -- many agents ----------------------------------------------------------------------------------
@@ -553,10 +620,19 @@ async def run_agents(
     *,
     prefix: str = DEFAULT_PREFIX,
     options: AgentOptions,
+    faults: FleetFaults | None = None,
 ) -> AsyncIterator[AgentGroup]:
-    """Run an agent for each runtime while the block runs; stop them all cleanly after it."""
+    """Run an agent for each runtime while the block runs; stop them all cleanly after it.
+    The meters with an injector in ``faults`` inject its faults into their answers."""
     topics = TopicScheme(prefix)
-    group = AgentGroup({rt.meter_id: MeterAgent(rt, broker, topics, options) for rt in runtimes})
+    group = AgentGroup(
+        {
+            rt.meter_id: MeterAgent(
+                rt, broker, topics, options, faults.get(rt.meter_id) if faults else None
+            )
+            for rt in runtimes
+        }
+    )
     group.start()
     try:
         yield group

@@ -7,6 +7,11 @@ descriptors pauses accepting for a second (asyncio's rule; the connection waits 
 backlog) with one log line, the connections already open keep being served, and a periodic
 save that fails is logged and retried (``Fleet.periodic_save``). The last save runs once the
 listeners are closed and their descriptors given back.
+
+Faults (meter_sim/faults.py): the meters whose fleet file gives them faults (``[faults]`` or
+their own ``faults`` table), or every meter with ``ServeOptions.faults`` (``--faults``), inject
+them into their Modbus TCP and MQTT answers; the counts are in :attr:`Endpoints.faults` while
+serving and logged in one line when serving ends. Serial lines are the rig's (scripted faults).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meter_sim import gateways as gw
-from meter_sim.config import FleetConfig
+from meter_sim.config import FaultsConfig, FleetConfig
+from meter_sim.faults import FleetFaults
 from meter_sim.fleet import Fleet
 from meter_sim.modbus_server import serve_rtu, serve_tcp, serve_tcp_per_meter
 from meter_sim.mqtt_agent import AgentOptions, run_agents
@@ -51,6 +57,8 @@ class ServeOptions:
     broker: BrokerSettings | None = None  # MQTT agents for every meter when set
     mqtt_prefix: str = DEFAULT_PREFIX
     telemetry_interval: float = 60.0
+    faults: FaultsConfig | None = None  # every meter's faults, instead of the fleet file's
+    faults_seed: int | None = None  # the seed of every meter's faults, instead of theirs
 
     def __post_init__(self) -> None:
         if (
@@ -107,6 +115,7 @@ class Endpoints:
     serial: list[str] = field(default_factory=list)
     mqtt: str | None = None
     meters: dict[str, int] = field(default_factory=dict)  # meter id -> Modbus unit id
+    faults: FleetFaults = field(default_factory=FleetFaults)  # the meters that inject faults
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -116,6 +125,7 @@ class Endpoints:
             "serial": self.serial,
             "mqtt": self.mqtt,
             "meters": self.meters,
+            "faults": self.faults.as_dict() if self.faults else None,
         }
 
 
@@ -209,20 +219,45 @@ async def _serve(
     ready: Callable[[Endpoints], None] | None,
 ) -> None:
     runtimes = list(fleet.runtimes.values())
-    secret = mqtt_password_secret(fleet.config) if options.broker is not None else None
     units = [runtime.config.modbus_unit for runtime in runtimes]
     if options.serial and len(set(units)) != len(units):
         raise ConfigError(
             "two meters share a Modbus unit id on a serial line: give each a distinct "
             "modbus_unit (at most 247 per line) or serve them over Modbus TCP gateways"
         )
+    faults = FleetFaults.of(
+        fleet.config, options.faults, options.faults_seed, [rt.meter_id for rt in runtimes]
+    )
+    if faults and options.serial:
+        log.info("faults are injected over Modbus TCP and MQTT, not on the serial lines")
+    endpoints = Endpoints(
+        meters={rt.meter_id: rt.config.modbus_unit for rt in runtimes}, faults=faults
+    )
+    try:
+        await _serve_endpoints(fleet, options, stop, ready, endpoints)
+    finally:
+        if faults:
+            log.warning("%s", faults.summary())
+
+
+async def _serve_endpoints(
+    fleet: Fleet,
+    options: ServeOptions,
+    stop: asyncio.Event,
+    ready: Callable[[Endpoints], None] | None,
+    endpoints: Endpoints,
+) -> None:
+    runtimes = list(fleet.runtimes.values())
+    secret = mqtt_password_secret(fleet.config) if options.broker is not None else None
     plan = gw.plan(fleet.config) if options.modbus_port is not None else []
     chosen = gw.ports(plan, options.modbus_port or 0)
-    endpoints = Endpoints(meters={rt.meter_id: rt.config.modbus_unit for rt in runtimes})
+    faults = endpoints.faults
     async with contextlib.AsyncExitStack() as stack:
         for gateway, port in zip(plan, chosen, strict=True):
             behind = [fleet.runtimes[meter.meter_id] for meter in gateway.meters]
-            service = await stack.enter_async_context(serve_tcp(behind, options.modbus_host, port))
+            service = await stack.enter_async_context(
+                serve_tcp(behind, options.modbus_host, port, faults)
+            )
             endpoints.gateways.append(
                 GatewayEndpoint(
                     gateway.name,
@@ -236,7 +271,7 @@ async def _serve(
             endpoints.modbus_tcp = f"{first.host}:{first.port}"
         if options.port_per_meter is not None:
             services = await stack.enter_async_context(
-                serve_tcp_per_meter(runtimes, options.modbus_host, options.port_per_meter)
+                serve_tcp_per_meter(runtimes, options.modbus_host, options.port_per_meter, faults)
             )
             endpoints.modbus_ports = {
                 rt.meter_id: svc.port for rt, svc in zip(runtimes, services, strict=True)
@@ -264,6 +299,7 @@ async def _serve(
                     options=AgentOptions(
                         telemetry_interval=options.telemetry_interval, meter_secret=secret
                     ),
+                    faults=faults,
                 )
             )
             endpoints.mqtt = options.broker.url()

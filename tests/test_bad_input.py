@@ -351,6 +351,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "--debt-share": ["x", "101"],
     "--junit": ["/no/such/dir/report.xml"],
     "--capture": ["/no/such/dir/frames.csv"],
+    "--faults": ["drop=2", "dorp=0.1", "delay=gauss:1", "drop=0.6,corrupt=0.6", "drop"],
 }
 RIG_SCENARIO = """
 [rig]

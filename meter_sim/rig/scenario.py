@@ -21,14 +21,19 @@ from typing import Annotated, Any, Literal, get_args, get_origin, get_type_hints
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType, field
 
-from meter_sim.config import MAX_AMOUNT, FleetConfig, MeterConfig, fleet_from_mapping, load_fleet
+from meter_sim.config import (
+    MAX_AMOUNT,
+    FleetConfig,
+    MeterConfig,
+    fleet_from_mapping,
+    load_fleet,
+    parse_seconds,
+)
 from protocols import registermap as rm
 from protocols.errors import ConfigError
 
 MAX_SECONDS = 30 * 86400.0
 MAX_WATTS = 1_000_000
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
 class Seconds:
@@ -51,20 +56,7 @@ class Seconds:
 
     @classmethod
     def parse(cls, raw: object) -> Seconds:
-        if isinstance(raw, bool):
-            raise TypeError('a duration is a number of seconds or a string such as "2s"')
-        if isinstance(raw, int | float):
-            value = float(raw)
-        elif isinstance(raw, str):
-            match = _DURATION.match(raw)
-            if match is None:
-                raise ValueError(f"not a duration: {raw!r} (e.g. 250ms, 2s, 15m, 1h, 2d)")
-            value = float(match[1]) * _UNITS[match[2]]
-        else:
-            raise TypeError('a duration is a number of seconds or a string such as "2s"')
-        if not 0 <= value <= MAX_SECONDS:
-            raise ValueError("a duration is 0 s to 30 days")
-        return cls(value)
+        return cls(parse_seconds(raw, MAX_SECONDS))
 
 
 def _dec_hook(kind: type, raw: Any) -> Any:
