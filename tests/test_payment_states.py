@@ -126,8 +126,9 @@ class PaymentLoop(RuleBasedStateMachine):
 
     def new_deliverer(self) -> Deliverer:
         self.workers += 1
+        worker = f"w{self.workers}"
         return Deliverer(
-            self.db, self.links, self.clock, worker=f"w{self.workers}", settings=SETTINGS, retry=QUICK
+            self.db, self.links, self.clock, worker=worker, settings=SETTINGS, retry=QUICK
         )
 
     def request(self, channel: int, meter: int, amount: int) -> PaymentRequest:
@@ -222,9 +223,7 @@ class PaymentLoop(RuleBasedStateMachine):
     @rule(reached_the_meter=st.booleans())
     def a_head_end_killed_mid_send(self, reached_the_meter: bool) -> None:
         now = self.now()
-        held = self.run(
-            claim_transfers(self.db, "killed", now, now + timedelta(seconds=60), 1)
-        )
+        held = self.run(claim_transfers(self.db, "killed", now, now + timedelta(seconds=60), 1))
         started = self.run(start_attempt(self.db, held[0], now)) if held else None
         if isinstance(started, Held) and started.envelope is not None and reached_the_meter:
             self.links.links[started.meter_id].meter.execute(started.envelope)
