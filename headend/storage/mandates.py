@@ -29,7 +29,7 @@ from headend.domain.mandates import (
 from headend.domain.pricing import PaymentRefused
 from headend.storage import audit
 from headend.storage.database import Database, insert_ignore, storage_errors
-from headend.storage.ledger import PaymentRequest, pay
+from headend.storage.ledger import PaymentRequest, parse_amount, pay
 from headend.storage.schema import (
     Account,
     Mandate,
@@ -72,26 +72,35 @@ class MandateView:
 
 
 async def add_mandate(
-    db: Database, account: str, channel: str, terms: MandateTerms, now: datetime, *, actor: str
+    db: Database,
+    account: str,
+    channel: str,
+    *,
+    mode: str,
+    amounts: tuple[str | int, str | int],
+    now: datetime,
+    actor: str,
 ) -> MandateView:
-    """Give ``account`` a mandate paid through ``channel`` (a channel of kind autodebit); an
-    account holds one active mandate at a time."""
+    """Give ``account`` a mandate paid through ``channel`` (a channel of kind autodebit):
+    ``amounts`` are its amount and monthly cap (decimal text in the account's currency, or
+    minor units). An account holds one active mandate at a time."""
+    kind = mandate_mode(mode)
     async with db.begin() as session:
-        row = await session.get(Account, account)
-        if row is None:
-            raise StorageError(f"no account {account!r}")
-        if row.status == "closed":
-            raise StorageError(f"account {account} is closed")
         found = (
             await session.scalars(select(PaymentChannel).where(PaymentChannel.name == channel))
         ).first()
         if found is None:
-            raise StorageError(f"no channel {channel!r}")
+            raise StorageError(f"--channel: no channel {channel!r}")
         if found.kind != "autodebit":
             raise ValidationError(
                 f"--channel {channel} is a {found.kind} channel: a mandate is paid through a "
                 "channel of kind autodebit"
             )
+        row = await session.get(Account, account)
+        if row is None:
+            raise StorageError(f"no account {account!r}")
+        if row.status == "closed":
+            raise StorageError(f"account {account} is closed")
         meter = (
             await session.scalars(
                 select(Meter)
@@ -101,7 +110,7 @@ async def add_mandate(
         ).first()
         if meter is None or meter.tariff_id is None:
             raise StorageError(f"account {account} has no active meter with a tariff")
-        if terms.mode == "topup" and meter.credit_unit != "money":
+        if kind == "topup" and meter.credit_unit != "money":
             raise ValidationError(
                 f"--mode topup tops up a money credit; meter {meter.id}'s credit is energy: "
                 "use --mode fixed"
@@ -113,6 +122,11 @@ async def add_mandate(
             raise StorageError(f"account {account} has mandate {active} already: cancel it first")
         tariff = await session.get(Tariff, meter.tariff_id)
         assert tariff is not None
+        minor = [
+            _minor(option, text, tariff.currency, -tariff.currency_scale)
+            for option, text in zip(("--amount", "--cap"), amounts, strict=True)
+        ]
+        terms = MandateTerms(kind, minor[0], minor[1])
         mandate = Mandate(
             account_id=account,
             channel_id=found.id,
@@ -142,6 +156,13 @@ async def add_mandate(
             },
         )
         return await _view(session, mandate, channel, now)
+
+
+def _minor(option: str, text: str | int, currency: str, exponent: int) -> int:
+    try:
+        return parse_amount(text, currency, exponent)
+    except PaymentRefused as exc:
+        raise ValidationError(f"{option}: {exc.detail}") from exc
 
 
 async def _paid(session: AsyncSession, mandate_id: int, month: str, but: int | None = None) -> int:
