@@ -164,7 +164,7 @@ async def test_mandates_refuse_what_they_cannot_honour(db: Database) -> None:
     with pytest.raises(ValidationError, match="--cap is at least"):
         await add_mandate(db, "ACC-1", "AUTO", mode="fixed", amounts=("5.00", "2.00"),
                           now=NOW, actor="t")  # fmt: skip
-    with pytest.raises(ValidationError, match="--amount: .*more than 2 decimals"):
+    with pytest.raises(ValidationError, match=r"--amount: .*more than 2 decimals"):
         await add_mandate(db, "ACC-1", "AUTO", mode="fixed", amounts=("5.001", "20.00"),
                           now=NOW, actor="t")  # fmt: skip
     await add_mandate(db, "ACC-1", "AUTO", mode="fixed", amounts=("5.00", "20.00"), now=NOW,
