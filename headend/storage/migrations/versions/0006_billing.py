@@ -20,11 +20,11 @@ depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("customers") as batch:
-        batch.add_column(sa.Column("tax_id", sa.Text(), nullable=True))
-    with op.batch_alter_table("notifications") as batch:
-        batch.add_column(sa.Column("attachment_name", sa.Text(), nullable=True))
-        batch.add_column(sa.Column("attachment", sa.LargeBinary(), nullable=True))
+    # plain ADD / DROP COLUMN (SQLite 3.35+ has both): a batch copy of customers would trip
+    # the foreign keys of accounts on SQLite
+    op.add_column("customers", sa.Column("tax_id", sa.Text(), nullable=True))
+    op.add_column("notifications", sa.Column("attachment_name", sa.Text(), nullable=True))
+    op.add_column("notifications", sa.Column("attachment", sa.LargeBinary(), nullable=True))
     op.create_table(
         "bills",
         sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
@@ -129,8 +129,6 @@ def downgrade() -> None:
     op.drop_table("mandates")
     op.drop_table("settlement_adjustments")
     op.drop_table("bills")
-    with op.batch_alter_table("notifications") as batch:
-        batch.drop_column("attachment")
-        batch.drop_column("attachment_name")
-    with op.batch_alter_table("customers") as batch:
-        batch.drop_column("tax_id")
+    op.drop_column("notifications", "attachment")
+    op.drop_column("notifications", "attachment_name")
+    op.drop_column("customers", "tax_id")
