@@ -8,6 +8,8 @@ from cli.common import OneLineErrors, setup_logging
 from cli.hes_accounts import accounts_app
 from cli.hes_api import register as register_api
 from cli.hes_audit import audit_app
+from cli.hes_billing import bills_app, mandates_app
+from cli.hes_billing import register as register_billing
 from cli.hes_broker import broker_app
 from cli.hes_commands import commands_app
 from cli.hes_commands import register as register_commands
@@ -61,8 +63,11 @@ app.add_typer(keypad_app, name="keypad")
 app.add_typer(payments_app, name="payments")
 app.add_typer(transfers_app, name="transfers")
 register_keypad(keypad_app)
+app.add_typer(bills_app, name="bills")
+app.add_typer(mandates_app, name="mandates")
 register_link_commands(app)
 register_api(app)
+register_billing(app)
 register_commands(app)
 register_demo(app)
 register_pay(app)

@@ -277,6 +277,7 @@ def _customer_dict(view: Any) -> dict[str, Any]:
         "phone": view.record.phone,
         "notice_channel": view.record.notice_channel,
         "language": view.record.language,
+        "tax_id": view.record.tax_id,
         "accounts": list(view.accounts),
         "meters": list(view.meters),
         "created_at": view.created_at.isoformat(),
@@ -294,11 +295,15 @@ def customers_add(
     ] = "sms",
     language: Annotated[str, typer.Option(help=f"Notice language: {', '.join(LANGUAGES)}.")] = "en",
     account: Annotated[str | None, typer.Option(help="Open an account with this id.")] = None,
+    tax_id: Annotated[
+        str | None,
+        typer.Option("--tax-id", help="A business customer's tax id: their bills are e-invoices."),
+    ] = None,
     db: DbOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Register a customer (and an account of theirs); prints the customer's id."""
-    record = CustomerRecord(name, email, phone, notice_channel(channel), language)
+    record = CustomerRecord(name, email, phone, notice_channel(channel), language, tax_id)
     if account is not None:
         account_id(account)
     customer_id = with_db(

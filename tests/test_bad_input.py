@@ -265,6 +265,23 @@ BASE: dict[str, list[str]] = {
     "hes payments reverse": ["payments", "reverse", "1", "--reason", "typo"],
     "hes payments reprint": ["payments", "reprint", "1"],
     "hes payments attempts": ["payments", "attempts"],
+    "hes bills make": ["bills", "make", "--month", "2026-11"],
+    "hes bills show": ["bills", "show", "A-1", "--month", "2026-11"],
+    "hes reconcile": ["reconcile", "--channel", "C-1", "--date", "2026-11-03", "settlement.csv"],
+    "hes mandates add": [
+        "mandates",
+        "add",
+        "A-1",
+        "--channel",
+        "AD-1",
+        "--amount",
+        "100.00",
+        "--cap",
+        "500.00",
+    ],
+    "hes mandates list": ["mandates", "list"],
+    "hes mandates show": ["mandates", "show", "1"],
+    "hes mandates cancel": ["mandates", "cancel", "1", "--reason", "moved"],
     # an empty database: were a bad value accepted, the API would not start (schema behind)
     "hes api": ["api", "--port", "0", "--db", "sqlite:///empty.db"],
     "hes transfers list": ["transfers", "list"],
@@ -352,6 +369,11 @@ BAD_VALUES: dict[str, list[str]] = {
     "--junit": ["/no/such/dir/report.xml"],
     "--capture": ["/no/such/dir/frames.csv"],
     "--faults": ["drop=2", "dorp=0.1", "delay=gauss:1", "drop=0.6,corrupt=0.6", "drop"],
+    "--month": ["soon", "2026-13"],
+    "--date": ["soon", "2026-11-31"],
+    "--mode": ["weekly"],
+    "--cap": ["lots", "-1"],
+    "--tax-id": ["", "has space"],
 }
 RIG_SCENARIO = """
 [rig]
@@ -424,6 +446,7 @@ def test_every_option_refuses_a_bad_value(
     if command.startswith("hes "):
         shutil.copyfile(current_db, workdir / "hes.db")  # ./hes.db, current
         (workdir / "meters.csv").write_text("meter_id,endpoint\nM-1,tcp://127.0.0.1:1/1\n")
+        (workdir / "settlement.csv").write_text("reference,amount,currency,paid_at\n")
         (workdir / "fleet.toml").write_text('[mqtt]\npassword_secret = "' + "ab" * 32 + '"\n'
                                             '[[meters]]\nid = "M-1"\n')  # fmt: skip
     if command.startswith("meter-sim rig"):

@@ -138,6 +138,7 @@ class TransactionKind(StrEnum):
     DELIVERY = "delivery"  # credit confirmed on the meter: prepaid balance to revenue
     REVERSAL = "reversal"  # a correction: undoes (part of) the transaction it names
     ADJUSTMENT = "adjustment"  # an operator's correction, naming what it corrects
+    SETTLEMENT = "settlement"  # money a channel settled that no payment explains: to suspense
 
 
 CORRECTIONS: Final = frozenset({TransactionKind.REVERSAL, TransactionKind.ADJUSTMENT})

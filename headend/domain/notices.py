@@ -26,6 +26,7 @@ class Kind(StrEnum):
     RECONNECTED = "reconnected"
     PAYMENT_RECEIVED = "payment_received"
     COMMAND_FAILED = "command_failed"  # to operators
+    BILL = "bill"  # the monthly bill, its PDF attached
 
 
 class Channel(StrEnum):
@@ -108,6 +109,15 @@ TEMPLATES: Final[dict[tuple[Kind, str], tuple[str, str]]] = {
     (Kind.COMMAND_FAILED, "zh"): (
         "电表 {meter} 命令失败",
         "发往电表 {meter} 的 {command} 命令失败：{reason}。",
+    ),
+    (Kind.BILL, "en"): (
+        "Your electricity bill {number} for {month}",
+        "Your bill for account {account}, {month}, is attached. Paid in the month: {paid}. "
+        "Balance at the month's end: {balance}.",
+    ),
+    (Kind.BILL, "zh"): (
+        "您 {month} 的电费账单 {number}",
+        "账户 {account} {month} 的账单见附件。本月付款：{paid}。月末余额：{balance}。",
     ),
 }
 LANGUAGES: Final = ("en", "zh")

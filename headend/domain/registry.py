@@ -422,10 +422,18 @@ class CustomerRecord:
     phone: str | None = None
     notice_channel: NoticeChannel = "sms"
     language: str = "en"
+    #: a business customer's tax id (VAT registration number): their bills are e-invoices
+    tax_id: str | None = None
 
     def __post_init__(self) -> None:
         if not self.name.strip():
             raise ValidationError("a customer has a name")
+        if self.tax_id is not None and not re.fullmatch(
+            r"[A-Za-z0-9][A-Za-z0-9./-]{0,39}", self.tax_id
+        ):
+            raise ValidationError(
+                f"--tax-id is 1 to 40 letters, digits, . / - (no spaces), got {self.tax_id!r}"
+            )
         if self.notice_channel not in NOTICE_CHANNELS:
             raise ValidationError(f"notice channel is one of {', '.join(NOTICE_CHANNELS)}")
         if self.language not in LANGUAGES:

@@ -28,6 +28,7 @@ from headend.storage.balances import (
     set_forecast_sent,
     set_level,
 )
+from headend.storage.mandates import collect_charges, note_crossing
 from headend.storage.notices import enqueue
 from protocols.clock import Clock
 from protocols.errors import StorageError
@@ -48,6 +49,7 @@ class MonitorRound:
     reminders: int = 0  # forecast reminders
     rearmed: int = 0
     silent: int = 0  # crossings of customers who take no notices
+    debits: int = 0  # auto-debit payments made for crossings of the low threshold
 
 
 def balance_text(recipient: Recipient) -> str:
@@ -90,7 +92,7 @@ class BalanceMonitor:
             if not await level_changes(session, self.margin_percent) and not (
                 await forecast_changes(session, self.horizon_days)
             ):
-                return result
+                return await self._auto_debit(result, now)
         async with self.db.begin() as session:
             changes = await level_changes(session, self.margin_percent)
             for change in changes:
@@ -99,6 +101,15 @@ class BalanceMonitor:
                 if change.new < change.old:
                     result.rearmed += 1
                     continue
+                if change.old < LEVEL_LOW <= change.new:  # an auto-debit mandate's cue
+                    await note_crossing(
+                        session,
+                        change.account_id,
+                        change.meter_id,
+                        meter_time=change.recipient.meter_time,
+                        credit=change.recipient.credit,
+                        now=now,
+                    )
                 target = _address(change.recipient)
                 if target is None:
                     result.silent += 1
@@ -153,6 +164,11 @@ class BalanceMonitor:
                     account_id=forecast.account_id,
                 )
                 result.reminders += 1
+        return await self._auto_debit(result, now)
+
+    async def _auto_debit(self, result: MonitorRound, now: datetime) -> MonitorRound:
+        """Pay the auto-debit charges the crossings left (headend.storage.mandates)."""
+        result.debits = (await collect_charges(self.db, now, actor="monitor")).paid
         return result
 
     async def run(self, stop: asyncio.Event, tick: float = 10.0) -> None:

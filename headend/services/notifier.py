@@ -95,6 +95,7 @@ class Notifier:
             notice.values,
             notice.meter_id,
             notice.account_id,
+            () if notice.attachment is None else (notice.attachment,),
         )
         try:
             await sender.send(outgoing)

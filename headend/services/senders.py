@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import mimetypes
 import os
 import smtplib
 import time
@@ -42,8 +43,11 @@ class Outgoing:
     values: dict[str, str]
     meter_id: str | None = None
     account_id: str | None = None
+    #: files sent with it, (name, bytes): e-mail attaches them; the other senders name them
+    attachments: tuple[tuple[str, bytes], ...] = ()
 
     def document(self) -> dict[str, Any]:
+        """JSON-ready; an attachment appears as its name, size and SHA-256 (not its bytes)."""
         return {
             "idempotency_key": self.key,
             "kind": self.kind,
@@ -55,6 +59,10 @@ class Outgoing:
             "values": self.values,
             "meter_id": self.meter_id,
             "account_id": self.account_id,
+            "attachments": [
+                {"name": name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+                for name, data in self.attachments
+            ],
         }
 
 
@@ -171,7 +179,8 @@ class SmsGatewaySender(_HttpSender):
 
 class SmtpSender:
     """Sends e-mail through an SMTP server (the standard library's client, in a worker
-    thread); the idempotency key makes the ``Message-ID``, so a repeat is the same message."""
+    thread); the idempotency key makes the ``Message-ID``, so a repeat is the same message.
+    A notice's attachments (a bill's PDF) go as MIME parts after the text."""
 
     def __init__(self, host: str, port: int, sender: str, timeout: float = 10.0) -> None:
         self.host, self.port, self.sender, self.timeout = host, port, sender, timeout
@@ -186,6 +195,10 @@ class SmtpSender:
         message["Message-ID"] = f"<{digest}@prepaid-hes>"
         message["X-Idempotency-Key"] = notice.key
         message.set_content(notice.body)
+        for name, data in notice.attachments:
+            kind = mimetypes.guess_type(name)[0] or "application/octet-stream"
+            maintype, subtype = kind.split("/", 1)
+            message.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
         return message
 
     def _send(self, message: EmailMessage) -> None:

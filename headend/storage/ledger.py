@@ -952,7 +952,7 @@ async def _pay(
     )
     session.add(row)
     await session.flush()  # a reference taken meanwhile fails here: IntegrityError
-    receipt = await _next_number(session, "receipt")
+    receipt = await next_number(session, "receipt")
     session.add(Receipt(number=receipt, payment_id=row.id, issued_at=now))
     if delivery is not None:
         delivery.payment_id = row.id
@@ -1032,7 +1032,7 @@ async def _deliver(
     return transfer, number, None
 
 
-async def _next_number(session: AsyncSession, name: str) -> int:
+async def next_number(session: AsyncSession, name: str) -> int:
     """The next number of the gapless counter ``name``, taken in this transaction (its row is
     locked until the transaction ends, so numbers are never skipped or shared)."""
     await insert_ignore(session, LedgerCounter, [{"name": name, "value": 0}])
@@ -1272,6 +1272,7 @@ __all__ = [
     "list_attempts",
     "list_channels",
     "list_payments",
+    "next_number",
     "pay",
     "payment_by_receipt",
     "payment_by_reference",

@@ -29,6 +29,7 @@ class Pending:
     expires_at: datetime
     meter_id: str | None
     account_id: str | None
+    attachment: tuple[str, bytes] | None = None  # (file name, bytes): a bill's PDF
 
 
 async def enqueue(
@@ -110,6 +111,9 @@ def _pending(row: Notification) -> Pending:
         row.expires_at,
         row.meter_id,
         row.account_id,
+        None
+        if row.attachment_name is None or row.attachment is None
+        else (row.attachment_name, row.attachment),
     )
 
 

@@ -315,6 +315,7 @@ async def add_customer(
             notice_channel=customer.notice_channel,
             language=customer.language,
             created_at=now,
+            tax_id=customer.tax_id,
         )
         session.add(row)
         await session.flush()
@@ -328,7 +329,7 @@ async def add_customer(
             subject=f"customer:{row.id}",
             reason="operator",
             outcome="registered",
-            detail={"account": account_id},
+            detail={"account": account_id, "tax_id": customer.tax_id},
         )
         return row.id
 
@@ -357,7 +358,12 @@ async def list_customers(db: Database) -> list[CustomerView]:
         CustomerView(
             row.id,
             CustomerRecord(
-                row.name, row.email, row.phone, notice_channel(row.notice_channel), row.language
+                row.name,
+                row.email,
+                row.phone,
+                notice_channel(row.notice_channel),
+                row.language,
+                row.tax_id,
             ),
             tuple(sorted(a for c, a in accounts if c == row.id)),
             tuple(sorted(m for c, m in meters if c == row.id)),

@@ -78,6 +78,8 @@ class Customer(Base):
     notice_channel: Mapped[str] = mapped_column(String(16), default="sms")  # sms email webhook none
     language: Mapped[str] = mapped_column(String(8), default="en")
     created_at: Mapped[datetime]
+    #: a business customer's tax id (VAT registration): its bills are e-invoices
+    tax_id: Mapped[str | None]
 
 
 class Account(Base):
@@ -358,6 +360,9 @@ class Notification(Base):
     last_error: Mapped[str | None]
     lease_owner: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None]
+    #: a file sent with the notice where its channel can carry one (a bill's PDF by e-mail)
+    attachment_name: Mapped[str | None]
+    attachment: Mapped[bytes | None]
 
     __table_args__ = (Index("ix_notifications_due", "state", "next_attempt_at"),)
 
@@ -599,6 +604,86 @@ class CreditTransfer(Base):
         Index("ix_credit_transfers_state", "state", "updated_at"),
         Index("ix_credit_transfers_meter", "meter_id", "state", "number"),
     )
+
+
+# -- bills, reconciliation, auto-debit ------------------------------------------------------------
+
+
+class Bill(Base):
+    """An account's monthly bill (an e-invoice for a business customer), kept as issued:
+    numbered from the gapless counter 'bill', one per account and month."""
+
+    __tablename__ = "bills"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    number: Mapped[int] = mapped_column(unique=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    month: Mapped[str] = mapped_column(String(7))  # 2026-11
+    kind: Mapped[str] = mapped_column(String(16))  # bill e-invoice
+    document: Mapped[str]  # JSON text
+    issued_at: Mapped[datetime]
+
+    __table_args__ = (UniqueConstraint("account_id", "month"),)
+
+
+class SettlementAdjustment(Base):
+    """A finding of a reconciliation that ``--apply`` posted to the ledger, once per channel,
+    reference and finding (so applying a report twice posts nothing new)."""
+
+    __tablename__ = "settlement_adjustments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    channel_id: Mapped[int] = mapped_column(Integer, ForeignKey("payment_channels.id"))
+    day: Mapped[str] = mapped_column(String(10))
+    reference: Mapped[str] = mapped_column(String(128))
+    finding: Mapped[str] = mapped_column(String(32))
+    transaction_id: Mapped[int] = mapped_column(Integer, ForeignKey("ledger_transactions.id"))
+    applied_at: Mapped[datetime]
+
+    __table_args__ = (UniqueConstraint("channel_id", "reference", "finding"),)
+
+
+class Mandate(Base):
+    """An auto-debit mandate: when the account's balance crosses its low threshold, a payment
+    of ``amount`` (mode fixed) or up to ``amount`` of credit (mode topup) through the channel,
+    never more than ``monthly_cap`` in a calendar month (UTC)."""
+
+    __tablename__ = "mandates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
+    channel_id: Mapped[int] = mapped_column(Integer, ForeignKey("payment_channels.id"))
+    mode: Mapped[str] = mapped_column(String(8))  # fixed topup
+    amount: Mapped[int]
+    monthly_cap: Mapped[int]
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(16))  # active cancelled
+    created_at: Mapped[datetime]
+    cancelled_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_mandates_account", "account_id", "status"),)
+
+
+class MandateCharge(Base):
+    """One charge of a mandate per balance crossing (``reference`` derived from the crossing,
+    unique); written with the crossing, then paid (or capped, or refused) by the collector."""
+
+    __tablename__ = "mandate_charges"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    mandate_id: Mapped[int] = mapped_column(Integer, ForeignKey("mandates.id"))
+    reference: Mapped[str] = mapped_column(String(128), unique=True)
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"))
+    credit: Mapped[int]  # the meter's credit at the crossing
+    month: Mapped[str] = mapped_column(String(7))
+    amount: Mapped[int]  # what was (or would have been) paid; 0 until decided
+    state: Mapped[str] = mapped_column(String(16))  # pending paid capped refused
+    payment_id: Mapped[int | None] = mapped_column(Integer, ForeignKey("payments.id"))
+    detail: Mapped[str | None]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+    __table_args__ = (Index("ix_mandate_charges_state", "state", "mandate_id"),)
 
 
 metadata = Base.metadata
