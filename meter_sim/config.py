@@ -1104,6 +1104,18 @@ kind, what it hit) and counted: `--ready-json` prints each meter's faults with t
 and when serving ends a last JSON line `{"stopped": true, "faults": {"totals": {...},
 "meters": {...}}}` with the counts per meter and kind; without `--ready-json` the counts are
 logged in one line.
+
+What the head-end makes of a `corrupt` answer: the command may have run, so its confirmed
+execution takes the answer as lost, asks the meter for its last result and resends only if
+the meter did not run it; it is confirmed only by an answer that decodes. Over MQTT the
+malformed payload fails the waiting call at once (`DecodeError`, logged by the link hub).
+Over Modbus TCP, pymodbus cannot decode the short PDU and does not tell its caller: its
+framer raises inside the protocol's `data_received`, asyncio logs that at ERROR with a
+traceback (logger `asyncio`, "Fatal error: protocol.data_received() call failed") and closes
+the connection. The head-end's Modbus link notices the connection drop through pymodbus'
+`trace_connect` hook and ends the request at once with `LinkCorrupt` (a WARNING line with the
+bytes received) instead of waiting out its time-out; a read is then tried again on a new
+connection, a command asked about.
 """
 
 

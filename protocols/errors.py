@@ -15,6 +15,7 @@ so that callers never see a library's own exception types::
     ├── LinkError                    talking to a meter failed
     │   ├── LinkTimeout              no answer in time
     │   ├── LinkClosed               the connection dropped or could not be opened
+    │   ├── LinkCorrupt              an answer came that the transport's library cannot decode
     │   └── DeviceException          the device answered with a protocol exception (e.g. Modbus 02)
     ├── StorageError                 the head-end's database refused or failed an operation
     └── DeliveryError                a notice could not be handed to its channel (SMTP, HTTP)
@@ -70,6 +71,11 @@ class LinkTimeout(LinkError):
 
 class LinkClosed(LinkError):
     """The connection to the meter dropped or could not be opened."""
+
+
+class LinkCorrupt(LinkError):
+    """An answer arrived that the transport's library could not decode (a Modbus frame cut
+    short, say): as good as lost, though the request may have been executed."""
 
 
 class DeviceException(LinkError):

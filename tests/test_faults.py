@@ -34,14 +34,14 @@ from meter_sim.config import (
     faults_from_text,
     fleet_from_mapping,
 )
-from meter_sim.faults import FaultInjector, FleetFaults
+from meter_sim.faults import CORRUPT, FaultInjector, FleetFaults
 from meter_sim.modbus_server import serve_tcp
 from meter_sim.mqtt_agent import AgentOptions, run_agents
 from meter_sim.runtime import MeterRuntime
 from protocols import registermap as rm
 from protocols.clock import ManualClock
 from protocols.commands import Command, CommandEnvelope, ResultCode
-from protocols.errors import ConfigError, DecodeError, LinkTimeout
+from protocols.errors import ConfigError, DecodeError, LinkCorrupt, LinkTimeout
 from protocols.mqtt import TopicScheme, decode_state
 from protocols.readings import EventCode
 from tests.mqtt_broker import TEST_KEY, TEST_METERS, TEST_SECRET, RuntimeFactory
@@ -294,6 +294,58 @@ async def test_modbus_corrupt_answers_a_pdu_one_byte_short(tmp_path: Path) -> No
         assert faults.totals()["corrupt"] == 2
 
 
+def _seed_where(meter_id: str, pattern: list[str | None]) -> int:
+    """The first seed of ``corrupt=0.5`` whose first draws for ``meter_id`` are ``pattern``."""
+    for seed in range(1000):
+        injector = FaultInjector(meter_id, FaultsConfig(corrupt=0.5, seed=seed))
+        if [injector.draw(True, "probe").fault for _ in pattern] == pattern:
+            return seed
+    raise AssertionError(f"no seed gives {pattern}")
+
+
+async def test_modbus_link_reports_a_corrupt_answer_at_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with _served(tmp_path, "corrupt=1") as (_, service, faults):
+        settings = LinkSettings(timeout=2.0, retries=1, backoff=0.01)
+        link = ModbusTcpLink("127.0.0.1", service.port, 1, settings=settings)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            with pytest.raises(LinkCorrupt, match=r"an answer that does not decode \(\d+ bytes"):
+                await link.read_snapshot()
+        finally:
+            await link.close()
+        assert loop.time() - started < 1.0  # both attempts, neither waits out the 2 s time-out
+        assert faults.totals()["corrupt"] == 2  # tried again once
+        assert link.channel.corrupt == 2
+    logged = [r for r in caplog.records if r.name == "headend.links.modbus"]
+    assert [r.levelname for r in logged if "does not decode" in r.getMessage()] == ["WARNING"] * 2
+
+
+async def test_modbus_a_corrupt_answer_to_a_command_is_confirmed_by_reading_back(
+    tmp_path: Path,
+) -> None:
+    seed = _seed_where("MTR-0001", [None, CORRUPT, None])  # identification, command, result
+    async with _served(tmp_path, f"corrupt=0.5,seed={seed}") as (runtime, service, faults):
+        credit = runtime.snapshot().credit
+        settings = LinkSettings(timeout=2.0, retries=0)
+        link = ModbusTcpLink("127.0.0.1", service.port, 1, settings=settings)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            result = await link.execute(_envelope(runtime, 1), 5.0)
+        finally:
+            await link.close()
+        assert loop.time() - started < 1.0  # no time-out waited out
+        assert (result.sequence, result.code) == (1, ResultCode.OK)
+        assert runtime.snapshot().credit == credit + 500  # executed once, confirmed
+        assert faults.totals()["corrupt"] == 1
+        injector = faults.get(runtime.meter_id)
+        assert injector is not None
+        assert injector.requests == 3  # asked, never resent
+
+
 async def test_modbus_disconnect_closes_the_connection_unanswered(tmp_path: Path) -> None:
     async with _served(tmp_path, "disconnect=1") as (runtime, service, faults):
         assert await _exchange(service.port, READ_IDENT) == b"<closed>"
@@ -376,6 +428,28 @@ async def test_mqtt_corrupt_publishes_a_payload_that_does_not_decode(
         with pytest.raises(DecodeError):
             await hub.link(runtime.meter_id).read_snapshot()
         assert faults.totals()["corrupt"] == 2
+
+
+@pytest.mark.mqtt
+async def test_mqtt_a_corrupt_result_is_confirmed_by_asking_the_meter(
+    broker: LocalBroker, make_runtime: RuntimeFactory
+) -> None:
+    seed = _seed_where(TEST_METERS[0], [CORRUPT, None])  # the command, the question after it
+    async with _agent(broker, make_runtime, f"corrupt=0.5,seed={seed}") as (
+        runtime,
+        _,
+        faults,
+        hub,
+    ):
+        credit = runtime.snapshot().credit
+        result = await execute_confirmed(hub.link(runtime.meter_id), _envelope(runtime, 1), 5.0)
+        assert (result.sequence, result.code) == (1, ResultCode.OK)
+        assert runtime.snapshot().credit == credit + 500
+        assert faults.totals()["corrupt"] == 1
+        injector = faults.get(runtime.meter_id)
+        assert injector is not None
+        assert injector.requests == 2  # asked, never resent
+        assert hub.malformed == 1
 
 
 @pytest.mark.mqtt

@@ -1,5 +1,5 @@
 """The in-memory link over a real firmware meter, and execute_confirmed under every fault it
-injects: each command is executed exactly once, whatever is lost on the way."""
+injects: each command is executed exactly once, whatever is lost or spoilt on the way."""
 
 from __future__ import annotations
 
@@ -65,8 +65,19 @@ async def test_reads_come_from_the_meter_itself() -> None:
         FaultPlan(delay=0.5, delay_seconds=0.001, seed=4),  # late but in time
         FaultPlan(disconnect=0.5, seed=5),
         FaultPlan(drop_request=0.2, drop_answer=0.2, delay=0.1, disconnect=0.2, seed=6),
+        FaultPlan(corrupt=0.5, seed=7),
+        FaultPlan(drop_answer=0.2, disconnect=0.1, corrupt=0.3, seed=8),
     ],
-    ids=["drop-request", "drop-answer", "delay-too-long", "delay", "disconnect", "all"],
+    ids=[
+        "drop-request",
+        "drop-answer",
+        "delay-too-long",
+        "delay",
+        "disconnect",
+        "all",
+        "corrupt",
+        "corrupt-and-lost",
+    ],
 )
 async def test_execute_confirmed_executes_each_command_exactly_once(plan: FaultPlan) -> None:
     meter = _meter()
@@ -84,8 +95,10 @@ async def test_execute_confirmed_executes_each_command_exactly_once(plan: FaultP
     assert [e.a for e in topups] == list(range(1, COMMANDS + 1))
     assert not any(e.code is EventCode.REPLAY_REFUSED for e in meter.events_since(0, 1000))
     assert sum(link.faults.values()) > 0  # the faults did happen
-    if plan.drop_answer or (plan.delay and plan.delay_seconds >= link.timeout):
+    if plan.drop_answer or plan.corrupt or (plan.delay and plan.delay_seconds >= link.timeout):
         assert link.executed >= COMMANDS  # the meter saw some of them, answer lost, asked
+    if plan.corrupt:
+        assert link.faults[Fault.CORRUPT] > 0
     if plan.disconnect:
         assert link.connects > 1
 
@@ -98,6 +111,28 @@ async def test_a_lost_answer_is_asked_for_not_resent() -> None:
     assert result.code is ResultCode.OK
     assert link.executed == 1  # sent once; the meter's last result confirmed it
     assert link.faults == {Fault.DROP_ANSWER: 1}
+
+
+async def test_an_answer_that_does_not_decode_is_asked_for_not_taken_as_final() -> None:
+    meter = _meter()
+    plan = FaultPlan(corrupt=1.0, only=frozenset({"send"}))
+    link = MemoryLink(meter, plan, timeout=0.01)
+    result = await execute_confirmed(link, _transfer(1), 1.0, policy=QUICK)
+    assert (result.sequence, result.code) == (1, ResultCode.OK)  # confirmed by the read-back
+    assert link.executed == 1  # executed once, its answer spoilt, never resent
+    assert link.faults == {Fault.CORRUPT: 1}
+    assert meter.snapshot().last_transfer == 1
+
+
+async def test_answers_that_never_decode_end_in_a_time_out_that_says_so() -> None:
+    meter = _meter()
+    before = meter.snapshot().credit
+    link = MemoryLink(meter, FaultPlan(corrupt=1.0), timeout=0.01)
+    with pytest.raises(LinkTimeout, match=r"no confirmation of command 1 .*does not decode"):
+        await execute_confirmed(link, _transfer(1), 0.2, policy=QUICK)
+    assert link.faults[Fault.CORRUPT] >= 3  # the send, the questions after it, any resend
+    assert meter.snapshot().credit == before + AMOUNT  # executed, and once only
+    assert meter.snapshot().last_transfer == 1
 
 
 async def test_no_confirmation_within_the_deadline_is_a_time_out() -> None:

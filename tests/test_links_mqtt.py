@@ -1,6 +1,7 @@
 """The MQTT link hub's answers: one that matches a waiting call but does not decode fails that
 call at once with a DecodeError (it used to be ignored and the caller waited out its
-time-out); execute_confirmed does not resend after it."""
+time-out); execute_confirmed takes it as a lost answer and asks the meter for its last result
+before anything is resent."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from headend.links.base import execute_confirmed
 from headend.links.mqtt import MqttLinkHub
 from headend.transport.mqtt import publish_properties
 from protocols.commands import Command, CommandEnvelope
-from protocols.errors import DecodeError, ValidationError
+from protocols.errors import DecodeError, LinkTimeout, ValidationError
 from protocols.mqtt import SnapshotRequest, TopicScheme
 from tests.mqtt_broker import TEST_METERS
 
@@ -87,19 +88,46 @@ async def test_a_malformed_reply_fails_the_waiting_read_at_once(
         await _stop(meter)
 
 
-async def test_a_malformed_result_fails_the_command_without_a_resend(
+async def _garbling_meter(broker: LocalBroker, ready: asyncio.Event, asked: asyncio.Event) -> None:
+    """Be meter M1: answer the first command with a result that does not decode, then wait
+    for a read request (the head-end asking for the last result) and leave it unanswered."""
+    settings = broker.meter_settings(M1)
+    async with aiomqtt.Client(
+        settings.host,
+        settings.port,
+        username=settings.username,
+        password=settings.password,
+        identifier=M1,
+        protocol=aiomqtt.ProtocolVersion.V5,
+    ) as client:
+        await client.subscribe(TOPICS.cmd(M1), qos=1)
+        await client.subscribe(TOPICS.request(M1), qos=1)
+        ready.set()
+        async for message in client.messages:
+            if message.topic.matches(TOPICS.request(M1)):
+                asked.set()
+                return
+            correlation = getattr(message.properties, "CorrelationData", None)
+            await client.publish(
+                TOPICS.cmd_result(M1),
+                b'{"v":1,"meter_id":"MTR-0001"}',
+                qos=1,
+                properties=publish_properties(correlation=correlation),
+            )
+
+
+async def test_a_malformed_result_is_not_final_the_meter_is_asked(
     broker: LocalBroker, hub: MqttLinkHub
 ) -> None:
-    def garbage(message: aiomqtt.Message) -> tuple[str, bytes]:
-        return TOPICS.cmd_result(M1), b'{"v":1,"meter_id":"MTR-0001"}'
-
-    meter = await _meter(broker, TOPICS.cmd(M1), garbage)
+    ready, asked = asyncio.Event(), asyncio.Event()
+    meter = asyncio.create_task(_garbling_meter(broker, ready, asked))
     try:
+        async with asyncio.timeout(5):
+            await ready.wait()
         envelope = CommandEnvelope(M1, 1, Command.remote_disconnect())
-        started = time.monotonic()
-        with pytest.raises(DecodeError):
-            await execute_confirmed(hub.link(M1), envelope, 10.0)
-        assert time.monotonic() - started < 5.0  # at once: no time-out, no ask, no resend
+        with pytest.raises(LinkTimeout, match=r"no confirmation of command 1 .*ResultMessage"):
+            await execute_confirmed(hub.link(M1), envelope, 1.5)
+        assert asked.is_set()  # its last result was asked for before any resend
         assert hub.malformed == 1
     finally:
         await _stop(meter)

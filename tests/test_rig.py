@@ -7,7 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import functools
 import itertools
+import re
+import shutil
+import signal
 import struct
 import time
 import xml.etree.ElementTree as ET
@@ -17,6 +21,7 @@ from typing import Any
 
 import pytest
 import serial
+import xmlschema
 from pymodbus.framer import FramerRTU
 from typer.testing import CliRunner
 
@@ -24,7 +29,8 @@ from cli import meter_sim as meter_sim_cli
 from headend.links.modbus import LinkSettings, ModbusRtuLink, SerialLine
 from meter_sim.modbus_server import gap_limit
 from meter_sim.rig.expect import Verdict, judge
-from meter_sim.rig.reports import CSV_COLUMNS, PCAP_LINKTYPE
+from meter_sim.rig.faults import RigLine
+from meter_sim.rig.reports import CSV_COLUMNS, PCAP_LINKTYPE, junit_xml
 from meter_sim.rig.runner import Record, SerialSettings, run_scenario
 from meter_sim.rig.scenario import (
     KEY_DOCS,
@@ -521,6 +527,98 @@ async def test_expectations_that_fail_say_what_was_expected_and_seen(
     assert "none ended" in by_kind["recovered"].message
 
 
+# -- mbpoll (libmodbus) as the master -------------------------------------------------------------
+
+MBPOLL = shutil.which("mbpoll")
+MEASUREMENTS = rm.BLOCKS[rm.Block.MEASUREMENTS]
+MBPOLL_FAULTS = (
+    '[[steps]]\nat = "1s"\naction = "drop"\nmeter = "MTR-0001"\ncount = 2\n\n'
+    '[[steps]]\nat = "2s"\naction = "corrupt_crc"\nmeter = "MTR-0001"\n\n'
+    '[[steps]]\nat = "3s"\naction = "exception"\nmeter = "MTR-0001"\ncode = 6\n'
+)
+MBPOLL_EXPECT = (
+    '[[expect]]\nkind = "read_every"\nmeter = "MTR-0001"\nblock = "measurements"\n'
+    'period = "2s"\n\n'
+    '[[expect]]\nkind = "recovered"\nmeter = "MTR-0001"\nwithin = "1.5s"\n'
+)
+
+
+async def _mbpoll(port: str, seconds: float) -> tuple[str, str]:
+    """mbpoll reading the measurements block of unit 1 every 200 ms (time-out 0.3 s) for
+    ``seconds``, then stopped with Ctrl-C as a person stops it; its stdout and stderr."""
+    assert MBPOLL is not None
+    command = [MBPOLL, "-m", "rtu", "-b", "9600", "-P", "none", "-a", "1", "-t", "3:hex", "-0"]
+    command += ["-r", str(MEASUREMENTS.start), "-c", str(MEASUREMENTS.size)]
+    command += ["-l", "200", "-o", "0.3", port]
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        await asyncio.sleep(seconds)
+        process.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            stdout, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    return stdout.decode(), stderr.decode()
+
+
+def _polled_blocks(stdout: str) -> list[tuple[int, ...]]:
+    """The register values of each complete poll mbpoll printed (``[100]: 0x1A2B`` lines)."""
+    values: dict[int, int] = {}
+    blocks = []
+    for line in stdout.splitlines():
+        found = re.fullmatch(r"\[(\d+)\]:\s+0x([0-9A-Fa-f]{4})", line.strip())
+        if found is None:
+            continue
+        address = int(found[1])
+        if address == MEASUREMENTS.start:
+            values = {}
+        values[address] = int(found[2], 16)
+        if len(values) == MEASUREMENTS.size:
+            blocks.append(tuple(values[a] for a in sorted(values)))
+    return blocks
+
+
+@pytest.mark.skipif(MBPOLL is None, reason="mbpoll is not installed (apt-get install mbpoll)")
+async def test_mbpoll_as_the_master_recovers_from_drops_bad_crcs_and_exceptions(
+    tmp_path: Path, pty_pair: tuple[str, str]
+) -> None:
+    text = scenario_text(MBPOLL_FAULTS, MBPOLL_EXPECT, duration="4.5s")
+    record, verdicts, (stdout, stderr) = await run_with(
+        tmp_path, text, pty_pair, lambda port: _mbpoll(port, 4.0)
+    )
+    assert all(v.passed for v in verdicts), verdicts
+    _check_junit(junit_xml(record, verdicts))
+    assert record.line.injected == {"drop": 2, "corrupt_crc": 1, "exception": 1}
+    # what libmodbus made of each fault, in its own words
+    assert stderr.count("Read input register failed: Invalid CRC") == 1
+    assert stderr.count("Read input register failed: Slave device or server is busy") == 1
+    assert stderr.count("Read input register failed: Connection timed out") >= 2
+    # every poll mbpoll printed is an answer the meter sent, register for register
+    answered = {
+        tuple(struct.unpack(f">{MEASUREMENTS.size}H", bytes(row.data)[3:-2]))
+        for row in record.line.capture
+        if row.sender == "meter" and bytes(row.data)[1:3] == bytes([4, 2 * MEASUREMENTS.size])
+    }
+    polls = _polled_blocks(stdout)
+    assert len(polls) >= 8
+    assert set(polls) <= answered
+    # its own statistics agree with the rig's record of good answers
+    stats = re.search(r"(\d+) frames transmitted, (\d+) received, (\d+) errors", stdout)
+    assert stats is not None, stdout[-500:]
+    sent, received, errors = (int(n) for n in stats.groups())
+    good = sum(1 for x in record.line.exchanges if x.ok)
+    assert abs(received - good) <= 1  # the last request may have gone out as mbpoll stopped
+    assert errors >= 4
+    assert received + errors <= sent <= received + errors + 1
+
+
 # -- the command line: exit codes and reports ------------------------------------------------------
 
 
@@ -556,6 +654,7 @@ def test_rig_check_and_the_exit_codes_of_run(tmp_path: Path, pty_pair: tuple[str
     result = runner.invoke(meter_sim_cli.app, args)
     assert result.exit_code == 0, result.output
     assert "1 of 1 expectation(s) held" in result.output
+    _check_junit(junit)
     suite = ET.parse(junit).getroot().find("testsuite")
     assert suite is not None
     assert suite.get("failures") == "0"
@@ -574,8 +673,8 @@ def test_rig_check_and_the_exit_codes_of_run(tmp_path: Path, pty_pair: tuple[str
     result = runner.invoke(meter_sim_cli.app, args)
     assert result.exit_code == 1, result.output
     assert "FAIL" in result.output
+    _check_junit(junit)  # a report with a failed expectation is valid JUnit XML too
     root = ET.parse(junit).getroot()
-    _check_junit(root)
     case = root.find("testsuite/testcase")
     assert case is not None
     assert case.get("name") == "top-up arrives"
@@ -588,23 +687,81 @@ def test_rig_check_and_the_exit_codes_of_run(tmp_path: Path, pty_pair: tuple[str
     assert (tmp_path / "frames.pcap").read_bytes()[20:24] == struct.pack("<I", PCAP_LINKTYPE)
 
 
-def _check_junit(root: ET.Element) -> None:
-    """The shape of the JUnit schema (testsuites > testsuite > testcase, with their required
-    attributes; a failure carries a message)."""
-    assert root.tag == "testsuites"
-    for suite in root:
-        assert suite.tag == "testsuite"
-        for attribute in ("name", "tests", "failures", "errors", "time", "timestamp"):
-            assert suite.get(attribute) is not None, attribute
-        cases = suite.findall("testcase")
-        assert int(suite.get("tests", "")) == len(cases)
-        assert int(suite.get("failures", "")) == sum(c.find("failure") is not None for c in cases)
-        for case in cases:
-            assert case.get("name")
-            assert case.get("classname")
-            assert case.get("time")
-            for failure in case.findall("failure"):
-                assert failure.get("message")
+JUNIT_XSD = Path(__file__).resolve().parent / "data" / "junit.xsd"
+
+
+@functools.cache
+def _junit_schema() -> xmlschema.XMLSchema11:
+    return xmlschema.XMLSchema11(JUNIT_XSD)
+
+
+def _check_junit(report: Path | str) -> None:
+    """The report (a file, or the XML itself) is valid JUnit XML as tests/data/junit.xsd
+    describes it: the elements and attributes CI tools read, counts that agree."""
+    _junit_schema().validate(str(report) if isinstance(report, Path) else report)
+
+
+def _verdicts_of(text: str) -> tuple[Record, list[Verdict]]:
+    """An empty run of the scenario ``text``: nothing on the line, 1.5 s long."""
+    record = Record(scenario_from_text(text), RigLine(9600, 8, "N", 1), time.time(), 1.5)
+    return record, judge(record)
+
+
+def test_junit_reports_with_passes_and_failures_validate_against_the_schema() -> None:
+    expect = (
+        '[[expect]]\nname = "nothing ran twice"\nkind = "once"\n\n'
+        '[[expect]]\nname = "a top-up <arrives> & is \\"applied\\""\nkind = "topup"\n'
+        'meter = "MTR-0001"\nwithin = "1s"\n\n'
+        '[[expect]]\nkind = "recovered"\nmeter = "MTR-0001"\n'
+    )
+    record, verdicts = _verdicts_of(scenario_text(expect=expect))
+    assert [v.passed for v in verdicts] == [True, False, False]
+    report = junit_xml(record, verdicts)
+    _check_junit(report)
+    root = ET.fromstring(report)
+    cases = root.findall("testsuite/testcase")
+    assert [c.get("name") for c in cases][:2] == [
+        "nothing ran twice",
+        'a top-up <arrives> & is "applied"',
+    ]
+    failure = cases[1].find("failure")
+    assert failure is not None
+    assert failure.get("message", "").startswith("expected a credit_transfer written to MTR-0001")
+    assert cases[0].findtext("system-out", "").startswith("0 command(s) ran once each")
+    held, passing = _verdicts_of(scenario_text())
+    assert all(v.passed for v in passing)
+    _check_junit(junit_xml(held, passing))  # every expectation held: no failure element
+
+
+@pytest.mark.parametrize(
+    ("pattern", "replacement"),
+    [
+        pytest.param(r'(<testsuite [^>]*)tests="2"', r'\1tests="3"', id="tests-miscounted"),
+        pytest.param(
+            r'(<testsuite [^>]*)failures="1"', r'\1failures="0"', id="failures-miscounted"
+        ),
+        pytest.param(r"<testcase ", '<testcase bogus="1" ', id="unknown-attribute"),
+        pytest.param(r' name="top-up"', "", id="no-name"),
+        pytest.param(r'(<testcase [^>]*)time="[0-9.]+"', r'\1time="1.5 s"', id="time-with-unit"),
+        pytest.param(r'timestamp="[^"]+"', 'timestamp="yesterday"', id="timestamp"),
+        pytest.param(r"</failure>", "</failure><error />", id="two-outcomes"),
+        pytest.param(r"<system-out>", "<stdout>", id="unknown-element"),
+    ],
+)
+def test_the_schema_refuses_what_a_ci_would_misread(pattern: str, replacement: str) -> None:
+    expect = (
+        '[[expect]]\nname = "top-up"\nkind = "topup"\nmeter = "MTR-0001"\n\n'
+        '[[expect]]\nkind = "once"\n'
+    )
+    record, verdicts = _verdicts_of(scenario_text(expect=expect))
+    report = junit_xml(record, verdicts)
+    _check_junit(report)
+    spoilt = re.sub(pattern, replacement, report, count=1)
+    if replacement == "<stdout>":
+        spoilt = spoilt.replace("</system-out>", "</stdout>", 1)
+    assert spoilt != report
+    with pytest.raises(xmlschema.XMLSchemaValidationError):
+        _check_junit(spoilt)
 
 
 def test_a_capture_holds_every_frame_with_timestamps(

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from meter_sim.rig.reports import CSV_COLUMNS, PCAP_LINKTYPE
 from meter_sim.rig.scenario import render_reference
+from protocols import registermap as rm
 
 EXAMPLES = Path(__file__).resolve().parent.parent.parent / "docs" / "examples"
 
@@ -70,6 +71,7 @@ waits before every answer, as a slow meter does; a `late` fault adds to it.
 
 """
 
+_MEASUREMENTS = rm.BLOCKS[rm.Block.MEASUREMENTS]
 _CAPTURES = f"""## Captures
 
 `--capture FILE` writes every frame on the line in both directions. A file ending in
@@ -99,7 +101,22 @@ per expectation (`classname` is the scenario and the kind, `name` the expectatio
 or a generated one); a failed expectation has a `failure` whose message says what was
 expected and what was seen, for example
 `expected a credit_transfer written to MTR-0001 between 0.00 s and 0.40 s; saw no command at
-all`. A passed one carries what was seen in `system-out`.
+all`. A passed one carries what was seen in `system-out`. `tests/data/junit.xsd` is the
+schema of the report (XSD 1.1): the elements and attributes the Jenkins JUnit plugin and
+GitLab's test reports read, and counts that agree with the test cases; the test suite
+validates the rig's reports against it, failed expectations included.
+
+## Other masters
+
+Any Modbus RTU master can be on the other end. The test suite runs `mbpoll` (libmodbus)
+against a scenario that drops two answers, corrupts a CRC and answers once with exception 6,
+and checks that it kept reading the measurements block and recovered after each fault, and
+that every poll it printed is an answer the meter sent:
+
+```sh
+mbpoll -m rtu -b 9600 -P none -a 1 -t 3:hex -0 -r {_MEASUREMENTS.start} -c {_MEASUREMENTS.size} \\
+    -l 200 -o 0.3 /dev/pts/N
+```
 
 """
 

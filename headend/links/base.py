@@ -13,9 +13,12 @@ on top of them, the same for every transport:
 * otherwise the envelope is sent again (safe: a meter executes a sequence number at most once
   and answers a repeat with its stored result), until the total ``timeout`` is spent, retries
   included;
+* an answer that does not decode (:class:`~protocols.errors.DecodeError`: a payload corrupted
+  on its way, a frame cut short) is taken as a lost one: the meter may well have executed the
+  command, so it is asked for its last result before anything is resent, and the command is
+  confirmed only by an answer that decodes;
 * the meter refusing the envelope itself at the protocol level
-  (:class:`~protocols.errors.DeviceException`) or answering with something that does not decode
-  (:class:`~protocols.errors.DecodeError`) ends it at once: resending would change nothing.
+  (:class:`~protocols.errors.DeviceException`) ends it at once: resending would change nothing.
 
 Implementations (Modbus TCP, Modbus RTU, MQTT, in-memory) translate their library's exceptions
 into :mod:`protocols.errors`; nothing foreign leaks out of a link.
@@ -111,8 +114,8 @@ async def execute_confirmed(
     deadline, retries included.
 
     Raises ValidationError for an envelope addressed to another meter than the link's,
-    LinkTimeout when no confirmation arrives in time, DeviceException or DecodeError at once
-    when the meter's answer makes a resend pointless."""
+    LinkTimeout when no confirmation arrives in time (answers that did not decode included:
+    its message says so), DeviceException at once when the meter refuses the envelope."""
     if link.meter_id and envelope.meter_id != link.meter_id:  # else send_envelope checks
         raise ValidationError(
             f"the envelope is for meter {envelope.meter_id}, this link reaches {link.meter_id}"
@@ -142,12 +145,15 @@ async def execute_confirmed(
             try:
                 async with asyncio.timeout_at(deadline):
                     return await link.send_envelope(envelope, window)
-            except (LinkError, TimeoutError) as exc:
+            except DeviceException:
+                raise
+            except (LinkError, DecodeError, TimeoutError) as exc:
                 send_error = exc
                 raise
-        except (DeviceException, DecodeError):
+        except DeviceException:
             raise
-        except (LinkError, TimeoutError) as exc:
+        # a DecodeError too: the answer was spoilt on its way, so ask the meter
+        except (LinkError, DecodeError, TimeoutError) as exc:
             error: BaseException = exc
         delay = policy.delay(attempt, rng)
         attempt += 1

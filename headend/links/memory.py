@@ -9,7 +9,9 @@ goes wrong on the way:
 * ``drop_request`` — the request is lost before the meter sees it;
 * ``drop_answer`` — the meter applies the request and its answer is lost;
 * ``delay`` — the answer comes ``delay_seconds`` late (a time-out if that is too late);
-* ``disconnect`` — the link drops before the request; the next operation reconnects.
+* ``disconnect`` — the link drops before the request; the next operation reconnects;
+* ``corrupt`` — the meter applies the request and its answer arrives spoilt: the operation
+  fails at once with a :class:`~protocols.errors.DecodeError`, as a link's decoder does.
 
 Each operation draws at most one fault; the counters in :attr:`MemoryLink.faults` and
 :attr:`MemoryLink.executed` (envelopes the meter saw) let a test check exactly what happened.
@@ -28,7 +30,7 @@ from typing import Protocol
 from headend.links.base import ConfirmedExecution
 from protocols.clock import Clock
 from protocols.commands import CommandEnvelope, CommandResult
-from protocols.errors import ConfigError, LinkClosed, LinkTimeout, ValidationError
+from protocols.errors import ConfigError, DecodeError, LinkClosed, LinkTimeout, ValidationError
 from protocols.readings import Event, MeterSnapshot, ProfileRow
 
 
@@ -54,6 +56,7 @@ class Fault(Enum):
     DROP_ANSWER = "drop_answer"
     DELAY = "delay"
     DISCONNECT = "disconnect"
+    CORRUPT = "corrupt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,12 +69,13 @@ class FaultPlan:
     drop_answer: float = 0.0
     delay: float = 0.0
     disconnect: float = 0.0
+    corrupt: float = 0.0
     delay_seconds: float = 0.05
     seed: int = 0
     only: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
-        chances = (self.drop_request, self.drop_answer, self.delay, self.disconnect)
+        chances = (self.drop_request, self.drop_answer, self.delay, self.disconnect, self.corrupt)
         if any(not 0 <= p <= 1 for p in chances) or sum(chances) > 1:
             raise ConfigError("fault probabilities are 0..1 and add up to at most 1")
         if self.delay_seconds < 0:
@@ -86,6 +90,7 @@ class FaultPlan:
             (Fault.DROP_ANSWER, self.drop_answer),
             (Fault.DELAY, self.delay),
             (Fault.DISCONNECT, self.disconnect),
+            (Fault.CORRUPT, self.corrupt),
         ):
             if x < chance:
                 return fault
@@ -127,7 +132,7 @@ class MemoryLink(ConfirmedExecution):
 
     async def _call(self, operation: str, wait: float | None = None) -> Fault | None:
         """Run the fault draw of one operation: raise for a lost request, else return the
-        fault still to apply to the answer (drop or delay)."""
+        fault still to apply to the answer (drop, delay or corrupt)."""
         if self._closed:
             raise LinkClosed(f"{self!r} is closed")
         if not self._connected:
@@ -156,6 +161,8 @@ class MemoryLink(ConfirmedExecution):
                 await asyncio.sleep(limit)
                 raise LinkTimeout(f"{self!r}: no answer within {limit:g} s (answer late)")
             await asyncio.sleep(self.plan.delay_seconds)
+        if fault is Fault.CORRUPT:
+            raise DecodeError(f"{self!r}: the answer does not decode (corrupted)")
 
     async def read_snapshot(self) -> MeterSnapshot:
         fault = await self._call("snapshot")

@@ -17,7 +17,16 @@ Both run on pymodbus' async clients and the register map (:mod:`protocols.regist
   refused, dropped or unopenable connection :class:`~protocols.errors.LinkClosed`, a serial
   URL pyserial does not take :class:`~protocols.errors.ConfigError`, and an exception response
   :class:`~protocols.errors.DeviceException` (with the Modbus exception code); nothing foreign
-  leaks out.
+  leaks out;
+* an answer pymodbus cannot decode (a PDU cut short, a byte count that disagrees with the
+  frame) is not reported by pymodbus to the caller: its framer raises inside the protocol's
+  ``data_received``, asyncio logs that at ERROR with a traceback ("Fatal error:
+  protocol.data_received() call failed", logger ``asyncio``) and closes the connection, and the
+  request would wait out its whole time-out. The channel watches the client's own
+  ``trace_connect`` and ``trace_packet`` hooks instead: a connection lost while a request
+  waits ends the request at once, as :class:`~protocols.errors.LinkCorrupt` when bytes of an
+  answer had arrived (logged at WARNING with them), as
+  :class:`~protocols.errors.LinkClosed` otherwise. The link frames nothing itself.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from protocols.errors import (
     DeviceException,
     HesError,
     LinkClosed,
+    LinkCorrupt,
     LinkError,
     LinkTimeout,
     ValidationError,
@@ -99,7 +109,19 @@ class LinkSettings:
 
 
 _rng = random.Random()
-ClientFactory = Callable[[float], Any]
+_SHOWN_BYTES: Final = 32  # of an undecodable answer, in the error and the log line
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHooks:
+    """The pymodbus client's ``trace_packet`` and ``trace_connect`` callbacks, which a
+    :class:`Channel` gives every client it makes."""
+
+    trace_packet: Callable[[bool, bytes], bytes]
+    trace_connect: Callable[[bool], None]
+
+
+ClientFactory = Callable[[float, ClientHooks], Any]
 
 #: Modbus exception codes a meter (or the gateway in front of it) may answer
 EXCEPTION_NAMES: Final[dict[int, str]] = {
@@ -142,6 +164,10 @@ class Channel:
         self._client: Any = None
         self.lock = asyncio.Lock()
         self.connects = 0  # connections opened, over the channel's life
+        self.corrupt = 0  # answers that did not decode, over the channel's life
+        self._hooks = ClientHooks(self._trace_packet, self._trace_connect)
+        self._lost: asyncio.Future[None] | None = None  # while a request waits: the drop
+        self._received = b""  # what arrived since the waiting request went out
 
     @property
     def connected(self) -> bool:
@@ -157,7 +183,7 @@ class Channel:
                     client = self._client
                     if client is None or not client.connected:
                         client = await self._connect(timeout)
-                    response = await getattr(client, method)(*args, **kwargs)
+                    response = await self._watched(getattr(client, method)(*args, **kwargs))
             except BaseException:
                 self._drop()
                 raise
@@ -167,11 +193,47 @@ class Channel:
             raise DeviceException(f"{self.name}: Modbus exception {code:02X} ({meaning})", code)
         return response
 
+    async def _watched(self, call: Awaitable[Any]) -> Any:
+        """Await pymodbus' ``call``, ended early when the connection drops meanwhile (see the
+        module's docstring): LinkCorrupt when part of an answer had come, else LinkClosed."""
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+        request = asyncio.ensure_future(call)
+        self._lost, self._received = lost, b""
+        try:
+            await asyncio.wait((request, lost), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._lost = None
+            if not request.done():
+                request.cancel()
+                await asyncio.gather(request, return_exceptions=True)
+        if request.done() and not request.cancelled():
+            return request.result()
+        if not self._received:
+            raise LinkClosed(f"{self.name}: connection lost during the request")
+        self.corrupt += 1
+        shown = self._received[:_SHOWN_BYTES].hex(" ")
+        more = " ..." if len(self._received) > _SHOWN_BYTES else ""
+        log.warning("%s: an answer that does not decode: %s%s", self.name, shown, more)
+        raise LinkCorrupt(
+            f"{self.name}: an answer that does not decode ({len(self._received)} bytes: "
+            f"{shown}{more}); the connection was dropped"
+        )
+
+    def _trace_packet(self, sending: bool, data: bytes) -> bytes:
+        if not sending and self._lost is not None:
+            self._received = bytes(data)  # pymodbus hands over all it has not used yet
+        return data
+
+    def _trace_connect(self, connected: bool) -> None:
+        if not connected and self._lost is not None and not self._lost.done():
+            self._lost.set_result(None)
+
     async def _connect(self, timeout: float) -> Any:
         if self.connected:
             return self._client
         self._drop()
-        client = self._make_client(timeout)
+        client = self._make_client(timeout, self._hooks)
         try:
             with map_modbus_errors(f"cannot connect to {self.name}", timeout):
                 ok = await client.connect()
@@ -221,7 +283,7 @@ class SerialLine:
         self.settings = (baudrate, parity.upper(), stopbits, bytesize)
         self.users = 0
 
-        def make_client(timeout: float) -> Any:
+        def make_client(timeout: float, hooks: ClientHooks) -> Any:
             return AsyncModbusSerialClient(
                 port,
                 baudrate=baudrate,
@@ -231,6 +293,8 @@ class SerialLine:
                 timeout=timeout,
                 retries=0,
                 reconnect_delay=0,
+                trace_packet=hooks.trace_packet,
+                trace_connect=hooks.trace_connect,
             )
 
         self.channel = Channel(f"rtu:{port}", make_client)
@@ -541,8 +605,16 @@ class ModbusTcpLink(ModbusLink):
 def tcp_channel(host: str, port: int) -> Channel:
     """A channel to the Modbus TCP server (or gateway) at ``host:port``."""
 
-    def make_client(timeout: float) -> Any:
-        return AsyncModbusTcpClient(host, port=port, timeout=timeout, retries=0, reconnect_delay=0)
+    def make_client(timeout: float, hooks: ClientHooks) -> Any:
+        return AsyncModbusTcpClient(
+            host,
+            port=port,
+            timeout=timeout,
+            retries=0,
+            reconnect_delay=0,
+            trace_packet=hooks.trace_packet,
+            trace_connect=hooks.trace_connect,
+        )
 
     return Channel(f"tcp://{host}:{port}", make_client)
 
