@@ -5,8 +5,10 @@ back after a top-up. Then the head-end's job: the fleet registered in a fresh st
 ``serve()`` (as `hes serve` runs it: a poller worker with the balance monitor, and an
 ingest-only worker) over it for a simulated day on the meters' accelerated clock, while one
 meter's line is cut and mended, the simulator restarted and the ingest restarted; the store is
-checked at the end. Every step checks what it shows; the demo fails loudly when one does not
-hold.
+checked at the end. Last, two stories in process: supply control by policy
+(:mod:`headend.demo_supply`) and the payments loop from every channel to the meters
+(:mod:`headend.demo_payments`). Every step checks what it shows; the demo fails loudly when one
+does not hold.
 """
 
 from __future__ import annotations
