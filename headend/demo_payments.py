@@ -211,11 +211,11 @@ class _Story:
             if split["credit_unit"] == "energy"
             else _kes(split["credit_amount"])
         )
+        kind = "token of TID" if answer["delivery"]["kind"] == "token" else "transfer"
         self.reporter.note(
             f"{channel} {answer['reference']}: {_kes(split['amount'])} for "
             f"{answer['meter']}, receipt {answer['receipt']}, VAT {_kes(split['tax'])}, "
-            f"credit {credit}, {answer['delivery']['kind']} {answer['delivery']['number']} "
-            f"{answer['delivery']['state']}"
+            f"credit {credit}, {kind} {answer['delivery']['number']} {answer['delivery']['state']}"
         )
 
 
