@@ -5,8 +5,10 @@ back after a top-up. Then the head-end's job: the fleet registered in a fresh st
 ``serve()`` (as `hes serve` runs it: a poller worker with the balance monitor, and an
 ingest-only worker) over it for a simulated day on the meters' accelerated clock, while one
 meter's line is cut and mended, the simulator restarted and the ingest restarted; the store is
-checked at the end. Every step checks what it shows; the demo fails loudly when one does not
-hold.
+checked at the end. Last, two stories in process: supply control by policy
+(:mod:`headend.demo_supply`) and the payments loop from every channel to the meters
+(:mod:`headend.demo_payments`). Every step checks what it shows; the demo fails loudly when one
+does not hold.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from headend.broker import BrokerPlan, choose_broker
+from headend.demo_payments import MQTT_METERS, payments_loop
 from headend.demo_supply import supply_control
 from headend.domain.health import Health
 from headend.ingest import Ingest, MemorySink
@@ -128,6 +131,7 @@ class DemoOptions:
     hours: float = 24.0  # simulated hours of `hes serve` over the fleet (0: none)
     serve_speed: float = 3600.0  # the simulator's and the head-end's clock meanwhile
     supply: bool = True  # the supply-control story (in process, about half a minute)
+    payments: bool = True  # the payments story (in process, about twenty seconds)
 
 
 @dataclass(slots=True)
@@ -187,8 +191,9 @@ async def run_demo(options: DemoOptions, reporter: Reporter) -> DemoResult:
 
         reporter.section("Broker")
         if options.mqtt:
+            provisioned = meter_ids + list(MQTT_METERS if options.payments else ())
             plan = await choose_broker(
-                options.broker_url, workdir / "broker", meter_ids, secret=password_secret
+                options.broker_url, workdir / "broker", provisioned, secret=password_secret
             )
         else:
             plan = BrokerPlan(None, None, "MQTT switched off: Modbus only")
@@ -228,6 +233,9 @@ async def run_demo(options: DemoOptions, reporter: Reporter) -> DemoResult:
         if options.supply:
             with _log_file(workdir / "hes-serve.log"):
                 await supply_control(head_end, reporter, workdir)
+        if options.payments:
+            with _log_file(workdir / "hes-serve.log"):
+                await payments_loop(head_end, reporter, workdir, plan.settings, password_secret)
     return result
 
 
