@@ -404,10 +404,10 @@ async def test_serve_in_process_rides_out_a_database_outage_and_stops_cleanly(
         stop = asyncio.Event()
         announced: list[Ready] = []
         task = asyncio.create_task(serve(settings, fleet.clock, stop, announced.append))
-        outage = sqlite3.connect(path, isolation_level=None, timeout=30)
+        outage = sqlite3.connect(path, isolation_level=None, timeout=10, check_same_thread=False)
         try:
             await _until(lambda: _some_read(db, 2))
-            outage.execute("BEGIN EXCLUSIVE")  # away for longer than a writer waits (10 s)
+            await asyncio.to_thread(_take_the_write_lock, outage)  # longer than a writer waits
             await _until(lambda: _errors_counted(announced[0]), timeout=30)
             outage.execute("ROLLBACK")
             before = await _readings(db)
@@ -428,6 +428,20 @@ async def test_serve_in_process_rides_out_a_database_outage_and_stops_cleanly(
     assert metrics.registry.get_sample_value("hes_rows_stored_total", {"table": "readings"}) == (
         stored
     )
+
+
+def _take_the_write_lock(outage: sqlite3.Connection) -> None:
+    """BEGIN EXCLUSIVE on ``outage``, in a thread: the head-end in this event loop must be
+    free to finish the write it may be in the middle of, and SQLite's busy handler is not
+    fair (on a loaded machine one wait can lose every race to the head-end's writers)."""
+    for attempt in range(6):
+        try:
+            outage.execute("BEGIN EXCLUSIVE")
+        except sqlite3.OperationalError:
+            if attempt == 5:
+                raise
+        else:
+            return
 
 
 async def _errors_counted(ready: Ready) -> bool:
