@@ -146,7 +146,7 @@ class Dispatcher:
         result = result or DispatchRound()
         now = self.now()
         async with self.db.read() as session:
-            inputs = await policy_inputs(session)
+            inputs = await policy_inputs(session, acting_only=True)
         decisions = [
             (row, decide(row.account, row.meter, row.calendar, now, self.settings.grace))
             for row in inputs

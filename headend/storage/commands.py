@@ -38,7 +38,6 @@ from headend.domain.commands import (
 from headend.storage import audit
 from headend.storage.database import Database, insert_ignore, storage_errors
 from headend.storage.notices import notice_row
-from headend.storage.readings import latest_times
 from headend.storage.schema import (
     Account,
     CommandRow,
@@ -46,8 +45,8 @@ from headend.storage.schema import (
     Customer,
     KeyMaterial,
     Meter,
+    MeterStateRow,
     Notification,
-    Reading,
 )
 from protocols.commands import CommandEnvelope
 from protocols.errors import StorageError, ValidationError
@@ -354,19 +353,12 @@ async def _queue_all(
         )
     ).all():
         pending.setdefault(row.meter_id, []).append(row)
-    latest = latest_times()
     seen = dict(
         (
             await session.execute(
-                select(Reading.meter_id, Reading.last_command_seq)
-                .join(
-                    latest,
-                    and_(
-                        latest.c.meter_id == Reading.meter_id,
-                        latest.c.meter_time == Reading.meter_time,
-                    ),
+                select(MeterStateRow.meter_id, MeterStateRow.last_command_seq).where(
+                    MeterStateRow.meter_id.in_(meter_ids)
                 )
-                .where(Reading.meter_id.in_(meter_ids))
             )
         ).all()
     )

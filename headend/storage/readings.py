@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Subquery, Table, bindparam, func, select, update
+from sqlalchemy import Subquery, Table, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,6 +20,7 @@ from headend.storage.schema import (
     Interval,
     Meter,
     MeterEvent,
+    MeterStateRow,
     PollHealth,
     Reading,
 )
@@ -67,7 +68,99 @@ async def latest_reading(session: AsyncSession, meter_id: str) -> Previous | Non
 
 async def store_readings(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> int:
     """Store reading rows (from :func:`reading_row`); returns how many were new."""
-    return await insert_ignore(session, Reading, rows)
+    return len(await store_new_readings(session, rows))
+
+
+async def store_new_readings(
+    session: AsyncSession, rows: Sequence[dict[str, Any]]
+) -> list[tuple[str, int]]:
+    """Insert-or-ignore reading rows (from :func:`reading_row`) and bring each meter's
+    :class:`~headend.storage.schema.MeterStateRow` up to its newest new reading, in the caller's
+    transaction: the one way readings are stored. Returns ``(meter_id, meter_time)`` of each
+    row that was new."""
+    stored = [(str(m), int(t)) for m, t in await insert_rows(session, Reading, rows)]
+    if stored:
+        await update_meter_state(session, rows, set(stored))
+    return stored
+
+
+#: the reading columns a meter's state keeps
+_STATE_COLUMNS = (
+    "meter_id",
+    "meter_time",
+    "credit",
+    "emergency_credit",
+    "low_credit_threshold",
+    "control_state",
+    "control_mode",
+    "last_command_seq",
+)
+
+
+async def update_meter_state(
+    session: AsyncSession, rows: Sequence[dict[str, Any]], new: set[tuple[str, int]]
+) -> None:
+    """Move each meter's state forward through its rows of ``rows`` that are in ``new``,
+    oldest first: one upsert per "round" (a meter's first new reading in the first round, its
+    second in the second, …; a poll stores one a meter, an MQTT burst a few). The upsert
+    writes only over a state older than the reading (a late reading changes nothing) and
+    carries ``exhausted_since`` on while the credit stays used up, so it is right however the
+    rows of a burst are split between transactions and workers."""
+    per_meter: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if (row["meter_id"], row["meter_time"]) in new:
+            per_meter.setdefault(row["meter_id"], []).append(row)
+    rounds: list[list[dict[str, Any]]] = []
+    for meter_rows in per_meter.values():
+        meter_rows.sort(key=lambda r: r["meter_time"])
+        for i, row in enumerate(meter_rows):
+            if i == len(rounds):
+                rounds.append([])
+            state = {k: row[k] for k in _STATE_COLUMNS}
+            state["exhausted_since"] = row["meter_time"] if row["credit"] <= 0 else None
+            rounds[i].append(state)
+    conn = await session.connection()
+    dialect = conn.dialect.name
+    statement = _STATE_UPSERTS.get(dialect)
+    if statement is None:
+        statement = _state_upsert(dialect)
+        _STATE_UPSERTS[dialect] = statement
+    with storage_errors("keeping the meters' latest state"):
+        for states in rounds:
+            if dialect == "postgresql":
+                keys = (*_STATE_COLUMNS, "exhausted_since")
+                await conn.execute(statement, {k: [s[k] for s in states] for k in keys})
+            else:
+                await conn.execute(statement, states)
+
+
+def _state_upsert(dialect: str) -> Any:
+    table = _table(MeterStateRow)
+    keys = (*_STATE_COLUMNS, "exhausted_since")
+    if dialect == "postgresql":
+        arrays = [
+            func.unnest(bindparam(k, type_=postgresql.ARRAY(table.c[k].type))).label(k)
+            for k in keys
+        ]
+        insert: Any = postgresql.insert(table).from_select(list(keys), select(*arrays))
+    else:
+        insert = sqlite.insert(table)
+    new = insert.excluded
+    since = case(
+        (new.credit > 0, None),
+        (table.c.credit > 0, new.meter_time),
+        else_=func.coalesce(table.c.exhausted_since, new.meter_time),
+    )
+    values: dict[str, Any] = {k: new[k] for k in _STATE_COLUMNS if k != "meter_id"}
+    values["exhausted_since"] = since
+    return insert.on_conflict_do_update(
+        index_elements=[table.c.meter_id],
+        set_=values,
+        where=table.c.meter_time < new.meter_time,
+    )
+
+
+_STATE_UPSERTS: dict[str, Any] = {}
 
 
 def interval_row(meter_id: str, interval: CheckedInterval) -> dict[str, Any]:
