@@ -100,8 +100,12 @@ async def test_a_burst_of_readings_in_one_call(db: Database) -> None:
     assert len(await _store(db, *rows)) == 4
     assert await _state(db, "M-1") == (T0 + 2700, 0, T0 + 1800)
     assert await _state(db, "M-2") == (T0 + 900, 700, None)
-    assert await _store(db, _row("M-1", 4, 0), _row("M-1", 5, 100)) != []
-    assert await _state(db, "M-1") == (T0 + 4500, 100, None)
+    assert await _store(db, _row("M-1", 5, -3), _row("M-1", 4, 0)) != []
+    assert await _state(db, "M-1") == (T0 + 4500, -3, T0 + 1800)  # the run goes on
+    assert await _store(db, _row("M-1", 6, 0), _row("M-1", 7, 100), _row("M-1", 8, 0)) != []
+    assert await _state(db, "M-1") == (T0 + 7200, 0, T0 + 7200)  # a new run after the credit
+    assert await _store(db, _row("M-1", 9, 100), _row("M-1", 10, 200)) != []
+    assert await _state(db, "M-1") == (T0 + 9000, 200, None)
 
 
 async def test_the_migration_backfills_the_state_from_the_readings(db_url: str) -> None:
