@@ -8,10 +8,13 @@
    ``--history`` readings each, 15 minutes apart; a tenth of them out of credit for their last
    three readings, a seventh low), on SQLite and on PostgreSQL: one full pass of
    the balance monitor (``BalanceMonitor.evaluate``: level changes and forecasts, set-wise in
-   SQL, with the notices it raises written) and one of the policy (``policy_inputs`` and
-   ``decide`` for every meter, queueing nothing). Baseline: one bare SQL query that fetches
-   each meter's latest reading with its account (the least any evaluation must read). The
-   first pass of the monitor raises the notices; the second, timed again, finds nothing new.
+   SQL, with the notices it raises written) and one of the policy (``policy_inputs`` with
+   ``acting_only``, as the dispatcher's pass, and ``decide`` for each candidate, queueing
+   nothing). Baseline: one bare SQL query that fetches each meter's latest reading with its
+   account by GROUP BY over the readings (what both did before ``meter_state``). The readings
+   are stored as the poller stores them (``store_new_readings``, keeping each meter's state).
+   The first pass of the monitor raises the notices; the second, timed again, finds nothing
+   new.
 2. **Dispatch**: ``--commands`` disconnects queued for as many simulated meters (served by the
    simulator in a subprocess over Modbus TCP, up to 247 unit ids a listener) and dispatched
    until every one is verified by read-back (``Dispatcher.dispatch_once``), against a bare loop
