@@ -2,21 +2,27 @@
 
     .venv/bin/python bench/supply.py                       # 100,000 accounts, 1,000 commands
     .venv/bin/python bench/supply.py --accounts 20000 --commands 200 --db sqlite
+    .venv/bin/python bench/supply.py --history 50 --phase evaluation   # a deeper store
 
-1. **Evaluation** over ``--accounts`` synthetic accounts (customer, account, tariff, meter, two
-   readings each; a tenth of them out of credit), on SQLite and on PostgreSQL: one full pass of
+1. **Evaluation** over ``--accounts`` synthetic accounts (customer, account, tariff, meter,
+   ``--history`` readings each, 15 minutes apart; a tenth of them out of credit for their last
+   three readings, a seventh low), on SQLite and on PostgreSQL: one full pass of
    the balance monitor (``BalanceMonitor.evaluate``: level changes and forecasts, set-wise in
-   SQL, with the notices it raises written) and one of the policy (``policy_inputs`` and
-   ``decide`` for every meter, queueing nothing). Baseline: one bare SQL query that fetches
-   each meter's latest reading with its account (the least any evaluation must read). The
-   first pass of the monitor raises the notices; the second, timed again, finds nothing new.
+   SQL, with the notices it raises written) and one of the policy (``policy_inputs`` with
+   ``acting_only``, as the dispatcher's pass, and ``decide`` for each candidate, queueing
+   nothing). Baseline: one bare SQL query that fetches each meter's latest reading with its
+   account by GROUP BY over the readings (what both did before ``meter_state``). The readings
+   are stored as the poller stores them (``store_new_readings``, keeping each meter's state).
+   The first pass of the monitor raises the notices; the second, timed again, finds nothing
+   new.
 2. **Dispatch**: ``--commands`` disconnects queued for as many simulated meters (served by the
    simulator in a subprocess over Modbus TCP, up to 247 unit ids a listener) and dispatched
    until every one is verified by read-back (``Dispatcher.dispatch_once``), against a bare loop
    sending the same commands through the same links (``execute_confirmed`` and a read-back,
    nothing stored). Then the same meters are reconnected, so a second run starts connected.
 
-Bounded: at most 200,000 accounts and 2,000 commands; loopback only; the databases (a
+``--phase`` runs only one of the two. Bounded: at most 200,000 accounts, 2,000 commands and
+10,000,000 readings; loopback only; the databases (a
 temporary SQLite file; a PostgreSQL database created on 127.0.0.1:5432 and dropped) and the
 subprocess are removed at the end.
 """
@@ -47,7 +53,7 @@ from headend.services.monitor import BalanceMonitor
 from headend.storage import Database, open_database
 from headend.storage.commands import Request
 from headend.storage.polling import PollTarget
-from headend.storage.readings import latest_times
+from headend.storage.readings import latest_times, store_new_readings
 from headend.storage.schema import Account, Customer, Meter, Reading, Tariff
 from headend.storage.supply import policy_inputs
 from protocols.clock import ManualClock, SystemClock
@@ -89,10 +95,11 @@ def _reading(meter_id: str, at: int, credit: int) -> dict[str, object]:
     }  # fmt: skip
 
 
-async def populate(db: Database, count: int) -> None:
-    """``count`` customers, accounts and meters on one tariff, each meter with two readings;
-    every tenth meter out of credit, every seventh low."""
-    batch = 5000
+async def populate(db: Database, count: int, history: int = 2) -> None:
+    """``count`` customers, accounts and meters on one tariff, each meter with ``history``
+    readings 15 minutes apart, the last at ``T0 - 900``, its credit falling by 40 a reading;
+    every tenth meter out of credit for its last three readings, every seventh low."""
+    batch = max(500, 5000 * 2 // history)
     async with db.begin() as session:
         await session.execute(
             insert(Tariff),
@@ -128,9 +135,10 @@ async def populate(db: Database, count: int) -> None:
             rows = []
             for n in numbers:
                 credit = 0 if n % 10 == 0 else 3000 if n % 7 == 0 else 500_000
-                rows.append(_reading(f"MTR-{n}", T0 - 7200, credit + 4000))
-                rows.append(_reading(f"MTR-{n}", T0 - 900, credit))
-            await session.execute(insert(Reading), rows)
+                for back in range(history - 1, -1, -1):  # oldest first
+                    at = T0 - 900 * (back + 1)
+                    rows.append(_reading(f"MTR-{n}", at, credit + 40 * max(0, back - 2)))
+            await store_new_readings(session, rows)  # as the poller stores them
 
 
 async def baseline_query(db: Database) -> tuple[float, int]:
@@ -152,7 +160,7 @@ async def baseline_query(db: Database) -> tuple[float, int]:
 async def policy_pass(db: Database) -> tuple[float, int]:
     started = time.perf_counter()
     async with db.read() as session:
-        inputs = await policy_inputs(session)
+        inputs = await policy_inputs(session, acting_only=True)
     acting = sum(
         1
         for row in inputs
@@ -161,14 +169,15 @@ async def policy_pass(db: Database) -> tuple[float, int]:
     return time.perf_counter() - started, acting
 
 
-async def evaluation(dialect: str, count: int, workdir: Path) -> None:
+async def evaluation(dialect: str, count: int, history: int, workdir: Path) -> None:
     async with fresh_database(dialect, workdir, "supply") as db:
         started = time.perf_counter()
-        await populate(db, count)
+        await populate(db, count, history)
         if dialect == "postgresql":  # what autovacuum does after a bulk load: plan on statistics
             async with db.begin() as session:
                 await session.execute(text("ANALYZE"))
-        print(f"\n{dialect}: {count:,} accounts written in {time.perf_counter() - started:.1f} s")
+        print(f"\n{dialect}: {count:,} accounts, {count * history:,} readings written in "
+              f"{time.perf_counter() - started:.1f} s")  # fmt: skip
         base, rows = await baseline_query(db)
         monitor = BalanceMonitor(db, ManualClock(T0))
         started = time.perf_counter()
@@ -210,6 +219,7 @@ async def dispatch_all(db: Database, kind: Kind, meters: Sequence[str]) -> tuple
     started = time.perf_counter()
     try:
         await dispatcher.queue_many([Request(m, kind, "bench", "bench") for m in meters])
+        queued = time.perf_counter() - started
         verified = 0
         for _ in range(10):
             result = await dispatcher.dispatch_once()
@@ -218,7 +228,8 @@ async def dispatch_all(db: Database, kind: Kind, meters: Sequence[str]) -> tuple
                 break
     finally:
         await links.close()
-    print(f"  ({dispatcher.recorder.transactions} transactions of transitions)")
+    print(f"  ({queued:.2f} s to queue; {dispatcher.recorder.transactions} transactions of "
+          "transitions)")  # fmt: skip
     return time.perf_counter() - started, verified
 
 
@@ -294,10 +305,12 @@ async def measure(args: argparse.Namespace) -> None:
         print(f"PostgreSQL at {POSTGRES_ADMIN} does not answer: SQLite only")
         dialects.remove("postgresql")
     with tempfile.TemporaryDirectory(prefix="hes-bench-") as workdir:
-        for dialect in dialects:
-            await evaluation(dialect, args.accounts, Path(workdir))
-        for dialect in dialects:
-            await dispatch(dialect, args.commands, Path(workdir))
+        if args.phase in ("both", "evaluation"):
+            for dialect in dialects:
+                await evaluation(dialect, args.accounts, args.history, Path(workdir))
+        if args.phase in ("both", "dispatch"):
+            for dialect in dialects:
+                await dispatch(dialect, args.commands, Path(workdir))
 
 
 def main() -> None:
@@ -306,10 +319,14 @@ def main() -> None:
     )
     parser.add_argument("--accounts", type=int, default=100_000, help="1..200000")
     parser.add_argument("--commands", type=int, default=1000, help="1..2000")
+    parser.add_argument("--history", type=int, default=2, help="readings a meter, 2..1000")
     parser.add_argument("--db", choices=("both", "sqlite", "postgresql"), default="both")
+    parser.add_argument("--phase", choices=("both", "evaluation", "dispatch"), default="both")
     args = parser.parse_args()
     if not 1 <= args.accounts <= 200_000 or not 1 <= args.commands <= 2000:
         parser.error("--accounts is 1..200000, --commands 1..2000")
+    if not 2 <= args.history <= 1000 or args.accounts * args.history > 10_000_000:
+        parser.error("--history is 2..1000, and --accounts times --history at most 10,000,000")
     asyncio.run(measure(args))
 
 

@@ -150,6 +150,32 @@ async def test_a_disconnect_is_sent_acknowledged_and_verified(db: Database) -> N
     assert await _notices(db) == [("disconnected", "+254700000001")]
     assert (await verify_chain(db)).broken is None
     assert (await dispatcher.dispatch_once()).outcomes == {}  # nothing left to do
+    # the send, then the acknowledgement with the verification (after the read-back)
+    assert dispatcher.recorder.transactions == 2
+
+
+async def test_an_acknowledgement_is_kept_when_the_read_back_fails(db: Database) -> None:
+    """The acknowledgement goes in with the verification; when the relay cannot be read back,
+    it is written alone, and the next claim reads back without sending again."""
+    clock, meters, links = _setup()
+    links.links["MTR-1"] = MemoryLink(
+        meters["MTR-1"], FaultPlan(drop_answer=1.0, only=frozenset({"snapshot"})), timeout=0.05
+    )
+    dispatcher = _dispatcher(db, links, clock)
+    queued = await dispatcher.queue("MTR-1", Kind.DISCONNECT, "read-back test", "op")
+    assert (await dispatcher.dispatch_once()).outcomes == {"acknowledged": 1}
+    view = await get_command(db, queued.command_id)
+    assert view.state == "acknowledged"
+    assert [t.new for t in view.transitions] == ["queued", "sent", "acknowledged"]
+    executed = links.links["MTR-1"].executed
+    links.links["MTR-1"] = MemoryLink(meters["MTR-1"], FaultPlan(), timeout=0.05)
+    clock.advance(31)
+    assert (await dispatcher.dispatch_once()).outcomes == {"verified": 1}
+    assert links.links["MTR-1"].executed == 0  # not sent again
+    assert executed == 1
+    view = await get_command(db, queued.command_id)
+    assert [t.new for t in view.transitions] == ["queued", "sent", "acknowledged", "verified"]
+    assert (await verify_chain(db)).broken is None
 
 
 async def test_one_command_of_a_kind_in_flight_and_the_newer_kind_supersedes(

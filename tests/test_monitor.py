@@ -148,3 +148,68 @@ async def test_a_forecast_reminder_once_per_run_down(db: Database) -> None:
         account = await session.get(Account, "ACC-1")
         assert account is not None
         assert account.forecast_sent is False  # re-armed by the top-up
+
+
+async def test_a_mass_crossing_is_one_notice_an_account_with_two_monitors(
+    db: Database, db_url: str
+) -> None:
+    """Many accounts crossing at once (written set-wise): one notice each, never two, with
+    two monitors evaluating together, and none on the next pass."""
+    count = 40
+    for n in range(3, count + 3):
+        record = CustomerRecord(f"C{n}", None, f"+2547100{n:05d}", "sms")
+        await add_customer(db, record, f"ACC-{n}", NOW, actor="t")
+    rows = [
+        (
+            2,
+            MeterRecord(
+                meter_id=f"MTR-{n}",
+                endpoint=f"tcp://127.0.0.1:1/{n}",
+                route=route_of(f"tcp://127.0.0.1:1/{n}"),
+                customer=f"C{n}",
+                account=f"ACC-{n}",
+                tariff="RES",
+            ),
+        )
+        for n in range(3, count + 3)
+    ]
+    assert (await import_meters(db, rows, [], NOW, actor="t")).applied
+    other = await open_database(db_url)
+    clock = ManualClock(NOW.timestamp())
+    try:
+        for n, credit, kind, level in ((1, 4_000, "low_credit", 1), (2, 0, "exhausted", 3)):
+            async with db.begin() as session:
+                await store_readings(
+                    session,
+                    [
+                        reading_row(
+                            replace(SNAP, meter_id=f"MTR-{m}", time=T0 + 900 * n, credit=credit),
+                            Findings(),
+                            NOW,
+                            "poll",
+                        )
+                        for m in range(3, count + 3)
+                    ],
+                )
+            first, second = await asyncio.gather(
+                BalanceMonitor(db, clock).evaluate(), BalanceMonitor(other, clock).evaluate()
+            )
+            assert first.notices + second.notices == count
+            assert (await BalanceMonitor(db, clock).evaluate()).notices == 0
+            async with db.read() as session:
+                accounts = list(
+                    await session.scalars(
+                        select(Notification.account_id).where(Notification.kind == kind)
+                    )
+                )
+                levels = set(
+                    await session.scalars(
+                        select(Account.alert_level).where(
+                            Account.id != "ACC-1", Account.id != "ACC-2"
+                        )
+                    )
+                )
+            assert sorted(accounts) == sorted(f"ACC-{m}" for m in range(3, count + 3))
+            assert levels == {level}
+    finally:
+        await other.close()

@@ -28,12 +28,14 @@ import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from headend.domain.commands import (
     CommandState,
     Kind,
+    Transition,
     Trigger,
     advance,
     judge_result,
@@ -66,6 +68,9 @@ from protocols.disconnect import ControlState
 from protocols.errors import DecodeError, DeviceException, LinkError, StorageError
 
 log = logging.getLogger(__name__)
+
+#: a transition to record for a claimed command, with its options (see ``Recorder.record``)
+_Job = tuple[Claimed, Transition, dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +151,7 @@ class Dispatcher:
         result = result or DispatchRound()
         now = self.now()
         async with self.db.read() as session:
-            inputs = await policy_inputs(session)
+            inputs = await policy_inputs(session, acting_only=True)
         decisions = [
             (row, decide(row.account, row.meter, row.calendar, now, self.settings.grace))
             for row in inputs
@@ -269,44 +274,53 @@ class Dispatcher:
             return await self._unanswered(command, outcome.reason)
         if outcome.trigger is Trigger.REFUSE:
             return await self._failed(command, Trigger.REFUSE, outcome.reason, int(result.code))
-        acked = await self.recorder.record(
+        ack: _Job = (
             command,
             advance(command.state, Trigger.ACK, outcome.reason),
-            now=self.now(),
-            keep_lease=True,
-            result_code=int(result.code),
+            {"now": self.now(), "keep_lease": True, "result_code": int(result.code)},
         )
-        if acked is None:
-            return "lost"
-        return await self._verify(acked, link)
+        return await self._verify(replace(command, state=CommandState.ACKNOWLEDGED), link, ack)
 
-    async def _verify(self, command: Claimed, link: MeterLink) -> str:
+    async def _verify(self, command: Claimed, link: MeterLink, ack: _Job | None = None) -> str:
+        """Read the relay back and record the outcome. ``ack`` is the acknowledgement when it
+        is not written yet: it goes into the verification's transaction (a head-end killed
+        before that finds the command sent, asks the meter for its result and comes here
+        again), or alone before a failed read-back or a mismatch is handled."""
+
+        async def acknowledged() -> Claimed | None:
+            return command if ack is None else await self.recorder.record(ack[0], ack[1], **ack[2])
+
         try:
             async with asyncio.timeout(self.settings.attempt_timeout):
                 snapshot = await link.read_snapshot()
         except (LinkError, DecodeError, TimeoutError) as exc:
+            acked = await acknowledged()
+            if acked is None:
+                return "lost"
             now = self.now()
-            if now >= command.expires_at:
+            if now >= acked.expires_at:
                 return await self._failed(
-                    command,
+                    acked,
                     Trigger.MISMATCH,
                     f"executed, but the relay could not be read back before the deadline: {exc}",
                 )
             # stays acknowledged; read back on the next claim
-            wait = retry_delay(command.attempts, self.settings.retry_base, self.settings.retry_most)
-            await release_command(self.db, command, now + wait, f"read-back failed: {exc}")
+            wait = retry_delay(acked.attempts, self.settings.retry_base, self.settings.retry_most)
+            await release_command(self.db, acked, now + wait, f"read-back failed: {exc}")
             return CommandState.ACKNOWLEDGED.value
         outcome = judge_state(command.kind, snapshot.control_mode, snapshot.control_state)
         if outcome.trigger is Trigger.MISMATCH:
-            return await self._failed(command, Trigger.MISMATCH, outcome.reason)
+            acked = await acknowledged()
+            if acked is None:
+                return "lost"
+            return await self._failed(acked, Trigger.MISMATCH, outcome.reason)
         now = self.now()
-        notices = [self._customer_notice(command, snapshot.control_state, now)]
-        done = await self.recorder.record(
+        verify: _Job = (
             command,
             advance(command.state, Trigger.VERIFY, outcome.reason),
-            now=now,
-            notices=notices,
+            {"now": now, "notices": [self._customer_notice(command, snapshot.control_state, now)]},
         )
+        done = await self.recorder.record_steps([verify] if ack is None else [ack, verify])
         return "lost" if done is None else CommandState.VERIFIED.value
 
     def _customer_notice(

@@ -41,8 +41,9 @@ from headend.storage.readings import (
     meter_statuses,
     reading_row,
     record_presence,
+    store_new_readings,
 )
-from headend.storage.schema import MeterEvent, Reading, TelemetrySeen
+from headend.storage.schema import MeterEvent, TelemetrySeen
 from protocols.clock import Clock
 from protocols.errors import ValidationError
 from protocols.mqtt import EventMessage, StateMessage, Telemetry
@@ -239,7 +240,7 @@ class StorageSink:
                 previous[message.meter_id] = Previous(snapshot.time, snapshot.energy_import_wh)
             rows.append(reading_row(snapshot, findings, now, "mqtt"))
             flagged.setdefault((message.meter_id, snapshot.time), bool(findings.flags))
-        stored = await insert_rows(session, Reading, rows, Reading.meter_id, Reading.meter_time)
+        stored = await store_new_readings(session, rows)
         counted.readings += len(stored)
         counted.duplicates += len(rows) - len(stored)
         counted.flagged += sum(flagged[(row[0], row[1])] for row in stored)

@@ -3,9 +3,10 @@ exhausted threshold, re-armed only once the balance is back above the threshold 
 and one reminder when, at the account's own pace of the last two weeks, the credit lasts fewer
 than ``horizon_days`` days while it is still above the low threshold.
 
-The crossing and its notice are written in one transaction, with the account's alert level
-changed by compare-and-set, so a crossing is one notice however often the monitor runs, across
-restarts and with several workers.
+The crossings and their notices are written in one transaction, the accounts' alert levels
+changed by compare-and-set (one UPDATE per pair of levels, however many accounts crossed), so
+a crossing is one notice however often the monitor runs, across restarts and with several
+workers; the notices go in as one insert.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from headend.domain.notices import Channel, Kind, QuietHours, deliver_at
 from headend.storage import Database
@@ -25,11 +27,11 @@ from headend.storage.balances import (
     Recipient,
     forecast_changes,
     level_changes,
-    set_forecast_sent,
-    set_level,
+    set_forecasts_sent,
+    set_levels,
 )
 from headend.storage.mandates import collect_charges, note_crossing
-from headend.storage.notices import enqueue
+from headend.storage.notices import enqueue_many, notice_row
 from protocols.clock import Clock
 from protocols.errors import StorageError
 from protocols.units import decimal_text
@@ -95,8 +97,10 @@ class BalanceMonitor:
                 return await self._auto_debit(result, now)
         async with self.db.begin() as session:
             changes = await level_changes(session, self.margin_percent)
+            won = await set_levels(session, [(c.account_id, c.old, c.new) for c in changes])
+            notices: list[dict[str, Any]] = []
             for change in changes:
-                if not await set_level(session, change.account_id, change.old, change.new):
+                if change.account_id not in won:
                     continue  # another worker took this crossing
                 if change.new < change.old:
                     result.rearmed += 1
@@ -116,25 +120,32 @@ class BalanceMonitor:
                     continue
                 channel, address = target
                 kind = KIND_OF_LEVEL[change.new]
-                await enqueue(
-                    session,
-                    key=f"{kind}:{change.account_id}:{change.meter_id}:{change.recipient.meter_time}",
-                    kind=kind,
-                    channel=channel,
-                    address=address,
-                    language=change.recipient.language,
-                    values={"meter": change.meter_id, "balance": balance_text(change.recipient)},
-                    now=now,
-                    deliver_at=deliver_at(kind, channel, now, self.quiet),
-                    expires_at=now + self.expiry,
-                    meter_id=change.meter_id,
-                    account_id=change.account_id,
+                notices.append(
+                    notice_row(
+                        key=f"{kind}:{change.account_id}:{change.meter_id}:{change.recipient.meter_time}",
+                        kind=kind,
+                        channel=channel,
+                        address=address,
+                        language=change.recipient.language,
+                        values={
+                            "meter": change.meter_id,
+                            "balance": balance_text(change.recipient),
+                        },
+                        now=now,
+                        deliver_at=deliver_at(kind, channel, now, self.quiet),
+                        expires_at=now + self.expiry,
+                        meter_id=change.meter_id,
+                        account_id=change.account_id,
+                    )
                 )
-                result.notices += 1
-            for forecast in await forecast_changes(session, self.horizon_days):
-                if not await set_forecast_sent(
-                    session, forecast.account_id, not forecast.send, forecast.send
-                ):
+            result.notices += await enqueue_many(session, notices)
+            forecasts = await forecast_changes(session, self.horizon_days)
+            won = await set_forecasts_sent(
+                session, [(f.account_id, not f.send, f.send) for f in forecasts]
+            )
+            notices = []
+            for forecast in forecasts:
+                if forecast.account_id not in won:
                     continue
                 if not forecast.send:
                     result.rearmed += 1
@@ -145,25 +156,26 @@ class BalanceMonitor:
                     continue
                 channel, address = target
                 kind = Kind.FORECAST
-                await enqueue(
-                    session,
-                    key=f"{kind}:{forecast.account_id}:{forecast.meter_id}:{forecast.recipient.meter_time}",
-                    kind=kind,
-                    channel=channel,
-                    address=address,
-                    language=forecast.recipient.language,
-                    values={
-                        "meter": forecast.meter_id,
-                        "balance": balance_text(forecast.recipient),
-                        "days": str(forecast.days_left),
-                    },
-                    now=now,
-                    deliver_at=deliver_at(kind, channel, now, self.quiet),
-                    expires_at=now + self.expiry,
-                    meter_id=forecast.meter_id,
-                    account_id=forecast.account_id,
+                notices.append(
+                    notice_row(
+                        key=f"{kind}:{forecast.account_id}:{forecast.meter_id}:{forecast.recipient.meter_time}",
+                        kind=kind,
+                        channel=channel,
+                        address=address,
+                        language=forecast.recipient.language,
+                        values={
+                            "meter": forecast.meter_id,
+                            "balance": balance_text(forecast.recipient),
+                            "days": str(forecast.days_left),
+                        },
+                        now=now,
+                        deliver_at=deliver_at(kind, channel, now, self.quiet),
+                        expires_at=now + self.expiry,
+                        meter_id=forecast.meter_id,
+                        account_id=forecast.account_id,
+                    )
                 )
-                result.reminders += 1
+            result.reminders += await enqueue_many(session, notices)
         return await self._auto_debit(result, now)
 
     async def _auto_debit(self, result: MonitorRound, now: datetime) -> MonitorRound:

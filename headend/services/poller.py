@@ -61,9 +61,10 @@ from headend.storage.readings import (
     reading_row,
     record_read,
     record_reads_ok,
+    store_new_readings,
     stored_before,
 )
-from headend.storage.schema import Gap, Interval, MeterEvent, Reading
+from headend.storage.schema import Gap, Interval, MeterEvent
 from protocols.clock import Clock, clock_speed
 from protocols.errors import HesError, LinkError, StorageError, ValidationError
 from protocols.readings import Event, MeterSnapshot, ProfileRow
@@ -512,7 +513,7 @@ class Poller:
             seq = new_events[-1].seq if new_events else since
             through = snapshot.time if fetched.profile_read else hint.profile_through
             hints[meter_id] = _Hint(newest, hint.seq if seq is None else seq, through)
-        new_readings = {row[0] for row in await insert_rows(session, Reading, readings)}
+        new_readings = {row[0] for row in await store_new_readings(session, readings)}
         stored = Counter(row[0] for row in await insert_rows(session, Interval, intervals))
         stored_events = Counter(row[0] for row in await insert_rows(session, MeterEvent, events))
         stored_gaps = Counter(row[0] for row in await insert_rows(session, Gap, gaps, Gap.meter_id))

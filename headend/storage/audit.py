@@ -18,11 +18,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import insert, select, text
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.audit import GENESIS, Broken, Entry, chain_hash, check_link
 from headend.storage.database import Database
+from headend.storage.readings import insert_all
 from headend.storage.schema import (
     AuditEntry,
     LedgerAccount,
@@ -105,7 +106,7 @@ async def append_many(session: AsyncSession, pending: Sequence[Pending]) -> list
         )
         entries.append(entry)
         previous = digest
-    await session.execute(insert(AuditEntry), rows)
+    await insert_all(session, AuditEntry, rows)
     return entries
 
 

@@ -1,16 +1,19 @@
 """The balance monitor's query: every account whose balance level changed, found set-wise in
-SQL over each meter's latest reading (one statement however large the fleet)."""
+SQL over each meter's latest state (``meter_state``: one row a meter, however long its
+history; one statement however large the fleet)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from headend.storage.readings import latest_times
-from headend.storage.schema import Account, Customer, Meter, Reading, Tariff
+from headend.storage.schema import Account, Customer, Meter, MeterStateRow, Reading, Tariff
+
+State = MeterStateRow
 
 LEVEL_NONE, LEVEL_LOW, LEVEL_CRITICAL, LEVEL_EXHAUSTED = 0, 1, 2, 3
 
@@ -32,8 +35,8 @@ class Recipient:
 
 #: the columns a Recipient is made of, in its fields' order (after the rows' own columns)
 _RECIPIENT = (
-    Reading.credit,
-    Reading.meter_time,
+    State.credit,
+    State.meter_time,
     Meter.credit_unit,
     Meter.currency,
     Meter.currency_scale,
@@ -44,16 +47,13 @@ _RECIPIENT = (
 )
 
 
-def _accounts_at_latest(query: Any, latest: Any) -> Any:
-    """``query`` over active accounts joined to their active meter, its reading at
-    ``latest.c.meter_time``, its customer and (if any) its tariff."""
+def _accounts_at_latest(query: Any) -> Any:
+    """``query`` over active accounts joined to their active meter, its latest state, its
+    customer and (if any) its tariff."""
     return (
         query.join(Meter, and_(Meter.account_id == Account.id, Meter.status == "active"))
         .join(Customer, Customer.id == Account.customer_id)
-        .join(latest, latest.c.meter_id == Meter.id)
-        .join(
-            Reading, and_(Reading.meter_id == Meter.id, Reading.meter_time == latest.c.meter_time)
-        )
+        .join(State, State.meter_id == Meter.id)
         .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
         .where(Account.status == "active")
     )
@@ -71,8 +71,8 @@ class LevelChange:
 def _levels(low: object, critical: object, margin_percent: int) -> tuple[object, object]:
     """The level the latest credit is at, and the level with every threshold raised by the
     hysteresis margin (a level is left upwards only above that)."""
-    credit = Reading.credit
-    out = and_(credit <= 0, Reading.emergency_credit <= 0)
+    credit = State.credit
+    out = and_(credit <= 0, State.emergency_credit <= 0)
     level = case(
         (out, LEVEL_EXHAUSTED),
         (credit <= critical, LEVEL_CRITICAL),
@@ -92,8 +92,7 @@ def _levels(low: object, critical: object, margin_percent: int) -> tuple[object,
 async def level_changes(session: AsyncSession, margin_percent: int = 10) -> list[LevelChange]:
     """Accounts whose stored alert level must change: the level fell (a notice is due) or the
     balance climbed back above a threshold plus the margin (the alert re-arms)."""
-    latest = latest_times()
-    low = func.coalesce(Account.low_threshold, Tariff.low_threshold, Reading.low_credit_threshold)
+    low = func.coalesce(Account.low_threshold, Tariff.low_threshold, State.low_credit_threshold)
     critical = func.coalesce(Account.critical_threshold, Tariff.critical_threshold, 0)
     level, raised = _levels(low, critical, margin_percent)
     rows = _accounts_at_latest(
@@ -104,8 +103,7 @@ async def level_changes(session: AsyncSession, margin_percent: int = 10) -> list
             level.label("level"),  # type: ignore[attr-defined]
             raised.label("raised"),  # type: ignore[attr-defined]
             *_RECIPIENT,
-        ),
-        latest,
+        )
     ).subquery()
     query = select(rows).where(or_(rows.c.level > rows.c.old, rows.c.raised < rows.c.old))
     changes: list[LevelChange] = []
@@ -119,13 +117,38 @@ async def level_changes(session: AsyncSession, margin_percent: int = 10) -> list
 
 async def set_level(session: AsyncSession, account_id: str, old: int, new: int) -> bool:
     """Compare-and-set the account's alert level: False if another worker changed it first."""
-    result = await session.execute(
-        update(Account)
-        .where(Account.id == account_id, Account.alert_level == old)
-        .values(alert_level=new)
-        .returning(Account.id)
-    )
-    return result.first() is not None
+    return account_id in await set_levels(session, [(account_id, old, new)])
+
+
+#: accounts compared-and-set by one statement at most (SQLite's bound parameters)
+_CHUNK = 5000
+
+
+async def set_levels(session: AsyncSession, changes: Sequence[tuple[str, int, int]]) -> set[str]:
+    """Compare-and-set many accounts' alert levels, ``(account_id, old, new)`` each, in one
+    UPDATE per (old, new) pair (at most twelve) and chunk: returns the accounts whose level
+    was still ``old`` (the others another worker changed first, and keep its level)."""
+    return await _compare_and_set(session, Account.alert_level, changes)
+
+
+async def _compare_and_set(
+    session: AsyncSession, column: Any, changes: Sequence[tuple[str, Any, Any]]
+) -> set[str]:
+    groups: dict[tuple[Any, Any], list[str]] = {}
+    for account_id, old, new in changes:
+        groups.setdefault((old, new), []).append(account_id)
+    won: set[str] = set()
+    for (old, new), ids in groups.items():
+        for first in range(0, len(ids), _CHUNK):
+            result = await session.execute(
+                update(Account)
+                .where(Account.id.in_(ids[first : first + _CHUNK]), column == old)
+                .values({column.key: new})
+                .returning(Account.id)
+                .execution_options(synchronize_session=False)
+            )
+            won.update(result.scalars().all())
+    return won
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +168,11 @@ def spending_pace(window_days: int = 14, *where: Any) -> Any:
     previous = func.lag(Reading.credit).over(
         partition_by=Reading.meter_id, order_by=Reading.meter_time
     )
-    newest = select(func.max(Reading.meter_time)).where(*where).scalar_subquery()
+    newest = (
+        select(func.max(Reading.meter_time)).where(*where)
+        if where
+        else select(func.max(State.meter_time))  # the newest reading of all, from one row a meter
+    ).scalar_subquery()
     recent = (
         select(Reading.meter_id, Reading.meter_time, Reading.credit, previous.label("previous"))
         .where(Reading.meter_time >= newest - window_days * 86400, *where)
@@ -182,24 +209,29 @@ async def forecast_changes(
     threshold and no reminder went out; and those whose reminder re-arms because the credit
     now lasts a day more than the horizon."""
     pace = spending_pace(window_days)
-    low = func.coalesce(Account.low_threshold, Tariff.low_threshold, Reading.low_credit_threshold)
+    low = func.coalesce(Account.low_threshold, Tariff.low_threshold, State.low_credit_threshold)
     # days left = credit / (spent / span * 86400); compared without division
-    lasts = Reading.credit * pace.c.span
+    lasts = State.credit * pace.c.span
     per_day = pace.c.spent * 86400
-    query = _accounts_at_latest(
-        select(Account.id, Meter.id, Account.forecast_sent, pace.c.spent, pace.c.span, *_RECIPIENT),
-        pace,
-    ).where(
-        pace.c.spent > 0,
-        pace.c.span >= 86400,
-        or_(
-            and_(
-                Account.forecast_sent.is_(False),
-                Reading.credit > low,
-                lasts < per_day * horizon_days,
+    query = (
+        _accounts_at_latest(
+            select(
+                Account.id, Meter.id, Account.forecast_sent, pace.c.spent, pace.c.span, *_RECIPIENT
+            )
+        )
+        .join(pace, pace.c.meter_id == Meter.id)
+        .where(
+            pace.c.spent > 0,
+            pace.c.span >= 86400,
+            or_(
+                and_(
+                    Account.forecast_sent.is_(False),
+                    State.credit > low,
+                    lasts < per_day * horizon_days,
+                ),
+                and_(Account.forecast_sent.is_(True), lasts >= per_day * (horizon_days + 1)),
             ),
-            and_(Account.forecast_sent.is_(True), lasts >= per_day * (horizon_days + 1)),
-        ),
+        )
     )
     changes: list[ForecastChange] = []
     for account_id, meter_id, sent, total, span, *fields in (await session.execute(query)).all():
@@ -210,10 +242,11 @@ async def forecast_changes(
 
 
 async def set_forecast_sent(session: AsyncSession, account_id: str, old: bool, new: bool) -> bool:
-    result = await session.execute(
-        update(Account)
-        .where(Account.id == account_id, Account.forecast_sent.is_(old))
-        .values(forecast_sent=new)
-        .returning(Account.id)
-    )
-    return result.first() is not None
+    return account_id in await set_forecasts_sent(session, [(account_id, old, new)])
+
+
+async def set_forecasts_sent(
+    session: AsyncSession, changes: Sequence[tuple[str, bool, bool]]
+) -> set[str]:
+    """Compare-and-set many accounts' ``forecast_sent``, as :func:`set_levels` does."""
+    return await _compare_and_set(session, Account.forecast_sent, changes)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, insert, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import aliased
 
 from headend.domain.commands import (
@@ -36,9 +36,9 @@ from headend.domain.commands import (
     unpack_envelope,
 )
 from headend.storage import audit
-from headend.storage.database import Database, insert_ignore, storage_errors
+from headend.storage.database import Database, storage_errors
 from headend.storage.notices import notice_row
-from headend.storage.readings import latest_times
+from headend.storage.readings import insert_all, insert_rows, update_rows
 from headend.storage.schema import (
     Account,
     CommandRow,
@@ -46,8 +46,8 @@ from headend.storage.schema import (
     Customer,
     KeyMaterial,
     Meter,
+    MeterStateRow,
     Notification,
-    Reading,
 )
 from protocols.commands import CommandEnvelope
 from protocols.errors import StorageError, ValidationError
@@ -244,7 +244,7 @@ class Writes:
 
     async def flush(self, session: Any) -> None:
         if self.transitions:
-            await session.execute(insert(CommandTransition), self.transitions)
+            await insert_all(session, CommandTransition, self.transitions)
         await audit.append_many(session, self.audit)
         if self.notices:
             found = await recipients(session, {c.meter_id for c, _, _ in self.notices})
@@ -273,7 +273,7 @@ class Writes:
                         account_id=account_id,
                     )
                 )
-            await insert_ignore(session, Notification, rows)
+            await insert_rows(session, Notification, rows)
         self.transitions, self.audit, self.notices = [], [], []
 
 
@@ -354,19 +354,12 @@ async def _queue_all(
         )
     ).all():
         pending.setdefault(row.meter_id, []).append(row)
-    latest = latest_times()
     seen = dict(
         (
             await session.execute(
-                select(Reading.meter_id, Reading.last_command_seq)
-                .join(
-                    latest,
-                    and_(
-                        latest.c.meter_id == Reading.meter_id,
-                        latest.c.meter_time == Reading.meter_time,
-                    ),
+                select(MeterStateRow.meter_id, MeterStateRow.last_command_seq).where(
+                    MeterStateRow.meter_id.in_(meter_ids)
                 )
-                .where(Reading.meter_id.in_(meter_ids))
             )
         ).all()
     )
@@ -599,32 +592,20 @@ async def record_many(
             )
         ).all()
     }
-    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
-    written: set[int] = set()
-
-    async def write_groups() -> None:
-        for rows in groups.values():
-            await session.execute(update(CommandRow), rows)
-        groups.clear()
-        written.clear()
-
+    #: each command's row as its steps in this batch leave it (a later step's values over an
+    #: earlier one's, as writing them one after the other would)
+    rows: dict[int, dict[str, Any]] = {}
     results: list[Claimed | None] = []
     for command, step, options in jobs:
         state, owner = current.get(command.id, (None, None))
         if state != step.old.value or owner != command.worker:
             results.append(None)
             continue
-        if command.id in written:  # its earlier step in this batch goes first
-            await write_groups()
         now: datetime = options["now"]
         keep_lease = bool(options.get("keep_lease", False))
         attempts = command.attempts + 1 if step.trigger is Trigger.SEND else command.attempts
-        values: dict[str, Any] = {
-            "id": command.id,
-            "state": step.new.value,
-            "updated_at": now,
-            "attempts": attempts,
-        }
+        values = rows.setdefault(command.id, {"id": command.id})
+        values.update(state=step.new.value, updated_at=now, attempts=attempts)
         for option in ("next_attempt_at", "result_code"):
             if options.get(option) is not None:
                 values[option] = options[option]
@@ -633,13 +614,15 @@ async def record_many(
         if not keep_lease:
             values["lease_owner"] = None
             values["lease_until"] = None
-        groups.setdefault(frozenset(values), []).append(values)
-        written.add(command.id)
         current[command.id] = (step.new.value, command.worker if keep_lease else None)
         writes.transition(command, step, actor=command.worker, now=now)
         writes.notices.extend((command, notice, now) for notice in options.get("notices", ()))
         results.append(replace(command, state=step.new, attempts=attempts))
-    await write_groups()
+    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for values in rows.values():  # one UPDATE per set of columns written
+        groups.setdefault(frozenset(values), []).append(values)
+    for group in groups.values():
+        await update_rows(session, CommandRow, group)
     return results
 
 
@@ -664,6 +647,22 @@ class Recorder:
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="command transitions")
         return await asyncio.shield(future)
+
+    async def record_steps(
+        self, jobs: Sequence[tuple[Claimed, Transition, dict[str, Any]]]
+    ) -> Claimed | None:
+        """Several steps of one command, in order, in one transaction when they fit in one
+        batch (each behind its fence); the command after the last, or None if a fence did not
+        hold."""
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future[Claimed | None]] = []
+        for command, step, options in jobs:
+            futures.append(loop.create_future())
+            self._waiting.append((command, step, options, futures[-1]))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="command transitions")
+        results = await asyncio.gather(*(asyncio.shield(future) for future in futures))
+        return None if any(r is None for r in results) else results[-1]
 
     async def _write(self) -> None:
         while self._waiting:

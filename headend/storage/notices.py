@@ -13,6 +13,7 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.storage.database import Database, insert_ignore, storage_errors
+from headend.storage.readings import insert_rows
 from headend.storage.schema import Notification
 
 
@@ -63,6 +64,13 @@ async def enqueue(
         account_id=account_id,
     )
     return await insert_ignore(session, Notification, [row]) == 1
+
+
+async def enqueue_many(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> int:
+    """Write many notices (rows from :func:`notice_row`) in one insert, in the caller's
+    transaction, skipping those whose idempotency key exists already; returns how many were
+    new."""
+    return len(await insert_rows(session, Notification, rows))
 
 
 def notice_row(

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Subquery, Table, bindparam, func, select, update
+from sqlalchemy import Subquery, Table, bindparam, case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -20,6 +20,7 @@ from headend.storage.schema import (
     Interval,
     Meter,
     MeterEvent,
+    MeterStateRow,
     PollHealth,
     Reading,
 )
@@ -67,7 +68,115 @@ async def latest_reading(session: AsyncSession, meter_id: str) -> Previous | Non
 
 async def store_readings(session: AsyncSession, rows: Sequence[dict[str, Any]]) -> int:
     """Store reading rows (from :func:`reading_row`); returns how many were new."""
-    return await insert_ignore(session, Reading, rows)
+    return len(await store_new_readings(session, rows))
+
+
+async def store_new_readings(
+    session: AsyncSession, rows: Sequence[dict[str, Any]]
+) -> list[tuple[str, int]]:
+    """Insert-or-ignore reading rows (from :func:`reading_row`) and bring each meter's
+    :class:`~headend.storage.schema.MeterStateRow` up to its newest new reading, in the caller's
+    transaction: the one way readings are stored. Returns ``(meter_id, meter_time)`` of each
+    row that was new."""
+    stored = [(str(m), int(t)) for m, t in await insert_rows(session, Reading, rows)]
+    if stored:
+        await update_meter_state(session, rows, set(stored))
+    return stored
+
+
+#: the reading columns a meter's state keeps
+_STATE_COLUMNS = (
+    "meter_id",
+    "meter_time",
+    "credit",
+    "emergency_credit",
+    "low_credit_threshold",
+    "control_state",
+    "control_mode",
+    "last_command_seq",
+)
+
+
+async def update_meter_state(
+    session: AsyncSession, rows: Sequence[dict[str, Any]], new: set[tuple[str, int]]
+) -> None:
+    """Move each meter's state forward to its newest row of ``rows`` that is in ``new``: at
+    most two upserts however many readings a meter has in the batch (a poll stores one a
+    meter, an MQTT burst many). The upsert writes only over a state older than the reading
+    (a late reading changes nothing). ``exhausted_since`` is the first reading of the run
+    without credit the newest reading ends: found in the batch when the batch holds a reading
+    with credit before that run ("settled"), else carried on from the stored state when its
+    credit was used up too, so it is right however a meter's readings are split between
+    transactions and workers."""
+    per_meter: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if (row["meter_id"], row["meter_time"]) in new:
+            per_meter.setdefault(row["meter_id"], []).append(row)
+    settled: list[dict[str, Any]] = []
+    carried: list[dict[str, Any]] = []
+    for meter_rows in per_meter.values():
+        if len(meter_rows) > 1:
+            meter_rows.sort(key=lambda r: r["meter_time"])
+        last = meter_rows[-1]
+        state = {k: last[k] for k in _STATE_COLUMNS}
+        since = None
+        with_credit = False
+        for row in meter_rows:
+            if row["credit"] > 0:
+                since, with_credit = None, True
+            elif since is None:
+                since = row["meter_time"]
+        state["exhausted_since"] = since
+        (settled if with_credit else carried).append(state)
+    conn = await session.connection()
+    dialect = conn.dialect.name
+    with storage_errors("keeping the meters' latest state"):
+        for states, carry in ((carried, True), (settled, False)):
+            if not states:
+                continue
+            statement = _STATE_UPSERTS.get((dialect, carry))
+            if statement is None:
+                statement = _state_upsert(dialect, carry)
+                _STATE_UPSERTS[(dialect, carry)] = statement
+            if dialect == "postgresql":
+                await conn.execute(statement, {k: [s[k] for s in states] for k in _STATE_KEYS})
+            else:
+                await conn.execute(statement, states)
+
+
+_STATE_KEYS = (*_STATE_COLUMNS, "exhausted_since")
+
+
+def _state_upsert(dialect: str, carry: bool) -> Any:
+    """The state upsert; ``carry``: the batch's run without credit may go on from the stored
+    state's."""
+    table = _table(MeterStateRow)
+    if dialect == "postgresql":
+        arrays = [
+            func.unnest(bindparam(k, type_=postgresql.ARRAY(table.c[k].type))).label(k)
+            for k in _STATE_KEYS
+        ]
+        insert: Any = postgresql.insert(table).from_select(list(_STATE_KEYS), select(*arrays))
+    else:
+        insert = sqlite.insert(table)
+    new = insert.excluded
+    since: Any = new.exhausted_since
+    if carry:
+        since = case(
+            (new.credit > 0, None),
+            (table.c.credit > 0, new.exhausted_since),
+            else_=func.coalesce(table.c.exhausted_since, new.exhausted_since),
+        )
+    values: dict[str, Any] = {k: new[k] for k in _STATE_COLUMNS if k != "meter_id"}
+    values["exhausted_since"] = since
+    return insert.on_conflict_do_update(
+        index_elements=[table.c.meter_id],
+        set_=values,
+        where=table.c.meter_time < new.meter_time,
+    )
+
+
+_STATE_UPSERTS: dict[tuple[str, bool], Any] = {}
 
 
 def interval_row(meter_id: str, interval: CheckedInterval) -> dict[str, Any]:
@@ -313,6 +422,84 @@ async def insert_rows(
         else:
             result = await conn.execute(statement, list(rows))
         return [tuple(row) for row in result]
+
+
+async def insert_all(
+    session: AsyncSession, model: type[Any], rows: Sequence[dict[str, Any]]
+) -> None:
+    """Insert ``rows`` (dicts with the same keys) into ``model``'s table in one statement, as
+    :func:`insert_rows` does but failing on any conflict (for rows that must all go in: the
+    audit chain, command transitions)."""
+    if not rows:
+        return
+    table = _table(model)
+    conn = await session.connection()
+    dialect = conn.dialect.name
+    keys = tuple(rows[0])
+    with storage_errors(f"storing {table.name}"):
+        if dialect != "postgresql":
+            await conn.execute(table.insert(), list(rows))
+            return
+        key = (dialect, table.name, keys, ("insert all",))
+        statement = _INSERTS.get(key)
+        if statement is None:
+            statement = postgresql.insert(table).from_select(list(keys), _unnest(table, keys))
+            _INSERTS[key] = statement
+        await conn.execute(statement, {f"new_{k}": [row[k] for row in rows] for k in keys})
+
+
+async def update_rows(
+    session: AsyncSession, model: type[Any], rows: Sequence[dict[str, Any]]
+) -> None:
+    """Update rows of ``model``'s table by primary key (each dict holds the key and the same
+    other columns): on PostgreSQL one ``UPDATE … FROM (SELECT unnest(…), …)``, elsewhere one
+    executemany."""
+    if not rows:
+        return
+    table = _table(model)
+    conn = await session.connection()
+    dialect = conn.dialect.name
+    keys = tuple(rows[0])
+    primary = [c.key for c in table.primary_key.columns]
+    key = (dialect, table.name, keys, ("update",))
+    statement = _INSERTS.get(key)
+    if statement is None:
+        if dialect == "postgresql":
+            source = _unnest(table, keys).subquery("new")
+            statement = (
+                update(table)
+                .where(*(table.c[k] == source.c[k] for k in primary))
+                .values({k: source.c[k] for k in keys if k not in primary})
+            )
+        else:
+            statement = (
+                update(table)
+                .where(*(table.c[k] == bindparam(f"key_{k}") for k in primary))
+                .values({k: bindparam(f"new_{k}") for k in keys if k not in primary})
+            )
+        _INSERTS[key] = statement
+    with storage_errors(f"updating {table.name}"):
+        if dialect == "postgresql":
+            await conn.execute(statement, {f"new_{k}": [row[k] for row in rows] for k in keys})
+        else:
+            await conn.execute(
+                statement,
+                [
+                    {(f"key_{k}" if k in primary else f"new_{k}"): v for k, v in row.items()}
+                    for row in rows
+                ],
+            )
+
+
+def _unnest(table: Table, keys: Sequence[str]) -> Any:
+    """``SELECT unnest(:new_k1) AS k1, unnest(:new_k2) AS k2, …``: rows given as one array
+    per column (the parameters are named apart from the columns, as an UPDATE needs)."""
+    return select(
+        *(
+            func.unnest(bindparam(f"new_{k}", type_=postgresql.ARRAY(table.c[k].type))).label(k)
+            for k in keys
+        )
+    )
 
 
 def _insert_statement(

@@ -192,6 +192,27 @@ class Reading(Base):
     flag_reason: Mapped[str | None]
 
 
+class MeterStateRow(Base):
+    """Each meter's latest stored reading, the part of it that balances and supply control
+    rest on, kept in the transaction that stores readings (:func:`readings.store_new_readings`)
+    so that the monitor and the policy read one row a meter however long its history is.
+    ``exhausted_since`` is the meter time of the first reading of the present run without
+    credit (None while the latest reading has credit). A reading older than ``meter_time``
+    changes nothing here."""
+
+    __tablename__ = "meter_state"
+
+    meter_id: Mapped[str] = mapped_column(ForeignKey("meters.id"), primary_key=True)
+    meter_time: Mapped[int]
+    credit: Mapped[int]
+    emergency_credit: Mapped[int]
+    low_credit_threshold: Mapped[int]
+    control_state: Mapped[int] = mapped_column(Integer)
+    control_mode: Mapped[int] = mapped_column(Integer)
+    last_command_seq: Mapped[int]
+    exhausted_since: Mapped[int | None]
+
+
 class Interval(Base):
     """One load-profile interval; estimated intervals are kept apart from actual reads."""
 

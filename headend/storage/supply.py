@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import and_, func, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.delivery import UNDELIVERED
@@ -14,8 +14,7 @@ from headend.domain.policy import AccountState, Calendar, MeterState
 from headend.domain.registry import calendar_from
 from headend.storage import audit
 from headend.storage.database import Database, storage_errors
-from headend.storage.readings import latest_times
-from headend.storage.schema import Account, CreditTransfer, Meter, Reading, Tariff
+from headend.storage.schema import Account, CreditTransfer, Meter, MeterStateRow, Reading, Tariff
 from protocols.disconnect import ControlState
 from protocols.errors import StorageError, ValidationError
 
@@ -32,20 +31,14 @@ class PolicyInput:
 
 
 async def policy_inputs(
-    session: AsyncSession, meter_ids: list[str] | None = None
+    session: AsyncSession, meter_ids: list[str] | None = None, *, acting_only: bool = False
 ) -> list[PolicyInput]:
-    """One row per active meter with a reading: its latest reading, account, tariff calendar,
-    and since when (meter time) its credit has been used up, if it has."""
-    latest = latest_times()
-    last_positive = latest_times(Reading.credit > 0)
-    exhausted = (
-        select(Reading.meter_id, func.min(Reading.meter_time).label("since"))
-        .outerjoin(last_positive, last_positive.c.meter_id == Reading.meter_id)
-        .where(Reading.credit <= 0)
-        .where(Reading.meter_time > func.coalesce(last_positive.c.meter_time, -1))
-        .group_by(Reading.meter_id)
-        .subquery()
-    )
+    """One row per active meter with a reading: its latest state (``meter_state``: latest
+    reading, and since when, in meter time, its credit has been used up, if it has), account
+    and tariff calendar. ``acting_only`` leaves out in SQL the meters whose state no decision
+    can act on (control mode 0; in credit and connected; out of credit and already off or on
+    emergency credit): a superset of those :func:`~headend.domain.policy.decide` acts on,
+    which still decides."""
     #: meters with credit paid for and not yet on the meter: a transfer the dispatcher has to
     #: deliver, or a token the customer has not keyed in yet
     on_its_way = (
@@ -54,34 +47,44 @@ async def policy_inputs(
         .distinct()
         .subquery()
     )
+    latest = MeterStateRow
     query = (
         select(
             Meter.id,
             Meter.account_id,
-            Reading.credit,
-            Reading.emergency_credit,
-            Reading.control_state,
-            Reading.control_mode,
-            Reading.meter_time,
-            Reading.last_command_seq,
+            latest.credit,
+            latest.emergency_credit,
+            latest.control_state,
+            latest.control_mode,
+            latest.meter_time,
+            latest.last_command_seq,
             Account.protected,
             Account.protected_until,
             Account.protection_reason,
             Tariff.definition,
-            exhausted.c.since,
+            latest.exhausted_since,
             on_its_way.c.meter_id,
         )
-        .join(latest, latest.c.meter_id == Meter.id)
-        .join(
-            Reading, and_(Reading.meter_id == Meter.id, Reading.meter_time == latest.c.meter_time)
-        )
+        .join(latest, latest.meter_id == Meter.id)
         .outerjoin(Account, Account.id == Meter.account_id)
         .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
-        .outerjoin(exhausted, exhausted.c.meter_id == Meter.id)
         .outerjoin(on_its_way, on_its_way.c.meter_id == Meter.id)
         .where(Meter.status == "active")
         .order_by(Meter.id)
     )
+    if acting_only:
+        connected = int(ControlState.CONNECTED)
+        query = query.where(
+            latest.control_mode != 0,
+            or_(
+                and_(latest.credit > 0, latest.control_state != connected),
+                and_(
+                    latest.credit <= 0,
+                    latest.emergency_credit <= 0,
+                    latest.control_state == connected,
+                ),
+            ),
+        )
     if meter_ids is not None:
         query = query.where(Meter.id.in_(meter_ids))
     inputs: list[PolicyInput] = []
