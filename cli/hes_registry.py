@@ -394,8 +394,20 @@ def tariffs_add(
     scale: Annotated[
         int, typer.Option(min=-4, max=0, help="Power of ten of the minor unit (-2: cents).")
     ] = -2,
-    low: Annotated[int, typer.Option(min=0, help="Low-balance threshold, minor units.")] = 5000,
-    critical: Annotated[int, typer.Option(min=0, help="Critical threshold, minor units.")] = 1000,
+    low: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Low-balance threshold, minor units (an energy-credit meter: the energy it buys).",
+        ),
+    ] = 5000,
+    critical: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Critical threshold, minor units (an energy-credit meter: the energy it buys).",
+        ),
+    ] = 1000,
     friendly_hours: Annotated[
         list[str] | None,
         typer.Option(

@@ -213,3 +213,31 @@ async def test_a_mass_crossing_is_one_notice_an_account_with_two_monitors(
             assert levels == {level}
     finally:
         await other.close()
+
+
+async def test_an_energy_meter_is_judged_by_the_energy_its_tariff_money_thresholds_buy(
+    db: Database,
+) -> None:
+    """The tariff's thresholds are money (5,000 and 1,000 minor units at 2,500 a kWh: 2 kWh
+    and 400 Wh); a meter whose credit is energy crosses them in Wh, not at 5,000 Wh."""
+    customer = CustomerRecord("Otieno", None, "+254700000003", "sms")
+    await add_customer(db, customer, "ACC-3", NOW, actor="t")
+    record = MeterRecord(
+        meter_id="KWH-1",
+        endpoint="tcp://127.0.0.1:1/3",
+        route=route_of("tcp://127.0.0.1:1/3"),
+        customer="Otieno",
+        account="ACC-3",
+        tariff="RES",
+        credit_unit="energy",
+    )
+    assert (await import_meters(db, [(2, record)], [], NOW, actor="t")).applied
+    monitor = BalanceMonitor(db, ManualClock(NOW.timestamp()))
+    expected: list[str] = []
+    for n, (credit, new) in enumerate(
+        [(2_871, []), (2_000, ["low_credit"]), (600, []), (400, ["critical"])], start=1
+    ):
+        await _read(db, "KWH-1", n, credit)
+        await monitor.evaluate()
+        expected += new
+        assert await _kinds(db) == expected, f"after {credit} Wh"

@@ -11,6 +11,8 @@ from typing import Any
 from sqlalchemy import and_, case, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from headend.domain.pricing import PaymentRefused, energy_for, vat_included
+from headend.storage.registry import tariff_record
 from headend.storage.schema import Account, Customer, Meter, MeterStateRow, Reading, Tariff
 
 State = MeterStateRow
@@ -89,11 +91,46 @@ def _levels(low: object, critical: object, margin_percent: int) -> tuple[object,
     return level, raised
 
 
+def _energy(money: int, tariff: Tariff) -> int | None:
+    """The Wh ``money`` minor units (VAT included) buy at the start of a month on ``tariff``;
+    None if the tariff cannot price energy."""
+    record = tariff_record(tariff)
+    try:
+        return energy_for(record, 0, money - vat_included(money, record.vat_bp))
+    except PaymentRefused:
+        return None
+
+
+async def thresholds(session: AsyncSession) -> tuple[Any, Any]:
+    """The low and critical thresholds each account's meter is judged by, as SQL expressions in
+    the meter's own credit unit: the account's own; else the tariff's, which are money, so for
+    a meter whose credit is energy the energy that money buys on the tariff; else the meter's
+    own low-credit threshold (and no critical one)."""
+    tariffs = (await session.scalars(select(Tariff))).all()
+    low_wh = {t.id: _energy(t.low_threshold, t) for t in tariffs}
+    critical_wh = {t.id: _energy(t.critical_threshold, t) for t in tariffs}
+    energy = Meter.credit_unit == "energy"
+
+    def tariff_threshold(money: Any, wh: dict[str, int | None]) -> Any:
+        if not wh:
+            return money
+        return case((energy, case(wh, value=Tariff.id, else_=None)), else_=money)
+
+    low = func.coalesce(
+        Account.low_threshold,
+        tariff_threshold(Tariff.low_threshold, low_wh),
+        State.low_credit_threshold,
+    )
+    critical = func.coalesce(
+        Account.critical_threshold, tariff_threshold(Tariff.critical_threshold, critical_wh), 0
+    )
+    return low, critical
+
+
 async def level_changes(session: AsyncSession, margin_percent: int = 10) -> list[LevelChange]:
     """Accounts whose stored alert level must change: the level fell (a notice is due) or the
     balance climbed back above a threshold plus the margin (the alert re-arms)."""
-    low = func.coalesce(Account.low_threshold, Tariff.low_threshold, State.low_credit_threshold)
-    critical = func.coalesce(Account.critical_threshold, Tariff.critical_threshold, 0)
+    low, critical = await thresholds(session)
     level, raised = _levels(low, critical, margin_percent)
     rows = _accounts_at_latest(
         select(
@@ -209,7 +246,7 @@ async def forecast_changes(
     threshold and no reminder went out; and those whose reminder re-arms because the credit
     now lasts a day more than the horizon."""
     pace = spending_pace(window_days)
-    low = func.coalesce(Account.low_threshold, Tariff.low_threshold, State.low_credit_threshold)
+    low, _ = await thresholds(session)
     # days left = credit / (spent / span * 86400); compared without division
     lasts = State.credit * pace.c.span
     per_day = pace.c.spent * 86400
