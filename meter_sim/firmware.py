@@ -9,6 +9,20 @@ Time. ``now`` is true (physical) time, which integrates energy. The meter's own 
 ``now + clock offset``; the head-end can set it, and it drives the tariff, the timestamps, the
 load-profile captures and the friendly periods. Setting the clock never changes energy.
 
+Integration. ``advance(now, step)`` integrates in steps of at most ``step`` seconds on a grid
+of multiples of ``step`` on the meter clock, also cut at load-profile captures and at ``now``;
+each step draws the demand of its start and charges at the rate in force at its start, and the
+credit, limiter and friendly-period rules run at its end. ``integration="fixed"`` takes those
+steps one by one. ``integration="events"`` gives the same results, exactly (every Wh register,
+residue, credit, debt, event and profile row; a property test compares the two): while nothing
+but energy can change (the relay, the rate and the load's demand stay as they are, no credit
+threshold is crossed, the limiter is idle and, when out of credit, the friendly period does not
+turn), a whole run of grid steps is integrated at once in integer arithmetic, and the run ends
+at the next instant where something can change (a load segment's end, a tariff switch, a
+capture, a friendly-period edge, ``now``); everything else, and any moment that is not a whole
+second, goes through the fixed step. The load models say where their demand can change
+(``meter_sim.loads.SegmentedLoad``); a load that does not is integrated step by step.
+
 Credit. Credit is held in the account's unit: minor currency units (``credit_unit = "money"``,
 the meter applies the unit charge of the rate in force) or Wh (``"energy"``, the STS way). With
 ``net = credit + emergency balance - emergency owed - debt`` the meter keeps, exactly and for
@@ -22,9 +36,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from meter_sim.config import MeterConfig
 from meter_sim.keypad import (
@@ -87,7 +102,7 @@ from protocols.cosem import (
     energy_register,
     index_objects,
 )
-from protocols.disconnect import ControlState, Trigger
+from protocols.disconnect import ControlState, Trigger, find_transition
 from protocols.errors import TransitionRefused, ValidationError
 from protocols.obis import Obis
 from protocols.readings import (
@@ -103,6 +118,9 @@ from protocols.units import ScalerUnit, Unit
 
 MJ_PER_WH = 3_600_000  # milli-joules in a watt-hour
 STATE_VERSION = 1
+#: how ``Meter.advance`` integrates: step by step, or whole runs between events (same results)
+Integration = Literal["fixed", "events"]
+INTEGRATIONS: tuple[Integration, ...] = ("fixed", "events")
 
 _RELAY_EVENT = {
     ControlState.CONNECTED: EventCode.RELAY_CONNECTED,
@@ -255,6 +273,13 @@ class Meter:
         self.status = StatusFlag(0)
         self._status_bits = -1  # forces the first computation
         self.listeners: list[Callable[[Event], None]] = []
+        # -- the event-driven integration's look-ups (derived from the configuration) ----------
+        self._tz_seconds = config.timezone_minutes * 60
+        self._segment = getattr(load, "segment", None)
+        self._rate_span = (1, 0, 0)  # local seconds [from, until) and the rate in force
+        self._friendly_edges = sorted(
+            {edge for pair in config.friendly_hours for edge in pair if edge > 0} | {1440}
+        )
         self._update_status()
 
     # -- time -------------------------------------------------------------------------------------
@@ -280,8 +305,10 @@ class Meter:
             return True
         return any(start <= minute < end for start, end in self.config.friendly_hours)
 
-    def advance(self, now: float, step: int = 60) -> None:
-        """Integrate from the last time up to ``now`` in steps of at most ``step`` seconds.
+    def advance(self, now: float, step: int = 60, integration: Integration = "fixed") -> None:
+        """Integrate from the last time up to ``now`` in steps of at most ``step`` seconds,
+        one by one (``integration="fixed"``) or in whole runs between the instants where
+        something can change (``"events"``); the two give the same state.
 
         A ``now`` earlier than the last one (a host clock set back) integrates nothing, and the
         meter waits until the host clock passes the last moment it integrated: physical time
@@ -289,21 +316,208 @@ class Meter:
         """
         if now <= self.true_time:
             return
-        power = 0
-        while self.true_time < now:
-            meter_t = self.meter_time
-            step_end = (math.floor(meter_t / step) + 1) * step
-            boundary = min(step_end, self.next_capture) - self.clock_offset
-            t_end = min(now, boundary)
-            if t_end <= self.true_time:  # float rounding at a boundary
-                t_end = min(now, self.true_time + 1e-6)
-            power = self._step(self.true_time, t_end - self.true_time)
-            if self.meter_time >= self.next_capture:
-                self._capture_profile()
+        if integration == "events" and self._segment is not None:
+            power = self._advance_events(now, step)
+        else:
+            power = 0
+            while self.true_time < now:
+                meter_t = self.meter_time
+                step_end = (math.floor(meter_t / step) + 1) * step
+                boundary = min(step_end, self.next_capture) - self.clock_offset
+                t_end = min(now, boundary)
+                if t_end <= self.true_time:  # float rounding at a boundary
+                    t_end = min(now, self.true_time + 1e-6)
+                power = self._step(self.true_time, t_end - self.true_time)
+                if self.meter_time >= self.next_capture:
+                    self._capture_profile()
         # the measurements are what the last step ended with: nothing during the steps reads
         # them, so they are computed once here rather than after every step
         self._measure(power, self.true_time)
         self.clock.time = int(self.meter_time)
+
+    def _advance_events(self, now: float, step: int) -> int:
+        """The loop of :meth:`advance` with whole runs of steps taken at once where
+        :meth:`_run` can; the steps it cannot take are the fixed loop's own."""
+        power = 0
+        ran = False
+        while self.true_time < now:
+            t = self.true_time
+            offset = self.clock_offset
+            whole = t % 1 == 0 and offset % 1 == 0  # int or float
+            run = self._run(int(t), int(offset), now, step) if whole else None
+            if run is None:
+                meter_t = self.meter_time
+                step_end = (math.floor(meter_t / step) + 1) * step
+                boundary = min(step_end, self.next_capture) - offset
+                t_end = min(now, boundary)
+                if t_end <= t:  # float rounding at a boundary
+                    t_end = min(now, t + 1e-6)
+                power = self._step(t, t_end - t)
+            else:
+                power = run
+                ran = True
+            if self.meter_time >= self.next_capture:
+                self._capture_profile()
+        if ran:  # the runs leave the derived status to the end: nothing reads it in between
+            self._update_status()
+        return power
+
+    def _run(self, t0: int, offset: int, now: float, step: int) -> int | None:
+        """Take the fixed steps from ``t0`` (true time, a whole second, as is the clock
+        offset) up to the next instant where more than energy can change, all at once, and
+        return the power they drew; None (and nothing changed) where that cannot be done
+        exactly.
+
+        Every step of the run draws the same power at the same rate, so its milli-joules are
+        ``power x 1000 x seconds`` (whole numbers, as ``round(power * dt * 1000)`` gives them
+        one step at a time), and the whole-Wh and whole-minor-unit parts carried from step to
+        step add up to the same Wh, charges and residues as the steps one by one.
+        """
+        assert self._segment is not None
+        m0 = t0 + offset
+        # the run ends at a boundary of the fixed steps: now, a capture, or a grid point
+        whole_now = math.floor(now)
+        end = whole_now if now == whole_now else (whole_now + offset) // step * step - offset
+        end = min(end, self.next_capture - offset)
+        demand, segment_end = self._segment(float(t0))
+        if segment_end != math.inf:  # the first grid point at or after the segment's end
+            end = min(end, -(-(math.ceil(segment_end) + offset) // step) * step - offset)
+        local0 = m0 + self._tz_seconds
+        low, high, rate = self._rate_span
+        if not low <= local0 < high:
+            low, high, rate = self._rate_span = self._new_rate_span(local0)
+        end = min(end, -(-(high - self._tz_seconds) // step) * step - offset)
+        if end <= t0:
+            return None
+        disconnect = self.disconnect
+        power = demand if disconnect.output_state or self.relay_welded else 0
+        threshold = self.limiter.threshold_active
+        if threshold > 0 and (
+            power > threshold
+            or (
+                self.limiter_tripped_at is not None
+                and self.relay_cause is RelayCause.LIMITER
+                and disconnect.control_state is ControlState.READY_FOR_RECONNECTION
+            )
+        ):
+            return None  # the limiter counts time over and under its threshold
+        token = self.token_credit.current_credit_amount
+        emergency = self.emergency
+        ec_in_use = emergency.credit_status is CreditStatus.IN_USE
+        available = token + emergency.current_credit_amount if ec_in_use else token
+        low_threshold = self.account.low_credit_threshold
+        if available <= 0:
+            # out of credit: each step's end looks at the friendly period, which must not turn
+            if not self.exhausted or ec_in_use:
+                return None
+            if self.low_credit_armed and available < low_threshold:
+                return None
+            first_end = min(end, (m0 // step + 1) * step - offset)
+            friendly, until = self._friendly_span(first_end + offset + self._tz_seconds)
+            if friendly != self.friendly_active:
+                return None
+            until -= self._tz_seconds + offset
+            if end >= until:  # stop at the last grid point before the edge
+                end = (until - 1 + offset) // step * step - offset
+                if end <= t0:
+                    return None
+            state = disconnect.control_state
+            if friendly:
+                if (
+                    state is ControlState.READY_FOR_RECONNECTION
+                    and self.relay_cause is RelayCause.CREDIT
+                    and _allows(disconnect.control_mode, state, Trigger.LOCAL_RECONNECT)
+                ):
+                    return None  # the friendly period reconnects it at this step's end
+            elif (
+                state is ControlState.CONNECTED
+                and disconnect.control_mode != 0
+                and self.config.local_disconnect
+            ):
+                return None
+        residue = self.energy_residue_mj
+        wh, energy_residue = divmod(residue + power * 1000 * (end - t0), MJ_PER_WH)
+        price = 0
+        charge_residue = self.charge_residue
+        if self.config.credit_unit == "money":
+            price = self.config.tariff.prices[rate - 1]
+            amount, charge_residue = divmod(charge_residue + wh * price, 1000)
+        else:
+            amount = wh
+        if available > 0 and (
+            amount > token
+            or available - amount <= 0
+            or (self.low_credit_armed and available - amount < low_threshold)
+        ):
+            return None  # a credit threshold is crossed on the way: step by step
+        # -- nothing but energy changes: apply the run ------------------------------------------
+        if wh:
+            self.rates[rate - 1].value += wh
+            self.energy.value += wh
+            if amount:
+                self.charges_total += amount
+                self.charge.total_amount_paid += amount
+                self.charge.last_collection_amount = self._last_collection(
+                    t0, offset, end, step, power, amount, price
+                )
+                if available > 0:
+                    self.token_credit.current_credit_amount = token - amount
+                else:
+                    self.debt += amount
+        self.energy_residue_mj = energy_residue
+        self.charge_residue = charge_residue
+        self.true_time = float(end)
+        self.demand_w = demand
+        if threshold > 0:
+            self.limiter_over_since = None
+        if available > 0:
+            self.friendly_active = False
+        return power
+
+    def _last_collection(
+        self, t0: int, offset: int, end: int, step: int, power: int, total: int, price: int
+    ) -> int:
+        """The charge of the last step of a run that charged anything (what the fixed steps
+        leave in ``last_collection_amount``): the run's charges reach ``total`` first at the
+        end of that step."""
+        residue = self.energy_residue_mj
+        if self.config.credit_unit == "money":
+            wh_needed = -(-(1000 * total - self.charge_residue) // price)
+        else:
+            wh_needed = total
+        seconds = -(-(wh_needed * MJ_PER_WH - residue) // (power * 1000))
+        # the step that ends at or after t0 + seconds, and the boundary before it
+        at = min(end, -(-(t0 + seconds + offset) // step) * step - offset)
+        before = max(t0, -(-(at + offset) // step) * step - step - offset)
+        wh_before = (residue + power * 1000 * (before - t0)) // MJ_PER_WH
+        if self.config.credit_unit == "money":
+            return total - (self.charge_residue + wh_before * price) // 1000
+        return total - wh_before
+
+    def _new_rate_span(self, local: int) -> tuple[int, int, int]:
+        """The rate in force at ``local`` (a whole second of local meter time) and the
+        local seconds ``[from, until)`` it holds over (until the next switch or midnight)."""
+        day, second = divmod(local, 86400)
+        minute = second // 60
+        weekend = (day + 3) % 7 + 1 >= 6
+        tariff = self.config.tariff
+        table = tariff.weekend if weekend else tariff.weekday
+        starts = [start for start, _ in table]
+        index = bisect_right(starts, minute)
+        until = starts[index] if index < len(starts) else 1440
+        since = starts[index - 1]
+        return day * 86400 + since * 60, day * 86400 + until * 60, tariff.rate_at(minute, weekend)
+
+    def _friendly_span(self, local: int) -> tuple[bool, int]:
+        """Whether ``local`` (a whole second of local meter time) is in a friendly period, as
+        :meth:`in_friendly_period` says, and the local second it may change at next."""
+        day, second = divmod(local, 86400)
+        minute = second // 60
+        friendly = (day + 3) % 7 + 1 in self.config.friendly_days or any(
+            start <= minute < end for start, end in self.config.friendly_hours
+        )
+        edges = self._friendly_edges
+        return friendly, day * 86400 + edges[bisect_right(edges, minute)] * 60
 
     def _step(self, t: float, dt: float) -> int:
         """Integrate ``dt`` seconds from ``t``; returns the power drawn (W)."""
@@ -1069,6 +1283,15 @@ def _action_value(action: KeypadAction) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def _allows(mode: int, state: ControlState, trigger: Trigger) -> bool:
+    """Whether ``trigger`` changes ``state`` in ``mode`` (a refused trigger changes nothing)."""
+    try:
+        find_transition(mode, state, trigger)
+    except TransitionRefused:
+        return False
+    return True
 
 
 def _digest(envelope: CommandEnvelope) -> str:

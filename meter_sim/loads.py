@@ -2,6 +2,11 @@
 
 A model is a pure function of time (the same moment always gives the same demand), so a meter's
 consumption does not depend on how often it is advanced.
+
+The models here are also piecewise constant, and say so: ``segment(t)`` gives the demand at
+``t`` and the end of the segment it holds over (the first moment at which it may change). The
+firmware's event-driven integration (``Meter.advance(..., integration="events")``) uses it to
+integrate whole runs of steps at once; a model without ``segment`` is integrated step by step.
 """
 
 from __future__ import annotations
@@ -40,6 +45,14 @@ class LoadModel(Protocol):
         ...
 
 
+class SegmentedLoad(LoadModel, Protocol):
+    def segment(self, t: float) -> tuple[int, float]:
+        """``(demand(t), end)``: the demand is ``demand(t)`` at every moment of ``[t, end)``.
+        ``end`` may come before the real change (never after it); ``math.inf`` when the
+        demand never changes."""
+        ...
+
+
 class ConstantLoad:
     def __init__(self, watts: int) -> None:
         if watts < 0:
@@ -48,6 +61,9 @@ class ConstantLoad:
 
     def demand(self, t: float) -> int:
         return self.watts
+
+    def segment(self, t: float) -> tuple[int, float]:
+        return self.watts, math.inf
 
 
 # Relative demand by hour of the day (mean 1.0): night base, morning and evening peaks.
@@ -63,11 +79,21 @@ _SHAPE_MEAN = (sum(_WEEKDAY_SHAPE) * 5 + sum(_WEEKEND_SHAPE) * 2) / (24 * 7)
 _SPIKE_CHANCE = 0.04
 _SPIKE_SIZE = 3.0  # an appliance draws 3 to 6 times the mean
 _BASE_SHARE = 1 - _SPIKE_CHANCE * _SPIKE_SIZE * 1.5  # so that the long-run mean is mean_watts
+_SPIKE_BITS = 16  # the low bits of a slot's hash decide a spike, the high ones give the noise
+_SPIKE_MASK = (1 << _SPIKE_BITS) - 1
+_SPIKE_BELOW = round(_SPIKE_CHANCE * (1 << _SPIKE_BITS))
+_NOISE_SPAN = float(1 << (64 - _SPIKE_BITS))
 
 
 class ResidentialLoad:
-    """A seeded synthetic household: daily and weekly shape, interpolated, with noise per
-    five-minute slot and occasional appliance spikes (kettle, iron) lasting a few minutes."""
+    """A seeded synthetic household: daily and weekly shape, with noise per five-minute slot
+    and occasional appliance spikes (kettle, iron) lasting a slot.
+
+    The demand is constant over each slot (local time, aligned to the hour): the shape is
+    interpolated at the slot's start, and one hash of (seed, slot) gives both the noise and
+    whether an appliance runs. The last slot computed is kept, so asking again within it costs
+    a comparison.
+    """
 
     SLOT = 300
 
@@ -77,20 +103,34 @@ class ResidentialLoad:
         self.mean_watts = mean_watts
         self.seed = seed
         self.offset = timezone_minutes * 60
+        self._scale = mean_watts * _BASE_SHARE / _SHAPE_MEAN
+        self._slot: int | None = None
+        self._watts = 0
 
     def demand(self, t: float) -> int:
-        local = t + self.offset
-        day = math.floor(local / 86400)
-        weekday = (day + 3) % 7  # 1970-01-01 was a Thursday; 0 = Monday
-        shape = _WEEKEND_SHAPE if weekday >= 5 else _WEEKDAY_SHAPE
-        hour_f = (local - day * 86400) / 3600
-        hour = int(hour_f)
-        frac = hour_f - hour
+        slot = math.floor((t + self.offset) / self.SLOT)
+        if slot != self._slot:
+            self._watts = self._slot_watts(slot)
+            self._slot = slot
+        return self._watts
+
+    def segment(self, t: float) -> tuple[int, float]:
+        slot = math.floor((t + self.offset) / self.SLOT)
+        if slot != self._slot:
+            self._watts = self._slot_watts(slot)
+            self._slot = slot
+        return self._watts, (slot + 1) * self.SLOT - self.offset
+
+    def _slot_watts(self, slot: int) -> int:
+        day, second = divmod(slot * self.SLOT, 86400)
+        shape = _WEEKEND_SHAPE if (day + 3) % 7 >= 5 else _WEEKDAY_SHAPE  # 1970-01-01: Thu
+        hour, rest = divmod(second, 3600)
+        frac = rest / 3600
         base = shape[hour] * (1 - frac) + shape[(hour + 1) % 24] * frac
-        slot = math.floor(local / self.SLOT)
-        noise = 0.75 + 0.5 * unit_noise(self.seed, slot)
-        watts = self.mean_watts * _BASE_SHARE * base / _SHAPE_MEAN * noise
-        if unit_noise(self.seed ^ 0x5A5A, slot) < _SPIKE_CHANCE:  # an appliance for this slot
+        mixed = _mix(self.seed * 0x100000001B3 ^ slot)
+        noise = 0.75 + 0.5 * ((mixed >> _SPIKE_BITS) / _NOISE_SPAN)
+        watts = self._scale * base * noise
+        if mixed & _SPIKE_MASK < _SPIKE_BELOW:  # an appliance for this slot
             watts += self.mean_watts * _SPIKE_SIZE * (1 + unit_noise(self.seed ^ 0xA5A5, slot))
         return max(0, round(watts))
 
@@ -137,6 +177,17 @@ class CsvLoad:
         offset = (t - start) % self.span
         index = bisect_right(self.times, start + offset) - 1
         return self.watts[max(index, 0)]
+
+    def segment(self, t: float) -> tuple[int, float]:
+        start = self.times[0]
+        offset = (t - start) % self.span
+        index = max(bisect_right(self.times, start + offset) - 1, 0)
+        following = self.times[index + 1] if index + 1 < len(self.times) else start + self.span
+        # float rounding of the wrap-around must not carry the end past the real change
+        return self.watts[index], t + (following - (start + offset)) - _CSV_MARGIN
+
+
+_CSV_MARGIN = 1e-3  # s: far above the rounding of epoch seconds, far below a recording's rows
 
 
 def _looks_numeric_time(text: str) -> bool:
