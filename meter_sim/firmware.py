@@ -277,6 +277,7 @@ class Meter:
         self._tz_seconds = config.timezone_minutes * 60
         self._segment = getattr(load, "segment", None)
         self._rate_span = (1, 0, 0)  # local seconds [from, until) and the rate in force
+        self._friendly_cache = (1, 0, False)  # local seconds [from, until) and friendliness
         self._friendly_edges = sorted(
             {edge for pair in config.friendly_hours for edge in pair if edge > 0} | {1440}
         )
@@ -300,10 +301,22 @@ class Meter:
         return (math.floor(meter_t / period) + 1) * period
 
     def in_friendly_period(self, meter_t: float | None = None) -> bool:
-        minute, weekday = self._local(self.meter_time if meter_t is None else meter_t)
+        meter_t = self.meter_time if meter_t is None else meter_t
+        local = meter_t + self._tz_seconds
+        low, high, friendly = self._friendly_cache
+        if low <= local < high and local % 1 == 0:  # whole seconds: the span is exact
+            return friendly
+        minute, weekday = self._local(meter_t)
         if weekday in self.config.friendly_days:
-            return True
-        return any(start <= minute < end for start, end in self.config.friendly_hours)
+            friendly = True
+        else:
+            friendly = any(start <= minute < end for start, end in self.config.friendly_hours)
+        if local % 1 == 0:
+            whole = int(local)
+            cached, until = self._friendly_span(whole)
+            if cached == friendly:  # always so for a whole second; kept as a check
+                self._friendly_cache = (whole, until, friendly)
+        return friendly
 
     def advance(self, now: float, step: int = 60, integration: Integration = "fixed") -> None:
         """Integrate from the last time up to ``now`` in steps of at most ``step`` seconds,
@@ -365,42 +378,42 @@ class Meter:
     def _run(self, t0: int, offset: int, now: float, step: int) -> int | None:
         """Take the fixed steps from ``t0`` (true time, a whole second, as is the clock
         offset) up to the next instant where more than energy can change, all at once, and
-        return the power they drew; None (and nothing changed) where that cannot be done
-        exactly.
+        return the power the last of them drew; None (and nothing changed) where that cannot
+        be done exactly.
 
-        Every step of the run draws the same power at the same rate, so its milli-joules are
-        ``power x 1000 x seconds`` (whole numbers, as ``round(power * dt * 1000)`` gives them
-        one step at a time), and the whole-Wh and whole-minor-unit parts carried from step to
-        step add up to the same Wh, charges and residues as the steps one by one.
+        The run is cut where the load's segments change into runs of steps of one power; the
+        steps of a run all charge at one rate. A step of ``power`` W over ``dt`` whole seconds
+        adds ``power x dt x 1000`` mJ (``round(power * dt * 1000)`` is that whole number), and
+        the whole-Wh and whole-minor-unit parts carried from step to step add up to the same
+        Wh, charges and residues as the steps one by one; the charge of the run's last step
+        that charged anything (``last_collection_amount``) is found where the run's charges
+        reach their total.
         """
         assert self._segment is not None
         m0 = t0 + offset
         # the run ends at a boundary of the fixed steps: now, a capture, or a grid point
         whole_now = math.floor(now)
         end = whole_now if now == whole_now else (whole_now + offset) // step * step - offset
-        end = min(end, self.next_capture - offset)
-        demand, segment_end = self._segment(float(t0))
-        if segment_end != math.inf:  # the first grid point at or after the segment's end
-            end = min(end, -(-(math.ceil(segment_end) + offset) // step) * step - offset)
         local0 = m0 + self._tz_seconds
         low, high, rate = self._rate_span
         if not low <= local0 < high:
             low, high, rate = self._rate_span = self._new_rate_span(local0)
-        end = min(end, -(-(high - self._tz_seconds) // step) * step - offset)
+        # the first step that starts at or after the switch: at a grid point or a capture
+        switch = high - self._tz_seconds
+        period = self.config.profile_period
+        end = min(end, -(-switch // step) * step - offset, -(-switch // period) * period - offset)
         if end <= t0:
             return None
         disconnect = self.disconnect
-        power = demand if disconnect.output_state or self.relay_welded else 0
+        connected = disconnect.output_state or self.relay_welded
         threshold = self.limiter.threshold_active
-        if threshold > 0 and (
-            power > threshold
-            or (
-                self.limiter_tripped_at is not None
-                and self.relay_cause is RelayCause.LIMITER
-                and disconnect.control_state is ControlState.READY_FOR_RECONNECTION
-            )
+        if (
+            threshold > 0
+            and self.limiter_tripped_at is not None
+            and self.relay_cause is RelayCause.LIMITER
+            and disconnect.control_state is ControlState.READY_FOR_RECONNECTION
         ):
-            return None  # the limiter counts time over and under its threshold
+            return None  # the limiter counts the time under its threshold
         token = self.token_credit.current_credit_amount
         emergency = self.emergency
         ec_in_use = emergency.credit_status is CreditStatus.IN_USE
@@ -412,7 +425,7 @@ class Meter:
                 return None
             if self.low_credit_armed and available < low_threshold:
                 return None
-            first_end = min(end, (m0 // step + 1) * step - offset)
+            first_end = min(end, (m0 // step + 1) * step - offset, self.next_capture - offset)
             friendly, until = self._friendly_span(first_end + offset + self._tz_seconds)
             if friendly != self.friendly_active:
                 return None
@@ -435,8 +448,38 @@ class Meter:
                 and self.config.local_disconnect
             ):
                 return None
+        # -- pieces of one power, cut where the load's segments end and at the captures -------
+        # (first step start, end, power, watt-seconds before); captures: (time, watt-seconds)
+        segment = self._segment
+        pieces: list[tuple[int, int, int, int]] = []
+        captures: list[tuple[int, int]] = []
+        capture = self.next_capture - offset
+        start = t0
+        watt_seconds = 0
+        demand = power = 0
+        while start < end:
+            piece_demand, segment_end = segment(float(start))
+            piece_power = piece_demand if connected else 0
+            if threshold > 0 and piece_power > threshold:  # the limiter counts the time over
+                if start == t0:
+                    return None
+                end = start
+                break
+            demand, power = piece_demand, piece_power
+            stop = (
+                end
+                if segment_end == math.inf  # else the first grid point at or after its end
+                else min(end, -(-(math.ceil(segment_end) + offset) // step) * step - offset)
+            )
+            stop = min(stop, capture)
+            pieces.append((start, stop, power, watt_seconds))
+            watt_seconds += power * (stop - start)
+            if stop == capture:
+                captures.append((capture + offset, watt_seconds))
+                capture += period
+            start = stop
         residue = self.energy_residue_mj
-        wh, energy_residue = divmod(residue + power * 1000 * (end - t0), MJ_PER_WH)
+        wh, energy_residue = divmod(residue + watt_seconds * 1000, MJ_PER_WH)
         price = 0
         charge_residue = self.charge_residue
         if self.config.credit_unit == "money":
@@ -458,12 +501,14 @@ class Meter:
                 self.charges_total += amount
                 self.charge.total_amount_paid += amount
                 self.charge.last_collection_amount = self._last_collection(
-                    t0, offset, end, step, power, amount, price
+                    pieces, offset, step, amount, price
                 )
                 if available > 0:
                     self.token_credit.current_credit_amount = token - amount
                 else:
                     self.debt += amount
+        if captures:
+            self._capture_run(captures, watt_seconds, available, price)
         self.energy_residue_mj = energy_residue
         self.charge_residue = charge_residue
         self.true_time = float(end)
@@ -474,25 +519,56 @@ class Meter:
             self.friendly_active = False
         return power
 
+    def _capture_run(
+        self, captures: list[tuple[int, int]], run_ws: int, available: int, price: int
+    ) -> None:
+        """The load-profile rows of the captures in a run, as :meth:`_capture_profile` takes
+        them one step at a time: from the run's watt-seconds up to each capture (``available``
+        and the residues are as they were when the run began; the energy registers already
+        hold the run's ``run_ws`` watt-seconds)."""
+        residue = self.energy_residue_mj
+        charge_residue = self.charge_residue
+        money = self.config.credit_unit == "money"
+        base = self.energy.value - (residue + run_ws * 1000) // MJ_PER_WH
+        pays = available > 0  # else the charges become debt and the credit stays as it is
+        for moment, watt_seconds in captures:
+            wh = (residue + watt_seconds * 1000) // MJ_PER_WH
+            total = base + wh
+            left = available
+            if pays:
+                left -= (charge_residue + wh * price) // 1000 if money else wh
+            bits = self._bits(left, self.in_friendly_period(float(moment)))
+            self.load_profile.capture((moment, total, total - self.last_capture_energy, left, bits))
+            self.last_capture_energy = total
+        self.next_capture = captures[-1][0] + self.config.profile_period
+
     def _last_collection(
-        self, t0: int, offset: int, end: int, step: int, power: int, total: int, price: int
+        self,
+        pieces: list[tuple[int, int, int, int]],
+        offset: int,
+        step: int,
+        total: int,
+        price: int,
     ) -> int:
         """The charge of the last step of a run that charged anything (what the fixed steps
-        leave in ``last_collection_amount``): the run's charges reach ``total`` first at the
+        leave in ``last_collection_amount``): the run's charges first reach ``total`` at the
         end of that step."""
         residue = self.energy_residue_mj
-        if self.config.credit_unit == "money":
-            wh_needed = -(-(1000 * total - self.charge_residue) // price)
-        else:
-            wh_needed = total
-        seconds = -(-(wh_needed * MJ_PER_WH - residue) // (power * 1000))
-        # the step that ends at or after t0 + seconds, and the boundary before it
-        at = min(end, -(-(t0 + seconds + offset) // step) * step - offset)
-        before = max(t0, -(-(at + offset) // step) * step - step - offset)
-        wh_before = (residue + power * 1000 * (before - t0)) // MJ_PER_WH
-        if self.config.credit_unit == "money":
-            return total - (self.charge_residue + wh_before * price) // 1000
-        return total - wh_before
+        money = self.config.credit_unit == "money"
+        wh_needed = -(-(1000 * total - self.charge_residue) // price) if money else total
+        needed = wh_needed * MJ_PER_WH - residue  # mJ the run has drawn by then
+        for start, stop, power, before_ws in pieces:
+            if (before_ws + power * (stop - start)) * 1000 < needed:
+                continue
+            seconds = -(-(needed - before_ws * 1000) // (power * 1000))
+            # the step that ends at or after start + seconds, and the boundary before it
+            at = min(stop, -(-(start + seconds + offset) // step) * step - offset)
+            before = max(start, -(-(at + offset) // step) * step - step - offset)
+            wh_before = (residue + (before_ws + power * (before - start)) * 1000) // MJ_PER_WH
+            if money:
+                return total - (self.charge_residue + wh_before * price) // 1000
+            return total - wh_before
+        raise AssertionError("a run's charges reach their total within it")  # pragma: no cover
 
     def _new_rate_span(self, local: int) -> tuple[int, int, int]:
         """The rate in force at ``local`` (a whole second of local meter time) and the
@@ -1006,14 +1082,15 @@ class Meter:
     def _capture_profile(self) -> None:
         total = self.energy.value
         self._update_status()
-        row = ProfileRow(
+        # a ProfileRow's columns (ProfileRow.to_row), built without the object: hot path
+        row = (
             self.next_capture,
             total,
             total - self.last_capture_energy,
-            self.balances.available,
-            int(self.status),
+            self._available(),
+            self._status_bits,
         )
-        self.load_profile.capture(row.to_row())
+        self.load_profile.capture(row)
         self.last_capture_energy = total
         self.next_capture = self._next_boundary(self.meter_time)
 
@@ -1039,19 +1116,7 @@ class Meter:
         """Recompute the status bits and the account's derived attributes (hot path: plain ints)."""
         available = self._available()
         ec_status = self.emergency.credit_status
-        bits = _IN_CREDIT if available > 0 else _OUT_OF_CREDIT
-        if available < self.account.low_credit_threshold:
-            bits |= _LOW_CREDIT
-        if ec_status is CreditStatus.IN_USE:
-            bits |= _EC_IN_USE
-        elif ec_status is CreditStatus.SELECTABLE:
-            bits |= _EC_AVAILABLE
-        if self.in_friendly_period():
-            bits |= _FRIENDLY
-        if self.tamper:
-            bits |= _TAMPER
-        if self.relay_cause is RelayCause.LIMITER and not self.disconnect.output_state:
-            bits |= _LIMITER_TRIPPED
+        bits = self._bits(available, self.in_friendly_period())
         if bits != self._status_bits:
             self._status_bits = bits
             self.status = StatusFlag(bits)
@@ -1067,6 +1132,24 @@ class Meter:
             if ec_status is CreditStatus.IN_USE and not self.token_credit.current_credit_amount
             else OBIS_TOKEN_CREDIT
         )
+
+    def _bits(self, available: int, friendly: bool) -> int:
+        """The status bits with ``available`` credit, in a friendly period or not."""
+        bits = _IN_CREDIT if available > 0 else _OUT_OF_CREDIT
+        if available < self.account.low_credit_threshold:
+            bits |= _LOW_CREDIT
+        ec_status = self.emergency.credit_status
+        if ec_status is CreditStatus.IN_USE:
+            bits |= _EC_IN_USE
+        elif ec_status is CreditStatus.SELECTABLE:
+            bits |= _EC_AVAILABLE
+        if friendly:
+            bits |= _FRIENDLY
+        if self.tamper:
+            bits |= _TAMPER
+        if self.relay_cause is RelayCause.LIMITER and not self.disconnect.output_state:
+            bits |= _LIMITER_TRIPPED
+        return bits
 
     def snapshot(self) -> MeterSnapshot:
         balances = self.balances

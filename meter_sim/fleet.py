@@ -117,7 +117,7 @@ class Fleet:
                 store.meter(meter.meter_id),
                 states.get(meter.meter_id),
                 sim.step_seconds,
-                integration,
+                integration=integration,
             )
             for meter in config.meters
         }

@@ -85,6 +85,13 @@ _SPIKE_BELOW = round(_SPIKE_CHANCE * (1 << _SPIKE_BITS))
 _NOISE_SPAN = float(1 << (64 - _SPIKE_BITS))
 
 
+def _slot_base(shape: tuple[float, ...], slot: int) -> float:
+    """The day's shape at the start of a slot of the day, interpolated between the hours."""
+    hour, rest = divmod(slot * ResidentialLoad.SLOT, 3600)
+    frac = rest / 3600
+    return shape[hour] * (1 - frac) + shape[(hour + 1) % 24] * frac
+
+
 class ResidentialLoad:
     """A seeded synthetic household: daily and weekly shape, with noise per five-minute slot
     and occasional appliance spikes (kettle, iron) lasting a slot.
@@ -122,11 +129,8 @@ class ResidentialLoad:
         return self._watts, (slot + 1) * self.SLOT - self.offset
 
     def _slot_watts(self, slot: int) -> int:
-        day, second = divmod(slot * self.SLOT, 86400)
-        shape = _WEEKEND_SHAPE if (day + 3) % 7 >= 5 else _WEEKDAY_SHAPE  # 1970-01-01: Thu
-        hour, rest = divmod(second, 3600)
-        frac = rest / 3600
-        base = shape[hour] * (1 - frac) + shape[(hour + 1) % 24] * frac
+        day, index = divmod(slot, _SLOTS_A_DAY)
+        base = _SLOT_BASE[(day + 3) % 7 >= 5][index]  # 1970-01-01 was a Thursday
         mixed = _mix(self.seed * 0x100000001B3 ^ slot)
         noise = 0.75 + 0.5 * ((mixed >> _SPIKE_BITS) / _NOISE_SPAN)
         watts = self._scale * base * noise
@@ -227,3 +231,11 @@ def make_load(config: LoadConfig, meter_id: str, timezone_minutes: int = 0) -> L
             raise ConfigError("load.model = 'csv' needs load.csv_path")
         return CsvLoad(Path(config.csv_path))
     raise ConfigError(f"unknown load model {config.model!r}")
+
+
+_SLOTS_A_DAY = 86400 // ResidentialLoad.SLOT
+#: the shape at each slot's start, weekdays (False) and weekends (True)
+_SLOT_BASE = {
+    weekend: tuple(_slot_base(shape, slot) for slot in range(_SLOTS_A_DAY))
+    for weekend, shape in ((False, _WEEKDAY_SHAPE), (True, _WEEKEND_SHAPE))
+}

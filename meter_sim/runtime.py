@@ -38,6 +38,7 @@ class MeterRuntime:
         meter: Meter,
         store: MeterStore | None = None,
         step_seconds: int = 60,
+        *,
         integration: Integration = "fixed",
     ) -> None:
         self.config = config
@@ -77,6 +78,7 @@ class MeterRuntime:
         store: MeterStore | None,
         state: dict[str, Any] | None,
         step_seconds: int = 60,
+        *,
         integration: Integration = "fixed",
     ) -> MeterRuntime:
         """The meter powered up at ``clock``'s now from ``state`` as loaded from ``store`` (a
@@ -94,7 +96,7 @@ class MeterRuntime:
             log.info("meter %s restored", config.meter_id)
         else:
             meter = Meter(config, now, load)
-        return cls(config, clock, meter, store, step_seconds, integration)
+        return cls(config, clock, meter, store, step_seconds, integration=integration)
 
     @classmethod
     def open_stopped(cls, config: MeterConfig, state_dir: Path) -> MeterRuntime:

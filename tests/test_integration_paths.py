@@ -261,15 +261,15 @@ def test_a_run_of_steps_is_integrated_at_once() -> None:
         calls = 0
         inner_demand, inner_segment = m.load.demand, m.load.segment  # type: ignore[attr-defined]
 
-        def demand(t: float) -> int:
+        def demand(t: float, inner: Any = inner_demand) -> int:
             nonlocal calls
             calls += 1
-            return inner_demand(t)
+            return inner(t)  # type: ignore[no-any-return]
 
-        def segment(t: float) -> tuple[int, float]:
+        def segment(t: float, inner: Any = inner_segment) -> tuple[int, float]:
             nonlocal calls
             calls += 1
-            return inner_segment(t)  # type: ignore[no-any-return]
+            return inner(t)  # type: ignore[no-any-return]
 
         m.load.demand = demand  # type: ignore[method-assign]
         m._segment = segment
