@@ -275,7 +275,9 @@ class Meter:
         self.listeners: list[Callable[[Event], None]] = []
         # -- the event-driven integration's look-ups (derived from the configuration) ----------
         self._tz_seconds = config.timezone_minutes * 60
+        self._noise_seed = config.modbus_unit * 7919 + len(config.meter_id)  # of _measure
         self._segment = getattr(load, "segment", None)
+        self._segments = getattr(load, "segments", None)
         self._rate_span = (1, 0, 0)  # local seconds [from, until) and the rate in force
         self._friendly_cache = (1, 0, False)  # local seconds [from, until) and friendliness
         self._friendly_edges = sorted(
@@ -456,22 +458,36 @@ class Meter:
         capture = self.next_capture - offset
         start = t0
         watt_seconds = 0
-        demand = power = 0
+        demand = power = last_demand = 0
+        limit = threshold if threshold > 0 else -1
+        inf = math.inf
+        many = self._segments
+        pieces_of_load = None if many is None else many(t0, end)
+        index = 0
         while start < end:
-            piece_demand, segment_end = segment(float(start))
-            piece_power = piece_demand if connected else 0
-            if threshold > 0 and piece_power > threshold:  # the limiter counts the time over
+            if pieces_of_load is None:
+                demand, end_at = segment(start)
+                if end_at <= start:
+                    return None  # no whole second of it: step by step
+                segment_end = end_at if end_at == inf else math.ceil(end_at)
+            else:  # whole seconds already
+                demand, segment_end = pieces_of_load[index]
+                while segment_end <= start:
+                    index += 1
+                    demand, segment_end = pieces_of_load[index]
+            piece_power = demand if connected else 0
+            if piece_power > limit >= 0:  # over the limiter's threshold: it counts the time
                 if start == t0:
                     return None
                 end = start
+                demand = last_demand
                 break
-            demand, power = piece_demand, piece_power
-            stop = (
-                end
-                if segment_end == math.inf  # else the first grid point at or after its end
-                else min(end, -(-(math.ceil(segment_end) + offset) // step) * step - offset)
-            )
-            stop = min(stop, capture)
+            power = piece_power
+            last_demand = demand
+            if segment_end == inf:
+                stop = end if end < capture else capture
+            else:  # the first grid point at or after the segment's end
+                stop = min(-(-(segment_end + offset) // step) * step - offset, end, capture)
             pieces.append((start, stop, power, watt_seconds))
             watt_seconds += power * (stop - start)
             if stop == capture:
@@ -531,15 +547,27 @@ class Meter:
         money = self.config.credit_unit == "money"
         base = self.energy.value - (residue + run_ws * 1000) // MJ_PER_WH
         pays = available > 0  # else the charges become debt and the credit stays as it is
+        # the status bits but the low-credit and friendly ones do not change during a run
+        bits = self._bits(available, False) & ~_LOW_CREDIT
+        low_threshold = self.account.low_credit_threshold
+        tz = self._tz_seconds
+        rows = self.load_profile.buffer  # the rows have the profile's columns (ProfileRow)
+        last = self.last_capture_energy
         for moment, watt_seconds in captures:
             wh = (residue + watt_seconds * 1000) // MJ_PER_WH
             total = base + wh
             left = available
             if pays:
                 left -= (charge_residue + wh * price) // 1000 if money else wh
-            bits = self._bits(left, self.in_friendly_period(float(moment)))
-            self.load_profile.capture((moment, total, total - self.last_capture_energy, left, bits))
-            self.last_capture_energy = total
+            low, high, friendly = self._friendly_cache
+            if not low <= moment + tz < high:
+                friendly = self.in_friendly_period(float(moment))
+            row_bits = bits | _FRIENDLY if friendly else bits
+            if left < low_threshold:
+                row_bits |= _LOW_CREDIT
+            rows.append((moment, total, total - last, left, row_bits))
+            last = total
+        self.last_capture_energy = last
         self.next_capture = captures[-1][0] + self.config.profile_period
 
     def _last_collection(
@@ -617,7 +645,7 @@ class Meter:
 
     def _measure(self, power: int, t: float) -> None:
         slot = int(t // 10)
-        seed = self.config.modbus_unit * 7919 + len(self.config.meter_id)
+        seed = self._noise_seed
         self.power.value = power
         sag = power // 250  # 0.1 V per 250 W of load
         self.voltage.value = (

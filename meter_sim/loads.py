@@ -48,9 +48,14 @@ class LoadModel(Protocol):
 class SegmentedLoad(LoadModel, Protocol):
     def segment(self, t: float) -> tuple[int, float]:
         """``(demand(t), end)``: the demand is ``demand(t)`` at every moment of ``[t, end)``.
-        ``end`` may come before the real change (never after it); ``math.inf`` when the
-        demand never changes."""
+        ``end`` may come before the real change (never after it), never at or before ``t``;
+        ``math.inf`` when the demand never changes."""
         ...
+
+
+# A load may also offer ``segments(start, stop) -> [(watts, end), ...]`` (whole seconds): the
+# segments that cover ``[start, stop)`` in order, each as ``segment`` gives it and beginning
+# where the previous one ends; the firmware then asks once per run instead of once per segment.
 
 
 class ConstantLoad:
@@ -128,6 +133,34 @@ class ResidentialLoad:
             self._slot = slot
         return self._watts, (slot + 1) * self.SLOT - self.offset
 
+    def segments(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """``segment(t)`` for every slot that ``[start, stop)`` (whole seconds) touches, in
+        order: ``[(watts, end), ...]``, each slot beginning where the one before ends. One call
+        for a run of slots, with the hash inlined (the event-driven integration's hot loop)."""
+        offset = self.offset
+        size = self.SLOT
+        first = (start + offset) // size
+        last = (stop - 1 + offset) // size
+        seed = self.seed * 0x100000001B3
+        scale = self._scale
+        out: list[tuple[int, int]] = []
+        for slot in range(first, last + 1):
+            if slot == self._slot:
+                out.append((self._watts, (slot + 1) * size - offset))
+                continue
+            # _mix(seed ^ slot), inlined
+            mixed = ((seed ^ slot) + 0x9E3779B97F4A7C15) & _MASK64
+            mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+            mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & _MASK64
+            mixed ^= mixed >> 31
+            day, index = divmod(slot, _SLOTS_A_DAY)
+            noise = 0.75 + 0.5 * ((mixed >> _SPIKE_BITS) / _NOISE_SPAN)
+            watts = scale * _SLOT_BASE[(day + 3) % 7 >= 5][index] * noise
+            if mixed & _SPIKE_MASK < _SPIKE_BELOW:
+                watts += self.mean_watts * _SPIKE_SIZE * (1 + unit_noise(self.seed ^ 0xA5A5, slot))
+            out.append((max(0, round(watts)), (slot + 1) * size - offset))
+        return out
+
     def _slot_watts(self, slot: int) -> int:
         day, index = divmod(slot, _SLOTS_A_DAY)
         base = _SLOT_BASE[(day + 3) % 7 >= 5][index]  # 1970-01-01 was a Thursday
@@ -188,7 +221,8 @@ class CsvLoad:
         index = max(bisect_right(self.times, start + offset) - 1, 0)
         following = self.times[index + 1] if index + 1 < len(self.times) else start + self.span
         # float rounding of the wrap-around must not carry the end past the real change
-        return self.watts[index], t + (following - (start + offset)) - _CSV_MARGIN
+        gap = following - (start + offset)
+        return self.watts[index], t + max(gap - _CSV_MARGIN, gap / 2)
 
 
 _CSV_MARGIN = 1e-3  # s: far above the rounding of epoch seconds, far below a recording's rows
