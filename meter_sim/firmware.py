@@ -585,9 +585,9 @@ class Meter:
         money = self.config.credit_unit == "money"
         wh_needed = -(-(1000 * total - self.charge_residue) // price) if money else total
         needed = wh_needed * MJ_PER_WH - residue  # mJ the run has drawn by then
-        for start, stop, power, before_ws in pieces:
-            if (before_ws + power * (stop - start)) * 1000 < needed:
-                continue
+        for start, stop, power, before_ws in reversed(pieces):  # it is mostly the last one
+            if before_ws * 1000 >= needed:
+                continue  # the charges reached the total before this piece
             seconds = -(-(needed - before_ws * 1000) // (power * 1000))
             # the step that ends at or after start + seconds, and the boundary before it
             at = min(stop, -(-(start + seconds + offset) // step) * step - offset)
