@@ -277,7 +277,14 @@ class Meter:
         self._tz_seconds = config.timezone_minutes * 60
         self._noise_seed = config.modbus_unit * 7919 + len(config.meter_id)  # of _measure
         self._segment = getattr(load, "segment", None)
-        self._segments = getattr(load, "segments", None)
+        # the optional parts of a load (meter_sim.loads.SegmentedLoad and the note below it)
+        self._segments: Callable[[int, int], list[tuple[int, int]]] | None = getattr(
+            load, "segments", None
+        )
+        self._aligned: Callable[[int, int], bool] | None = getattr(load, "aligned", None)
+        self._watt_seconds: Callable[[int, list[int]], list[int]] | None = getattr(
+            load, "watt_seconds", None
+        )
         self._rate_span = (1, 0, 0)  # local seconds [from, until) and the rate in force
         self._friendly_cache = (1, 0, False)  # local seconds [from, until) and friendliness
         self._friendly_edges = sorted(
@@ -452,48 +459,66 @@ class Meter:
                 return None
         # -- pieces of one power, cut where the load's segments end and at the captures -------
         # (first step start, end, power, watt-seconds before); captures: (time, watt-seconds)
-        segment = self._segment
-        pieces: list[tuple[int, int, int, int]] = []
         captures: list[tuple[int, int]] = []
         capture = self.next_capture - offset
-        start = t0
-        watt_seconds = 0
-        demand = power = last_demand = 0
-        limit = threshold if threshold > 0 else -1
-        inf = math.inf
-        many = self._segments
-        pieces_of_load = None if many is None else many(t0, end)
-        index = 0
-        while start < end:
-            if pieces_of_load is None:
-                demand, end_at = segment(start)
-                if end_at <= start:
-                    return None  # no whole second of it: step by step
-                segment_end = end_at if end_at == inf else math.ceil(end_at)
-            else:  # whole seconds already
-                demand, segment_end = pieces_of_load[index]
-                while segment_end <= start:
-                    index += 1
+        pieces: list[tuple[int, int, int, int]] | None = None
+        aligned = self._aligned
+        if threshold <= 0 and aligned is not None and aligned(step, offset):
+            # every step lies within one of the load's segments: the steps draw exactly the
+            # load's integral, looked up for the run and for each capture in it
+            integral = self._watt_seconds
+            assert integral is not None
+            moments = list(range(capture, end + 1, period))  # the captures in the run
+            if connected:
+                *at_captures, watt_seconds = integral(t0, [*moments, end])
+            else:
+                at_captures, watt_seconds = [0] * len(moments), 0
+            captures = [
+                (moment + offset, ws) for moment, ws in zip(moments, at_captures, strict=True)
+            ]
+            demand = self.load.demand(float(self._boundary_before(end, t0, offset, step)))
+            power = demand if connected else 0
+        else:
+            segment = self._segment
+            pieces = []
+            start = t0
+            watt_seconds = 0
+            demand = power = last_demand = 0
+            limit = threshold if threshold > 0 else -1
+            inf = math.inf
+            many = self._segments
+            pieces_of_load = None if many is None else many(t0, end)
+            index = 0
+            while start < end:
+                if pieces_of_load is None:
+                    demand, end_at = segment(start)
+                    if end_at <= start:
+                        return None  # no whole second of it: step by step
+                    segment_end = end_at if end_at == inf else math.ceil(end_at)
+                else:  # whole seconds already
                     demand, segment_end = pieces_of_load[index]
-            piece_power = demand if connected else 0
-            if piece_power > limit >= 0:  # over the limiter's threshold: it counts the time
-                if start == t0:
-                    return None
-                end = start
-                demand = last_demand
-                break
-            power = piece_power
-            last_demand = demand
-            if segment_end == inf:
-                stop = end if end < capture else capture
-            else:  # the first grid point at or after the segment's end
-                stop = min(-(-(segment_end + offset) // step) * step - offset, end, capture)
-            pieces.append((start, stop, power, watt_seconds))
-            watt_seconds += power * (stop - start)
-            if stop == capture:
-                captures.append((capture + offset, watt_seconds))
-                capture += period
-            start = stop
+                    while segment_end <= start:
+                        index += 1
+                        demand, segment_end = pieces_of_load[index]
+                piece_power = demand if connected else 0
+                if piece_power > limit >= 0:  # over the limiter's threshold: it counts the time
+                    if start == t0:
+                        return None
+                    end = start
+                    demand = last_demand
+                    break
+                power = piece_power
+                last_demand = demand
+                if segment_end == inf:
+                    stop = end if end < capture else capture
+                else:  # the first grid point at or after the segment's end
+                    stop = min(-(-(segment_end + offset) // step) * step - offset, end, capture)
+                pieces.append((start, stop, power, watt_seconds))
+                watt_seconds += power * (stop - start)
+                if stop == capture:
+                    captures.append((capture + offset, watt_seconds))
+                    capture += period
+                start = stop
         residue = self.energy_residue_mj
         wh, energy_residue = divmod(residue + watt_seconds * 1000, MJ_PER_WH)
         price = 0
@@ -516,8 +541,12 @@ class Meter:
             if amount:
                 self.charges_total += amount
                 self.charge.total_amount_paid += amount
-                self.charge.last_collection_amount = self._last_collection(
-                    pieces, offset, step, amount, price
+                self.charge.last_collection_amount = (
+                    self._last_collection(pieces, offset, step, amount, price)
+                    if pieces is not None
+                    else self._last_collection_aligned(
+                        t0, offset, end, step, total=amount, price=price
+                    )
                 )
                 if available > 0:
                     self.token_credit.current_credit_amount = token - amount
@@ -569,6 +598,33 @@ class Meter:
             last = total
         self.last_capture_energy = last
         self.next_capture = captures[-1][0] + self.config.profile_period
+
+    def _boundary_before(self, moment: int, t0: int, offset: int, step: int) -> int:
+        """The last boundary of the fixed steps before ``moment`` in a run from ``t0``: the
+        later of ``t0``, the last grid point and the last capture before it."""
+        period = self.config.profile_period
+        grid = -(-(moment + offset) // step) * step - step - offset
+        capture = -(-(moment + offset) // period) * period - period - offset
+        return max(t0, grid, capture)
+
+    def _last_collection_aligned(
+        self, t0: int, offset: int, end: int, step: int, *, total: int, price: int
+    ) -> int:
+        """:meth:`_last_collection` for a run integrated by the load's own integral: back from
+        the run's end, one step at a time, to the step whose end the charges first reached
+        ``total`` at (mostly the last step)."""
+        integral = self._watt_seconds
+        assert integral is not None
+        residue = self.energy_residue_mj
+        money = self.config.credit_unit == "money"
+        moment = end
+        while True:
+            before = self._boundary_before(moment, t0, offset, step)
+            wh = (residue + integral(t0, [before])[0] * 1000) // MJ_PER_WH
+            charged = (self.charge_residue + wh * price) // 1000 if money else wh
+            if charged < total:
+                return total - charged
+            moment = before
 
     def _last_collection(
         self,

@@ -14,7 +14,9 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import random
 import zlib
+from array import array
 from bisect import bisect_right
 from datetime import UTC, datetime
 from pathlib import Path
@@ -53,9 +55,14 @@ class SegmentedLoad(LoadModel, Protocol):
         ...
 
 
-# A load may also offer ``segments(start, stop) -> [(watts, end), ...]`` (whole seconds): the
-# segments that cover ``[start, stop)`` in order, each as ``segment`` gives it and beginning
-# where the previous one ends; the firmware then asks once per run instead of once per segment.
+# A load may also offer, for whole seconds:
+# * ``segments(start, stop) -> [(watts, end), ...]``: the segments that cover ``[start, stop)``
+#   in order, each as ``segment`` gives it and beginning where the previous one ends (the
+#   firmware then asks once per run instead of once per segment);
+# * ``aligned(step, offset) -> bool`` and ``watt_seconds(start, stops) -> [int, ...]``: whether
+#   every change of its demand falls on the grid of ``step`` on a clock ``offset`` ahead (no
+#   step then spans a change), and its integral from ``start`` to each of ``stops``; the
+#   firmware then takes a run's energy from the integral.
 
 
 class ConstantLoad:
@@ -69,6 +76,12 @@ class ConstantLoad:
 
     def segment(self, t: float) -> tuple[int, float]:
         return self.watts, math.inf
+
+    def aligned(self, step: int, offset: int) -> bool:
+        return True
+
+    def watt_seconds(self, start: int, stops: list[int]) -> list[int]:
+        return [self.watts * (stop - start) for stop in stops]
 
 
 # Relative demand by hour of the day (mean 1.0): night base, morning and evening peaks.
@@ -84,10 +97,6 @@ _SHAPE_MEAN = (sum(_WEEKDAY_SHAPE) * 5 + sum(_WEEKEND_SHAPE) * 2) / (24 * 7)
 _SPIKE_CHANCE = 0.04
 _SPIKE_SIZE = 3.0  # an appliance draws 3 to 6 times the mean
 _BASE_SHARE = 1 - _SPIKE_CHANCE * _SPIKE_SIZE * 1.5  # so that the long-run mean is mean_watts
-_SPIKE_BITS = 16  # the low bits of a slot's hash decide a spike, the high ones give the noise
-_SPIKE_MASK = (1 << _SPIKE_BITS) - 1
-_SPIKE_BELOW = round(_SPIKE_CHANCE * (1 << _SPIKE_BITS))
-_NOISE_SPAN = float(1 << (64 - _SPIKE_BITS))
 
 
 def _slot_base(shape: tuple[float, ...], slot: int) -> float:
@@ -102,9 +111,12 @@ class ResidentialLoad:
     and occasional appliance spikes (kettle, iron) lasting a slot.
 
     The demand is constant over each slot (local time, aligned to the hour): the shape is
-    interpolated at the slot's start, and one hash of (seed, slot) gives both the noise and
-    whether an appliance runs. The last slot computed is kept, so asking again within it costs
-    a comparison.
+    interpolated at the slot's start, times a noise factor, plus an appliance now and then.
+    A day's slots are drawn together, from a random generator seeded by (seed, day) (Python's
+    Mersenne Twister, whose ``random()`` sequence for a seed Python keeps from version to
+    version), into a table of the watt-seconds from the day's start to each slot's start; the
+    last two days drawn are kept, so a demand costs a look-up and so does the energy between
+    any two moments (:meth:`watt_seconds`).
     """
 
     SLOT = 300
@@ -116,60 +128,96 @@ class ResidentialLoad:
         self.seed = seed
         self.offset = timezone_minutes * 60
         self._scale = mean_watts * _BASE_SHARE / _SHAPE_MEAN
-        self._slot: int | None = None
-        self._watts = 0
+        self._days: dict[int, array[int]] = {}
+
+    def _table(self, day: int) -> array[int]:
+        """Watt-seconds from the start of local ``day`` to the start of each of its slots
+        (and to its end): ``_SLOTS_A_DAY + 1`` entries."""
+        table = self._days.get(day)
+        if table is not None:
+            return table
+        draw = random.Random((self.seed << 32) ^ (day & _MASK64)).random
+        scale = self._scale
+        spike = self.mean_watts * _SPIKE_SIZE
+        total = 0
+        table = array("q", [0])
+        for base in _SLOT_BASE[(day + 3) % 7 >= 5]:  # 1970-01-01 was a Thursday
+            watts = scale * base * (0.75 + 0.5 * draw())
+            if draw() < _SPIKE_CHANCE:  # an appliance for this slot
+                watts += spike * (1 + draw())
+            total += max(0, round(watts)) * self.SLOT
+            table.append(total)
+        if len(self._days) >= 2:
+            del self._days[next(iter(self._days))]
+        self._days[day] = table
+        return table
 
     def demand(self, t: float) -> int:
-        slot = math.floor((t + self.offset) / self.SLOT)
-        if slot != self._slot:
-            self._watts = self._slot_watts(slot)
-            self._slot = slot
-        return self._watts
+        day, index = divmod(math.floor((t + self.offset) / self.SLOT), _SLOTS_A_DAY)
+        table = self._table(day)
+        return (table[index + 1] - table[index]) // self.SLOT
 
     def segment(self, t: float) -> tuple[int, float]:
         slot = math.floor((t + self.offset) / self.SLOT)
-        if slot != self._slot:
-            self._watts = self._slot_watts(slot)
-            self._slot = slot
-        return self._watts, (slot + 1) * self.SLOT - self.offset
+        day, index = divmod(slot, _SLOTS_A_DAY)
+        table = self._table(day)
+        return (table[index + 1] - table[index]) // self.SLOT, (slot + 1) * self.SLOT - self.offset
 
     def segments(self, start: int, stop: int) -> list[tuple[int, int]]:
         """``segment(t)`` for every slot that ``[start, stop)`` (whole seconds) touches, in
-        order: ``[(watts, end), ...]``, each slot beginning where the one before ends. One call
-        for a run of slots, with the hash inlined (the event-driven integration's hot loop)."""
+        order: ``[(watts, end), ...]``, each slot beginning where the one before ends."""
         offset = self.offset
         size = self.SLOT
-        first = (start + offset) // size
-        last = (stop - 1 + offset) // size
-        seed = self.seed * 0x100000001B3
-        scale = self._scale
         out: list[tuple[int, int]] = []
-        for slot in range(first, last + 1):
-            if slot == self._slot:
-                out.append((self._watts, (slot + 1) * size - offset))
-                continue
-            # _mix(seed ^ slot), inlined
-            mixed = ((seed ^ slot) + 0x9E3779B97F4A7C15) & _MASK64
-            mixed = ((mixed ^ (mixed >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-            mixed = ((mixed ^ (mixed >> 27)) * 0x94D049BB133111EB) & _MASK64
-            mixed ^= mixed >> 31
+        for slot in range((start + offset) // size, (stop - 1 + offset) // size + 1):
             day, index = divmod(slot, _SLOTS_A_DAY)
-            noise = 0.75 + 0.5 * ((mixed >> _SPIKE_BITS) / _NOISE_SPAN)
-            watts = scale * _SLOT_BASE[(day + 3) % 7 >= 5][index] * noise
-            if mixed & _SPIKE_MASK < _SPIKE_BELOW:
-                watts += self.mean_watts * _SPIKE_SIZE * (1 + unit_noise(self.seed ^ 0xA5A5, slot))
-            out.append((max(0, round(watts)), (slot + 1) * size - offset))
+            table = self._table(day)
+            out.append(((table[index + 1] - table[index]) // size, (slot + 1) * size - offset))
         return out
 
-    def _slot_watts(self, slot: int) -> int:
-        day, index = divmod(slot, _SLOTS_A_DAY)
-        base = _SLOT_BASE[(day + 3) % 7 >= 5][index]  # 1970-01-01 was a Thursday
-        mixed = _mix(self.seed * 0x100000001B3 ^ slot)
-        noise = 0.75 + 0.5 * ((mixed >> _SPIKE_BITS) / _NOISE_SPAN)
-        watts = self._scale * base * noise
-        if mixed & _SPIKE_MASK < _SPIKE_BELOW:  # an appliance for this slot
-            watts += self.mean_watts * _SPIKE_SIZE * (1 + unit_noise(self.seed ^ 0xA5A5, slot))
-        return max(0, round(watts))
+    def aligned(self, step: int, offset: int) -> bool:
+        """Whether every slot boundary is a multiple of ``step`` on a clock ``offset`` seconds
+        ahead of true time (and no step spans two slots): then the steps of that grid draw
+        exactly the energy :meth:`watt_seconds` integrates."""
+        return self.SLOT % step == 0 and (offset - self.offset) % step == 0
+
+    def watt_seconds(self, start: int, stops: list[int]) -> list[int]:
+        """The energy drawn from ``start`` to each of ``stops`` (whole seconds, each at or
+        after ``start``)."""
+        size = self.SLOT
+        first, since = divmod(start + self.offset, 86400)
+        table = self._days.get(first) or self._table(first)
+        index, into = divmod(since, size)
+        origin = table[index] + (table[index + 1] - table[index]) * into // size if into else 0
+        if not into:
+            origin = table[index]
+        out: list[int] = []
+        for stop in stops:
+            day, until = divmod(stop + self.offset, 86400)
+            if day != first:
+                out.append(self._across(first, since, day, until))
+                continue
+            index, into = divmod(until, size)
+            upto = table[index]
+            if into:
+                upto += (table[index + 1] - upto) * into // size
+            out.append(upto - origin)
+        return out
+
+    def _across(self, first: int, since: int, last: int, until: int) -> int:
+        """Watt-seconds from ``since`` of local day ``first`` to ``until`` of a later day."""
+        total = self._table(first)[-1] - self._within(first, since)
+        for day in range(first + 1, last):
+            total += self._table(day)[-1]
+        return total + self._within(last, until)
+
+    def _within(self, day: int, second: int) -> int:
+        """Watt-seconds from the start of local ``day`` to its ``second``."""
+        table = self._table(day)
+        index, into = divmod(second, self.SLOT)
+        if not into:
+            return table[index]
+        return table[index] + (table[index + 1] - table[index]) * into // self.SLOT
 
 
 class CsvLoad:
