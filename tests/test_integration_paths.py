@@ -279,3 +279,22 @@ def test_a_run_of_steps_is_integrated_at_once() -> None:
         assert m.energy.value == 24_000
     assert asked["fixed"] == 24 * 60
     assert asked["events"] <= 24 * 4 + 24 + 4  # a capture each 15 min, the ticks, the tariff
+
+
+def test_the_residential_integral_is_the_sum_of_its_seconds() -> None:
+    load = ResidentialLoad(900, seed=11, timezone_minutes=-330)
+    start = JAN1 - 5000 + 7
+    stops = [start, start + 1, start + 299, start + 86400, start + 3 * 86400 - 13]
+    by_second = [load.demand(t) for t in range(start, stops[-1])]
+    expected = [sum(by_second[: stop - start]) for stop in stops]
+    assert load.watt_seconds(start, stops) == expected
+    chained: list[tuple[int, float]] = []
+    moment: float = start
+    while moment < start + 900:
+        chained.append(load.segment(moment))
+        moment = chained[-1][1]
+    assert load.segments(start, start + 900) == chained
+    assert load.aligned(60, 0)
+    assert load.aligned(300, -330 * 60)
+    assert not load.aligned(60, 17)
+    assert not load.aligned(900, 0)
