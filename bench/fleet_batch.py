@@ -3,11 +3,13 @@
     .venv/bin/python bench/fleet_batch.py                          # 1,000 / 10,000 / 100,000
     .venv/bin/python bench/fleet_batch.py --meters 1000 --steps 60 900 --max-seconds 120
     .venv/bin/python bench/fleet_batch.py --integrations events --meters 100000
+    .venv/bin/python bench/fleet_batch.py --tick 3600              # an hour at a time
 
 Each case (N meters, an integration step of S simulated seconds, an integration) runs in a
 child process: a fleet of N residential meters (the defaults of ``meter-sim init``) with its
-state in a temporary directory is opened, advanced through one simulated day an hour at a time
-under a manual clock (as ``meter_sim.simulate.run_batch`` does), and saved. Reported: seconds
+state in a temporary directory is opened, advanced through one simulated day ``--tick``
+simulated seconds at a time under a manual clock (a day by default, as
+``meter_sim.simulate.run_batch`` does), and saved. Reported: seconds
 to open, to simulate (wall clock and the process's CPU), to save, meter-steps per second (the
 fixed steps of S seconds the day is made of, whichever way they are integrated) and RSS per
 meter.
@@ -40,7 +42,7 @@ START = 1_767_225_600.0  # 2026-01-01T00:00:00Z
 DAY = 86_400
 
 
-def run_case(meters: int, step: int, hours: int, integration: str) -> dict[str, Any]:
+def run_case(meters: int, step: int, hours: int, integration: str, tick: int) -> dict[str, Any]:
     from meter_sim.config import fleet_from_mapping
     from meter_sim.firmware import INTEGRATIONS
     from meter_sim.fleet import Fleet
@@ -63,7 +65,7 @@ def run_case(meters: int, step: int, hours: int, integration: str) -> dict[str, 
         cpu = time.process_time()
         end = START + hours * 3600
         while clock.now() < end:
-            clock.set(min(clock.now() + 3600, end))
+            clock.set(min(clock.now() + tick, end))
             fleet.sync_all()
         simulated = time.perf_counter()
         cpu = time.process_time() - cpu
@@ -75,6 +77,7 @@ def run_case(meters: int, step: int, hours: int, integration: str) -> dict[str, 
         "meters": meters,
         "step": step,
         "integration": integration,
+        "tick": tick,
         "hours": hours,
         "open_s": opened - started,
         "simulate_s": simulated - opened,
@@ -109,19 +112,27 @@ def main() -> None:
     parser.add_argument(
         "--integrations", nargs="+", default=["fixed", "events"], choices=["fixed", "events"]
     )
+    parser.add_argument(
+        "--tick", type=int, default=86400, help="simulated seconds advanced at a time"
+    )
     parser.add_argument("--max-seconds", type=float, default=120.0, help="bound of one case")
     parser.add_argument("--max-rss-mib", type=float, default=3000.0, help="bound of one case")
-    parser.add_argument("--case", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--case", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.case:
-        meters, step, hours, integration = args.case
-        print(json.dumps(run_case(int(meters), int(step), int(hours), integration)))
+        meters, step, hours, integration, tick = args.case
+        print(json.dumps(run_case(int(meters), int(step), int(hours), integration, int(tick))))
         return
     if not all(1 <= n <= 200_000 for n in args.meters) or not all(
         1 <= s <= 3600 for s in args.steps
     ):
         parser.error("--meters are 1..200000, --steps 1..3600")
-    print("one simulated day per case, run an hour at a time (busy machine: compare ratios)")
+    if not 1 <= args.tick <= DAY:
+        parser.error("--tick is 1..86400")
+    print(
+        f"one simulated day per case, advanced {args.tick:,} s at a time "
+        "(busy machine: compare ratios)"
+    )
     print(
         "meters    step  integration  open s  simulate s (1 day)  CPU s (1 day)  save s  "
         "meter-steps/s  KiB/meter  note"
@@ -145,7 +156,7 @@ def main() -> None:
                     if estimate > args.max_seconds:
                         hours = max(1, int(24 * args.max_seconds / estimate))
                 timeout = args.max_seconds * 5 + 600
-                result = _child(meters, step, hours, integration, timeout)
+                result = _child(meters, step, hours, integration, args.tick, timeout)
                 rate = result["steps"] / max(result["simulate_cpu_s"], 1e-9)
                 kib = result["rss_kib_per_meter"]
                 day = result["simulate_s"] * 24 / hours
