@@ -88,9 +88,12 @@ def run_case(meters: int, step: int, hours: int, integration: str, tick: int) ->
     }
 
 
-def _child(meters: int, step: int, hours: int, integration: str, timeout: float) -> dict[str, Any]:
+def _child(
+    meters: int, step: int, hours: int, integration: str, tick: int, timeout: float
+) -> dict[str, Any]:
+    case = [str(meters), str(step), str(hours), integration, str(tick)]
     done = subprocess.run(
-        [sys.executable, __file__, "--case", str(meters), str(step), str(hours), integration],
+        [sys.executable, __file__, "--case", *case],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -15,12 +15,12 @@ each step draws the demand of its start and charges at the rate in force at its 
 credit, limiter and friendly-period rules run at its end. ``integration="fixed"`` takes those
 steps one by one. ``integration="events"`` gives the same results, exactly (every Wh register,
 residue, credit, debt, event and profile row; a property test compares the two): while nothing
-but energy can change (the relay, the rate and the load's demand stay as they are, no credit
-threshold is crossed, the limiter is idle and, when out of credit, the friendly period does not
-turn), a whole run of grid steps is integrated at once in integer arithmetic, and the run ends
-at the next instant where something can change (a load segment's end, a tariff switch, a
-capture, a friendly-period edge, ``now``); everything else, and any moment that is not a whole
-second, goes through the fixed step. The load models say where their demand can change
+but energy can change (the relay and the rate stay as they are, no credit threshold is
+crossed, the limiter is idle and, when out of credit, the friendly period does not turn), a
+whole run of steps, whatever the load draws in each, is integrated at once in integers, up to
+the next instant where something can change (a tariff switch, a friendly-period edge, ``now``),
+with the load-profile captures on the way computed from it; everything else, and any moment
+that is not a whole second, goes through the fixed step. The load models say where their demand can change
 (``meter_sim.loads.SegmentedLoad``); a load that does not is integrated step by step.
 
 Credit. Credit is held in the account's unit: minor currency units (``credit_unit = "money"``,
@@ -386,17 +386,23 @@ class Meter:
 
     def _run(self, t0: int, offset: int, now: float, step: int) -> int | None:
         """Take the fixed steps from ``t0`` (true time, a whole second, as is the clock
-        offset) up to the next instant where more than energy can change, all at once, and
-        return the power the last of them drew; None (and nothing changed) where that cannot
-        be done exactly.
+        offset) up to the next instant where more than energy can change (``now``, a tariff
+        switch, a friendly-period edge when out of credit), all at once, and return the power
+        the last of them drew; None (and nothing changed) where that cannot be done exactly
+        (the limiter is counting, a credit threshold is crossed on the way, the relay would
+        switch): those steps are taken one by one.
 
-        The run is cut where the load's segments change into runs of steps of one power; the
-        steps of a run all charge at one rate. A step of ``power`` W over ``dt`` whole seconds
-        adds ``power x dt x 1000`` mJ (``round(power * dt * 1000)`` is that whole number), and
-        the whole-Wh and whole-minor-unit parts carried from step to step add up to the same
-        Wh, charges and residues as the steps one by one; the charge of the run's last step
-        that charged anything (``last_collection_amount``) is found where the run's charges
-        reach their total.
+        Energy. A step of ``power`` W over ``dt`` whole seconds adds ``power x dt x 1000`` mJ
+        (``round(power * dt * 1000)`` is that whole number), so the run's milli-joules are
+        1000 x the watt-seconds of its steps, each drawing the demand of its start: summed
+        over pieces of one power (cut where the load's segments end and at the captures), or,
+        where every step lies within one of the load's segments (``aligned``), the load's own
+        integral. The whole-Wh and whole-minor-unit parts carried from step to step add up to
+        the same Wh, charges and residues as the steps one by one, all at the run's one rate;
+        credit only falls during a run, so a threshold not crossed at its end was not crossed
+        on the way. The load-profile rows of the captures on the way are computed from the
+        watt-seconds up to each, and ``last_collection_amount`` (the charge of the last step
+        that charged anything) from where the charges reach their total.
         """
         assert self._segment is not None
         m0 = t0 + offset
