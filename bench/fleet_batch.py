@@ -89,7 +89,7 @@ def run_case(meters: int, step: int, hours: int, integration: str, tick: int) ->
 
 
 def _child(
-    meters: int, step: int, hours: int, integration: str, tick: int, timeout: float
+    meters: int, step: int, hours: int, integration: str, *, tick: int, timeout: float
 ) -> dict[str, Any]:
     case = [str(meters), str(step), str(hours), integration, str(tick)]
     done = subprocess.run(
@@ -159,7 +159,7 @@ def main() -> None:
                     if estimate > args.max_seconds:
                         hours = max(1, int(24 * args.max_seconds / estimate))
                 timeout = args.max_seconds * 5 + 600
-                result = _child(meters, step, hours, integration, args.tick, timeout)
+                result = _child(meters, step, hours, integration, tick=args.tick, timeout=timeout)
                 rate = result["steps"] / max(result["simulate_cpu_s"], 1e-9)
                 kib = result["rss_kib_per_meter"]
                 day = result["simulate_s"] * 24 / hours

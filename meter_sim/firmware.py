@@ -20,8 +20,9 @@ crossed, the limiter is idle and, when out of credit, the friendly period does n
 whole run of steps, whatever the load draws in each, is integrated at once in integers, up to
 the next instant where something can change (a tariff switch, a friendly-period edge, ``now``),
 with the load-profile captures on the way computed from it; everything else, and any moment
-that is not a whole second, goes through the fixed step. The load models say where their demand can change
-(``meter_sim.loads.SegmentedLoad``); a load that does not is integrated step by step.
+that is not a whole second, goes through the fixed step. The load models say where their
+demand can change (``meter_sim.loads.SegmentedLoad``); a load that does not is integrated step
+by step.
 
 Credit. Credit is held in the account's unit: minor currency units (``credit_unit = "money"``,
 the meter applies the unit charge of the rate in force) or Wh (``"energy"``, the STS way). With
