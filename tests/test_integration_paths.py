@@ -11,7 +11,9 @@ single steps are taken.
 
 from __future__ import annotations
 
+import atexit
 import json
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,8 @@ from protocols.commands import Command, CommandCode, CommandEnvelope
 
 JAN1 = 1_767_225_600  # 2026-01-01T00:00:00Z, a Thursday
 HOUR = 3600
-CSV_DIR = Path(tempfile.mkdtemp(prefix="integration-paths-"))
+CSV_DIR = Path(tempfile.mkdtemp(prefix="integration-paths-"))  # this process's own
+atexit.register(shutil.rmtree, CSV_DIR, ignore_errors=True)
 
 loads = st.one_of(
     st.builds(
