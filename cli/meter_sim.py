@@ -51,6 +51,7 @@ from meter_sim.describe import (
     snapshot_rows,
     status_names,
 )
+from meter_sim.firmware import Integration
 from meter_sim.fleet import Fleet, resume_time
 from meter_sim.lock import StateDirLock
 from meter_sim.runtime import MeterRuntime
@@ -199,6 +200,12 @@ def run(
     batch: bool = typer.Option(
         False, "--batch", help="Run --for as fast as possible instead of at --speed."
     ),
+    integration: Integration = typer.Option(
+        "events",
+        "--integration",
+        help="events: integrate whole runs of steps between the moments where something can "
+        "change; fixed: one step at a time. Both give the same energy, credit and events.",
+    ),
     state_dir: Path | None = StateDirOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -214,12 +221,12 @@ def run(
         if batch:
             assert seconds is not None
             clock = ManualClock(start)
-            fleet = Fleet.from_config(config, clock, directory)
+            fleet = Fleet.from_config(config, clock, directory, integration)
             run_batch(fleet, clock, seconds)
         else:
             sim_speed = config.simulation.speed if speed is None else speed
             accelerated = AcceleratedClock(sim_speed, start)
-            fleet = Fleet.from_config(config, accelerated, directory)
+            fleet = Fleet.from_config(config, accelerated, directory, integration)
             real_seconds = None if seconds is None else seconds / sim_speed
             asyncio.run(_run_realtime(fleet, real_seconds, None if as_json else console))
     _print_fleet(fleet, as_json)

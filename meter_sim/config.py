@@ -866,7 +866,9 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     "SQLite in WAL mode; a directory of per-meter JSON files of before is read as well).",
     ("simulation", "tick_seconds"): "Real seconds between two advances of the whole fleet.",
     ("simulation", "step_seconds"): "Longest integration step of a meter, in simulated seconds "
-    "(tariff switches are seen at this resolution).",
+    "(tariff switches are seen at this resolution; each step draws the load of its start). "
+    "`meter-sim run --integration events` gives the same results as taking the steps one by "
+    "one, faster.",
     ("simulation", "save_seconds"): "Real seconds between periodic saves of every meter's "
     "state while serving or running (commands and top-ups are saved at once, before they are "
     "acknowledged); a save that fails is logged and retried, the meters keep serving.",
@@ -931,7 +933,9 @@ FIELD_DOCS: dict[tuple[str, str], str] = {
     ("tariff", "weekday"): 'Rate switch points Monday-Friday: `[["00:00", 2], ["07:00", 1], '
     '["23:00", 2]]`.',
     ("tariff", "weekend"): "Rate switch points Saturday and Sunday.",
-    ("load", "model"): "`residential` (seeded synthetic household), `constant` or `csv`.",
+    ("load", "model"): "`residential` (seeded synthetic household: daily and weekly shape, "
+    "noise and appliance spikes, constant over each five-minute slot), `constant` or `csv` "
+    "(held from row to row).",
     ("load", "watts"): "Power of the constant model.",
     ("load", "mean_watts"): "Long-run mean power of the residential model.",
     ("load", "seed"): "Seed of the residential model; default: derived from the meter id.",

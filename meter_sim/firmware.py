@@ -9,6 +9,21 @@ Time. ``now`` is true (physical) time, which integrates energy. The meter's own 
 ``now + clock offset``; the head-end can set it, and it drives the tariff, the timestamps, the
 load-profile captures and the friendly periods. Setting the clock never changes energy.
 
+Integration. ``advance(now, step)`` integrates in steps of at most ``step`` seconds on a grid
+of multiples of ``step`` on the meter clock, also cut at load-profile captures and at ``now``;
+each step draws the demand of its start and charges at the rate in force at its start, and the
+credit, limiter and friendly-period rules run at its end. ``integration="fixed"`` takes those
+steps one by one. ``integration="events"`` gives the same results, exactly (every Wh register,
+residue, credit, debt, event and profile row; a property test compares the two): while nothing
+but energy can change (the relay and the rate stay as they are, no credit threshold is
+crossed, the limiter is idle and, when out of credit, the friendly period does not turn), a
+whole run of steps, whatever the load draws in each, is integrated at once in integers, up to
+the next instant where something can change (a tariff switch, a friendly-period edge, ``now``),
+with the load-profile captures on the way computed from it; everything else, and any moment
+that is not a whole second, goes through the fixed step. The load models say where their
+demand can change (``meter_sim.loads.SegmentedLoad``); a load that does not is integrated step
+by step.
+
 Credit. Credit is held in the account's unit: minor currency units (``credit_unit = "money"``,
 the meter applies the unit charge of the rate in force) or Wh (``"energy"``, the STS way). With
 ``net = credit + emergency balance - emergency owed - debt`` the meter keeps, exactly and for
@@ -22,9 +37,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from meter_sim.config import MeterConfig
 from meter_sim.keypad import (
@@ -87,7 +103,7 @@ from protocols.cosem import (
     energy_register,
     index_objects,
 )
-from protocols.disconnect import ControlState, Trigger
+from protocols.disconnect import ControlState, Trigger, find_transition
 from protocols.errors import TransitionRefused, ValidationError
 from protocols.obis import Obis
 from protocols.readings import (
@@ -103,6 +119,9 @@ from protocols.units import ScalerUnit, Unit
 
 MJ_PER_WH = 3_600_000  # milli-joules in a watt-hour
 STATE_VERSION = 1
+#: how ``Meter.advance`` integrates: step by step, or whole runs between events (same results)
+Integration = Literal["fixed", "events"]
+INTEGRATIONS: tuple[Integration, ...] = ("fixed", "events")
 
 _RELAY_EVENT = {
     ControlState.CONNECTED: EventCode.RELAY_CONNECTED,
@@ -255,6 +274,23 @@ class Meter:
         self.status = StatusFlag(0)
         self._status_bits = -1  # forces the first computation
         self.listeners: list[Callable[[Event], None]] = []
+        # -- the event-driven integration's look-ups (derived from the configuration) ----------
+        self._tz_seconds = config.timezone_minutes * 60
+        self._noise_seed = config.modbus_unit * 7919 + len(config.meter_id)  # of _measure
+        self._segment = getattr(load, "segment", None)
+        # the optional parts of a load (meter_sim.loads.SegmentedLoad and the note below it)
+        self._segments: Callable[[int, int], list[tuple[int, int]]] | None = getattr(
+            load, "segments", None
+        )
+        self._aligned: Callable[[int, int], bool] | None = getattr(load, "aligned", None)
+        self._watt_seconds: Callable[[int, list[int]], list[int]] | None = getattr(
+            load, "watt_seconds", None
+        )
+        self._rate_span = (1, 0, 0)  # local seconds [from, until) and the rate in force
+        self._friendly_cache = (1, 0, False)  # local seconds [from, until) and friendliness
+        self._friendly_edges = sorted(
+            {edge for pair in config.friendly_hours for edge in pair if edge > 0} | {1440}
+        )
         self._update_status()
 
     # -- time -------------------------------------------------------------------------------------
@@ -275,13 +311,27 @@ class Meter:
         return (math.floor(meter_t / period) + 1) * period
 
     def in_friendly_period(self, meter_t: float | None = None) -> bool:
-        minute, weekday = self._local(self.meter_time if meter_t is None else meter_t)
+        meter_t = self.meter_time if meter_t is None else meter_t
+        local = meter_t + self._tz_seconds
+        low, high, friendly = self._friendly_cache
+        if low <= local < high and local % 1 == 0:  # whole seconds: the span is exact
+            return friendly
+        minute, weekday = self._local(meter_t)
         if weekday in self.config.friendly_days:
-            return True
-        return any(start <= minute < end for start, end in self.config.friendly_hours)
+            friendly = True
+        else:
+            friendly = any(start <= minute < end for start, end in self.config.friendly_hours)
+        if local % 1 == 0:
+            whole = int(local)
+            cached, until = self._friendly_span(whole)
+            if cached == friendly:  # always so for a whole second; kept as a check
+                self._friendly_cache = (whole, until, friendly)
+        return friendly
 
-    def advance(self, now: float, step: int = 60) -> None:
-        """Integrate from the last time up to ``now`` in steps of at most ``step`` seconds.
+    def advance(self, now: float, step: int = 60, integration: Integration = "fixed") -> None:
+        """Integrate from the last time up to ``now`` in steps of at most ``step`` seconds,
+        one by one (``integration="fixed"``) or in whole runs between the instants where
+        something can change (``"events"``); the two give the same state.
 
         A ``now`` earlier than the last one (a host clock set back) integrates nothing, and the
         meter waits until the host clock passes the last moment it integrated: physical time
@@ -289,21 +339,352 @@ class Meter:
         """
         if now <= self.true_time:
             return
-        power = 0
-        while self.true_time < now:
-            meter_t = self.meter_time
-            step_end = (math.floor(meter_t / step) + 1) * step
-            boundary = min(step_end, self.next_capture) - self.clock_offset
-            t_end = min(now, boundary)
-            if t_end <= self.true_time:  # float rounding at a boundary
-                t_end = min(now, self.true_time + 1e-6)
-            power = self._step(self.true_time, t_end - self.true_time)
-            if self.meter_time >= self.next_capture:
-                self._capture_profile()
+        if integration == "events" and self._segment is not None:
+            power = self._advance_events(now, step)
+        else:
+            power = 0
+            while self.true_time < now:
+                meter_t = self.meter_time
+                step_end = (math.floor(meter_t / step) + 1) * step
+                boundary = min(step_end, self.next_capture) - self.clock_offset
+                t_end = min(now, boundary)
+                if t_end <= self.true_time:  # float rounding at a boundary
+                    t_end = min(now, self.true_time + 1e-6)
+                power = self._step(self.true_time, t_end - self.true_time)
+                if self.meter_time >= self.next_capture:
+                    self._capture_profile()
         # the measurements are what the last step ended with: nothing during the steps reads
         # them, so they are computed once here rather than after every step
         self._measure(power, self.true_time)
         self.clock.time = int(self.meter_time)
+
+    def _advance_events(self, now: float, step: int) -> int:
+        """The loop of :meth:`advance` with whole runs of steps taken at once where
+        :meth:`_run` can; the steps it cannot take are the fixed loop's own."""
+        power = 0
+        ran = False
+        while self.true_time < now:
+            t = self.true_time
+            offset = self.clock_offset
+            whole = t % 1 == 0 and offset % 1 == 0  # int or float
+            run = self._run(int(t), int(offset), now, step) if whole else None
+            if run is None:
+                meter_t = self.meter_time
+                step_end = (math.floor(meter_t / step) + 1) * step
+                boundary = min(step_end, self.next_capture) - offset
+                t_end = min(now, boundary)
+                if t_end <= t:  # float rounding at a boundary
+                    t_end = min(now, t + 1e-6)
+                power = self._step(t, t_end - t)
+            else:
+                power = run
+                ran = True
+            if self.meter_time >= self.next_capture:
+                self._capture_profile()
+        if ran:  # the runs leave the derived status to the end: nothing reads it in between
+            self._update_status()
+        return power
+
+    def _run(self, t0: int, offset: int, now: float, step: int) -> int | None:
+        """Take the fixed steps from ``t0`` (true time, a whole second, as is the clock
+        offset) up to the next instant where more than energy can change (``now``, a tariff
+        switch, a friendly-period edge when out of credit), all at once, and return the power
+        the last of them drew; None (and nothing changed) where that cannot be done exactly
+        (the limiter is counting, a credit threshold is crossed on the way, the relay would
+        switch): those steps are taken one by one.
+
+        Energy. A step of ``power`` W over ``dt`` whole seconds adds ``power x dt x 1000`` mJ
+        (``round(power * dt * 1000)`` is that whole number), so the run's milli-joules are
+        1000 x the watt-seconds of its steps, each drawing the demand of its start: summed
+        over pieces of one power (cut where the load's segments end and at the captures), or,
+        where every step lies within one of the load's segments (``aligned``), the load's own
+        integral. The whole-Wh and whole-minor-unit parts carried from step to step add up to
+        the same Wh, charges and residues as the steps one by one, all at the run's one rate;
+        credit only falls during a run, so a threshold not crossed at its end was not crossed
+        on the way. The load-profile rows of the captures on the way are computed from the
+        watt-seconds up to each, and ``last_collection_amount`` (the charge of the last step
+        that charged anything) from where the charges reach their total.
+        """
+        assert self._segment is not None
+        m0 = t0 + offset
+        # the run ends at a boundary of the fixed steps: now, a capture, or a grid point
+        whole_now = math.floor(now)
+        end = whole_now if now == whole_now else (whole_now + offset) // step * step - offset
+        local0 = m0 + self._tz_seconds
+        low, high, rate = self._rate_span
+        if not low <= local0 < high:
+            low, high, rate = self._rate_span = self._new_rate_span(local0)
+        # the first step that starts at or after the switch: at a grid point or a capture
+        switch = high - self._tz_seconds
+        period = self.config.profile_period
+        end = min(end, -(-switch // step) * step - offset, -(-switch // period) * period - offset)
+        if end <= t0:
+            return None
+        disconnect = self.disconnect
+        connected = disconnect.output_state or self.relay_welded
+        threshold = self.limiter.threshold_active
+        if (
+            threshold > 0
+            and self.limiter_tripped_at is not None
+            and self.relay_cause is RelayCause.LIMITER
+            and disconnect.control_state is ControlState.READY_FOR_RECONNECTION
+        ):
+            return None  # the limiter counts the time under its threshold
+        token = self.token_credit.current_credit_amount
+        emergency = self.emergency
+        ec_in_use = emergency.credit_status is CreditStatus.IN_USE
+        available = token + emergency.current_credit_amount if ec_in_use else token
+        low_threshold = self.account.low_credit_threshold
+        if available <= 0:
+            # out of credit: each step's end looks at the friendly period, which must not turn
+            if not self.exhausted or ec_in_use:
+                return None
+            if self.low_credit_armed and available < low_threshold:
+                return None
+            first_end = min(end, (m0 // step + 1) * step - offset, self.next_capture - offset)
+            friendly, until = self._friendly_span(first_end + offset + self._tz_seconds)
+            if friendly != self.friendly_active:
+                return None
+            until -= self._tz_seconds + offset
+            if end >= until:  # stop at the last grid point before the edge
+                end = (until - 1 + offset) // step * step - offset
+                if end <= t0:
+                    return None
+            state = disconnect.control_state
+            if friendly:
+                if (
+                    state is ControlState.READY_FOR_RECONNECTION
+                    and self.relay_cause is RelayCause.CREDIT
+                    and _allows(disconnect.control_mode, state, Trigger.LOCAL_RECONNECT)
+                ):
+                    return None  # the friendly period reconnects it at this step's end
+            elif (
+                state is ControlState.CONNECTED
+                and disconnect.control_mode != 0
+                and self.config.local_disconnect
+            ):
+                return None
+        # -- pieces of one power, cut where the load's segments end and at the captures -------
+        # (first step start, end, power, watt-seconds before); captures: (time, watt-seconds)
+        captures: list[tuple[int, int]] = []
+        capture = self.next_capture - offset
+        pieces: list[tuple[int, int, int, int]] | None = None
+        aligned = self._aligned
+        if threshold <= 0 and aligned is not None and aligned(step, offset):
+            # every step lies within one of the load's segments: the steps draw exactly the
+            # load's integral, looked up for the run and for each capture in it
+            integral = self._watt_seconds
+            assert integral is not None
+            moments = list(range(capture, end + 1, period))  # the captures in the run
+            if connected:
+                *at_captures, watt_seconds = integral(t0, [*moments, end])
+            else:
+                at_captures, watt_seconds = [0] * len(moments), 0
+            captures = [
+                (moment + offset, ws) for moment, ws in zip(moments, at_captures, strict=True)
+            ]
+            demand = self.load.demand(float(self._boundary_before(end, t0, offset, step)))
+            power = demand if connected else 0
+        else:
+            segment = self._segment
+            pieces = []
+            start = t0
+            watt_seconds = 0
+            demand = power = last_demand = 0
+            limit = threshold if threshold > 0 else -1
+            inf = math.inf
+            many = self._segments
+            pieces_of_load = None if many is None else many(t0, end)
+            index = 0
+            while start < end:
+                if pieces_of_load is None:
+                    demand, end_at = segment(start)
+                    if end_at <= start:
+                        return None  # no whole second of it: step by step
+                    segment_end = end_at if end_at == inf else math.ceil(end_at)
+                else:  # whole seconds already
+                    demand, segment_end = pieces_of_load[index]
+                    while segment_end <= start:
+                        index += 1
+                        demand, segment_end = pieces_of_load[index]
+                piece_power = demand if connected else 0
+                if piece_power > limit >= 0:  # over the limiter's threshold: it counts the time
+                    if start == t0:
+                        return None
+                    end = start
+                    demand = last_demand
+                    break
+                power = piece_power
+                last_demand = demand
+                if segment_end == inf:
+                    stop = end if end < capture else capture
+                else:  # the first grid point at or after the segment's end
+                    stop = min(-(-(segment_end + offset) // step) * step - offset, end, capture)
+                pieces.append((start, stop, power, watt_seconds))
+                watt_seconds += power * (stop - start)
+                if stop == capture:
+                    captures.append((capture + offset, watt_seconds))
+                    capture += period
+                start = stop
+        residue = self.energy_residue_mj
+        wh, energy_residue = divmod(residue + watt_seconds * 1000, MJ_PER_WH)
+        price = 0
+        charge_residue = self.charge_residue
+        if self.config.credit_unit == "money":
+            price = self.config.tariff.prices[rate - 1]
+            amount, charge_residue = divmod(charge_residue + wh * price, 1000)
+        else:
+            amount = wh
+        if available > 0 and (
+            amount > token
+            or available - amount <= 0
+            or (self.low_credit_armed and available - amount < low_threshold)
+        ):
+            return None  # a credit threshold is crossed on the way: step by step
+        # -- nothing but energy changes: apply the run ------------------------------------------
+        if wh:
+            self.rates[rate - 1].value += wh
+            self.energy.value += wh
+            if amount:
+                self.charges_total += amount
+                self.charge.total_amount_paid += amount
+                self.charge.last_collection_amount = (
+                    self._last_collection(pieces, offset, step, amount, price)
+                    if pieces is not None
+                    else self._last_collection_aligned(
+                        t0, offset, end, step, total=amount, price=price
+                    )
+                )
+                if available > 0:
+                    self.token_credit.current_credit_amount = token - amount
+                else:
+                    self.debt += amount
+        if captures:
+            self._capture_run(captures, watt_seconds, available, price)
+        self.energy_residue_mj = energy_residue
+        self.charge_residue = charge_residue
+        self.true_time = float(end)
+        self.demand_w = demand
+        if threshold > 0:
+            self.limiter_over_since = None
+        if available > 0:
+            self.friendly_active = False
+        return power
+
+    def _capture_run(
+        self, captures: list[tuple[int, int]], run_ws: int, available: int, price: int
+    ) -> None:
+        """The load-profile rows of the captures in a run, as :meth:`_capture_profile` takes
+        them one step at a time: from the run's watt-seconds up to each capture (``available``
+        and the residues are as they were when the run began; the energy registers already
+        hold the run's ``run_ws`` watt-seconds)."""
+        residue = self.energy_residue_mj
+        charge_residue = self.charge_residue
+        money = self.config.credit_unit == "money"
+        base = self.energy.value - (residue + run_ws * 1000) // MJ_PER_WH
+        pays = available > 0  # else the charges become debt and the credit stays as it is
+        # the status bits but the low-credit and friendly ones do not change during a run
+        bits = self._bits(available, False) & ~_LOW_CREDIT
+        low_threshold = self.account.low_credit_threshold
+        tz = self._tz_seconds
+        rows = self.load_profile.buffer  # the rows have the profile's columns (ProfileRow)
+        last = self.last_capture_energy
+        for moment, watt_seconds in captures:
+            wh = (residue + watt_seconds * 1000) // MJ_PER_WH
+            total = base + wh
+            left = available
+            if pays:
+                left -= (charge_residue + wh * price) // 1000 if money else wh
+            low, high, friendly = self._friendly_cache
+            if not low <= moment + tz < high:
+                friendly = self.in_friendly_period(float(moment))
+            row_bits = bits | _FRIENDLY if friendly else bits
+            if left < low_threshold:
+                row_bits |= _LOW_CREDIT
+            rows.append((moment, total, total - last, left, row_bits))
+            last = total
+        self.last_capture_energy = last
+        self.next_capture = captures[-1][0] + self.config.profile_period
+
+    def _boundary_before(self, moment: int, t0: int, offset: int, step: int) -> int:
+        """The last boundary of the fixed steps before ``moment`` in a run from ``t0``: the
+        later of ``t0``, the last grid point and the last capture before it."""
+        period = self.config.profile_period
+        grid = -(-(moment + offset) // step) * step - step - offset
+        capture = -(-(moment + offset) // period) * period - period - offset
+        return max(t0, grid, capture)
+
+    def _last_collection_aligned(
+        self, t0: int, offset: int, end: int, step: int, *, total: int, price: int
+    ) -> int:
+        """:meth:`_last_collection` for a run integrated by the load's own integral: back from
+        the run's end, one step at a time, to the step whose end the charges first reached
+        ``total`` at (mostly the last step)."""
+        integral = self._watt_seconds
+        assert integral is not None
+        residue = self.energy_residue_mj
+        money = self.config.credit_unit == "money"
+        moment = end
+        while True:
+            before = self._boundary_before(moment, t0, offset, step)
+            wh = (residue + integral(t0, [before])[0] * 1000) // MJ_PER_WH
+            charged = (self.charge_residue + wh * price) // 1000 if money else wh
+            if charged < total:
+                return total - charged
+            moment = before
+
+    def _last_collection(
+        self,
+        pieces: list[tuple[int, int, int, int]],
+        offset: int,
+        step: int,
+        total: int,
+        price: int,
+    ) -> int:
+        """The charge of the last step of a run that charged anything (what the fixed steps
+        leave in ``last_collection_amount``): the run's charges first reach ``total`` at the
+        end of that step."""
+        residue = self.energy_residue_mj
+        money = self.config.credit_unit == "money"
+        wh_needed = -(-(1000 * total - self.charge_residue) // price) if money else total
+        needed = wh_needed * MJ_PER_WH - residue  # mJ the run has drawn by then
+        for start, stop, power, before_ws in reversed(pieces):  # it is mostly the last one
+            if before_ws * 1000 >= needed:
+                continue  # the charges reached the total before this piece
+            seconds = -(-(needed - before_ws * 1000) // (power * 1000))
+            # the step that ends at or after start + seconds, and the boundary before it
+            at = min(stop, -(-(start + seconds + offset) // step) * step - offset)
+            before = max(start, -(-(at + offset) // step) * step - step - offset)
+            wh_before = (residue + (before_ws + power * (before - start)) * 1000) // MJ_PER_WH
+            if money:
+                return total - (self.charge_residue + wh_before * price) // 1000
+            return total - wh_before
+        raise AssertionError("a run's charges reach their total within it")  # pragma: no cover
+
+    def _new_rate_span(self, local: int) -> tuple[int, int, int]:
+        """The rate in force at ``local`` (a whole second of local meter time) and the
+        local seconds ``[from, until)`` it holds over (until the next switch or midnight)."""
+        day, second = divmod(local, 86400)
+        minute = second // 60
+        weekend = (day + 3) % 7 + 1 >= 6
+        tariff = self.config.tariff
+        table = tariff.weekend if weekend else tariff.weekday
+        starts = [start for start, _ in table]
+        index = bisect_right(starts, minute)
+        until = starts[index] if index < len(starts) else 1440
+        since = starts[index - 1]
+        return day * 86400 + since * 60, day * 86400 + until * 60, tariff.rate_at(minute, weekend)
+
+    def _friendly_span(self, local: int) -> tuple[bool, int]:
+        """Whether ``local`` (a whole second of local meter time) is in a friendly period, as
+        :meth:`in_friendly_period` says, and the local second it may change at next."""
+        day, second = divmod(local, 86400)
+        minute = second // 60
+        friendly = (day + 3) % 7 + 1 in self.config.friendly_days or any(
+            start <= minute < end for start, end in self.config.friendly_hours
+        )
+        edges = self._friendly_edges
+        return friendly, day * 86400 + edges[bisect_right(edges, minute)] * 60
 
     def _step(self, t: float, dt: float) -> int:
         """Integrate ``dt`` seconds from ``t``; returns the power drawn (W)."""
@@ -327,7 +708,7 @@ class Meter:
 
     def _measure(self, power: int, t: float) -> None:
         slot = int(t // 10)
-        seed = self.config.modbus_unit * 7919 + len(self.config.meter_id)
+        seed = self._noise_seed
         self.power.value = power
         sag = power // 250  # 0.1 V per 250 W of load
         self.voltage.value = (
@@ -792,14 +1173,15 @@ class Meter:
     def _capture_profile(self) -> None:
         total = self.energy.value
         self._update_status()
-        row = ProfileRow(
+        # a ProfileRow's columns (ProfileRow.to_row), built without the object: hot path
+        row = (
             self.next_capture,
             total,
             total - self.last_capture_energy,
-            self.balances.available,
-            int(self.status),
+            self._available(),
+            self._status_bits,
         )
-        self.load_profile.capture(row.to_row())
+        self.load_profile.capture(row)
         self.last_capture_energy = total
         self.next_capture = self._next_boundary(self.meter_time)
 
@@ -825,19 +1207,7 @@ class Meter:
         """Recompute the status bits and the account's derived attributes (hot path: plain ints)."""
         available = self._available()
         ec_status = self.emergency.credit_status
-        bits = _IN_CREDIT if available > 0 else _OUT_OF_CREDIT
-        if available < self.account.low_credit_threshold:
-            bits |= _LOW_CREDIT
-        if ec_status is CreditStatus.IN_USE:
-            bits |= _EC_IN_USE
-        elif ec_status is CreditStatus.SELECTABLE:
-            bits |= _EC_AVAILABLE
-        if self.in_friendly_period():
-            bits |= _FRIENDLY
-        if self.tamper:
-            bits |= _TAMPER
-        if self.relay_cause is RelayCause.LIMITER and not self.disconnect.output_state:
-            bits |= _LIMITER_TRIPPED
+        bits = self._bits(available, self.in_friendly_period())
         if bits != self._status_bits:
             self._status_bits = bits
             self.status = StatusFlag(bits)
@@ -853,6 +1223,24 @@ class Meter:
             if ec_status is CreditStatus.IN_USE and not self.token_credit.current_credit_amount
             else OBIS_TOKEN_CREDIT
         )
+
+    def _bits(self, available: int, friendly: bool) -> int:
+        """The status bits with ``available`` credit, in a friendly period or not."""
+        bits = _IN_CREDIT if available > 0 else _OUT_OF_CREDIT
+        if available < self.account.low_credit_threshold:
+            bits |= _LOW_CREDIT
+        ec_status = self.emergency.credit_status
+        if ec_status is CreditStatus.IN_USE:
+            bits |= _EC_IN_USE
+        elif ec_status is CreditStatus.SELECTABLE:
+            bits |= _EC_AVAILABLE
+        if friendly:
+            bits |= _FRIENDLY
+        if self.tamper:
+            bits |= _TAMPER
+        if self.relay_cause is RelayCause.LIMITER and not self.disconnect.output_state:
+            bits |= _LIMITER_TRIPPED
+        return bits
 
     def snapshot(self) -> MeterSnapshot:
         balances = self.balances
@@ -1069,6 +1457,15 @@ def _action_value(action: KeypadAction) -> int:
         if isinstance(value, int):
             return value
     return 0
+
+
+def _allows(mode: int, state: ControlState, trigger: Trigger) -> bool:
+    """Whether ``trigger`` changes ``state`` in ``mode`` (a refused trigger changes nothing)."""
+    try:
+        find_transition(mode, state, trigger)
+    except TransitionRefused:
+        return False
+    return True
 
 
 def _digest(envelope: CommandEnvelope) -> str:

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: F401
 from pathlib import Path
 
 from meter_sim.config import FleetConfig
+from meter_sim.firmware import Integration
 from meter_sim.runtime import MeterRuntime
 from meter_sim.statedb import FleetStore, PreparedState
 from protocols.clock import AcceleratedClock, Clock, SystemClock
@@ -91,12 +92,17 @@ class Fleet:
 
     @classmethod
     def from_config(
-        cls, config: FleetConfig, clock: Clock | None = None, state_dir: Path | None = None
+        cls,
+        config: FleetConfig,
+        clock: Clock | None = None,
+        state_dir: Path | None = None,
+        integration: Integration = "fixed",
     ) -> Fleet:
         """Open every meter of ``config``; ``state_dir`` defaults to ``simulation.state_dir``.
 
         Without a clock, an accelerated one at ``simulation.speed`` starts at
-        ``simulation.start``, or where the fleet's last run left off, or now.
+        ``simulation.start``, or where the fleet's last run left off, or now. ``integration``
+        is how the meters integrate (``Meter.advance``); both ways give the same states.
         """
         sim = config.simulation
         directory = state_dir if state_dir is not None else Path(sim.state_dir)
@@ -111,6 +117,7 @@ class Fleet:
                 store.meter(meter.meter_id),
                 states.get(meter.meter_id),
                 sim.step_seconds,
+                integration=integration,
             )
             for meter in config.meters
         }

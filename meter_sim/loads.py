@@ -2,6 +2,11 @@
 
 A model is a pure function of time (the same moment always gives the same demand), so a meter's
 consumption does not depend on how often it is advanced.
+
+The models here are also piecewise constant, and say so: ``segment(t)`` gives the demand at
+``t`` and the end of the segment it holds over (the first moment at which it may change). The
+firmware's event-driven integration (``Meter.advance(..., integration="events")``) uses it to
+integrate whole runs of steps at once; a model without ``segment`` is integrated step by step.
 """
 
 from __future__ import annotations
@@ -9,7 +14,9 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import random
 import zlib
+from array import array
 from bisect import bisect_right
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,6 +47,24 @@ class LoadModel(Protocol):
         ...
 
 
+class SegmentedLoad(LoadModel, Protocol):
+    def segment(self, t: float) -> tuple[int, float]:
+        """``(demand(t), end)``: the demand is ``demand(t)`` at every moment of ``[t, end)``.
+        ``end`` may come before the real change (never after it), never at or before ``t``;
+        ``math.inf`` when the demand never changes."""
+        ...
+
+
+# A load may also offer, for whole seconds:
+# * ``segments(start, stop) -> [(watts, end), ...]``: the segments that cover ``[start, stop)``
+#   in order, each as ``segment`` gives it and beginning where the previous one ends (the
+#   firmware then asks once per run instead of once per segment);
+# * ``aligned(step, offset) -> bool`` and ``watt_seconds(start, stops) -> [int, ...]``: whether
+#   every change of its demand falls on the grid of ``step`` on a clock ``offset`` ahead (no
+#   step then spans a change), and its integral from ``start`` to each of ``stops``; the
+#   firmware then takes a run's energy from the integral.
+
+
 class ConstantLoad:
     def __init__(self, watts: int) -> None:
         if watts < 0:
@@ -48,6 +73,15 @@ class ConstantLoad:
 
     def demand(self, t: float) -> int:
         return self.watts
+
+    def segment(self, t: float) -> tuple[int, float]:
+        return self.watts, math.inf
+
+    def aligned(self, step: int, offset: int) -> bool:
+        return True
+
+    def watt_seconds(self, start: int, stops: list[int]) -> list[int]:
+        return [self.watts * (stop - start) for stop in stops]
 
 
 # Relative demand by hour of the day (mean 1.0): night base, morning and evening peaks.
@@ -65,9 +99,25 @@ _SPIKE_SIZE = 3.0  # an appliance draws 3 to 6 times the mean
 _BASE_SHARE = 1 - _SPIKE_CHANCE * _SPIKE_SIZE * 1.5  # so that the long-run mean is mean_watts
 
 
+def _slot_base(shape: tuple[float, ...], slot: int) -> float:
+    """The day's shape at the start of a slot of the day, interpolated between the hours."""
+    hour, rest = divmod(slot * ResidentialLoad.SLOT, 3600)
+    frac = rest / 3600
+    return shape[hour] * (1 - frac) + shape[(hour + 1) % 24] * frac
+
+
 class ResidentialLoad:
-    """A seeded synthetic household: daily and weekly shape, interpolated, with noise per
-    five-minute slot and occasional appliance spikes (kettle, iron) lasting a few minutes."""
+    """A seeded synthetic household: daily and weekly shape, with noise per five-minute slot
+    and occasional appliance spikes (kettle, iron) lasting a slot.
+
+    The demand is constant over each slot (local time, aligned to the hour): the shape is
+    interpolated at the slot's start, times a noise factor, plus an appliance now and then.
+    A day's slots are drawn together, from a random generator seeded by (seed, day) (Python's
+    Mersenne Twister, whose ``random()`` sequence for a seed Python keeps from version to
+    version), into a table of the watt-seconds from the day's start to each slot's start; the
+    last two days drawn are kept, so a demand costs a look-up and so does the energy between
+    any two moments (:meth:`watt_seconds`).
+    """
 
     SLOT = 300
 
@@ -77,22 +127,97 @@ class ResidentialLoad:
         self.mean_watts = mean_watts
         self.seed = seed
         self.offset = timezone_minutes * 60
+        self._scale = mean_watts * _BASE_SHARE / _SHAPE_MEAN
+        self._days: dict[int, array[int]] = {}
+
+    def _table(self, day: int) -> array[int]:
+        """Watt-seconds from the start of local ``day`` to the start of each of its slots
+        (and to its end): ``_SLOTS_A_DAY + 1`` entries."""
+        table = self._days.get(day)
+        if table is not None:
+            return table
+        draw = random.Random((self.seed << 32) ^ (day & _MASK64)).random
+        scale = self._scale
+        spike = self.mean_watts * _SPIKE_SIZE
+        total = 0
+        table = array("q", [0])
+        for base in _SLOT_BASE[(day + 3) % 7 >= 5]:  # 1970-01-01 was a Thursday
+            watts = scale * base * (0.75 + 0.5 * draw())
+            if draw() < _SPIKE_CHANCE:  # an appliance for this slot
+                watts += spike * (1 + draw())
+            total += max(0, round(watts)) * self.SLOT
+            table.append(total)
+        if len(self._days) >= 2:
+            del self._days[next(iter(self._days))]
+        self._days[day] = table
+        return table
 
     def demand(self, t: float) -> int:
-        local = t + self.offset
-        day = math.floor(local / 86400)
-        weekday = (day + 3) % 7  # 1970-01-01 was a Thursday; 0 = Monday
-        shape = _WEEKEND_SHAPE if weekday >= 5 else _WEEKDAY_SHAPE
-        hour_f = (local - day * 86400) / 3600
-        hour = int(hour_f)
-        frac = hour_f - hour
-        base = shape[hour] * (1 - frac) + shape[(hour + 1) % 24] * frac
-        slot = math.floor(local / self.SLOT)
-        noise = 0.75 + 0.5 * unit_noise(self.seed, slot)
-        watts = self.mean_watts * _BASE_SHARE * base / _SHAPE_MEAN * noise
-        if unit_noise(self.seed ^ 0x5A5A, slot) < _SPIKE_CHANCE:  # an appliance for this slot
-            watts += self.mean_watts * _SPIKE_SIZE * (1 + unit_noise(self.seed ^ 0xA5A5, slot))
-        return max(0, round(watts))
+        day, index = divmod(math.floor((t + self.offset) / self.SLOT), _SLOTS_A_DAY)
+        table = self._table(day)
+        return (table[index + 1] - table[index]) // self.SLOT
+
+    def segment(self, t: float) -> tuple[int, float]:
+        slot = math.floor((t + self.offset) / self.SLOT)
+        day, index = divmod(slot, _SLOTS_A_DAY)
+        table = self._table(day)
+        return (table[index + 1] - table[index]) // self.SLOT, (slot + 1) * self.SLOT - self.offset
+
+    def segments(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """``segment(t)`` for every slot that ``[start, stop)`` (whole seconds) touches, in
+        order: ``[(watts, end), ...]``, each slot beginning where the one before ends."""
+        offset = self.offset
+        size = self.SLOT
+        out: list[tuple[int, int]] = []
+        for slot in range((start + offset) // size, (stop - 1 + offset) // size + 1):
+            day, index = divmod(slot, _SLOTS_A_DAY)
+            table = self._table(day)
+            out.append(((table[index + 1] - table[index]) // size, (slot + 1) * size - offset))
+        return out
+
+    def aligned(self, step: int, offset: int) -> bool:
+        """Whether every slot boundary is a multiple of ``step`` on a clock ``offset`` seconds
+        ahead of true time (and no step spans two slots): then the steps of that grid draw
+        exactly the energy :meth:`watt_seconds` integrates."""
+        return self.SLOT % step == 0 and (offset - self.offset) % step == 0
+
+    def watt_seconds(self, start: int, stops: list[int]) -> list[int]:
+        """The energy drawn from ``start`` to each of ``stops`` (whole seconds, each at or
+        after ``start``)."""
+        size = self.SLOT
+        first, since = divmod(start + self.offset, 86400)
+        table = self._days.get(first) or self._table(first)
+        index, into = divmod(since, size)
+        origin = table[index] + (table[index + 1] - table[index]) * into // size if into else 0
+        if not into:
+            origin = table[index]
+        out: list[int] = []
+        for stop in stops:
+            day, until = divmod(stop + self.offset, 86400)
+            if day != first:
+                out.append(self._across(first, since, day, until))
+                continue
+            index, into = divmod(until, size)
+            upto = table[index]
+            if into:
+                upto += (table[index + 1] - upto) * into // size
+            out.append(upto - origin)
+        return out
+
+    def _across(self, first: int, since: int, last: int, until: int) -> int:
+        """Watt-seconds from ``since`` of local day ``first`` to ``until`` of a later day."""
+        total = self._table(first)[-1] - self._within(first, since)
+        for day in range(first + 1, last):
+            total += self._table(day)[-1]
+        return total + self._within(last, until)
+
+    def _within(self, day: int, second: int) -> int:
+        """Watt-seconds from the start of local ``day`` to its ``second``."""
+        table = self._table(day)
+        index, into = divmod(second, self.SLOT)
+        if not into:
+            return table[index]
+        return table[index] + (table[index + 1] - table[index]) * into // self.SLOT
 
 
 class CsvLoad:
@@ -138,6 +263,18 @@ class CsvLoad:
         index = bisect_right(self.times, start + offset) - 1
         return self.watts[max(index, 0)]
 
+    def segment(self, t: float) -> tuple[int, float]:
+        start = self.times[0]
+        offset = (t - start) % self.span
+        index = max(bisect_right(self.times, start + offset) - 1, 0)
+        following = self.times[index + 1] if index + 1 < len(self.times) else start + self.span
+        # float rounding of the wrap-around must not carry the end past the real change
+        gap = following - (start + offset)
+        return self.watts[index], t + max(gap - _CSV_MARGIN, gap / 2)
+
+
+_CSV_MARGIN = 1e-3  # s: far above the rounding of epoch seconds, far below a recording's rows
+
 
 def _looks_numeric_time(text: str) -> bool:
     return text.strip()[:1].isdigit()
@@ -176,3 +313,11 @@ def make_load(config: LoadConfig, meter_id: str, timezone_minutes: int = 0) -> L
             raise ConfigError("load.model = 'csv' needs load.csv_path")
         return CsvLoad(Path(config.csv_path))
     raise ConfigError(f"unknown load model {config.model!r}")
+
+
+_SLOTS_A_DAY = 86400 // ResidentialLoad.SLOT
+#: the shape at each slot's start, weekdays (False) and weekends (True)
+_SLOT_BASE = {
+    weekend: tuple(_slot_base(shape, slot) for slot in range(_SLOTS_A_DAY))
+    for weekend, shape in ((False, _WEEKDAY_SHAPE), (True, _WEEKEND_SHAPE))
+}

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from meter_sim.config import MeterConfig
-from meter_sim.firmware import Meter, TokenEntryResult
+from meter_sim.firmware import Integration, Meter, TokenEntryResult
 from meter_sim.loads import load_for
 from meter_sim.statedb import FleetStore, MeterStore, PreparedState
 from protocols.clock import Clock, ManualClock
@@ -38,12 +38,16 @@ class MeterRuntime:
         meter: Meter,
         store: MeterStore | None = None,
         step_seconds: int = 60,
+        *,
+        integration: Integration = "fixed",
     ) -> None:
         self.config = config
         self.clock = clock
         self.meter = meter
         self.store = store
         self.step_seconds = step_seconds
+        #: how sync() integrates (meter_sim.firmware.Meter.advance): the results are the same
+        self.integration: Integration = integration
         #: held by the *_async commands from executing until the outcome is on disk
         self._persisting = asyncio.Lock()
 
@@ -74,6 +78,8 @@ class MeterRuntime:
         store: MeterStore | None,
         state: dict[str, Any] | None,
         step_seconds: int = 60,
+        *,
+        integration: Integration = "fixed",
     ) -> MeterRuntime:
         """The meter powered up at ``clock``'s now from ``state`` as loaded from ``store`` (a
         new meter when None), not yet saved; StateFileError when the state does not fit it."""
@@ -90,7 +96,7 @@ class MeterRuntime:
             log.info("meter %s restored", config.meter_id)
         else:
             meter = Meter(config, now, load)
-        return cls(config, clock, meter, store, step_seconds)
+        return cls(config, clock, meter, store, step_seconds, integration=integration)
 
     @classmethod
     def open_stopped(cls, config: MeterConfig, state_dir: Path) -> MeterRuntime:
@@ -120,7 +126,7 @@ class MeterRuntime:
         return int(self.meter.meter_time)
 
     def sync(self) -> None:
-        self.meter.advance(self.clock.now(), self.step_seconds)
+        self.meter.advance(self.clock.now(), self.step_seconds, self.integration)
 
     def snapshot(self) -> MeterSnapshot:
         self.sync()

@@ -328,6 +328,7 @@ BAD_VALUES: dict[str, list[str]] = {
     "--endpoint": ["ftp://x/1"],
     "--tariff": ["NOPE"],
     "--credit-unit": ["gas"],
+    "--integration": ["exact"],
     "--auth-key": ["xyz"],
     "--poll-group": ["bad group!"],
     "--from-fleet": ["missing.toml"],

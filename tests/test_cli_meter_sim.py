@@ -65,6 +65,30 @@ def test_init_run_show_events(workdir: Path) -> None:
     assert "credit_exhausted" in codes
 
 
+def test_a_batch_run_is_the_same_with_either_integration(workdir: Path) -> None:
+    fleet = (
+        '[simulation]\nstart = 1767225600.5\nstate_dir = "var/{way}"\n'
+        "[defaults]\ninitial_credit = 3000\n[[meters]]\ncount = 3\n"
+    )
+    printed = {}
+    for way in ("fixed", "events"):
+        (workdir / f"{way}.toml").write_text(fleet.format(way=way))
+        args = ["run", "-c", f"{way}.toml", "--for", "1d", "--batch", "--json"]
+        result = runner.invoke(app, [*args, "--integration", way])
+        assert result.exit_code == 0, result.output
+        printed[way] = json.loads(result.output)
+        events = runner.invoke(app, ["events", "-c", f"{way}.toml", "MTR-0001", "--json"])
+        assert events.exit_code == 0, events.output
+        printed[f"{way} events"] = json.loads(events.output)
+    assert printed["events"] == printed["fixed"]
+    assert printed["events events"] == printed["fixed events"]
+    assert any(e["code"] == "credit_exhausted" for e in printed["events events"])
+    refused = runner.invoke(app, ["run", "-c", "events.toml", "--for", "1h", "--batch",
+                                  "--integration", "exact"])  # fmt: skip
+    assert refused.exit_code == 2
+    assert "--integration" in refused.output
+
+
 def test_errors_are_one_line_and_exit_1(workdir: Path) -> None:
     result = runner.invoke(app, ["show", "MTR-0001"])
     assert result.exit_code == 1
