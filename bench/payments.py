@@ -5,12 +5,14 @@ a bare FastAPI endpoint in the same run, on SQLite and on PostgreSQL.
     .venv/bin/python bench/payments.py --db sqlite --payments 2000 --rate 200 --seconds 10
     .venv/bin/python bench/payments.py --db sqlite --profile /tmp/prof   # cProfile the server
 
-The meters are served by the simulator in a *subprocess* (``bench/amr.py --serve``: Modbus TCP
-listeners of up to 247 unit ids, remote-credit meters counting money). Each database is new
-(a SQLite file in a temporary directory; a PostgreSQL database created on 127.0.0.1:5432 and
-dropped at the end), migrated, with a tariff (a fee, VAT and a monthly service charge, so the
-whole split is worked), a customer and an account per meter, the meters registered at their
-``tcp://127.0.0.1:PORT/UNIT`` and ``--clients`` payment channels, each with its API key.
+The meters are served by the simulator in a *subprocess* (this file with ``--serve-meters``:
+remote-credit meters counting money, ``--per-gateway`` unit ids on each Modbus TCP listener,
+as behind data concentrators; the deliverer works at most four meters of a gateway at once).
+Each database is new (a SQLite file in a temporary directory; a PostgreSQL database created
+on 127.0.0.1:5432 and dropped at the end), migrated, with a tariff (a fee, VAT and a monthly
+service charge, so the whole split is worked), a customer and an account per meter, the
+meters registered at their ``tcp://127.0.0.1:PORT/UNIT`` and ``--clients`` payment channels,
+each with its API key.
 
 * The project: ``hes serve --api-port 0`` in a subprocess (the poller, the balance monitor,
   the dispatcher and the credit deliverer on, as an operator runs it). ``--clients``
@@ -158,6 +160,30 @@ def baseline_serve(url: str) -> None:
     asyncio.run(run())
 
 
+async def serve_meters(count: int, per_gateway: int) -> None:
+    """The simulator's side: ``count`` remote-credit meters, ``per_gateway`` unit ids on each
+    Modbus TCP listener (a gateway), until stdin closes; prints the targets."""
+    from meter_sim.config import default_fleet
+    from meter_sim.modbus_server import serve_tcp
+    from meter_sim.runtime import MeterRuntime
+    from protocols.clock import SystemClock
+
+    fleet = default_fleet(count, initial_credit=1_000_000)
+    runtimes = [MeterRuntime.open(meter, SystemClock()) for meter in fleet.meters]
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    async with contextlib.AsyncExitStack() as stack:
+        targets: list[Target] = []
+        for first in range(0, count, per_gateway):
+            chunk = runtimes[first : first + per_gateway]
+            service = await stack.enter_async_context(serve_tcp(chunk, HOST))
+            targets += [(service.port, r.config.modbus_unit, r.meter_id) for r in chunk]
+        sys.stdout.write(json.dumps({"targets": targets}) + "\n")
+        sys.stdout.flush()
+        await stdin.read()
+
+
 # -- subprocesses ---------------------------------------------------------------------------------
 
 
@@ -201,9 +227,9 @@ async def child(args: Sequence[str], log: Path, *, ready_key: str) -> AsyncItera
 
 
 @contextlib.asynccontextmanager
-async def simulator(count: int) -> AsyncIterator[list[Target]]:
+async def simulator(count: int, per_gateway: int) -> AsyncIterator[list[Target]]:
     server = await asyncio.create_subprocess_exec(
-        sys.executable, amr.__file__, "--serve", str(count), cwd=ROOT,
+        sys.executable, __file__, "--serve-meters", str(count), str(per_gateway), cwd=ROOT,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, limit=16 * 1024 * 1024,
     )  # fmt: skip
     assert server.stdout is not None
@@ -378,7 +404,9 @@ async def bench(
     dialect: str, args: argparse.Namespace, targets: Sequence[Target], workdir: Path
 ) -> tuple[float, float]:
     meters = [m for _, _, m in targets]
-    print(f"\n{dialect}: {len(meters)} meters over Modbus TCP, {args.clients} channels")
+    gateways = len({port for port, _, _ in targets})
+    print(f"\n{dialect}: {len(meters)} meters behind {gateways} Modbus TCP gateways, "
+          f"{args.clients} channels")  # fmt: skip
     async with amr.fresh_database(dialect, workdir, "payments") as url:
         channels = await populate(url, targets, args.clients)
         # the baseline first, on the fresh database
@@ -490,7 +518,7 @@ async def measure(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="hes-bench-") as workdir:
         for dialect in dialects:
             # a simulator of its own for each database: transfer numbers start at 1
-            async with simulator(args.meters) as targets:
+            async with simulator(args.meters, args.per_gateway) as targets:
                 await bench(dialect, args, targets, Path(workdir))
 
 
@@ -498,10 +526,14 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--baseline-serve":
         baseline_serve(sys.argv[2])
         return
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve-meters":
+        asyncio.run(serve_meters(int(sys.argv[2]), int(sys.argv[3])))
+        return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--meters", type=int, default=200, help="1..1000")
+    parser.add_argument("--per-gateway", type=int, default=25, help="meters a listener, 1..247")
     parser.add_argument("--clients", type=int, default=8, help="channels posting at once, 1..64")
     parser.add_argument("--payments", type=int, default=3000, help="closed loop, 1..20000")
     parser.add_argument("--rate", type=float, default=200.0, help="payments/s offered, 1..1000")
@@ -511,13 +543,14 @@ def main() -> None:
     args = parser.parse_args()
     if not (
         1 <= args.meters <= 1000
+        and 1 <= args.per_gateway <= 247
         and 1 <= args.clients <= 64
         and 1 <= args.payments <= 20_000
         and 1 <= args.rate <= 1000
         and 1 <= args.seconds <= 60
     ):
-        parser.error("--meters 1..1000, --clients 1..64, --payments 1..20000, --rate 1..1000, "
-                     "--seconds 1..60")  # fmt: skip
+        parser.error("--meters 1..1000, --per-gateway 1..247, --clients 1..64, "
+                     "--payments 1..20000, --rate 1..1000, --seconds 1..60")  # fmt: skip
     asyncio.run(measure(args))
 
 
