@@ -6,6 +6,11 @@ touches, its entry on the audit trail's hash chain, its receipt (the next gaples
 the credit owed to the meter: a remote transfer with the meter's next transfer number, waiting
 for the dispatcher ('pending_delivery'), or an STS token from the meter's key data with the
 next TID. Refusals (:class:`~headend.domain.pricing.PaymentRefused`) store nothing.
+
+Payments that arrive together (the API's :class:`PaymentIntake`) share one transaction, each
+written whole or not at all and answered as if it had been taken alone, in turn; every check
+is made before anything of the group is written, and the group's rows go in with one
+statement per table.
 """
 
 from __future__ import annotations
