@@ -442,7 +442,10 @@ async def bench(
             await wait_delivered(url, DELIVERY_WAIT)
         refused = closed.refused + fixed.refused
         if refused:
-            raise SystemExit(f"hes serve refused {len(refused)}: {refused[:3]}")
+            errors = [line for line in c.log.read_text().splitlines() if '"error"' in line]
+            raise SystemExit(
+                f"hes serve refused {len(refused)}: {refused[:3]}; its errors: {errors[-3:]}"
+            )
         done = await delivered_at(url, list(fixed.accepted))
         confirm = [done[p] - answered for p, (_, answered) in fixed.accepted.items() if p in done]
         answer = [answered - sent for sent, answered in fixed.accepted.values()]
