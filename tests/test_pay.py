@@ -18,15 +18,20 @@ from sqlalchemy import func, select, text
 from typer.testing import CliRunner
 
 from cli.hes import app
+from headend.domain.pricing import Code, PaymentRefused
 from headend.domain.registry import Block, MeterRecord, TariffRecord
 from headend.services.registry import route_of
 from headend.storage import open_database
+from headend.storage.audit import verify_chain
 from headend.storage.database import MIGRATIONS, head_revision
 from headend.storage.ledger import (
+    PaymentAnswer,
+    PaymentIntake,
     PaymentRequest,
     add_channel,
     channel_for_key,
     check_balances,
+    list_attempts,
     pay,
     set_keypad,
 )
@@ -556,3 +561,56 @@ async def test_concurrent_payments_to_one_meter_get_distinct_numbers(db: str) ->
     assert sorted(
         a.answer["delivery"]["number"] for a in answers if a.answer["meter"] == "E-1"
     ) == [1, 2, 3, 4]
+
+
+async def test_payments_taken_together_are_answered_as_if_taken_in_turn(db: str) -> None:
+    """The API's intake writes concurrent payments in one group: each gets the answer it would
+    get alone, in the order they came (a second payment to an account is priced after the
+    first, a repeat gets the first answer, a conflict and refusals are refused and kept),
+    receipts are gapless, the ledger balances and the audit chain verifies."""
+    database = await open_database(db)
+    intake = PaymentIntake(database)
+    now = datetime.now(UTC)
+    requests = [
+        PaymentRequest("COUNTER-1", "T-1", "M-1", "200.00"),
+        PaymentRequest("COUNTER-1", "T-2", "M-1", "200.00"),  # one account: priced after T-1
+        PaymentRequest("COUNTER-1", "T-1", "M-1", "200.00"),  # a repeat: T-1's answer
+        PaymentRequest("COUNTER-1", "T-1", "M-1", "199.00"),  # another body: a conflict
+        PaymentRequest("COUNTER-1", "T-3", "E-1", "50.00"),
+        PaymentRequest("COUNTER-1", "T-4", "K-1", "50.00"),  # a token
+        PaymentRequest("COUNTER-1", "T-5", "M-1", "1.00"),  # below the minimum vend
+        PaymentRequest("COUNTER-1", "T-6", "NOPE", "10.00"),  # no such meter
+    ]
+    try:
+        outcomes = await asyncio.gather(
+            *(intake.pay(r, now, actor="x") for r in requests), return_exceptions=True
+        )
+        checks = await check_balances(database)
+        chain = await verify_chain(database)
+        attempts = await list_attempts(database)
+    finally:
+        await database.close()
+    first, second, repeat, conflict, energy, token, low, unknown = outcomes
+    answers = (first, second, repeat, energy, token)
+    assert all(isinstance(a, PaymentAnswer) for a in answers), answers
+    assert isinstance(first, PaymentAnswer)
+    assert isinstance(second, PaymentAnswer)
+    assert isinstance(repeat, PaymentAnswer)
+    assert isinstance(energy, PaymentAnswer)
+    assert isinstance(token, PaymentAnswer)
+    # RES: a fee of 30.00, then the month's service charge of 200.00, then energy
+    assert (first.answer["split"]["service_charge"], first.answer["delivery"]) == (17_000, None)
+    assert second.answer["split"]["service_charge"] == 3_000
+    assert second.answer["delivery"]["number"] == 1
+    assert (repeat.answer, repeat.replayed, first.replayed) == (first.answer, True, False)
+    refused = [(r.code if isinstance(r, PaymentRefused) else r) for r in (conflict, low, unknown)]
+    assert refused == [Code.REFERENCE_CONFLICT, Code.AMOUNT_OUT_OF_BOUNDS, Code.UNKNOWN_ACCOUNT]
+    assert len(token.answer["token"]) == 20
+    assert token.answer["delivery"]["number"] > 100
+    receipts = [a.answer["receipt"] for a in (first, second, energy, token)]
+    assert receipts == [1, 4, 2, 3]  # T-2 waited for the transaction after T-1's
+    assert intake.groups == 1
+    assert sorted(a.reference or "" for a in attempts) == ["T-1", "T-5", "T-6"]
+    assert [c for c in checks if c.cached != c.from_postings] == []
+    assert chain.broken is None
+    assert (await _counts(db))["payments"] == 4

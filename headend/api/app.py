@@ -51,11 +51,11 @@ from headend.domain.signature import (
 from headend.storage import Database
 from headend.storage.ledger import (
     ChannelView,
+    PaymentIntake,
     PaymentRequest,
     PaymentView,
     channel_for_key,
     list_payments,
-    pay,
     payment_by_receipt,
     payment_by_reference,
     quote,
@@ -110,6 +110,8 @@ class Refusal(Exception):
 class ApiState:
     db: Database
     clock: Clock
+    #: concurrent payments written together (group commit), each answered as pay() would
+    intake: PaymentIntake
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -276,8 +278,8 @@ async def post_payment(
             body=body.model_dump(mode="json"),
         )
         raise
-    answer = await pay(
-        state.db, request, state.now(), actor=f"channel:{channel.name}", source="api"
+    answer = await state.intake.pay(
+        request, state.now(), actor=f"channel:{channel.name}", source="api"
     )
     if answer.replayed:
         response.status_code = 200
@@ -565,7 +567,7 @@ def create_app(db: Database, clock: Clock | None = None) -> FastAPI:
     """The API over ``db`` (which the caller opens and closes), on ``clock`` (default: the
     system's)."""
     app = _app()
-    app.state.hes = ApiState(db, clock or SystemClock())
+    app.state.hes = ApiState(db, clock or SystemClock(), PaymentIntake(db))
     return app
 
 

@@ -35,6 +35,8 @@ from protocols.errors import StorageError
 
 #: the advisory lock that serialises appends on PostgreSQL ("audit" in ASCII)
 _LOCK = 0x6175646974
+#: where a session keeps the chain's end after an append: (transaction, position, hash)
+_END = "hes_audit_end"
 
 
 async def append(
@@ -76,14 +78,21 @@ async def append_many(session: AsyncSession, pending: Sequence[Pending]) -> list
     if session.get_bind().dialect.name == "postgresql":
         await session.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _LOCK})
     await session.flush()  # entries added to this session before count too
-    last = (
-        await session.execute(
-            select(AuditEntry.position, AuditEntry.hash)
-            .order_by(AuditEntry.position.desc())
-            .limit(1)
-        )
-    ).first()
-    position, previous = (1, GENESIS) if last is None else (last[0] + 1, last[1])
+    # the chain's end as this transaction's last append left it (the lock is still held), else
+    # read; keyed by the innermost transaction, so a savepoint rolled back is never trusted
+    transaction = session.get_nested_transaction() or session.get_transaction()
+    kept = session.info.get(_END)
+    if kept is not None and kept[0] is transaction:
+        position, previous = kept[1] + 1, kept[2]
+    else:
+        last = (
+            await session.execute(
+                select(AuditEntry.position, AuditEntry.hash)
+                .order_by(AuditEntry.position.desc())
+                .limit(1)
+            )
+        ).first()
+        position, previous = (1, GENESIS) if last is None else (last[0] + 1, last[1])
     entries: list[Entry] = []
     rows: list[dict[str, Any]] = []
     for n, p in enumerate(pending):
@@ -107,6 +116,7 @@ async def append_many(session: AsyncSession, pending: Sequence[Pending]) -> list
         entries.append(entry)
         previous = digest
     await insert_all(session, AuditEntry, rows)
+    session.info[_END] = (transaction, entries[-1].position, previous)
     return entries
 
 

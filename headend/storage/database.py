@@ -8,11 +8,12 @@ psycopg) are chosen here. Every SQLAlchemy exception that leaves this package is
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,8 @@ def _sqlite_begin(conn: Connection) -> None:
 
 
 _READ_ONLY = "hes_read_only"
+#: seconds a writer of this process waits for SQLite's write lock (as busy_timeout does)
+WRITE_WAIT = 10.0
 
 
 @dataclass(slots=True)
@@ -131,6 +134,7 @@ class Database:
     url: str
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
+    _writers: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def shown_url(self) -> str:
@@ -145,8 +149,30 @@ class Database:
     async def begin(self) -> AsyncIterator[AsyncSession]:
         """One transaction: committed when the block ends, rolled back if it raises."""
         with storage_errors("database"):
-            async with self.sessions() as session, session.begin():
+            async with self.writing(), self.sessions() as session, session.begin():
                 yield session
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Hold this process's turn to write (around a write transaction). SQLite has one
+        writer at a time: the writers of a process wait for it here, each taking it the
+        moment it is free, rather than in SQLite's busy handler, which sleeps and tries
+        again (many writers then leave the lock idle between them). On PostgreSQL, nothing."""
+        if self.engine.dialect.name != "sqlite":
+            yield
+            return
+        try:
+            async with asyncio.timeout(WRITE_WAIT):
+                await self._writers.acquire()
+        except TimeoutError as exc:
+            raise StorageError(
+                f"database: no turn to write within {WRITE_WAIT:g} s (another writer of this "
+                "process holds it)"
+            ) from exc
+        try:
+            yield
+        finally:
+            self._writers.release()
 
     @contextlib.asynccontextmanager
     async def read(self) -> AsyncIterator[AsyncSession]:

@@ -263,11 +263,14 @@ async def _sign(session: AsyncSession, row: CreditTransfer) -> CommandEnvelope |
     """The transfer's envelope under the meter's next command sequence, taken from the
     counter the command store uses (the meter's row locked); None while one of the meter's
     commands may still go out under a lower sequence."""
+    # FOR NO KEY UPDATE: it guards the sequence without blocking a payment that inserts rows
+    # naming the meter (their foreign keys' KEY SHARE), which, holding the audit trail's lock
+    # this transaction waits for, would deadlock
     meter = (
         await session.scalars(
             select(Meter)
             .where(Meter.id == row.meter_id)
-            .with_for_update()
+            .with_for_update(key_share=True)
             .execution_options(populate_existing=True)
         )
     ).one()

@@ -6,10 +6,16 @@ touches, its entry on the audit trail's hash chain, its receipt (the next gaples
 the credit owed to the meter: a remote transfer with the meter's next transfer number, waiting
 for the dispatcher ('pending_delivery'), or an STS token from the meter's key data with the
 next TID. Refusals (:class:`~headend.domain.pricing.PaymentRefused`) store nothing.
+
+Payments that arrive together (the API's :class:`PaymentIntake`) share one transaction, each
+written whole or not at all and answered as if it had been taken alone, in turn; every check
+is made before anything of the group is written, and the group's rows go in with one
+statement per table.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import secrets
@@ -18,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, insert, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -51,6 +57,7 @@ from headend.storage.database import Database, insert_ignore, insert_new, storag
 from headend.storage.registry import tariff_record
 from headend.storage.schema import (
     Account,
+    Base,
     ChannelSigning,
     CreditTransfer,
     KeyMaterial,
@@ -480,25 +487,53 @@ async def _vending(session: AsyncSession, meter_id: str) -> MeterVending:
 async def _account_ids(
     session: AsyncSession, accounts: Sequence[AccountRef], now: datetime
 ) -> dict[AccountRef, int]:
-    rows = [
-        {
-            "code": a.code,
-            "kind": str(a.kind),
-            "owner": a.owner,
-            "currency": a.currency,
-            "balance": 0,
-            "created_at": now,
-        }
-        for a in accounts
-    ]
-    await insert_ignore(session, LedgerAccount, rows)
-    found = await session.execute(
-        select(LedgerAccount.code, LedgerAccount.id).where(
-            LedgerAccount.code.in_([a.code for a in accounts])
-        )
-    )
-    ids = {code: account_id for code, account_id in found}
+    """The ledger accounts' ids, creating the ones that are new (a look first: they exist
+    but for an account's first payments)."""
+    codes = {a.code: a for a in accounts}
+    query = select(LedgerAccount.code, LedgerAccount.id)
+    found = await session.execute(query.where(LedgerAccount.code.in_(list(codes))))
+    ids: dict[str, int] = {code: account_id for code, account_id in found}
+    new = [a for code, a in codes.items() if code not in ids]
+    if new:
+        rows = [
+            {
+                "code": a.code,
+                "kind": str(a.kind),
+                "owner": a.owner,
+                "currency": a.currency,
+                "balance": 0,
+                "created_at": now,
+            }
+            for a in new
+        ]
+        await insert_ignore(session, LedgerAccount, rows)
+        found = await session.execute(query.where(LedgerAccount.code.in_([a.code for a in new])))
+        ids.update({code: account_id for code, account_id in found})
     return {a: ids[a.code] for a in accounts}
+
+
+@dataclass(frozen=True, slots=True)
+class _Posting:
+    """A transaction to write with :func:`post_many`, with its audit entry's fields."""
+
+    transaction: Transaction
+    at: datetime
+    actor: str
+    subject: str
+    reason: str
+    detail: dict[str, Any]
+
+
+def _table(model: type[Base]) -> Table:
+    """A model's table, for Core statements of many rows (no ORM objects made)."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+_TRANSACTIONS = _table(LedgerTransaction)
+_POSTINGS = _table(LedgerPosting)
+_ACCOUNTS = _table(LedgerAccount)
 
 
 async def post(
@@ -514,39 +549,67 @@ async def post(
     """Write ``transaction`` in ``session``'s transaction: its entry on the audit trail's hash
     chain (which records every posting), the transaction, its postings and the accounts'
     cached balances. Returns its id."""
-    document = transaction.document()
-    entry = await audit.append(
+    (transaction_id,) = await post_many(
+        session, [_Posting(transaction, now, actor, subject, reason, detail or {})]
+    )
+    return transaction_id
+
+
+async def post_many(session: AsyncSession, postings: Sequence[_Posting]) -> list[int]:
+    """Write several transactions as :func:`post` does, in order, with one statement per
+    table (their audit entries follow each other on the chain); their ids."""
+    if not postings:
+        return []
+    entries = await audit.append_many(
         session,
-        at=now,
-        actor=actor,
-        action=f"ledger.{transaction.kind}",
-        subject=subject,
-        reason=reason,
-        outcome="posted",
-        detail={"transaction": document, **(detail or {})},
+        [
+            audit.Pending(
+                p.at,
+                p.actor,
+                f"ledger.{p.transaction.kind}",
+                p.subject,
+                p.reason,
+                "posted",
+                {"transaction": p.transaction.document(), **p.detail},
+            )
+            for p in postings
+        ],
     )
-    ids = await _account_ids(session, [p.account for p in transaction.postings], now)
-    row = LedgerTransaction(
-        kind=str(transaction.kind),
-        memo=transaction.memo,
-        corrects=transaction.corrects,
-        at=now,
-        audit_position=entry.position,
+    refs = [leg.account for p in postings for leg in p.transaction.postings]
+    ids = await _account_ids(session, refs, min(p.at for p in postings))
+    inserted = await session.execute(
+        insert(_TRANSACTIONS).returning(_TRANSACTIONS.c.id, sort_by_parameter_order=True),
+        [
+            {
+                "kind": str(p.transaction.kind),
+                "memo": p.transaction.memo,
+                "corrects": p.transaction.corrects,
+                "at": p.at,
+                "audit_position": entry.position,
+            }
+            for p, entry in zip(postings, entries, strict=True)
+        ],
     )
-    session.add(row)
-    await session.flush()
-    session.add_all(
-        LedgerPosting(transaction_id=row.id, account_id=ids[p.account], amount=p.amount)
-        for p in transaction.postings
-    )
-    for posting in transaction.postings:
+    transaction_ids = [int(i) for i in inserted.scalars().all()]
+    rows = []
+    moved: dict[int, int] = {}
+    for p, transaction_id in zip(postings, transaction_ids, strict=True):
+        for leg in p.transaction.postings:
+            account_id = ids[leg.account]
+            rows.append(
+                {"transaction_id": transaction_id, "account_id": account_id, "amount": leg.amount}
+            )
+            moved[account_id] = moved.get(account_id, 0) + leg.amount
+    await session.execute(insert(_POSTINGS), rows)
+    balances = [{"account": a, "moved": n} for a, n in sorted(moved.items()) if n]
+    if balances:  # in the accounts' order: two writers lock their rows in the same order
         await session.execute(
-            update(LedgerAccount)
-            .where(LedgerAccount.id == ids[posting.account])
-            .values(balance=LedgerAccount.balance + posting.amount)
+            update(_ACCOUNTS)
+            .where(_ACCOUNTS.c.id == bindparam("account"))
+            .values(balance=_ACCOUNTS.c.balance + bindparam("moved")),
+            balances,
         )
-    await session.flush()
-    return row.id
+    return transaction_ids
 
 
 async def _balance(session: AsyncSession, account: AccountRef) -> int:
@@ -611,24 +674,42 @@ class Vendee:
     keypad: bool
 
 
-async def _vendee(session: AsyncSession, meter_id: str) -> Vendee:
-    meter = await session.get(Meter, meter_id)
-    if meter is None:
+async def _vendees(
+    session: AsyncSession, meter_ids: Sequence[str]
+) -> dict[str, Vendee | PaymentRefused]:
+    """Each meter's :class:`Vendee`, or why it cannot be paid for; one query."""
+    found = await session.execute(
+        select(Meter, Account, Tariff)
+        .outerjoin(Account, Account.id == Meter.account_id)
+        .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
+        .where(Meter.id.in_(sorted(set(meter_ids))))
+    )
+    rows = {meter.id: (meter, account, tariff) for meter, account, tariff in found}
+    out: dict[str, Vendee | PaymentRefused] = {}
+    for meter_id in meter_ids:
+        try:
+            out[meter_id] = _vendee_of(meter_id, rows.get(meter_id))
+        except PaymentRefused as refused:
+            out[meter_id] = refused
+    return out
+
+
+def _vendee_of(meter_id: str, row: tuple[Meter, Account | None, Tariff | None] | None) -> Vendee:
+    if row is None:
         raise PaymentRefused(Code.UNKNOWN_ACCOUNT, f"no meter {meter_id!r} is registered")
+    meter, account, tariff_row = row
     if meter.status != "active":
         raise PaymentRefused(Code.UNKNOWN_ACCOUNT, f"meter {meter_id} is retired")
     if meter.account_id is None:
         raise PaymentRefused(Code.UNKNOWN_ACCOUNT, f"meter {meter_id} has no account")
-    account = await session.get(Account, meter.account_id)
     if account is None:  # pragma: no cover - a foreign key keeps it
         raise PaymentRefused(Code.UNKNOWN_ACCOUNT, f"no account {meter.account_id!r}")
     if account.status == "closed":
         raise PaymentRefused(Code.ACCOUNT_CLOSED, f"account {account.id} is closed")
     if meter.tariff_id is None:
         raise PaymentRefused(Code.NOT_VENDABLE, f"meter {meter_id} has no tariff")
-    row = await session.get(Tariff, meter.tariff_id)
-    assert row is not None  # a foreign key keeps it
-    tariff = tariff_record(row)
+    assert tariff_row is not None  # a foreign key keeps it
+    tariff = tariff_record(tariff_row)
     if (tariff.currency, tariff.currency_scale) != (meter.currency, meter.currency_scale):
         raise PaymentRefused(
             Code.NOT_VENDABLE,
@@ -636,6 +717,13 @@ async def _vendee(session: AsyncSession, meter_id: str) -> Vendee:
             f"prices in {tariff.currency}",
         )
     return Vendee(meter, account.id, tariff, -tariff.currency_scale, meter.sts_key_id is not None)
+
+
+async def _vendee(session: AsyncSession, meter_id: str) -> Vendee:
+    found = (await _vendees(session, [meter_id]))[meter_id]
+    if isinstance(found, PaymentRefused):
+        raise found
+    return found
 
 
 async def _meter_of(session: AsyncSession, meter_id: str | None, account_id: str | None) -> str:
@@ -689,35 +777,67 @@ def _month_start(now: datetime, tariff: TariffRecord) -> datetime:
     return local.replace(day=1, hour=0, minute=0, second=0, microsecond=0) - offset
 
 
-async def _situation(session: AsyncSession, vendee: Vendee, now: datetime) -> Situation:
-    tariff, account = vendee.tariff, vendee.account
-    since = _month_start(now, tariff)
-    month = (
-        await session.execute(
+async def _situations(
+    session: AsyncSession, vendees: Sequence[Vendee], now: datetime
+) -> dict[str, Situation]:
+    """Each vendee's :class:`Situation`, by account (one vendee per account): the month's
+    service charge and energy, the money held and not owed to the meter, the debt; three
+    queries, and one more per other month start (a tariff in another time zone)."""
+    accounts = sorted({v.account for v in vendees})
+    by_start: dict[datetime, list[str]] = {}
+    for v in vendees:
+        by_start.setdefault(_month_start(now, v.tariff), []).append(v.account)
+    month: dict[str, tuple[int, int]] = {}
+    for since, named in by_start.items():
+        found = await session.execute(
             select(
+                Payment.account_id,
                 func.coalesce(func.sum(Payment.service_charge), 0),
                 func.coalesce(func.sum(Payment.wh), 0),
-            ).where(
-                Payment.account_id == account,
+            )
+            .where(
+                Payment.account_id.in_(named),
                 Payment.state == "accepted",
                 Payment.paid_at >= since,
             )
+            .group_by(Payment.account_id)
         )
-    ).one()
-    undelivered = await session.scalar(
-        select(func.coalesce(func.sum(CreditTransfer.value), 0))
+        month.update({a: (int(s), int(w)) for a, s, w in found})
+    undelivered = await session.execute(
+        select(Payment.account_id, func.coalesce(func.sum(CreditTransfer.value), 0))
         .join(Payment, Payment.id == CreditTransfer.payment_id)
-        .where(Payment.account_id == account, CreditTransfer.state.in_(HELD))
+        .where(Payment.account_id.in_(accounts), CreditTransfer.state.in_(HELD))
+        .group_by(Payment.account_id)
     )
-    held = await _balance(session, prepaid(account, tariff.currency))
-    return Situation(
-        debt=max(0, await _balance(session, debt(account, tariff.currency))),
-        service_paid=int(month[0]),
-        month_wh=int(month[1]),
-        change=max(0, held - int(undelivered or 0)),
-        credit_unit="energy" if vendee.meter.credit_unit == "energy" else "money",
-        step_wh=TOKEN_STEP_WH if vendee.keypad else 1,
+    owed = {a: int(n) for a, n in undelivered}
+    refs = {
+        v.account: (prepaid(v.account, v.tariff.currency), debt(v.account, v.tariff.currency))
+        for v in vendees
+    }
+    balances = await session.execute(
+        select(LedgerAccount.code, LedgerAccount.balance).where(
+            LedgerAccount.code.in_([ref.code for pair in refs.values() for ref in pair])
+        )
     )
+    cached = {code: int(balance) for code, balance in balances}
+    out: dict[str, Situation] = {}
+    for v in vendees:
+        held_ref, debt_ref = refs[v.account]
+        service_paid, month_wh = month.get(v.account, (0, 0))
+        held = held_ref.shown(cached.get(held_ref.code, 0))
+        out[v.account] = Situation(
+            debt=max(0, debt_ref.shown(cached.get(debt_ref.code, 0))),
+            service_paid=service_paid,
+            month_wh=month_wh,
+            change=max(0, held - owed.get(v.account, 0)),
+            credit_unit="energy" if v.meter.credit_unit == "energy" else "money",
+            step_wh=TOKEN_STEP_WH if v.keypad else 1,
+        )
+    return out
+
+
+async def _situation(session: AsyncSession, vendee: Vendee, now: datetime) -> Situation:
+    return (await _situations(session, [vendee], now))[vendee.account]
 
 
 @dataclass(frozen=True, slots=True)
@@ -831,219 +951,463 @@ async def pay(
     """Take a payment (see the module); the same request under a used reference gets the
     first answer again, a different one is refused with reference_conflict. A refusal
     changes no balance; the attempt is kept (:func:`list_attempts`)."""
-    try:
-        with storage_errors("taking a payment"):
-            for attempt in range(2):
-                try:
-                    async with db.sessions() as session, session.begin():
-                        return await _pay(session, request, now, actor)
-                except IntegrityError:
-                    # the same reference taken by a concurrent request: its answer, on retry
+    (taking,) = await _take(db, [_Taking(request, now, actor, source)])
+    return taking.answer()
+
+
+class PaymentIntake:
+    """Group commit of payments: the ones that arrive while a group is being written go into
+    the next transaction together (at most ``most``), with one statement per table for the
+    whole group instead of some twenty per payment. Each caller gets its own answer or
+    refusal, exactly as :func:`pay` gives it: a group holds one payment per account (the
+    next one to the same account waits for the next group, so it is priced after the first)
+    and one per channel and reference (a repeat gets the first one's answer); receipts are
+    numbered in the order the payments came. When a group's transaction fails, each of its
+    payments is taken again alone (a reference taken meanwhile by another worker), and a
+    storage failure reaches every caller of the group with nothing of it written."""
+
+    def __init__(self, db: Database, most: int = 64) -> None:
+        self.db = db
+        self.most = most
+        self.groups = 0  # how many groups it took, for measurements
+        self._waiting: list[tuple[_Taking, asyncio.Future[_Taking]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def pay(
+        self, request: PaymentRequest, now: datetime, *, actor: str, source: str = "api"
+    ) -> PaymentAnswer:
+        future: asyncio.Future[_Taking] = asyncio.get_running_loop().create_future()
+        self._waiting.append((_Taking(request, now, actor, source), future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write(), name="payment groups")
+        taking = await asyncio.shield(future)
+        return taking.answer()
+
+    async def _write(self) -> None:
+        while self._waiting:
+            await asyncio.sleep(0)  # the callers running now add theirs to this group
+            batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
+            try:
+                await _take(self.db, [taking for taking, _ in batch])
+            except Exception as exc:
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            finally:
+                self.groups += 1
+            for taking, future in batch:
+                if not future.done():
+                    future.set_result(taking)
+
+
+@dataclass(slots=True)
+class _Taking:
+    """One payment request on its way through a group: its answer or refusal once taken."""
+
+    request: PaymentRequest
+    now: datetime
+    actor: str
+    source: str
+    outcome: PaymentAnswer | PaymentRefused | None = None
+
+    def answer(self) -> PaymentAnswer:
+        assert self.outcome is not None
+        if isinstance(self.outcome, PaymentRefused):
+            raise self.outcome
+        return self.outcome
+
+
+async def _take(db: Database, takings: Sequence[_Taking]) -> Sequence[_Taking]:
+    """Take ``takings`` in as few transactions as they allow (each gets its outcome), then
+    keep the refused attempts."""
+    pending = list(takings)
+    while pending:
+        group = pending
+        retaken, pending = await _group_transaction(db, group)
+        if retaken:  # a reference taken meanwhile: each again alone, the answer found then
+            for taking in group:
+                taking.outcome = None
+                for attempt in range(2):
+                    again, _ = await _group_transaction(db, [taking])
+                    if not again:
+                        break
                     if attempt:
-                        raise
-    except PaymentRefused as refused:
-        await record_attempt(
-            db,
-            request.channel,
-            reference=request.reference,
-            code=str(refused.code),
-            detail=refused.detail,
-            request=json.dumps(request.document(), sort_keys=True),
-            now=now,
-            source=source,
-        )
-        raise
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def _pay(
-    session: AsyncSession, request: PaymentRequest, now: datetime, actor: str
-) -> PaymentAnswer:
-    channel = await _channel(session, request.channel)
-    if channel is None or channel.status != "active":
-        detail = f"no channel {request.channel!r}"
-        named = request.meter_id
-        if named is not None and await session.get(Meter, named) is None:
-            detail += f"; no meter {named!r} is registered"  # name every unknown at once
-        raise PaymentRefused(Code.UNKNOWN_CHANNEL, detail)
-    existing = (
-        await session.scalars(
-            select(Payment).where(
-                Payment.channel_id == channel.id, Payment.reference == request.reference
+                        raise StorageError(
+                            f"taking a payment: reference {taking.request.reference!r} of "
+                            f"channel {taking.request.channel} was taken twice meanwhile"
+                        )
+            pending = []
+    for taking in takings:
+        if isinstance(taking.outcome, PaymentRefused):
+            request = taking.request
+            await record_attempt(
+                db,
+                request.channel,
+                reference=request.reference,
+                code=str(taking.outcome.code),
+                detail=taking.outcome.detail,
+                request=json.dumps(request.document(), sort_keys=True),
+                now=taking.now,
+                source=taking.source,
             )
-        )
-    ).first()
-    digest = request.digest()
-    if existing is not None:
-        if existing.request_hash != digest:
-            raise PaymentRefused(
-                Code.REFERENCE_CONFLICT,
-                f"reference {request.reference!r} of channel {request.channel} was used for "
-                "a different payment",
-            )
-        return PaymentAnswer(json.loads(existing.answer), replayed=True)
-    paid = now if request.paid_at is None else request.paid_at.astimezone(UTC)
-    if not now - PAID_BEHIND <= paid <= now + PAID_AHEAD:
-        raise PaymentRefused(
-            Code.MALFORMED_FIELD,
-            f"paid_at: {paid.isoformat()} is not within {PAID_BEHIND.days} days before and "
-            f"{int(PAID_AHEAD.total_seconds() // 60)} minutes after the head-end's clock "
-            f"({now.isoformat(timespec='seconds')})",
-        )
-    meter_id = await _meter_of(session, request.meter_id, request.account_id)
-    vendee = await _vendee(session, meter_id)
-    tariff = vendee.tariff
-    if request.currency is not None and request.currency != tariff.currency:
-        raise PaymentRefused(
-            Code.CURRENCY_MISMATCH,
-            f"meter {meter_id}'s account pays in {tariff.currency}, not {request.currency}",
-        )
-    amount = parse_amount(request.amount, tariff.currency, vendee.exponent)
-    vending = await _vending(session, meter_id)
-    result = split(tariff, amount, await _situation(session, vendee, now))
-    delivery, number, token = await _deliver(session, vendee, vending, result, now)
-    currency, account = tariff.currency, vendee.account
-    legs = [
-        (clearing(channel.name, currency), amount),
-        (debt(account, currency), -result.debt_recovered),
-        (utility(AccountKind.FEES, currency), -(result.fee - result.fee_tax)),
-        (utility(AccountKind.SERVICE, currency), -(result.service_charge - result.service_tax)),
-        (utility(AccountKind.TAX, currency), -result.tax),
-        (prepaid(account, currency), -result.energy_net),
-    ]
-    transaction = build(
-        TransactionKind.PAYMENT, legs, f"payment {channel.name}/{request.reference}"
-    )
-    transaction_id = await post(
-        session,
-        transaction,
-        now,
-        actor=actor,
-        subject=meter_id,
-        reason=f"payment by {channel.name}",
-        detail={"channel": channel.name, "reference": request.reference},
-    )
-    row = Payment(
-        channel_id=channel.id,
-        reference=request.reference,
-        request_hash=digest,
-        account_id=account,
-        meter_id=meter_id,
-        tariff_id=tariff.tariff_id,
-        currency=currency,
-        amount=amount,
-        debt_recovered=result.debt_recovered,
-        fee=result.fee,
-        service_charge=result.service_charge,
-        tax=result.tax,
-        energy_net=result.energy_net,
-        change_in=result.change_in,
-        change_out=result.change_out,
-        credit_unit=result.credit_unit,
-        credit_value=result.credit_value,
-        credit_amount=result.credit_amount,
-        wh=result.wh,
-        state="accepted",
-        payer=request.payer,
-        paid_at=paid,
-        created_at=now,
-        transaction_id=transaction_id,
-        answer="{}",
-    )
-    session.add(row)
-    await session.flush()  # a reference taken meanwhile fails here: IntegrityError
-    receipt = await next_number(session, "receipt")
-    session.add(Receipt(number=receipt, payment_id=row.id, issued_at=now))
-    if delivery is not None:
-        delivery.payment_id = row.id
-        session.add(delivery)
-    answer = {
-        "payment_id": row.id,
-        "receipt": receipt,
-        "channel": channel.name,
-        "reference": request.reference,
-        "account": account,
-        "meter": meter_id,
-        "tariff": tariff.tariff_id,
-        "currency": currency,
-        "currency_scale": tariff.currency_scale,
-        "payer": request.payer,
-        "paid_at": paid.isoformat(),
-        "split": result.document(),
-        "delivery": None
-        if delivery is None
-        else {"kind": delivery.kind, "number": number, "state": delivery.state},
-        "token": token,
-    }
-    row.answer = json.dumps(answer, sort_keys=True)
-    await session.flush()
-    return PaymentAnswer(answer, replayed=False)
+    return takings
 
 
-async def _deliver(
-    session: AsyncSession, vendee: Vendee, vending: MeterVending, result: Split, now: datetime
-) -> tuple[CreditTransfer | None, int | None, str | None]:
-    """The credit owed to the meter (its payment id set by the caller), the transfer number or
-    TID, and the token's digits."""
-    if result.credit_amount <= 0:
-        return None, None, None
-    meter = vendee.meter
-    if vendee.keypad:
-        material = await session.get(KeyMaterial, meter.sts_key_id)
-        key = _key_data(meter, vending, material)
-        assert key is not None
+async def _group_transaction(db: Database, group: Sequence[_Taking]) -> tuple[bool, list[_Taking]]:
+    """One transaction of ``group``; (True: an IntegrityError rolled it back, nothing was
+    taken; the takings that wait for the next group)."""
+    with storage_errors("taking a payment"):
         try:
-            vended = vend_credit(
-                key, result.credit_amount, now, last_tid=vending.last_tid, rounding=Rounding.EXACT
+            async with db.writing(), db.sessions() as session, session.begin():
+                return False, await _pay_group(session, group)
+        except IntegrityError:
+            for taking in group:
+                taking.outcome = None
+            return True, []
+
+
+@dataclass(slots=True)
+class _Accepted:
+    """A payment of a group that passed every check: what its rows are written from."""
+
+    taking: _Taking
+    channel: PaymentChannel
+    digest: str
+    paid: datetime
+    vendee: Vendee
+    amount: int
+    result: Split
+    delivery: dict[str, Any] | None = None
+    number: int | None = None
+    token: str | None = None
+
+
+async def _pay_group(session: AsyncSession, group: Sequence[_Taking]) -> list[_Taking]:
+    """Take the payments of ``group`` in ``session``'s transaction: every check first (a
+    refusal writes nothing), then the accepted ones' rows, one statement per table. Returns
+    the takings that must wait for the next group (a second payment to an account, a second
+    request under one reference)."""
+    requests = [t.request for t in group]
+    names = sorted({r.channel for r in requests})
+    channels = {
+        c.name: c
+        for c in (
+            await session.scalars(select(PaymentChannel).where(PaymentChannel.name.in_(names)))
+        ).all()
+    }
+    later: list[_Taking] = []
+    seen: set[tuple[int, str]] = set()
+    open_: list[tuple[_Taking, PaymentChannel]] = []
+    for taking in group:
+        channel = channels.get(taking.request.channel)
+        if channel is None or channel.status != "active":
+            detail = f"no channel {taking.request.channel!r}"
+            named = taking.request.meter_id
+            if named is not None and await session.get(Meter, named) is None:
+                detail += f"; no meter {named!r} is registered"  # name every unknown at once
+            taking.outcome = PaymentRefused(Code.UNKNOWN_CHANNEL, detail)
+        elif (channel.id, taking.request.reference) in seen:
+            later.append(taking)  # a repeat: the first one's answer, once it is taken
+        else:
+            seen.add((channel.id, taking.request.reference))
+            open_.append((taking, channel))
+    if not open_:
+        return later
+    existing = {
+        (p.channel_id, p.reference): p
+        for p in (
+            await session.scalars(
+                select(Payment).where(
+                    tuple_(Payment.channel_id, Payment.reference).in_(sorted(seen))
+                )
             )
-        except ValidationError as exc:
-            raise AmountOutOfBounds(f"no token for meter {meter.id}: {exc}") from exc
-        assert vended.tid is not None
-        vending.last_tid = vended.tid
-        transfer = CreditTransfer(
-            meter_id=meter.id,
-            kind="token",
-            number=vended.tid,
-            unit="energy",
-            amount=result.credit_amount,
-            value=result.credit_value,
-            token=vended.digits,
-            state="issued",
-            created_at=now,
-            updated_at=now,
+        ).all()
+    }
+    checked: list[tuple[_Taking, PaymentChannel, str, datetime, str]] = []
+    for taking, channel in open_:
+        request, now = taking.request, taking.now
+        digest = request.digest()
+        found = existing.get((channel.id, request.reference))
+        try:
+            if found is not None:
+                if found.request_hash != digest:
+                    raise PaymentRefused(
+                        Code.REFERENCE_CONFLICT,
+                        f"reference {request.reference!r} of channel {request.channel} was "
+                        "used for a different payment",
+                    )
+                taking.outcome = PaymentAnswer(json.loads(found.answer), replayed=True)
+                continue
+            paid = now if request.paid_at is None else request.paid_at.astimezone(UTC)
+            if not now - PAID_BEHIND <= paid <= now + PAID_AHEAD:
+                raise PaymentRefused(
+                    Code.MALFORMED_FIELD,
+                    f"paid_at: {paid.isoformat()} is not within {PAID_BEHIND.days} days before "
+                    f"and {int(PAID_AHEAD.total_seconds() // 60)} minutes after the head-end's "
+                    f"clock ({now.isoformat(timespec='seconds')})",
+                )
+            meter_id = await _meter_of(session, request.meter_id, request.account_id)
+        except PaymentRefused as refused:
+            taking.outcome = refused
+            continue
+        checked.append((taking, channel, digest, paid, meter_id))
+    vendees = await _vendees(session, [meter_id for *_, meter_id in checked])
+    priced: list[tuple[_Taking, PaymentChannel, str, datetime, Vendee, int]] = []
+    accounts: set[str] = set()
+    for taking, channel, digest, paid, meter_id in checked:
+        vendee = vendees[meter_id]
+        try:
+            if isinstance(vendee, PaymentRefused):
+                raise vendee
+            currency = taking.request.currency
+            if currency is not None and currency != vendee.tariff.currency:
+                raise PaymentRefused(
+                    Code.CURRENCY_MISMATCH,
+                    f"meter {meter_id}'s account pays in {vendee.tariff.currency}, not {currency}",
+                )
+            amount = parse_amount(taking.request.amount, vendee.tariff.currency, vendee.exponent)
+        except PaymentRefused as refused:
+            taking.outcome = refused
+            continue
+        if vendee.account in accounts:
+            later.append(taking)  # priced after the one before it, in the next group
+            continue
+        accounts.add(vendee.account)
+        priced.append((taking, channel, digest, paid, vendee, amount))
+    if not priced:
+        return later
+    situations = await _situations(session, [p[4] for p in priced], group[0].now)
+    accepted: list[_Accepted] = []
+    for taking, channel, digest, paid, vendee, amount in priced:
+        try:
+            result = split(vendee.tariff, amount, situations[vendee.account])
+        except PaymentRefused as refused:
+            taking.outcome = refused
+            continue
+        accepted.append(_Accepted(taking, channel, digest, paid, vendee, amount, result))
+    owed = [a for a in accepted if a.result.credit_amount > 0]
+    if owed:
+        await _deliver(session, owed)
+    accepted = [a for a in accepted if a.taking.outcome is None]
+    if accepted:
+        await _write_payments(session, accepted)
+    return later
+
+
+async def _deliver(session: AsyncSession, owed: Sequence[_Accepted]) -> None:
+    """The credit each payment owes its meter: a transfer with the meter's next transfer
+    number, or an STS token with its next TID (a token the key data cannot give refuses the
+    payment). The meters' vending rows are locked (created when new) and their numbers kept;
+    each payment's ``delivery`` row is written by the caller with its payment id."""
+    meter_ids = sorted({a.vendee.meter.id for a in owed})
+    await insert_ignore(
+        session, MeterVending, [{"meter_id": m, "last_transfer": 0} for m in meter_ids]
+    )
+    vending = {
+        row.meter_id: row
+        for row in (
+            await session.scalars(
+                select(MeterVending)
+                .where(MeterVending.meter_id.in_(meter_ids))
+                .order_by(MeterVending.meter_id)
+                .with_for_update()
+                .execution_options(populate_existing=True)
+            )
+        ).all()
+    }
+    keypads = {a.vendee.meter.id for a in owed if a.vendee.keypad}
+    remote = [m for m in meter_ids if m not in keypads]
+    reported: dict[str, int] = {}
+    if remote:
+        found = await session.execute(
+            select(Reading.meter_id, func.max(Reading.last_transfer))
+            .where(Reading.meter_id.in_(remote))
+            .group_by(Reading.meter_id)
         )
-        return transfer, vended.tid, vended.digits
-    reported = await session.scalar(
-        select(func.max(Reading.last_transfer)).where(Reading.meter_id == meter.id)
+        reported = {m: int(n or 0) for m, n in found}
+    changed: list[dict[str, Any]] = []
+    for a in owed:
+        meter, result, now = a.vendee.meter, a.result, a.taking.now
+        row = vending[meter.id]
+        if a.vendee.keypad:
+            material = await session.get(KeyMaterial, meter.sts_key_id)
+            key = _key_data(meter, row, material)
+            assert key is not None
+            try:
+                vended = vend_credit(
+                    key, result.credit_amount, now, last_tid=row.last_tid, rounding=Rounding.EXACT
+                )
+            except ValidationError as exc:
+                a.taking.outcome = AmountOutOfBounds(f"no token for meter {meter.id}: {exc}")
+                continue
+            assert vended.tid is not None
+            changed.append({"meter": meter.id, "transfer": row.last_transfer, "tid": vended.tid})
+            a.number, a.token = vended.tid, vended.digits
+            a.delivery = {"kind": "token", "unit": "energy", "token": vended.digits,
+                          "state": "issued"}  # fmt: skip
+        else:
+            number = max(row.last_transfer, reported.get(meter.id, 0)) + 1
+            changed.append({"meter": meter.id, "transfer": number, "tid": row.last_tid})
+            a.number = number
+            a.delivery = {"kind": "transfer", "unit": result.credit_unit, "token": None,
+                          "state": PENDING}  # fmt: skip
+        a.delivery |= {
+            "meter_id": meter.id,
+            "number": a.number,
+            "amount": result.credit_amount,
+            "value": result.credit_value,
+            "created_at": now,
+            "updated_at": now,
+        }
+    if changed:
+        await session.execute(
+            update(_VENDING)
+            .where(_VENDING.c.meter_id == bindparam("meter"))
+            .values(last_transfer=bindparam("transfer"), last_tid=bindparam("tid")),
+            changed,
+        )
+
+
+_VENDING = _table(MeterVending)
+_PAYMENTS = _table(Payment)
+_RECEIPTS = _table(Receipt)
+_TRANSFERS = _table(CreditTransfer)
+
+
+async def _write_payments(session: AsyncSession, accepted: Sequence[_Accepted]) -> None:
+    """The accepted payments' rows: ledger transactions (with their audit entries), payments,
+    receipts (numbered in order), credit transfers, and each payment's first answer."""
+    postings = []
+    for a in accepted:
+        request, result, vendee = a.taking.request, a.result, a.vendee
+        currency, account = vendee.tariff.currency, vendee.account
+        legs = [
+            (clearing(a.channel.name, currency), a.amount),
+            (debt(account, currency), -result.debt_recovered),
+            (utility(AccountKind.FEES, currency), -(result.fee - result.fee_tax)),
+            (utility(AccountKind.SERVICE, currency),
+             -(result.service_charge - result.service_tax)),
+            (utility(AccountKind.TAX, currency), -result.tax),
+            (prepaid(account, currency), -result.energy_net),
+        ]  # fmt: skip
+        transaction = build(
+            TransactionKind.PAYMENT, legs, f"payment {a.channel.name}/{request.reference}"
+        )
+        postings.append(
+            _Posting(
+                transaction,
+                a.taking.now,
+                a.taking.actor,
+                vendee.meter.id,
+                f"payment by {a.channel.name}",
+                {"channel": a.channel.name, "reference": request.reference},
+            )
+        )
+    transaction_ids = await post_many(session, postings)
+    inserted = await session.execute(
+        insert(_PAYMENTS).returning(_PAYMENTS.c.id, sort_by_parameter_order=True),
+        [
+            {
+                "channel_id": a.channel.id,
+                "reference": a.taking.request.reference,
+                "request_hash": a.digest,
+                "account_id": a.vendee.account,
+                "meter_id": a.vendee.meter.id,
+                "tariff_id": a.vendee.tariff.tariff_id,
+                "currency": a.vendee.tariff.currency,
+                "amount": a.amount,
+                "debt_recovered": a.result.debt_recovered,
+                "fee": a.result.fee,
+                "service_charge": a.result.service_charge,
+                "tax": a.result.tax,
+                "energy_net": a.result.energy_net,
+                "change_in": a.result.change_in,
+                "change_out": a.result.change_out,
+                "credit_unit": a.result.credit_unit,
+                "credit_value": a.result.credit_value,
+                "credit_amount": a.result.credit_amount,
+                "wh": a.result.wh,
+                "state": "accepted",
+                "payer": a.taking.request.payer,
+                "paid_at": a.paid,
+                "created_at": a.taking.now,
+                "transaction_id": transaction_id,
+                "answer": "{}",
+            }
+            for a, transaction_id in zip(accepted, transaction_ids, strict=True)
+        ],
+    )  # a reference taken meanwhile by another worker fails here: IntegrityError
+    payment_ids = [int(i) for i in inserted.scalars().all()]
+    last = await _next_numbers(session, "receipt", len(accepted))
+    receipts = range(last - len(accepted) + 1, last + 1)
+    await session.execute(
+        insert(_RECEIPTS),
+        [
+            {"number": number, "payment_id": payment_id, "issued_at": a.taking.now}
+            for a, payment_id, number in zip(accepted, payment_ids, receipts, strict=True)
+        ],
     )
-    number = max(vending.last_transfer, int(reported or 0)) + 1
-    vending.last_transfer = number
-    transfer = CreditTransfer(
-        meter_id=meter.id,
-        kind="transfer",
-        number=number,
-        unit=result.credit_unit,
-        amount=result.credit_amount,
-        value=result.credit_value,
-        state=PENDING,
-        created_at=now,
-        updated_at=now,
+    transfers = [
+        a.delivery | {"payment_id": payment_id}
+        for a, payment_id in zip(accepted, payment_ids, strict=True)
+        if a.delivery is not None
+    ]
+    if transfers:
+        await session.execute(insert(_TRANSFERS), transfers)
+    answers = []
+    for a, payment_id, receipt in zip(accepted, payment_ids, receipts, strict=True):
+        request, tariff = a.taking.request, a.vendee.tariff
+        answer = {
+            "payment_id": payment_id,
+            "receipt": receipt,
+            "channel": a.channel.name,
+            "reference": request.reference,
+            "account": a.vendee.account,
+            "meter": a.vendee.meter.id,
+            "tariff": tariff.tariff_id,
+            "currency": tariff.currency,
+            "currency_scale": tariff.currency_scale,
+            "payer": request.payer,
+            "paid_at": a.paid.isoformat(),
+            "split": a.result.document(),
+            "delivery": None
+            if a.delivery is None
+            else {"kind": a.delivery["kind"], "number": a.number, "state": a.delivery["state"]},
+            "token": a.token,
+        }
+        answers.append({"payment": payment_id, "doc": json.dumps(answer, sort_keys=True)})
+        a.taking.outcome = PaymentAnswer(answer, replayed=False)
+    await session.execute(
+        update(_PAYMENTS)
+        .where(_PAYMENTS.c.id == bindparam("payment"))
+        .values(answer=bindparam("doc")),
+        answers,
     )
-    return transfer, number, None
+
+
+async def _next_numbers(session: AsyncSession, name: str, count: int = 1) -> int:
+    """Take the next ``count`` numbers of the gapless counter ``name`` in this transaction;
+    the last of them (its row is locked until the transaction ends, so numbers are never
+    skipped or shared)."""
+    statement = (
+        update(LedgerCounter)
+        .where(LedgerCounter.name == name)
+        .values(value=LedgerCounter.value + count)
+        .returning(LedgerCounter.value)
+    )
+    value = await session.scalar(statement)
+    if value is None:  # the counter's first use
+        await insert_ignore(session, LedgerCounter, [{"name": name, "value": 0}])
+        value = await session.scalar(statement)
+    assert value is not None
+    return int(value)
 
 
 async def next_number(session: AsyncSession, name: str) -> int:
     """The next number of the gapless counter ``name``, taken in this transaction (its row is
     locked until the transaction ends, so numbers are never skipped or shared)."""
-    await insert_ignore(session, LedgerCounter, [{"name": name, "value": 0}])
-    value = await session.scalar(
-        update(LedgerCounter)
-        .where(LedgerCounter.name == name)
-        .values(value=LedgerCounter.value + 1)
-        .returning(LedgerCounter.value)
-    )
-    assert value is not None
-    return int(value)
+    return await _next_numbers(session, name)
 
 
 # -- reading payments back ------------------------------------------------------------------------
@@ -1262,6 +1626,7 @@ __all__ = [
     "ChannelView",
     "KeyChange",
     "PaymentAnswer",
+    "PaymentIntake",
     "PaymentRequest",
     "PaymentView",
     "Quote",
