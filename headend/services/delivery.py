@@ -184,7 +184,7 @@ class Deliverer:
                 result = await execute_confirmed(
                     link, held.envelope, self.settings.attempt_timeout, policy=self.retry
                 )
-            except (DeviceException, DecodeError) as exc:
+            except DeviceException as exc:  # (an answer that does not decode is asked about)
                 await self.links.discard(target)
                 why = f"the meter's answer: {exc}"
                 try:

@@ -249,7 +249,7 @@ class Dispatcher:
             result = await execute_confirmed(
                 link, sent.envelope, self.settings.attempt_timeout, policy=self.retry
             )
-        except (DeviceException, DecodeError) as exc:
+        except DeviceException as exc:  # (an answer that does not decode is asked about)
             await self.links.discard(target)
             return await self._failed(sent, Trigger.REFUSE, f"the meter's answer: {exc}")
         except LinkError as exc:
