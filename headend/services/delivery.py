@@ -40,6 +40,7 @@ from datetime import UTC, datetime, timedelta
 from headend.domain.delivery import TransferState, Verdict, judge, read_back, retry_delay
 from headend.domain.notices import QuietHours
 from headend.links.base import MeterLink, RetryPolicy, execute_confirmed
+from headend.services.links import GatewayLines
 from headend.services.poller import LinkSource
 from headend.storage import Database
 from headend.storage.delivery import (
@@ -102,7 +103,7 @@ class Deliverer:
         self.settings = settings or DeliverySettings()
         self.quiet = quiet or QuietHours()
         self.retry = retry
-        self._lines: dict[str, asyncio.Semaphore] = {}
+        self._lines = GatewayLines(self.settings.per_gateway)
         self.writer = GroupWriter(db)
 
     def now(self) -> datetime:
@@ -128,27 +129,8 @@ class Deliverer:
         )
         if not claimed:
             return result
-        outcomes = await asyncio.gather(
-            *(self._guarded(held) for held in claimed), return_exceptions=True
-        )
-        for held, outcome in zip(claimed, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, StorageError):
-                    raise outcome
-                log.error("transfer %d: %s (its lease will expire)", held.id, outcome)
-                result.outcomes["storage error"] += 1
-            else:
-                result.outcomes[outcome] += 1
+        await self._lines.work_all(claimed, self._work, result.outcomes, "transfer")
         return result
-
-    async def _guarded(self, held: Held) -> str:
-        gateway = held.gateway or held.endpoint
-        line = self._lines.get(gateway)
-        if line is None:
-            line = asyncio.Semaphore(1 if held.transport == "rtu" else self.settings.per_gateway)
-            self._lines[gateway] = line
-        async with line:
-            return await self._work(held)
 
     async def _work(self, held: Held) -> str:
         """One transfer as far as it goes now; returns the state it is left in."""

@@ -46,6 +46,7 @@ from headend.domain.notices import Channel, QuietHours, deliver_at
 from headend.domain.notices import Kind as NoticeKind
 from headend.domain.policy import Action, decide
 from headend.links.base import MeterLink, RetryPolicy, execute_confirmed
+from headend.services.links import GatewayLines
 from headend.services.poller import LinkSource
 from headend.storage import Database
 from headend.storage.commands import (
@@ -115,7 +116,7 @@ class Dispatcher:
         self.settings = settings or DispatchSettings()
         self.quiet = quiet or QuietHours()
         self.retry = retry
-        self._lines: dict[str, asyncio.Semaphore] = {}
+        self._lines = GatewayLines(self.settings.per_gateway)
         self.recorder = Recorder(db)
 
     def now(self) -> datetime:
@@ -192,27 +193,8 @@ class Dispatcher:
         )
         if not claimed:
             return result
-        outcomes = await asyncio.gather(
-            *(self._guarded(command) for command in claimed), return_exceptions=True
-        )
-        for command, outcome in zip(claimed, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
-                if not isinstance(outcome, StorageError):
-                    raise outcome
-                log.error("command %d: %s (its lease will expire)", command.id, outcome)
-                result.outcomes["storage error"] += 1
-            else:
-                result.outcomes[outcome] += 1
+        await self._lines.work_all(claimed, self._work, result.outcomes, "command")
         return result
-
-    async def _guarded(self, command: Claimed) -> str:
-        gateway = command.gateway or command.endpoint
-        line = self._lines.get(gateway)
-        if line is None:
-            line = asyncio.Semaphore(1 if command.transport == "rtu" else self.settings.per_gateway)
-            self._lines[gateway] = line
-        async with line:
-            return await self._work(command)
 
     async def _work(self, command: Claimed) -> str:
         """One command as far as it goes now; returns the state it is left in ('lost' when the

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Protocol, TypeVar
 
 from headend.links.base import MeterLink
 from headend.links.endpoint import LinkOptions, open_link
 from headend.links.pool import LinkPool
 from headend.storage.polling import PollTarget
-from protocols.errors import HesError, LinkError
+from protocols.errors import HesError, LinkError, StorageError
+
+log = logging.getLogger(__name__)
 
 
 class EndpointLinks:
@@ -59,3 +65,59 @@ class EndpointLinks:
 async def _close(link: MeterLink) -> None:
     with contextlib.suppress(HesError):  # a broken link's close has nothing more to tell
         await link.close()
+
+
+class _Claim(Protocol):
+    """A claimed command or transfer, as far as its line is concerned."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def gateway(self) -> str: ...
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def transport(self) -> str: ...
+
+
+C = TypeVar("C", bound=_Claim)
+
+
+class GatewayLines:
+    """Work claimed items (commands, credit transfers) concurrently, at most ``per_gateway`` at
+    a time on one gateway and one at a time on a serial line, and count how each one ended."""
+
+    def __init__(self, per_gateway: int) -> None:
+        self.per_gateway = per_gateway
+        self._lines: dict[str, asyncio.Semaphore] = {}
+
+    async def work_all(
+        self,
+        claimed: Sequence[C],
+        work: Callable[[C], Awaitable[str]],
+        outcomes: Counter[str],
+        what: str,
+    ) -> None:
+        """``work`` each of ``claimed`` (returning the state it was left in) into
+        ``outcomes``; a storage error is logged and counted (its lease will expire), anything
+        else is raised."""
+        ended = await asyncio.gather(
+            *(self._guarded(item, work) for item in claimed), return_exceptions=True
+        )
+        for item, outcome in zip(claimed, ended, strict=True):
+            if isinstance(outcome, BaseException):
+                if not isinstance(outcome, StorageError):
+                    raise outcome
+                log.error("%s %d: %s (its lease will expire)", what, item.id, outcome)
+                outcomes["storage error"] += 1
+            else:
+                outcomes[outcome] += 1
+
+    async def _guarded(self, item: C, work: Callable[[C], Awaitable[str]]) -> str:
+        gateway = item.gateway or item.endpoint
+        line = self._lines.get(gateway)
+        if line is None:
+            line = asyncio.Semaphore(1 if item.transport == "rtu" else self.per_gateway)
+            self._lines[gateway] = line
+        async with line:
+            return await work(item)
