@@ -432,6 +432,29 @@ async def _queue_all(
     return queued
 
 
+async def claim_rows(db: Database, table: Any, due: Any, lease: Any, doing: str) -> Sequence[Any]:
+    """Lease due rows of ``table`` (commands, credit transfers): look first with ``due`` (nothing
+    due, the usual case, takes no write lock), then run ``lease`` (an UPDATE … RETURNING the
+    ids) and read the leased rows back, by id, each with its meter's endpoint, transport and
+    gateway."""
+    with storage_errors(doing):
+        async with db.read() as session:
+            if (await session.execute(due.limit(1))).first() is None:
+                return []
+        async with db.begin() as session:
+            ids = (await session.execute(lease)).scalars().all()
+            if not ids:
+                return []
+            return (
+                await session.execute(
+                    select(table, Meter.endpoint, Meter.transport, Meter.gateway)
+                    .join(Meter, Meter.id == table.meter_id)
+                    .where(table.id.in_(ids))
+                    .order_by(table.id)
+                )
+            ).all()
+
+
 async def claim_commands(
     db: Database,
     worker: str,
@@ -476,22 +499,7 @@ async def claim_commands(
     )
     if meter_ids is not None:
         due = due.where(CommandRow.meter_id.in_(list(meter_ids)))
-    with storage_errors("claiming commands"):
-        async with db.read() as session:  # nothing due: no write lock taken (the usual case)
-            if (await session.execute(due.limit(1))).first() is None:
-                return []
-        async with db.begin() as session:
-            ids = (await session.execute(statement)).scalars().all()
-            if not ids:
-                return []
-            rows = (
-                await session.execute(
-                    select(CommandRow, Meter.endpoint, Meter.transport, Meter.gateway)
-                    .join(Meter, Meter.id == CommandRow.meter_id)
-                    .where(CommandRow.id.in_(ids))
-                    .order_by(CommandRow.id)
-                )
-            ).all()
+    rows = await claim_rows(db, CommandRow, due, statement, "claiming commands")
     return [
         Claimed(
             row.id,

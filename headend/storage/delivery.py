@@ -38,7 +38,7 @@ from headend.domain.ledger import AccountKind, TransactionKind, build, prepaid, 
 from headend.domain.notices import Channel, QuietHours, deliver_at
 from headend.domain.notices import Kind as NoticeKind
 from headend.storage import audit
-from headend.storage.commands import recipients
+from headend.storage.commands import claim_rows, recipients
 from headend.storage.database import Database, insert_ignore, storage_errors
 from headend.storage.ledger import post
 from headend.storage.notices import notice_row
@@ -207,22 +207,7 @@ async def claim_transfers(
         .values(lease_owner=worker, lease_until=lease_until)
         .returning(CreditTransfer.id)
     )
-    with storage_errors("claiming credit transfers"):
-        async with db.read() as session:  # nothing due: no write lock taken (the usual case)
-            if (await session.execute(due.limit(1))).first() is None:
-                return []
-        async with db.begin() as session:
-            ids = (await session.execute(statement)).scalars().all()
-            if not ids:
-                return []
-            rows = (
-                await session.execute(
-                    select(CreditTransfer, Meter.endpoint, Meter.transport, Meter.gateway)
-                    .join(Meter, Meter.id == CreditTransfer.meter_id)
-                    .where(CreditTransfer.id.in_(ids))
-                    .order_by(CreditTransfer.id)
-                )
-            ).all()
+    rows = await claim_rows(db, CreditTransfer, due, statement, "claiming credit transfers")
     return [
         Held(
             row.id,
