@@ -82,8 +82,9 @@ MAX_METERS = 10_000
 Target = tuple[int, int, str]  # (port, unit id, meter id)
 
 
-async def serve(count: int) -> None:
-    """The simulator's side: ``count`` meters, 247 unit ids per listener, until stdin closes."""
+async def serve(count: int, per_listener: int = UNITS_PER_LISTENER) -> None:
+    """The simulator's side: ``count`` meters, ``per_listener`` unit ids (at most 247) on each
+    Modbus TCP listener (a gateway), until stdin closes; prints the targets."""
     from meter_sim.config import default_fleet
     from meter_sim.modbus_server import serve_tcp
     from meter_sim.runtime import MeterRuntime
@@ -96,8 +97,8 @@ async def serve(count: int) -> None:
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
     async with contextlib.AsyncExitStack() as stack:
         targets: list[Target] = []
-        for first in range(0, count, UNITS_PER_LISTENER):
-            chunk = runtimes[first : first + UNITS_PER_LISTENER]
+        for first in range(0, count, per_listener):
+            chunk = runtimes[first : first + per_listener]
             service = await stack.enter_async_context(serve_tcp(chunk, HOST))
             targets += [(service.port, r.config.modbus_unit, r.meter_id) for r in chunk]
         sys.stdout.write(json.dumps({"targets": targets}) + "\n")

@@ -160,30 +160,6 @@ def baseline_serve(url: str) -> None:
     asyncio.run(run())
 
 
-async def serve_meters(count: int, per_gateway: int) -> None:
-    """The simulator's side: ``count`` remote-credit meters, ``per_gateway`` unit ids on each
-    Modbus TCP listener (a gateway), until stdin closes; prints the targets."""
-    from meter_sim.config import default_fleet
-    from meter_sim.modbus_server import serve_tcp
-    from meter_sim.runtime import MeterRuntime
-    from protocols.clock import SystemClock
-
-    fleet = default_fleet(count, initial_credit=1_000_000)
-    runtimes = [MeterRuntime.open(meter, SystemClock()) for meter in fleet.meters]
-    loop = asyncio.get_running_loop()
-    stdin = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
-    async with contextlib.AsyncExitStack() as stack:
-        targets: list[Target] = []
-        for first in range(0, count, per_gateway):
-            chunk = runtimes[first : first + per_gateway]
-            service = await stack.enter_async_context(serve_tcp(chunk, HOST))
-            targets += [(service.port, r.config.modbus_unit, r.meter_id) for r in chunk]
-        sys.stdout.write(json.dumps({"targets": targets}) + "\n")
-        sys.stdout.flush()
-        await stdin.read()
-
-
 # -- subprocesses ---------------------------------------------------------------------------------
 
 
@@ -530,7 +506,7 @@ def main() -> None:
         baseline_serve(sys.argv[2])
         return
     if len(sys.argv) == 4 and sys.argv[1] == "--serve-meters":
-        asyncio.run(serve_meters(int(sys.argv[2]), int(sys.argv[3])))
+        asyncio.run(amr.serve(int(sys.argv[2]), int(sys.argv[3])))
         return
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
