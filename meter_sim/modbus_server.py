@@ -660,7 +660,26 @@ class _MeterDecoder(DecodePDU):
         return pdu
 
 
-class _RtuRequestHandler(ServerRequestHandler):
+class _RequestHandler(ServerRequestHandler):
+    """pymodbus's request handler with each framed request run as a task of the loop.
+
+    pymodbus hands every request to the loop with ``asyncio.run_coroutine_threadsafe``, from
+    the loop's own thread: each request also paid for a ``concurrent.futures.Future`` chained to
+    the task and a write to the loop's self-pipe (one wake-up syscall and its read). The
+    handler runs on the loop's thread, so a task started there does the same, in the same
+    order."""
+
+    def __init__(self, owner: Any) -> None:
+        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+        self.requests: set[asyncio.Task[None]] = set()  # held until done (the loop holds none)
+
+    def handle_later(self) -> None:
+        task = self.loop.create_task(self.handle_request())  # type: ignore[no-untyped-call]
+        self.requests.add(task)
+        task.add_done_callback(self.requests.discard)
+
+
+class _RtuRequestHandler(_RequestHandler):
     """The request handler of a serial line, with the RTU rule pymodbus lacks: a frame ends
     with 3.5 characters of silence. pymodbus sizes a frame from its function code and waits for
     the rest of it for ever, so a truncated frame, or one it cannot size, swallowed the next
@@ -669,7 +688,7 @@ class _RtuRequestHandler(ServerRequestHandler):
     request 03), anything else is discarded."""
 
     def __init__(self, owner: _RtuServer) -> None:
-        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+        super().__init__(owner)
         self.silence = owner.silence
         self.timing = owner.timing
         self.tap = owner.tap
@@ -829,11 +848,11 @@ def corrupt_tcp_frame(frame: bytes) -> bytes:
     return frame[:4] + length + frame[6:_MBAP_SIZE] + pdu
 
 
-class _TcpRequestHandler(ServerRequestHandler):
+class _FaultyTcpRequestHandler(_RequestHandler):
     """A Modbus TCP connection to meters that inject faults (see "Faults" above)."""
 
-    def __init__(self, owner: _TcpServer) -> None:
-        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+    def __init__(self, owner: _FaultyTcpServer) -> None:
+        super().__init__(owner)
         self.faults = owner.faults
         self.draws: dict[int, FaultDraw] = {}  # transaction id -> what happens to its answer
         self.late: set[asyncio.Task[None]] = set()
@@ -890,7 +909,14 @@ class _TcpRequestHandler(ServerRequestHandler):
 
 
 class _TcpServer(ModbusTcpServer):
-    """pymodbus's TCP server handing each connection a :class:`_TcpRequestHandler`."""
+    """pymodbus's TCP server handing each connection a :class:`_RequestHandler`."""
+
+    def callback_new_connection(self) -> ServerRequestHandler:
+        return _RequestHandler(self)
+
+
+class _FaultyTcpServer(ModbusTcpServer):
+    """pymodbus's TCP server handing each connection a :class:`_FaultyTcpRequestHandler`."""
 
     def __init__(
         self, devices: list[SimDevice], faults: Mapping[int, FaultInjector], **kwargs: Any
@@ -899,7 +925,7 @@ class _TcpServer(ModbusTcpServer):
         self.faults = faults
 
     def callback_new_connection(self) -> ServerRequestHandler:
-        return _TcpRequestHandler(self)
+        return _FaultyTcpRequestHandler(self)
 
 
 async def _no_such_device(  # noqa: PLR0917 - the signature pymodbus calls
@@ -1007,11 +1033,11 @@ async def serve_tcp(
             by_unit[unit] = injector
     server: ModbusTcpServer
     if by_unit:
-        server = _TcpServer(
+        server = _FaultyTcpServer(
             _catch_all(), by_unit, address=(host, port), ignore_missing_devices=False
         )
     else:
-        server = ModbusTcpServer(_catch_all(), address=(host, port), ignore_missing_devices=False)
+        server = _TcpServer(_catch_all(), address=(host, port), ignore_missing_devices=False)
     _attach(server, meters, None)
     server.decoder = _MeterDecoder(meters)  # see "requests" above
     await _start(server, f"{host}:{port}")
