@@ -2,15 +2,17 @@
 
     .venv/bin/python bench/serve_vs_static.py
     .venv/bin/python bench/serve_vs_static.py --seconds 5 --repeat 3
+    .venv/bin/python bench/serve_vs_static.py --speed 3600   # nearly every read advances it
 
 Two servers, each in its own child process on loopback, answer the same function-04 read of
 the snapshot block (``SNAPSHOT_SIZE`` input registers from ``SNAPSHOT_START``): the
-simulator's Modbus TCP server (``serve_tcp``: every read advances the live meter and encodes
-its snapshot through the register map) and a pymodbus ``ModbusTcpServer`` over a
-``SimDevice`` whose registers are that meter's snapshot, encoded once. A minimal asyncio master
-(raw MBAP frames, so the client costs little) reads as fast as it can over 1 and over 50
-connections for ``--seconds``; the servers run alternately, ``--repeat`` times each. Reported:
-reads/s, the server's CPU per read (from /proc), and the ratios simulator / static.
+simulator's Modbus TCP server (``serve_tcp`` over a live meter whose clock runs ``--speed``
+times real time: a read advances the meter when its clock shows another second, and the
+blocks are encoded again when its snapshot fields changed) and a pymodbus ``ModbusTcpServer``
+over a ``SimDevice`` whose registers are that meter's snapshot, encoded once. A minimal
+asyncio master (raw MBAP frames, so the client costs little) reads as fast as it can over 1 and
+over 50 connections for ``--seconds``; the servers run alternately, ``--repeat`` times each.
+Reported: reads/s, the server's CPU per read (from /proc), and the ratios simulator / static.
 
 Bounded: at most 200 connections and 60 s a run; loopback only. Figures from a shared machine
 are noisy: compare the ratios of one run.
@@ -46,20 +48,20 @@ async def _until_stdin_closes() -> None:
     await stdin.read()
 
 
-def _meter() -> object:
+def _meter(speed: float) -> object:
     from meter_sim.config import MeterConfig
     from meter_sim.runtime import MeterRuntime
     from protocols.clock import AcceleratedClock
 
     config = MeterConfig("BENCH-1", initial_credit=1_000_000)
-    return MeterRuntime.open(config, AcceleratedClock(60.0, START))
+    return MeterRuntime.open(config, AcceleratedClock(speed, START))
 
 
-async def serve_simulator() -> None:
+async def serve_simulator(speed: float) -> None:
     from meter_sim.modbus_server import serve_tcp
     from meter_sim.runtime import MeterRuntime
 
-    runtime = _meter()
+    runtime = _meter(speed)
     assert isinstance(runtime, MeterRuntime)
     async with serve_tcp([runtime], HOST, 0) as service:
         sys.stdout.write(json.dumps({"port": service.port}) + "\n")
@@ -67,14 +69,14 @@ async def serve_simulator() -> None:
         await _until_stdin_closes()
 
 
-async def serve_static() -> None:
+async def serve_static(speed: float) -> None:
     from pymodbus.server import ModbusTcpServer
     from pymodbus.simulator import DataType, SimData, SimDevice
 
     from meter_sim.runtime import MeterRuntime
     from protocols import registermap as rm
 
-    runtime = _meter()
+    runtime = _meter(speed)
     assert isinstance(runtime, MeterRuntime)
     registers = rm.encode_snapshot(runtime.snapshot())
     device = SimDevice(
@@ -116,13 +118,15 @@ async def _reader(port: int, deadline: float, counts: list[int]) -> None:
         await writer.wait_closed()
 
 
-async def run(kind: str, connections: int, seconds: float) -> tuple[float, float]:
+async def run(kind: str, connections: int, seconds: float, speed: float) -> tuple[float, float]:
     """(reads per second, server CPU microseconds per read) of one server kind."""
     child = await asyncio.create_subprocess_exec(
         sys.executable,
         __file__,
         "--serve",
         kind,
+        "--speed",
+        str(speed),
         cwd=ROOT,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -152,7 +156,8 @@ async def measure(args: argparse.Namespace) -> None:
     from protocols import registermap as rm
 
     print(
-        f"function 04, {rm.SNAPSHOT_SIZE} input registers; {args.seconds:g} s a run, "
+        f"function 04, {rm.SNAPSHOT_SIZE} input registers; meter clock x{args.speed:g}; "
+        f"{args.seconds:g} s a run, "
         f"{args.repeat} runs each, servers alternating (busy machine: compare ratios)"
     )
     print("connections  server     reads/s (median)  server CPU us/read  runs (reads/s)")
@@ -160,7 +165,7 @@ async def measure(args: argparse.Namespace) -> None:
         results: dict[str, list[tuple[float, float]]] = {"static": [], "simulator": []}
         for _ in range(args.repeat):
             for kind in ("static", "simulator"):
-                results[kind].append(await run(kind, connections, args.seconds))
+                results[kind].append(await run(kind, connections, args.seconds, args.speed))
         medians = {}
         for kind, runs in results.items():
             rate = statistics.median(r for r, _ in runs)
@@ -184,13 +189,18 @@ def main() -> None:
     parser.add_argument("--connections", type=int, nargs="+", default=[1, 50])
     parser.add_argument("--seconds", type=float, default=5.0, help="length of one run")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each server (1..9)")
+    parser.add_argument(
+        "--speed", type=float, default=60.0, help="the meter's clock speed (1..1e7 x real time)"
+    )
     parser.add_argument("--serve", choices=["simulator", "static"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if not 1 <= args.speed <= 1e7:
+        parser.error("--speed is 1..1e7")
     if args.serve == "simulator":
-        asyncio.run(serve_simulator())
+        asyncio.run(serve_simulator(args.speed))
         return
     if args.serve == "static":
-        asyncio.run(serve_static())
+        asyncio.run(serve_static(args.speed))
         return
     if not all(1 <= c <= 200 for c in args.connections) or not 0 < args.seconds <= 60:
         parser.error("--connections are 1..200, --seconds 0..60")

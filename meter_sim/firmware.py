@@ -112,6 +112,7 @@ from protocols.readings import (
     MeterSnapshot,
     ProfileRow,
     RelayCause,
+    SnapshotValues,
     StatusFlag,
 )
 from protocols.sts import CLEAR_ALL_REGISTERS, TID_TOKEN_TYPES
@@ -1242,38 +1243,46 @@ class Meter:
             bits |= _LIMITER_TRIPPED
         return bits
 
-    def snapshot(self) -> MeterSnapshot:
-        balances = self.balances
-        money = self.config.credit_unit == "money"
-        return MeterSnapshot(
-            meter_id=self.config.meter_id,
-            time=int(self.meter_time),
-            energy_import_wh=self.energy.value,
-            energy_rates_wh=(
-                self.rates[0].value,
-                self.rates[1].value,
-                self.rates[2].value,
-                self.rates[3].value,
-            ),
-            power_w=self.power.value,
-            voltage_dv=self.voltage.value,
-            current_ma=self.current.value,
-            power_factor_milli=self.power_factor.value,
-            frequency_chz=self.frequency.value,
-            credit=balances.credit,
-            emergency_credit=balances.emergency_balance,
-            debt=balances.debt + max(balances.emergency_owed - balances.emergency_balance, 0),
-            credit_unit=self.account.credit_unit,
-            currency=self.config.currency if money else "Wh",
-            currency_scale=self.account.currency_scale,
-            low_credit_threshold=self.account.low_credit_threshold,
-            control_state=self.disconnect.control_state,
-            control_mode=self.disconnect.control_mode,
-            status=self.status,
-            last_event_seq=self.event_seq,
-            last_transfer=self.last_transfer,
-            last_command_seq=self.last_seq,
+    def snapshot_values(self) -> SnapshotValues:
+        """The fields of :meth:`snapshot` in ``MeterSnapshot``'s order, as a plain tuple: the
+        snapshot is built from it, so two equal tuples are two equal snapshots. The Modbus
+        server compares it with the one it last encoded and encodes again only when it differs
+        (building no ``MeterSnapshot`` for that)."""
+        emergency = self.emergency
+        ec_balance = (
+            emergency.current_credit_amount if emergency.credit_status is CreditStatus.IN_USE else 0
         )
+        config = self.config
+        account = self.account
+        disconnect = self.disconnect
+        rates = self.rates
+        return (
+            config.meter_id,
+            int(self.true_time + self.clock_offset),
+            self.energy.value,
+            (rates[0].value, rates[1].value, rates[2].value, rates[3].value),
+            self.power.value,
+            self.voltage.value,
+            self.current.value,
+            self.power_factor.value,
+            self.frequency.value,
+            self.token_credit.current_credit_amount,
+            ec_balance,
+            self.debt + max(self.emergency_owed - ec_balance, 0),
+            account.credit_unit,
+            config.currency if config.credit_unit == "money" else "Wh",
+            account.currency_scale,
+            account.low_credit_threshold,
+            disconnect.control_state,
+            disconnect.control_mode,
+            self.status,
+            self.event_seq,
+            self.last_transfer,
+            self.last_seq,
+        )
+
+    def snapshot(self) -> MeterSnapshot:
+        return MeterSnapshot(*self.snapshot_values())
 
     # -- non-volatile state -----------------------------------------------------------------------
 

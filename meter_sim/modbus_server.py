@@ -11,6 +11,14 @@ The only state kept here is what a master writes: the command block, the window 
 token registers, i.e. the transport's input buffers, and the result of the last token entered
 through the token block. Everything read comes from the meter.
 
+Snapshot reads (the measurement, account and status blocks) show the meter at its clock's
+current second: a read advances the meter only when its clock would show another second than
+the one it was last advanced to, as a meter refreshes its measurement registers once a second,
+and the blocks' registers are encoded again only when the meter's snapshot fields differ from
+the ones last encoded (``Meter.snapshot_values``), whoever changed them (a command, the fleet's
+tick, another adapter). A master polling faster than the meter's clock ticks costs one
+comparison per read. The identification block is encoded once per serial number.
+
 Durability: the action is a coroutine, so a write that executes a command or enters a token
 awaits :meth:`MeterRuntime.execute_async` / ``enter_token_async``: the state is fsynced in a
 worker thread while the event loop serves the other meters, and the write is answered only once
@@ -86,7 +94,7 @@ from protocols import registermap as rm
 from protocols.commands import ResultCode
 from protocols.cosem import OBIS_SERIAL, OBIS_TOKEN_GATEWAY
 from protocols.errors import ConfigError, HesError, LinkClosed, ValidationError
-from protocols.readings import MeterSnapshot
+from protocols.readings import MeterSnapshot, SnapshotValues
 
 log = logging.getLogger(__name__)
 
@@ -143,10 +151,12 @@ def covering_blocks(table: rm.Table, address: int, count: int) -> list[rm.BlockS
 
 @dataclass(slots=True)
 class _Reading:
-    """What one request has read from the meter so far (one snapshot per request)."""
+    """The blocks one request has encoded so far (each at most once per request)."""
 
-    snapshot: MeterSnapshot | None = None
     blocks: dict[rm.Block, tuple[int, list[int]]] = field(default_factory=dict)
+
+
+_SNAPSHOT_END = rm.SNAPSHOT_START + rm.SNAPSHOT_SIZE
 
 
 class MeterRegisters:
@@ -158,6 +168,12 @@ class MeterRegisters:
         self.written: dict[int, int] = dict.fromkeys(_WRITABLE, 0)
         self.token_result = ResultCode.NONE
         self._writing = asyncio.Lock()  # one write at a time: each stages on the last one
+        # the snapshot blocks as last encoded, and the meter's snapshot fields they encode
+        self._values: SnapshotValues | None = None
+        self._image: list[int] = []
+        self._snapshot: MeterSnapshot | None = None
+        # the identification block and the serial number it was encoded with
+        self._ident: tuple[str, rm.Identification, list[int]] | None = None
 
     @property
     def meter_id(self) -> str:
@@ -168,6 +184,9 @@ class MeterRegisters:
     def read(self, table: rm.Table, address: int, count: int) -> list[int]:
         """``count`` registers of ``table`` from ``address``, or RegisterRefused (02)."""
         end = address + count
+        if table is rm.Table.INPUT and address >= rm.SNAPSHOT_START and end <= _SNAPSHOT_END:
+            low = address - rm.SNAPSHOT_START
+            return self.snapshot_registers()[low : low + count]
         out: list[int] = []
         reading = _Reading()
         for spec in covering_blocks(table, address, count):
@@ -176,16 +195,58 @@ class MeterRegisters:
             out += registers[low - start : high - start]
         return out
 
+    def snapshot_registers(self) -> list[int]:
+        """The snapshot blocks (``SNAPSHOT_SIZE`` registers from ``SNAPSHOT_START``) as the meter
+        shows them now; the caller must not change the list.
+
+        The meter is advanced when its clock would show another second than the one it was
+        last advanced to (by this read or by anything else: the fleet's tick, a command, another
+        adapter); within that second its registers stand as they are, as a meter's measurement
+        registers do between two refreshes. The fields are then compared with those of the last
+        encoding, which is reused while they are equal: a master polling faster than the meter's
+        clock ticks costs one comparison per read, not an integration and an encoding."""
+        runtime = self.runtime
+        meter = runtime.meter
+        values = meter.snapshot_values()
+        if int(runtime.clock.now() + meter.clock_offset) != values[1]:
+            runtime.sync()
+            values = meter.snapshot_values()
+        if values != self._values:
+            self._image = rm.encode_snapshot_values(values, self.order)
+            self._values = values
+            self._snapshot = None
+        return self._image
+
+    def snapshot(self) -> MeterSnapshot:
+        """The snapshot the registers of :meth:`snapshot_registers` encode."""
+        self.snapshot_registers()
+        if self._snapshot is None:
+            assert self._values is not None  # snapshot_registers sets them
+            self._snapshot = MeterSnapshot(*self._values)
+        return self._snapshot
+
     def identification(self) -> rm.Identification:
+        return self._identification()[0]
+
+    def _identification(self) -> tuple[rm.Identification, list[int]]:
+        """The identification and its block's registers, encoded again only when the serial
+        number differs from the one they were encoded with (the rest is configuration)."""
+        serial = str(self.runtime.meter.read(OBIS_SERIAL, 2))
+        cached = self._ident
+        if cached is not None and cached[0] == serial:
+            return cached[1], cached[2]
         config = self.runtime.config
-        return rm.Identification(
+        ident = rm.Identification(
             meter_id=self.meter_id,
             manufacturer=config.manufacturer,
             model=config.model,
             firmware=config.firmware,
-            serial=str(self.runtime.read(OBIS_SERIAL, 2)),
+            serial=serial,
             word_order=self.order,
         )
+        registers = rm.encode_identification(ident)
+        self._ident = (serial, ident, registers)
+        return ident, registers
 
     def device_objects(self) -> dict[int, bytes]:
         """The read device identification objects (0x2B/0x0E) of this meter, by object id."""
@@ -202,15 +263,15 @@ class MeterRegisters:
         block = spec.block
         order = self.order
         if block in _SNAPSHOT_BLOCKS:
-            found = (rm.SNAPSHOT_START, rm.encode_snapshot(self._snapshot(reading), order))
+            found = (rm.SNAPSHOT_START, self.snapshot_registers())
             for name in _SNAPSHOT_BLOCKS:
                 reading.blocks[name] = found
             return found
         registers: list[int]
         if block is rm.Block.IDENTIFICATION:
-            registers = rm.encode_identification(self.identification())
+            registers = self._identification()[1]
         elif block is rm.Block.FLOATS:
-            registers = rm.encode_block(block, rm.float_values(self._snapshot(reading)), order)
+            registers = rm.encode_block(block, rm.float_values(self.snapshot()), order)
         elif block is rm.Block.SETTINGS:
             values = rm.cosem_values(spec.rows, self.runtime.read)
             registers = rm.encode_block(block, values, order)
@@ -231,11 +292,6 @@ class MeterRegisters:
         found = (spec.start, registers)
         reading.blocks[block] = found
         return found
-
-    def _snapshot(self, reading: _Reading) -> MeterSnapshot:
-        if reading.snapshot is None:
-            reading.snapshot = self.runtime.snapshot()
-        return reading.snapshot
 
     def _token_block(self, spec: rm.BlockSpec) -> list[int]:
         keypad = self.runtime.config.sts is not None
@@ -604,7 +660,26 @@ class _MeterDecoder(DecodePDU):
         return pdu
 
 
-class _RtuRequestHandler(ServerRequestHandler):
+class _RequestHandler(ServerRequestHandler):
+    """pymodbus's request handler with each framed request run as a task of the loop.
+
+    pymodbus hands every request to the loop with ``asyncio.run_coroutine_threadsafe``, from
+    the loop's own thread: each request also paid for a ``concurrent.futures.Future`` chained to
+    the task and a write to the loop's self-pipe (one wake-up syscall and its read). The
+    handler runs on the loop's thread, so a task started there does the same, in the same
+    order."""
+
+    def __init__(self, owner: Any) -> None:
+        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+        self.requests: set[asyncio.Task[None]] = set()  # held until done (the loop holds none)
+
+    def handle_later(self) -> None:
+        task = self.loop.create_task(self.handle_request())  # type: ignore[no-untyped-call]
+        self.requests.add(task)
+        task.add_done_callback(self.requests.discard)
+
+
+class _RtuRequestHandler(_RequestHandler):
     """The request handler of a serial line, with the RTU rule pymodbus lacks: a frame ends
     with 3.5 characters of silence. pymodbus sizes a frame from its function code and waits for
     the rest of it for ever, so a truncated frame, or one it cannot size, swallowed the next
@@ -613,7 +688,7 @@ class _RtuRequestHandler(ServerRequestHandler):
     request 03), anything else is discarded."""
 
     def __init__(self, owner: _RtuServer) -> None:
-        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+        super().__init__(owner)
         self.silence = owner.silence
         self.timing = owner.timing
         self.tap = owner.tap
@@ -773,11 +848,11 @@ def corrupt_tcp_frame(frame: bytes) -> bytes:
     return frame[:4] + length + frame[6:_MBAP_SIZE] + pdu
 
 
-class _TcpRequestHandler(ServerRequestHandler):
+class _FaultyTcpRequestHandler(_RequestHandler):
     """A Modbus TCP connection to meters that inject faults (see "Faults" above)."""
 
-    def __init__(self, owner: _TcpServer) -> None:
-        super().__init__(owner, owner.trace_packet, owner.trace_pdu, owner.trace_connect)  # type: ignore[no-untyped-call]
+    def __init__(self, owner: _FaultyTcpServer) -> None:
+        super().__init__(owner)
         self.faults = owner.faults
         self.draws: dict[int, FaultDraw] = {}  # transaction id -> what happens to its answer
         self.late: set[asyncio.Task[None]] = set()
@@ -834,7 +909,14 @@ class _TcpRequestHandler(ServerRequestHandler):
 
 
 class _TcpServer(ModbusTcpServer):
-    """pymodbus's TCP server handing each connection a :class:`_TcpRequestHandler`."""
+    """pymodbus's TCP server handing each connection a :class:`_RequestHandler`."""
+
+    def callback_new_connection(self) -> ServerRequestHandler:
+        return _RequestHandler(self)
+
+
+class _FaultyTcpServer(ModbusTcpServer):
+    """pymodbus's TCP server handing each connection a :class:`_FaultyTcpRequestHandler`."""
 
     def __init__(
         self, devices: list[SimDevice], faults: Mapping[int, FaultInjector], **kwargs: Any
@@ -843,7 +925,7 @@ class _TcpServer(ModbusTcpServer):
         self.faults = faults
 
     def callback_new_connection(self) -> ServerRequestHandler:
-        return _TcpRequestHandler(self)
+        return _FaultyTcpRequestHandler(self)
 
 
 async def _no_such_device(  # noqa: PLR0917 - the signature pymodbus calls
@@ -951,11 +1033,11 @@ async def serve_tcp(
             by_unit[unit] = injector
     server: ModbusTcpServer
     if by_unit:
-        server = _TcpServer(
+        server = _FaultyTcpServer(
             _catch_all(), by_unit, address=(host, port), ignore_missing_devices=False
         )
     else:
-        server = ModbusTcpServer(_catch_all(), address=(host, port), ignore_missing_devices=False)
+        server = _TcpServer(_catch_all(), address=(host, port), ignore_missing_devices=False)
     _attach(server, meters, None)
     server.decoder = _MeterDecoder(meters)  # see "requests" above
     await _start(server, f"{host}:{port}")

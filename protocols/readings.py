@@ -590,6 +590,62 @@ SNAPSHOT_FIELDS: tuple[tuple[str, FieldSpec], ...] = tuple(
 SNAPSHOT_VALUE_FIELDS: tuple[str, ...] = tuple(
     name for name, _ in SNAPSHOT_FIELDS if name != "meter_id"
 )
+#: a snapshot's fields in order as a plain tuple: ``MeterSnapshot(*values)`` is the snapshot
+SnapshotValues = tuple[
+    str,
+    int,
+    int,
+    tuple[int, int, int, int],
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    int,
+    CreditUnit,
+    str,
+    int,
+    int,
+    ControlState,
+    int,
+    StatusFlag,
+    int,
+    int,
+    int,
+]
+
+
+def snapshot_values(snapshot: MeterSnapshot) -> SnapshotValues:
+    """The fields of ``snapshot`` in order (the inverse of ``MeterSnapshot(*values)``)."""
+    s = snapshot
+    return (
+        s.meter_id,
+        s.time,
+        s.energy_import_wh,
+        s.energy_rates_wh,
+        s.power_w,
+        s.voltage_dv,
+        s.current_ma,
+        s.power_factor_milli,
+        s.frequency_chz,
+        s.credit,
+        s.emergency_credit,
+        s.debt,
+        s.credit_unit,
+        s.currency,
+        s.currency_scale,
+        s.low_credit_threshold,
+        s.control_state,
+        s.control_mode,
+        s.status,
+        s.last_event_seq,
+        s.last_transfer,
+        s.last_command_seq,
+    )
+
+
 _CONVERT: dict[str, Callable[[Any], Any]] = {
     name: spec.enum for name, spec in SNAPSHOT_FIELDS if spec.enum is not None
 }

@@ -29,7 +29,15 @@ from protocols.commands import (
 from protocols.cosem import TokenStatus
 from protocols.disconnect import ControlState
 from protocols.errors import DecodeError, ValidationError
-from protocols.readings import Event, EventCode, MeterSnapshot, ProfileRow, StatusFlag
+from protocols.readings import (
+    SNAPSHOT_FIELDS,
+    Event,
+    EventCode,
+    MeterSnapshot,
+    ProfileRow,
+    StatusFlag,
+    snapshot_values,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 ORDERS = st.sampled_from(rm.WORD_ORDERS)
@@ -355,6 +363,13 @@ def test_snapshot_round_trips(snapshot: MeterSnapshot, order: rm.WordOrder) -> N
     registers = rm.encode_snapshot(snapshot, order)
     assert len(registers) == rm.SNAPSHOT_SIZE
     assert rm.decode_snapshot(registers, "MTR-1", order) == snapshot
+
+
+@given(snapshots())
+def test_snapshot_values_are_the_fields_in_order(snapshot: MeterSnapshot) -> None:
+    values = snapshot_values(snapshot)
+    assert values == tuple(getattr(snapshot, name) for name, _ in SNAPSHOT_FIELDS)
+    assert MeterSnapshot(*values) == snapshot
 
 
 def test_snapshot_with_a_contradicting_relay_is_refused() -> None:

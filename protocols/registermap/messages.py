@@ -28,6 +28,8 @@ from protocols.readings import (
     EventCode,
     MeterSnapshot,
     ProfileRow,
+    SnapshotValues,
+    snapshot_values,
 )
 from protocols.registermap.datatypes import (
     DEC20_MAX,
@@ -255,21 +257,24 @@ _SNAPSHOT_ROW_NAMES: Final = tuple(
 )
 
 
-def _snapshot_layout() -> tuple[tuple[str | None, int | None], ...]:
+def _snapshot_layout() -> tuple[tuple[int, int | None], ...]:
     """Where each register row of the snapshot blocks takes its value, in row order: (the
-    snapshot field, the index in a field of several rows or None); (None, None) is
-    ``output_state``, derived from the control state."""
-    where: dict[str, tuple[str | None, int | None]] = {"output_state": (None, None)}
+    position of the snapshot field in :data:`~protocols.readings.SnapshotValues`, the index in a
+    field of several rows or None); position -1 is ``output_state``, derived from the control
+    state."""
+    position = {name: at for at, (name, _) in enumerate(SNAPSHOT_FIELDS)}
+    where: dict[str, tuple[int, int | None]] = {"output_state": (-1, None)}
     for name, row_names in _SNAPSHOT_ROW_NAMES:
         if len(row_names) == 1:
-            where[row_names[0]] = (name, None)
+            where[row_names[0]] = (position[name], None)
         else:
-            where.update((row, (name, index)) for index, row in enumerate(row_names))
+            where.update((row, (position[name], index)) for index, row in enumerate(row_names))
     return tuple(where[row.name] for row in _SNAPSHOT_ROWS)
 
 
 #: the precomputed layout of encode_snapshot (a row without a source fails at import)
 _SNAPSHOT_LAYOUT: Final = _snapshot_layout()
+_CONTROL_STATE_AT: Final = [name for name, _ in SNAPSHOT_FIELDS].index("control_state")
 _SNAPSHOT_RANGES: Final = tuple(
     (name, spec.minimum, spec.maximum)
     for name, spec in SNAPSHOT_FIELDS
@@ -280,18 +285,19 @@ _SNAPSHOT_RANGES: Final = tuple(
 def encode_snapshot(snapshot: MeterSnapshot, order: WordOrder = "big") -> list[int]:
     """The MEASUREMENTS, ACCOUNT and STATUS blocks (``SNAPSHOT_SIZE`` registers from
     ``SNAPSHOT_START``). The meter id lives in the identification block."""
-    values: list[Any] = []
-    for field, index in _SNAPSHOT_LAYOUT:
-        if field is None:
-            value: Any = int(output_state(snapshot.control_state))
-        else:
-            value = getattr(snapshot, field)
-            if index is not None:
-                value = value[index]
-            if isinstance(value, int):  # enums, flags and bools as plain ints (to_values)
-                value = int(value)
-        values.append(value)
-    return _SNAPSHOT_CODEC.encode_list(values, order)
+    return encode_snapshot_values(snapshot_values(snapshot), order)
+
+
+def encode_snapshot_values(values: SnapshotValues, order: WordOrder = "big") -> list[int]:
+    """:func:`encode_snapshot` of the snapshot whose fields are ``values`` (in order, as
+    ``Meter.snapshot_values`` gives them), without building the snapshot."""
+    fields: Sequence[Any] = values
+    output = int(output_state(fields[_CONTROL_STATE_AT]))
+    row_values = [
+        output if at < 0 else fields[at] if index is None else fields[at][index]
+        for at, index in _SNAPSHOT_LAYOUT
+    ]
+    return _SNAPSHOT_CODEC.encode_list(row_values, order)
 
 
 def decode_snapshot(
