@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 from sqlalchemy import select
 
@@ -23,8 +24,10 @@ from headend.storage.readings import (
     store_gap,
     store_intervals,
     store_readings,
+    values_row,
 )
 from headend.storage.schema import HealthChange, Interval, Meter
+from protocols.mqtt import decode_telemetry, encode_telemetry
 from protocols.readings import Event, EventCode, ProfileRow
 from tests.databases import db_url, postgres_server
 from tests.test_domain_readings import LIMITS, SNAP, T0
@@ -65,6 +68,16 @@ async def test_a_reading_is_stored_once_with_its_findings(db: Database) -> None:
         previous = await latest_reading(session, "M-1")
         assert previous is not None
         assert (previous.meter_time, previous.energy_import_wh) == (T0 + 900, 1100)
+
+
+def test_a_row_from_values_is_the_row_from_the_snapshot() -> None:
+    flagged = Findings().add(Flag.CLOCK_SKEW, "meter clock ahead by 90 s")
+    for findings in (Findings(), flagged):
+        expected = reading_row(SNAP, findings, NOW, "mqtt")
+        assert values_row("M-1", SNAP.to_values(), findings, NOW, "mqtt") == expected
+        decoded = decode_telemetry(encode_telemetry(SNAP, 1, 1))  # enums as msgspec gives them
+        values = msgspec.structs.asdict(decoded.reading)
+        assert values_row("M-1", values, findings, NOW, "mqtt") == expected
 
 
 async def test_intervals_with_a_gap_and_its_estimate(db: Database) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -56,6 +56,47 @@ def reading_row(
         "last_event_seq": snapshot.last_event_seq,
         "last_transfer": snapshot.last_transfer,
         "last_command_seq": snapshot.last_command_seq,
+        "flags": int(findings.flags),
+        "flag_reason": findings.reason,
+    }
+
+
+def values_row(
+    meter_id: str,
+    values: Mapping[str, Any],
+    findings: Findings,
+    received_at: datetime,
+    source: str,
+) -> dict[str, Any]:
+    """:func:`reading_row` of a reading given as its snapshot's value fields by name (as
+    :meth:`~protocols.readings.MeterSnapshot.to_values` or a decoded MQTT reading gives
+    them), without building the snapshot."""
+    rates = values["energy_rates_wh"]
+    return {
+        "meter_id": meter_id,
+        "meter_time": values["time"],
+        "received_at": received_at,
+        "source": source,
+        "energy_import_wh": values["energy_import_wh"],
+        "rate1_wh": rates[0],
+        "rate2_wh": rates[1],
+        "rate3_wh": rates[2],
+        "rate4_wh": rates[3],
+        "power_w": values["power_w"],
+        "voltage_dv": values["voltage_dv"],
+        "current_ma": values["current_ma"],
+        "power_factor_milli": values["power_factor_milli"],
+        "frequency_chz": values["frequency_chz"],
+        "credit": values["credit"],
+        "emergency_credit": values["emergency_credit"],
+        "debt": values["debt"],
+        "low_credit_threshold": values["low_credit_threshold"],
+        "control_state": int(values["control_state"]),
+        "control_mode": values["control_mode"],
+        "status": int(values["status"]),
+        "last_event_seq": values["last_event_seq"],
+        "last_transfer": values["last_transfer"],
+        "last_command_seq": values["last_command_seq"],
         "flags": int(findings.flags),
         "flag_reason": findings.reason,
     }
