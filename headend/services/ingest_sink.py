@@ -19,7 +19,8 @@ a database that is away raises :class:`~protocols.errors.StorageError`, so the i
 and tries the same message again. The messages of a burst are written in one transaction, so
 each is stored whole or not at all (a failed burst fails for each of its messages, and the
 ingest tries each again on its own); :meth:`StorageSink.stop` lets the writes in flight finish
-and takes no more.
+and takes no more (a message handed over after it gets :class:`~headend.ingest.SinkStopped`, so
+the ingest leaves it unacknowledged and hands over no more).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import msgspec
 
 from headend.domain.health import Health
 from headend.domain.validation import Findings, Limits, Previous, validate_registers
+from headend.ingest import SinkStopped
 from headend.storage import Database, Session
 from headend.storage.readings import (
     event_rows,
@@ -91,9 +93,8 @@ class StorageSink:
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[None]:
         if self._stopping.is_set():
-            # stopping: the message waits here, unacknowledged, until the ingest is closed
-            # (which cancels the wait); the broker delivers it again to the next ingest
-            await asyncio.Event().wait()
+            # the message stays unacknowledged; the broker delivers it again to the next ingest
+            raise SinkStopped("the storage sink is stopping")
         self._writing += 1
         try:
             yield
@@ -122,6 +123,8 @@ class StorageSink:
 
     async def take(self, messages: Sequence[_Message]) -> list[BaseException | None]:
         """A burst of messages, written together (:class:`headend.ingest.BurstSink`)."""
+        if self._stopping.is_set():
+            return [SinkStopped("the storage sink is stopping") for _ in messages]
         async with self._write():
             loop = asyncio.get_running_loop()
             futures: list[asyncio.Future[None]] = [loop.create_future() for _ in messages]
