@@ -269,10 +269,10 @@ class ProjectSubscriber:
         )
 
     async def open_session(self) -> None:
-        """A new persistent session for the next round's backlog. (A session of its own a
-        round: the acknowledgements of the last messages an ingest handles just before it
-        closes may not reach the broker, which then delivers those again to the session's
-        next connection; the sink stores them once, and they would count as duplicates.)"""
+        """A new persistent session for the next round's backlog, so that a round drains
+        exactly what its meters published (the ingest acknowledges the messages it stored
+        before it closes, so none is delivered again; any that were would be stored once and
+        counted as duplicates)."""
         self.session += 1
         db = await open_database(self.url)
         try:
