@@ -73,10 +73,15 @@ class _Delivery:
     kind: str
 
 
+class SinkStopped(StorageError):
+    """A sink's answer once it takes no more messages (it is stopping): the message stays
+    unacknowledged, for the broker to deliver again, and the ingest hands over no more."""
+
+
 class IngestSink(Protocol):
     """Where the ingest hands accepted messages. Raise StorageError for a transient failure
     (the message is tried again until it is taken), ValidationError or DecodeError to refuse
-    a message as invalid (it is dead-lettered)."""
+    a message as invalid (it is dead-lettered), :class:`SinkStopped` once it takes no more."""
 
     async def telemetry(self, message: Telemetry) -> None: ...
 
@@ -188,10 +193,12 @@ class Ingest:
         receive_maximum: int = 1000,
         kinds: Iterable[TopicKind] = INGEST_KINDS,
         sink_backoff: tuple[float, float] = (0.05, 2.0),
+        close_grace: float = 5.0,
     ) -> None:
         self.topics = topics or TopicScheme()
         self.sink = sink
         self.sink_backoff = sink_backoff
+        self.close_grace = close_grace
         self.stats = IngestStats()
         self.connection = MqttConnection(
             settings,
@@ -210,6 +217,8 @@ class Ingest:
         self._event_seen: dict[str, int] = {}
         self._rng = random.Random()
         self.paused = False  # waiting for the sink to recover
+        self._closing = False
+        self._sink_stopped = False  # the sink said SinkStopped: no more bursts
 
     async def start(self) -> None:
         self._consumer = asyncio.get_running_loop().create_task(self._consume(), name="mqtt ingest")
@@ -220,12 +229,20 @@ class Ingest:
             raise
 
     async def close(self) -> None:
-        await self.connection.close()
-        if self._consumer is not None:
-            self._consumer.cancel()
+        """Take no new burst; let the burst in hand be settled and its messages acknowledged
+        (up to ``close_grace`` seconds: a sink that stored them must not see them again), then
+        disconnect. Messages not yet handed to the sink stay unacknowledged on the broker."""
+        self._closing = True
+        self._wake.set()
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            done, _ = await asyncio.wait([consumer], timeout=self.close_grace)
+            if not done:
+                log.warning("ingest: the sink did not settle in %.1f s of close", self.close_grace)
+                consumer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
-            self._consumer = None
+                await consumer
+        await self.connection.close()  # the acknowledgements queued go out before DISCONNECT
 
     async def __aenter__(self) -> Ingest:
         await self.start()
@@ -253,7 +270,7 @@ class Ingest:
 
     async def _consume(self) -> None:
         inbox = self._inbox
-        while True:
+        while not (self._closing or self._sink_stopped):
             if not inbox:
                 self._wake.clear()
                 await self._wake.wait()
@@ -285,11 +302,14 @@ class Ingest:
             if delivery is not None:
                 result = next(outcomes)
                 try:
-                    await self._settle(delivery, result)
+                    settled = await self._settle(delivery, result)
                 except Exception as exc:  # the ingest never dies of one message
                     log.error("ingest: unexpected failure on %s", message.topic, exc_info=exc)
                     self.stats.internal_errors += 1
                     self._dead_letter(message, "internal error")
+                    settled = True
+                if not settled:  # left, with every later one, for the broker to deliver again
+                    return
             self.connection.ack(message)
 
     def _stage_safely(self, message: Incoming) -> _Delivery | None:
@@ -358,15 +378,22 @@ class Ingest:
         self._event_seen[meter_id] = payload.event.seq
         return _Delivery(message, self.sink.event, payload, "events")
 
-    async def _settle(self, delivery: _Delivery, result: BaseException | None) -> None:
+    async def _settle(self, delivery: _Delivery, result: BaseException | None) -> bool:
         """Count what the sink made of a delivery; a transient failure is tried again until
-        the sink takes the message (or refuses it)."""
+        the sink takes the message (or refuses it). False: the message is not settled (the sink
+        stopped, or the ingest is closing while the sink fails) and must stay unacknowledged."""
+        if isinstance(result, SinkStopped):
+            self._sink_stopped = True
+            return False
         if isinstance(result, StorageError):
             self.stats.sink_failures += 1
             if not self.paused:
                 self.paused = True
                 log.warning("ingest: the sink failed (%s); paused until it recovers", result)
-            taken = await self._deliver(delivery.handler, delivery.payload, delivery.message)
+            outcome = await self._deliver(delivery.handler, delivery.payload, delivery.message)
+            if outcome is None:
+                return False
+            taken = outcome
         elif isinstance(result, ValidationError | DecodeError):
             self._refused(delivery.message, result)
             taken = False
@@ -379,6 +406,7 @@ class Ingest:
                 log.warning("ingest: the sink recovered; consuming again")
         if taken:
             setattr(self.stats, delivery.kind, getattr(self.stats, delivery.kind) + 1)
+        return True
 
     def _refused(self, message: Incoming, exc: BaseException) -> None:
         self.stats.sink_refused += 1
@@ -387,16 +415,22 @@ class Ingest:
 
     async def _deliver(
         self, handler: Callable[[P], Awaitable[None]], payload: P, message: Incoming
-    ) -> bool:
+    ) -> bool | None:
         """Hand ``payload`` to the sink. While the sink fails transiently, wait and try again
-        (the message stays unacknowledged); when it refuses the message, dead-letter it."""
+        (the message stays unacknowledged); when it refuses the message, dead-letter it
+        (False). None: given up unsettled, as the ingest is closing or the sink stopped."""
         low, high = self.sink_backoff
         delay = low
         while True:
             await asyncio.sleep(delay * self._rng.uniform(0.8, 1.2))
             delay = min(delay * 2, high)
+            if self._closing:
+                return None
             try:
                 await handler(payload)
+            except SinkStopped:
+                self._sink_stopped = True
+                return None
             except StorageError as exc:
                 self.stats.sink_failures += 1
                 if not self.paused:

@@ -19,6 +19,7 @@ from headend.domain.validation import (
     check_intervals,
     estimate_gap,
     validate_reading,
+    validate_registers,
 )
 from protocols.disconnect import ControlState
 from protocols.errors import ValidationError
@@ -58,10 +59,20 @@ SNAP = MeterSnapshot(
 def test_reading_findings(
     change: dict[str, object], previous: Previous | None, now: int, flags: Flag
 ) -> None:
-    found = validate_reading(replace(SNAP, **change), previous, now, LIMITS)  # type: ignore[arg-type]
+    snapshot = replace(SNAP, **change)  # type: ignore[arg-type]
+    found = validate_reading(snapshot, previous, now, LIMITS)
     assert found.flags == flags
     assert len(found.reasons) == bin(flags).count("1")
     assert (found.reason is None) == (flags == 0)
+    by_values = validate_registers(
+        snapshot.time,
+        snapshot.energy_import_wh,
+        list(snapshot.energy_rates_wh),
+        previous=previous,
+        head_end_time=now,
+        limits=LIMITS,
+    )
+    assert by_values == found
 
 
 def test_a_reason_names_the_numbers() -> None:

@@ -11,7 +11,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from headend.broker import LocalBroker
-from headend.ingest import Ingest, MemorySink
+from headend.ingest import Ingest, MemorySink, SinkStopped
 from headend.transport.mqtt import publish_properties
 from protocols import mqtt
 from protocols.errors import StorageError, ValidationError
@@ -229,3 +229,54 @@ async def test_messages_wait_on_the_broker_while_the_ingest_is_away(
     async with Ingest(broker.settings(), second, client_id="hes-ingest"):
         await second.wait_until(lambda s: len(s.telemetry_messages) == 2, 5)
     assert [t.n for t in second.telemetry_messages] == [2, 3]
+
+
+class _SettlesLater(MemorySink):
+    """Holds each message at once (wait_until sees it) and returns from the call a moment later."""
+
+    async def telemetry(self, message: Telemetry) -> None:
+        await super().telemetry(message)
+        await asyncio.sleep(0.05)
+
+
+async def test_an_ingest_closed_right_after_its_last_messages_acknowledges_them(
+    broker: LocalBroker, meter: aiomqtt.Client
+) -> None:
+    first = _SettlesLater()
+    async with Ingest(broker.settings(), first, client_id="hes-ingest-close"):
+        for n in range(1, 6):
+            await meter.publish(TOPICS.telemetry(M1), _telemetry(n), qos=1)
+        await first.wait_until(lambda s: len(s.telemetry_messages) == 5, 5)
+    await meter.publish(TOPICS.telemetry(M1), _telemetry(6), qos=1)
+    second = MemorySink()
+    async with Ingest(broker.settings(), second, client_id="hes-ingest-close"):
+        # a message left unacknowledged would come again before 6
+        await second.wait_until(lambda s: len(s.telemetry_messages) >= 1, 5)
+    assert [t.n for t in second.telemetry_messages] == [6]
+
+
+class _StopsAtThree(MemorySink):
+    async def telemetry(self, message: Telemetry) -> None:
+        if message.n >= 3:
+            raise SinkStopped("stopping")
+        await super().telemetry(message)
+
+
+async def test_a_stopped_sink_leaves_its_messages_for_the_next_ingest(
+    broker: LocalBroker, meter: aiomqtt.Client
+) -> None:
+    first = _StopsAtThree()
+    ingest = Ingest(broker.settings(), first, client_id="hes-ingest-stop")
+    async with ingest:
+        for n in range(1, 5):
+            await meter.publish(TOPICS.telemetry(M1), _telemetry(n), qos=1)
+        await first.wait_until(lambda s: len(s.telemetry_messages) == 2, 5)
+    assert (ingest.stats.telemetry, ingest.stats.sink_failures, ingest.stats.dead_lettered) == (
+        2,
+        0,
+        0,
+    )
+    second = MemorySink()
+    async with Ingest(broker.settings(), second, client_id="hes-ingest-stop"):
+        await second.wait_until(lambda s: len(s.telemetry_messages) == 2, 5)
+    assert [t.n for t in second.telemetry_messages] == [3, 4]

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import msgspec
 import pytest
 from sqlalchemy import select
 
@@ -14,6 +15,7 @@ from headend.domain.validation import Findings, Flag, check_intervals, estimate_
 from headend.storage import Database, open_database
 from headend.storage.readings import (
     health_of,
+    insert_rows,
     last_event_seq,
     last_interval,
     latest_reading,
@@ -23,8 +25,10 @@ from headend.storage.readings import (
     store_gap,
     store_intervals,
     store_readings,
+    values_row,
 )
-from headend.storage.schema import HealthChange, Interval, Meter
+from headend.storage.schema import HealthChange, Interval, Meter, Reading
+from protocols.mqtt import decode_telemetry, encode_telemetry
 from protocols.readings import Event, EventCode, ProfileRow
 from tests.databases import db_url, postgres_server
 from tests.test_domain_readings import LIMITS, SNAP, T0
@@ -65,6 +69,33 @@ async def test_a_reading_is_stored_once_with_its_findings(db: Database) -> None:
         previous = await latest_reading(session, "M-1")
         assert previous is not None
         assert (previous.meter_time, previous.energy_import_wh) == (T0 + 900, 1100)
+
+
+def test_a_row_from_values_is_the_row_from_the_snapshot() -> None:
+    flagged = Findings().add(Flag.CLOCK_SKEW, "meter clock ahead by 90 s")
+    for findings in (Findings(), flagged):
+        expected = reading_row(SNAP, findings, NOW, "mqtt")
+        assert values_row("M-1", SNAP.to_values(), findings, NOW, "mqtt") == expected
+        decoded = decode_telemetry(encode_telemetry(SNAP, 1, 1))  # enums as msgspec gives them
+        values = msgspec.structs.asdict(decoded.reading)
+        assert values_row("M-1", values, findings, NOW, "mqtt") == expected
+
+
+async def test_more_rows_than_one_statement_carries_are_stored_once(db: Database) -> None:
+    rows = [
+        reading_row(replace(SNAP, time=T0 + 60 * n), Findings(), NOW + timedelta(seconds=n), "mqtt")
+        for n in range(1500)  # more than SQLite's 32766 parameters in one statement
+    ]
+    async with db.begin() as session:
+        stored = await insert_rows(session, Reading, rows[:700])
+        assert sorted(stored) == [("M-1", T0 + 60 * n) for n in range(700)]
+    async with db.begin() as session:
+        stored = await insert_rows(session, Reading, rows)
+        assert sorted(stored) == [("M-1", T0 + 60 * n) for n in range(700, 1500)]
+        assert await insert_rows(session, Reading, rows) == []
+        last = await session.scalar(select(Reading).where(Reading.meter_time == T0 + 60 * 1499))
+        assert last is not None
+        assert last.received_at == NOW + timedelta(seconds=1499)
 
 
 async def test_intervals_with_a_gap_and_its_estimate(db: Database) -> None:

@@ -8,6 +8,7 @@ from actual reads. Pure: integers in, integers and text out.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntFlag
 from typing import Final
@@ -75,14 +76,35 @@ def validate_reading(
 ) -> Findings:
     """Findings for one snapshot against the meter's previous stored reading and the
     head-end's clock (both in seconds since the epoch)."""
+    return validate_registers(
+        snapshot.time,
+        snapshot.energy_import_wh,
+        snapshot.energy_rates_wh,
+        previous=previous,
+        head_end_time=head_end_time,
+        limits=limits,
+    )
+
+
+def validate_registers(
+    meter_time: int,
+    energy_import_wh: int,
+    energy_rates_wh: Sequence[int],
+    *,
+    previous: Previous | None,
+    head_end_time: int,
+    limits: Limits,
+) -> Findings:
+    """:func:`validate_reading` of a reading given by the values it checks: the meter's time,
+    its import register and its rate registers."""
     found = Findings()
-    rates = sum(snapshot.energy_rates_wh)
-    if rates != snapshot.energy_import_wh:
+    rates = sum(energy_rates_wh)
+    if rates != energy_import_wh:
         found = found.add(
             Flag.RATES_DO_NOT_SUM,
-            f"rate registers sum to {rates} Wh, the total is {snapshot.energy_import_wh} Wh",
+            f"rate registers sum to {rates} Wh, the total is {energy_import_wh} Wh",
         )
-    skew = snapshot.time - head_end_time
+    skew = meter_time - head_end_time
     if abs(skew) > limits.clock_tolerance_s:
         found = found.add(
             Flag.CLOCK_SKEW,
@@ -91,12 +113,12 @@ def validate_reading(
         )
     if previous is None:
         return found
-    elapsed = snapshot.time - previous.meter_time
+    elapsed = meter_time - previous.meter_time
     if elapsed < 0:
         found = found.add(
             Flag.TIME_BACKWARDS, f"meter time {-elapsed} s before the previous reading's"
         )
-    delta = snapshot.energy_import_wh - previous.energy_import_wh
+    delta = energy_import_wh - previous.energy_import_wh
     if delta < 0:
         found = found.add(
             Flag.ENERGY_BACKWARDS,

@@ -19,7 +19,8 @@ a database that is away raises :class:`~protocols.errors.StorageError`, so the i
 and tries the same message again. The messages of a burst are written in one transaction, so
 each is stored whole or not at all (a failed burst fails for each of its messages, and the
 ingest tries each again on its own); :meth:`StorageSink.stop` lets the writes in flight finish
-and takes no more.
+and takes no more (a message handed over after it gets :class:`~headend.ingest.SinkStopped`, so
+the ingest leaves it unacknowledged and hands over no more).
 """
 
 from __future__ import annotations
@@ -31,17 +32,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
+
 from headend.domain.health import Health
-from headend.domain.validation import Findings, Limits, Previous, validate_reading
+from headend.domain.validation import Findings, Limits, Previous, validate_registers
+from headend.ingest import SinkStopped
 from headend.storage import Database, Session
 from headend.storage.readings import (
     event_rows,
     insert_rows,
     latest_readings,
     meter_statuses,
-    reading_row,
     record_presence,
     store_new_readings,
+    values_row,
 )
 from headend.storage.schema import MeterEvent, TelemetrySeen
 from protocols.clock import Clock
@@ -89,9 +93,8 @@ class StorageSink:
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[None]:
         if self._stopping.is_set():
-            # stopping: the message waits here, unacknowledged, until the ingest is closed
-            # (which cancels the wait); the broker delivers it again to the next ingest
-            await asyncio.Event().wait()
+            # the message stays unacknowledged; the broker delivers it again to the next ingest
+            raise SinkStopped("the storage sink is stopping")
         self._writing += 1
         try:
             yield
@@ -120,6 +123,8 @@ class StorageSink:
 
     async def take(self, messages: Sequence[_Message]) -> list[BaseException | None]:
         """A burst of messages, written together (:class:`headend.ingest.BurstSink`)."""
+        if self._stopping.is_set():
+            return [SinkStopped("the storage sink is stopping") for _ in messages]
         async with self._write():
             loop = asyncio.get_running_loop()
             futures: list[asyncio.Future[None]] = [loop.create_future() for _ in messages]
@@ -209,9 +214,9 @@ class StorageSink:
     ) -> None:
         """Telemetry stored once per (meter, boot, n) and once per (meter, meter time), each
         validated against the meter's reading before it (stored, or earlier in the batch)."""
-        snapshots = {id(m): m.snapshot() for m in messages}
+        values = {id(m): msgspec.structs.asdict(m.reading) for m in messages}
         seen_rows = [
-            {"meter_id": m.meter_id, "boot": m.boot, "n": m.n, "meter_time": snapshots[id(m)].time}
+            {"meter_id": m.meter_id, "boot": m.boot, "n": m.n, "meter_time": values[id(m)]["time"]}
             for m in messages
         ]
         new_keys = {
@@ -230,16 +235,24 @@ class StorageSink:
         rows: list[dict[str, Any]] = []
         flagged: dict[tuple[str, int], bool] = {}
         for message in fresh:
-            snapshot = snapshots[id(message)]
+            reading = values[id(message)]
+            meter_time, energy = reading["time"], reading["energy_import_wh"]
             before = previous.get(message.meter_id)
-            if before is not None and before.meter_time == snapshot.time:
+            if before is not None and before.meter_time == meter_time:
                 findings = Findings()  # the same reading again (a poll stored it)
             else:
-                findings = validate_reading(snapshot, before, head_end_time, self.limits)
-            if before is None or snapshot.time > before.meter_time:
-                previous[message.meter_id] = Previous(snapshot.time, snapshot.energy_import_wh)
-            rows.append(reading_row(snapshot, findings, now, "mqtt"))
-            flagged.setdefault((message.meter_id, snapshot.time), bool(findings.flags))
+                findings = validate_registers(
+                    meter_time,
+                    energy,
+                    reading["energy_rates_wh"],
+                    previous=before,
+                    head_end_time=head_end_time,
+                    limits=self.limits,
+                )
+            if before is None or meter_time > before.meter_time:
+                previous[message.meter_id] = Previous(meter_time, energy)
+            rows.append(values_row(message.meter_id, reading, findings, now, "mqtt"))
+            flagged.setdefault((message.meter_id, meter_time), bool(findings.flags))
         stored = await store_new_readings(session, rows)
         counted.readings += len(stored)
         counted.duplicates += len(rows) - len(stored)
