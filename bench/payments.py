@@ -34,7 +34,9 @@ each with its API key.
   served by uvicorn the same way (``headend.api.ApiServer``), validating the same body and
   doing one INSERT per request into one table of the same database (opened with the same
   engine settings), answering 201 with the row's id; the same clients post the same closed
-  loop. The ratio is the project's accepted payments/s over the baseline's.
+  loop. The ratio is the project's accepted payments/s over the baseline's. Beside it, each
+server's CPU time (user and system, all threads, from /proc) per request while the closed loop
+ran, which a busy machine disturbs less than wall time.
 
 Bounded: at most 1,000 meters, 20,000 payments, 1,000 payments/s and 60 s at that rate; each
 wait has a deadline; loopback only; the subprocesses, the databases and the files are removed
@@ -168,6 +170,11 @@ class Child:
     process: asyncio.subprocess.Process
     ready: dict[str, Any]
     log: Path
+
+    def cpu(self) -> float:
+        """The process's CPU seconds so far (user and system, all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.asynccontextmanager
@@ -390,11 +397,14 @@ async def bench(
         async with child(baseline_args, workdir / f"baseline-{dialect}.log", ready_key="port") as c:
             base = f"http://{HOST}:{c.ready['port']}"
             warm = await post_all(base, channels, meters, 4 * args.clients, "W")
+            cpu = c.cpu()
             bare = await post_all(base, channels, meters, args.payments, "B")
+            bare_cpu = (c.cpu() - cpu) / max(1, len(bare.accepted))
         if bare.refused:
             raise SystemExit(f"the baseline refused: {bare.refused[:3]}")
         print(f"  baseline, bare FastAPI + one INSERT: {bare.rate:,.0f} requests/s "
-              f"({len(bare.accepted):,} in {bare.seconds:.2f} s)")  # fmt: skip
+              f"({len(bare.accepted):,} in {bare.seconds:.2f} s), "
+              f"CPU {bare_cpu * 1000:.2f} ms a request")  # fmt: skip
         serve_args = [
             sys.executable, "-m", "cli.hes", "serve", "--db", url, "--api-port", "0",
             "--log-json", "--worker", "bench", "--timeout", "5",
@@ -409,9 +419,11 @@ async def bench(
             if warm.refused:
                 raise SystemExit(f"hes serve refused: {warm.refused[:3]}")
             await wait_delivered(url, DELIVERY_WAIT)
-            loop_started = time.perf_counter()
+            loop_started, cpu = time.perf_counter(), c.cpu()
             closed = await post_all(base, channels, meters, args.payments, "C")
+            closed_cpu = c.cpu() - cpu
             drained = await wait_delivered(url, DELIVERY_WAIT)
+            delivery_cpu = c.cpu() - cpu
             fixed = await post_all(
                 base, channels, meters, int(args.rate * args.seconds), "R", rate=args.rate
             )
@@ -431,6 +443,11 @@ async def bench(
     print(f"  hes serve, closed loop: {closed.rate:,.0f} payments/s accepted "
           f"({len(closed.accepted):,} in {closed.seconds:.2f} s)  "
           f"ratio {closed.rate / bare.rate:.2f}")  # fmt: skip
+    print(f"    CPU of hes serve: {closed_cpu / max(1, len(closed.accepted)) * 1000:.2f} ms a "
+          f"payment while they came ({closed_cpu / closed.seconds:.0%} of a core), "
+          f"{delivery_cpu / max(1, len(closed.accepted)) * 1000:.2f} ms a payment until "
+          "the last was delivered; CPU ratio (bare / hes serve, while they came) "
+          f"{bare_cpu * len(closed.accepted) / closed_cpu:.2f}")  # fmt: skip
     print(f"    delivered to the meters: {deliveries:,.0f}/s (the last one "
           f"{drained - loop_started - closed.seconds:.2f} s after the last answer)")  # fmt: skip
     print(f"  at {args.rate:g} payments/s offered for {args.seconds:g} s: {fixed.rate:,.0f}/s "
