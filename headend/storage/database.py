@@ -2,7 +2,8 @@
 
 ``sqlite:///hes.db`` (the default, a file in the current directory) and
 ``postgresql://user@host/db`` are the URLs an operator writes; the async drivers (aiosqlite,
-psycopg) are chosen here. Every SQLAlchemy exception that leaves this package is a
+with one trip to its thread per statement: :mod:`headend.storage.sqlite`; psycopg) are chosen
+here. Every SQLAlchemy exception that leaves this package is a
 :class:`~protocols.errors.StorageError`.
 """
 
@@ -33,6 +34,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from headend.storage import sqlite as sqlite_driver
 from headend.storage.schema import Base
 from protocols.errors import ConfigError, StorageError
 
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "sqlite:///hes.db"
 ENV_VAR = "HES_DB"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+_DRIVERS = {"sqlite": sqlite_driver.DRIVER, "postgresql": "postgresql+psycopg"}
 
 
 #: the transaction handle services pass to storage functions (they never use it themselves)
@@ -125,6 +127,8 @@ def _sqlite_begin(conn: Connection) -> None:
 _READ_ONLY = "hes_read_only"
 #: seconds a writer of this process waits for SQLite's write lock (as busy_timeout does)
 WRITE_WAIT = 10.0
+#: SQLite connections a process keeps open (and as many more while it needs them)
+SQLITE_POOL = 32
 
 
 @dataclass(slots=True)
@@ -135,6 +139,7 @@ class Database:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     _writers: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _writing: asyncio.Task[Any] | None = field(default=None, repr=False)
 
     @property
     def shown_url(self) -> str:
@@ -157,8 +162,11 @@ class Database:
         """Hold this process's turn to write (around a write transaction). SQLite has one
         writer at a time: the writers of a process wait for it here, each taking it the
         moment it is free, rather than in SQLite's busy handler, which sleeps and tries
-        again (many writers then leave the lock idle between them). On PostgreSQL, nothing."""
-        if self.engine.dialect.name != "sqlite":
+        again (many writers then leave the lock idle between them). The task that holds the
+        turn may ask for it again (its transactions follow each other within it). On
+        PostgreSQL, nothing."""
+        task = asyncio.current_task()
+        if self.engine.dialect.name != "sqlite" or (task is not None and self._writing is task):
             yield
             return
         try:
@@ -169,9 +177,11 @@ class Database:
                 f"database: no turn to write within {WRITE_WAIT:g} s (another writer of this "
                 "process holds it)"
             ) from exc
+        self._writing = task
         try:
             yield
         finally:
+            self._writing = None
             self._writers.release()
 
     @contextlib.asynccontextmanager
@@ -219,6 +229,11 @@ def _engine(text: str) -> AsyncEngine:
             parent = Path(database).expanduser().resolve().parent
             if not parent.is_dir():
                 raise ConfigError(f"database {text!r}: the directory {parent} does not exist")
+            # every request, poll and step of a busy process holds a connection at once;
+            # one made past the pool's size is closed when returned, and a new aiosqlite
+            # connection is a thread, a file opened and the pragmas run again
+            options["pool_size"] = SQLITE_POOL
+            options["max_overflow"] = SQLITE_POOL
     else:
         options["pool_pre_ping"] = True
     with storage_errors("opening the database"):
