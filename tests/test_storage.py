@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, text, update
 from typer.testing import CliRunner
 
 from cli.hes import app
@@ -185,6 +185,18 @@ async def test_a_statement_gives_its_rows_row_count_and_errors(db_url: str) -> N
         with pytest.raises(StorageError, match="IntegrityError"):
             async with db.begin() as session:
                 await session.execute(insert(Reading), [_reading(100, 1)])
+    finally:
+        await db.close()
+
+
+async def test_a_durable_transaction_syncs_its_commit_and_the_others_do_not(
+    tmp_path: Path,
+) -> None:
+    db = await open_database(f"sqlite:///{tmp_path / 'hes.db'}", check=False)
+    try:
+        for durable, wanted in ((True, 2), (False, 1), (True, 2)):  # FULL, NORMAL
+            async with db.begin(durable=durable) as session:
+                assert await session.scalar(text("PRAGMA synchronous")) == wanted
     finally:
         await db.close()
 

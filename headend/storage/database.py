@@ -101,7 +101,7 @@ def head_revision() -> str:
     return head
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
     # The driver's own transaction handling starts a transaction only at the first write, so a
     # SAVEPOINT could open (and its RELEASE commit) the outermost one: take it over, as
     # SQLAlchemy's SQLite notes advise, and begin every transaction ourselves (_sqlite_begin).
@@ -112,19 +112,35 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+    record.info[_SYNCHRONOUS] = "NORMAL"
 
 
 def _sqlite_begin(conn: Connection) -> None:
     # IMMEDIATE: take the write lock at the start, so two writers wait for each other (up to
     # busy_timeout) instead of one failing when its read turns into a write; a read-only
     # transaction (Database.read) begins deferred and never waits for a writer (WAL)
-    if conn.get_execution_options().get(_READ_ONLY):
+    options = conn.get_execution_options()
+    if options.get(_READ_ONLY):
         conn.exec_driver_sql("BEGIN")
-    else:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    # Durability. In WAL mode a commit survives a crash of the process whatever the setting;
+    # with synchronous=NORMAL the WAL is synced only at checkpoints, so a power cut or a crash
+    # of the machine can lose the last commits. That is fine for readings (read again at the
+    # next poll) but not for a payment the channel was answered 201 for: a durable transaction
+    # (Database.begin(durable=True)) commits with synchronous=FULL, the WAL synced before
+    # COMMIT returns (one sync for a whole group of payments).
+    wanted = "FULL" if options.get(DURABLE) else "NORMAL"
+    if conn.info.get(_SYNCHRONOUS) != wanted:
+        conn.exec_driver_sql(f"PRAGMA synchronous={wanted}")
+        conn.info[_SYNCHRONOUS] = wanted
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 _READ_ONLY = "hes_read_only"
+#: the execution option of a transaction whose commit must survive a power cut (see
+#: _sqlite_begin; PostgreSQL's commits always do)
+DURABLE = "hes_durable"
+_SYNCHRONOUS = "hes_synchronous"
 #: seconds a writer of this process waits for SQLite's write lock (as busy_timeout does)
 WRITE_WAIT = 10.0
 #: SQLite connections a process keeps open (and as many more while it needs them)
@@ -151,10 +167,14 @@ class Database:
         return self.engine.dialect.name
 
     @contextlib.asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncSession]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
+    async def begin(self, *, durable: bool = False) -> AsyncIterator[AsyncSession]:
+        """One transaction: committed when the block ends, rolled back if it raises. A
+        ``durable`` one's commit survives a power cut too (on SQLite, see _sqlite_begin):
+        for what a third party is told is done."""
         with storage_errors("database"):
             async with self.writing(), self.sessions() as session, session.begin():
+                if durable:
+                    await session.connection(execution_options={DURABLE: True})
                 yield session
 
     @contextlib.asynccontextmanager
