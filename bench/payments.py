@@ -33,8 +33,11 @@ each with its API key.
 * The baseline: a bare FastAPI endpoint (this file with ``--baseline-serve``) in a subprocess,
   served by uvicorn the same way (``headend.api.ApiServer``), validating the same body and
   doing one INSERT per request into one table of the same database (opened with the same
-  engine settings), answering 201 with the row's id; the same clients post the same closed
-  loop. The ratio is the project's accepted payments/s over the baseline's.
+  engine settings, and committed as durably as a payment: on SQLite with the WAL synced
+  before the answer), answering 201 with the row's id; the same clients post the same closed
+  loop. The ratio is the project's accepted payments/s over the baseline's. Beside it, each
+server's CPU time (user and system, all threads, from /proc) per request while the closed loop
+ran, which a busy machine disturbs less than wall time.
 
 Bounded: at most 1,000 meters, 20,000 payments, 1,000 payments/s and 60 s at that rate; each
 wait has a deadline; loopback only; the subprocesses, the databases and the files are removed
@@ -79,6 +82,7 @@ from sqlalchemy import (
 from headend.domain.registry import CustomerRecord, MeterRecord, TariffRecord
 from headend.services.registry import route_of
 from headend.storage import open_database
+from headend.storage.database import DURABLE
 from headend.storage.delivery import workable_count
 from headend.storage.ledger import add_channel, check_balances
 from headend.storage.registry import add_customer, add_tariff, import_meters
@@ -92,7 +96,6 @@ TARIFF = TariffRecord(
     "RES", "KES", -2, (2500,), 5000, 1000, fee=50, service_charge=5_000, vat_bp=1600
 )
 START_WAIT = 120.0  # seconds a subprocess may take to be ready
-DELIVERY_WAIT = 120.0  # seconds the deliverer may take to empty its backlog
 
 Target = amr.Target
 
@@ -137,10 +140,11 @@ def baseline_serve(url: str) -> None:
             await conn.run_sync(BARE.metadata.create_all)
         app = FastAPI()
         statement = insert(BARE).returning(BARE.c.id)
+        durable = db.engine.execution_options(**{DURABLE: True})  # as a payment's commit
 
         @app.post("/v1/payments", status_code=201)
         async def post_payment(body: BareBody) -> dict[str, Any]:
-            async with db.engine.begin() as conn:
+            async with durable.begin() as conn:
                 row_id = (await conn.execute(statement, body.model_dump())).scalar_one()
             return {"payment_id": row_id, "reference": body.reference}
 
@@ -168,6 +172,11 @@ class Child:
     process: asyncio.subprocess.Process
     ready: dict[str, Any]
     log: Path
+
+    def cpu(self) -> float:
+        """The process's CPU seconds so far (user and system, all its threads)."""
+        fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @contextlib.asynccontextmanager
@@ -390,11 +399,14 @@ async def bench(
         async with child(baseline_args, workdir / f"baseline-{dialect}.log", ready_key="port") as c:
             base = f"http://{HOST}:{c.ready['port']}"
             warm = await post_all(base, channels, meters, 4 * args.clients, "W")
+            cpu = c.cpu()
             bare = await post_all(base, channels, meters, args.payments, "B")
+            bare_cpu = (c.cpu() - cpu) / max(1, len(bare.accepted))
         if bare.refused:
             raise SystemExit(f"the baseline refused: {bare.refused[:3]}")
         print(f"  baseline, bare FastAPI + one INSERT: {bare.rate:,.0f} requests/s "
-              f"({len(bare.accepted):,} in {bare.seconds:.2f} s)")  # fmt: skip
+              f"({len(bare.accepted):,} in {bare.seconds:.2f} s), "
+              f"CPU {bare_cpu * 1000:.2f} ms a request")  # fmt: skip
         serve_args = [
             sys.executable, "-m", "cli.hes", "serve", "--db", url, "--api-port", "0",
             "--log-json", "--worker", "bench", "--timeout", "5",
@@ -408,14 +420,23 @@ async def bench(
             warm = await post_all(base, channels, meters, 4 * args.clients, "W")
             if warm.refused:
                 raise SystemExit(f"hes serve refused: {warm.refused[:3]}")
-            await wait_delivered(url, DELIVERY_WAIT)
-            loop_started = time.perf_counter()
+            await wait_delivered(url, args.delivery_wait)
+            loop_started, cpu = time.perf_counter(), c.cpu()
             closed = await post_all(base, channels, meters, args.payments, "C")
-            drained = await wait_delivered(url, DELIVERY_WAIT)
+            closed_cpu = c.cpu() - cpu
+            print(f"  hes serve, closed loop: {closed.rate:,.0f} payments/s accepted "
+                  f"({len(closed.accepted):,} in {closed.seconds:.2f} s)  "
+                  f"ratio {closed.rate / bare.rate:.2f}")  # fmt: skip
+            print(f"    CPU of hes serve while they came: "
+                  f"{closed_cpu / max(1, len(closed.accepted)) * 1000:.2f} ms a payment "
+                  f"({closed_cpu / closed.seconds:.0%} of a core); CPU ratio (bare / hes serve) "
+                  f"{bare_cpu * len(closed.accepted) / closed_cpu:.2f}")  # fmt: skip
+            drained = await wait_delivered(url, args.delivery_wait)
+            delivery_cpu = c.cpu() - cpu
             fixed = await post_all(
                 base, channels, meters, int(args.rate * args.seconds), "R", rate=args.rate
             )
-            await wait_delivered(url, DELIVERY_WAIT)
+            await wait_delivered(url, args.delivery_wait)
         refused = closed.refused + fixed.refused
         if refused:
             errors = [line for line in c.log.read_text().splitlines() if '"error"' in line]
@@ -428,11 +449,10 @@ async def bench(
         payments, wrong = await ledger_checks(url)
         off = await check_meters(targets, await last_numbers(url))
     deliveries = len(closed.accepted) / (drained - loop_started)
-    print(f"  hes serve, closed loop: {closed.rate:,.0f} payments/s accepted "
-          f"({len(closed.accepted):,} in {closed.seconds:.2f} s)  "
-          f"ratio {closed.rate / bare.rate:.2f}")  # fmt: skip
     print(f"    delivered to the meters: {deliveries:,.0f}/s (the last one "
-          f"{drained - loop_started - closed.seconds:.2f} s after the last answer)")  # fmt: skip
+          f"{drained - loop_started - closed.seconds:.2f} s after the last answer); CPU of "
+          f"hes serve until then {delivery_cpu / max(1, len(closed.accepted)) * 1000:.2f} ms "
+          "a payment")  # fmt: skip
     print(f"  at {args.rate:g} payments/s offered for {args.seconds:g} s: {fixed.rate:,.0f}/s "
           f"accepted; answer p50 {percentile(answer, 50) * 1000:.0f} ms, "
           f"p99 {percentile(answer, 99) * 1000:.0f} ms")  # fmt: skip
@@ -518,6 +538,10 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=200.0, help="payments/s offered, 1..1000")
     parser.add_argument("--seconds", type=float, default=10.0, help="at that rate, 1..60")
     parser.add_argument("--db", choices=("both", "sqlite", "postgresql"), default="both")
+    parser.add_argument(
+        "--delivery-wait", type=float, default=120.0,
+        help="seconds the deliverer may take to empty its backlog, 1..600",
+    )  # fmt: skip
     parser.add_argument("--profile", type=Path, help="cProfile hes serve into this folder")
     args = parser.parse_args()
     if not (
@@ -527,9 +551,11 @@ def main() -> None:
         and 1 <= args.payments <= 20_000
         and 1 <= args.rate <= 1000
         and 1 <= args.seconds <= 60
+        and 1 <= args.delivery_wait <= 600
     ):
         parser.error("--meters 1..1000, --per-gateway 1..247, --clients 1..64, "
-                     "--payments 1..20000, --rate 1..1000, --seconds 1..60")  # fmt: skip
+                     "--payments 1..20000, --rate 1..1000, --seconds 1..60, "
+                     "--delivery-wait 1..600")  # fmt: skip
     asyncio.run(measure(args))
 
 

@@ -509,6 +509,38 @@ def test_channels_add_prints_the_signing_secret_once(tmp_path: Path) -> None:
     assert secret not in listed.output
 
 
+async def test_a_channel_suspended_or_given_another_key_once_known_pays_nothing(
+    api: Api,
+) -> None:
+    assert (await api.pay("KNOWN-1")).status_code == 201  # the worker keeps the channel now
+    before = await ledger_state(api.db)
+    async with api.db.begin() as session:
+        await session.execute(
+            text("UPDATE payment_channels SET status = 'suspended' WHERE name = 'COUNTER-1'")
+        )
+    suspended = await api.pay("KNOWN-2")
+    assert suspended.status_code == 401
+    assert suspended.json() == {
+        "code": "unauthorized",
+        "detail": "no active channel has this API key",
+    }
+    assert await ledger_state(api.db) == before
+    assert (await api.client.get("/v1/payments/KNOWN-1", headers=api.auth())).status_code == 401
+    async with api.db.begin() as session:
+        await session.execute(
+            text("UPDATE payment_channels SET status = 'active' WHERE name = 'COUNTER-1'")
+        )
+    assert (await api.pay("KNOWN-3")).status_code == 201
+    before = await ledger_state(api.db)
+    async with api.db.begin() as session:  # a new key: the one kept is no longer it
+        await session.execute(
+            text("UPDATE payment_channels SET key_hash = 'x' WHERE name = 'COUNTER-1'")
+        )
+    replaced = await api.pay("KNOWN-4")
+    assert replaced.status_code == 401
+    assert await ledger_state(api.db) == before
+
+
 # -- concurrency ----------------------------------------------------------------------------------
 
 

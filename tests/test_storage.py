@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, insert, select, text, update
 from typer.testing import CliRunner
 
 from cli.hes import app
@@ -157,6 +157,68 @@ async def test_a_foreign_key_is_enforced_on_sqlite_too(db_url: str) -> None:
         with pytest.raises(StorageError):
             async with db.begin() as session:
                 await insert_ignore(session, Reading, [row])
+    finally:
+        await db.close()
+
+
+async def test_a_statement_gives_its_rows_row_count_and_errors(db_url: str) -> None:
+    # on SQLite, each statement's results come back whole in one call (headend/storage/sqlite.py)
+    await _meter(db_url)
+    db = await open_database(db_url)
+    try:
+        async with db.begin() as session:
+            await insert_ignore(session, Reading, [_reading(t, t) for t in (100, 200, 300)])
+            moved = await session.execute(
+                update(Reading).where(Reading.meter_time >= 200).values(energy_import_wh=7)
+            )
+            assert moved.rowcount == 2  # type: ignore[attr-defined]
+            rows = await session.execute(
+                select(Reading.meter_time, Reading.energy_import_wh).order_by(Reading.meter_time)
+            )
+            assert [tuple(r) for r in rows] == [(100, 100), (200, 7), (300, 7)]
+            customer = Customer(name="Baraka", created_at=NOW)
+            session.add(customer)
+            await session.flush()
+            assert customer.id is not None
+            empty = await session.execute(select(Reading).where(Reading.meter_time > 1000))
+            assert empty.all() == []
+        with pytest.raises(StorageError, match="IntegrityError"):
+            async with db.begin() as session:
+                await session.execute(insert(Reading), [_reading(100, 1)])
+    finally:
+        await db.close()
+
+
+async def test_a_durable_transaction_syncs_its_commit_and_the_others_do_not(
+    tmp_path: Path,
+) -> None:
+    db = await open_database(f"sqlite:///{tmp_path / 'hes.db'}", check=False)
+    try:
+        for durable, wanted in ((True, 2), (False, 1), (True, 2)):  # FULL, NORMAL
+            async with db.begin(durable=durable) as session:
+                assert await session.scalar(text("PRAGMA synchronous")) == wanted
+    finally:
+        await db.close()
+
+
+async def test_the_task_holding_the_turn_to_write_may_ask_again(tmp_path: Path) -> None:
+    db = await open_database(f"sqlite:///{tmp_path / 'hes.db'}", check=False)
+    try:
+        order: list[str] = []
+
+        async def other() -> None:
+            async with db.writing():
+                order.append("other")
+
+        async with db.writing():
+            waiting = asyncio.create_task(other())
+            await asyncio.sleep(0)
+            async with db.writing():  # the same task: no wait for itself
+                order.append("again")
+            await asyncio.sleep(0)
+            assert not waiting.done()  # another task waits for its turn
+        await waiting
+        assert order == ["again", "other"]
     finally:
         await db.close()
 

@@ -5,6 +5,11 @@ as itself (it sees and reverses its own payments and receipts). A channel regist
 ``--require-signature`` also signs each request (headend/domain/signature.py); a signature
 outside the window, or seen before by any worker, is refused.
 
+A worker keeps each channel it has authenticated for :data:`CHANNEL_TTL` seconds, so a
+request costs no lookup of its key; a payment is checked against the stored channel (still
+active, still this key) in its own transaction, so a channel suspended or given a new key
+pays nothing more at once, and is unknown to the other endpoints within that time.
+
 Every refusal is JSON ``{"code", "detail"}`` with a 4xx status (a database that cannot be
 reached: 503 ``unavailable``), and is logged. A refused payment changes no balance; the
 attempt is kept for the operator (``hes payments attempts``).
@@ -12,8 +17,10 @@ attempt is kept for the operator (``hes payments attempts``).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,6 +83,10 @@ PAYMENTS_PATH = "/v1/payments"
 
 UNAUTHORIZED = "unauthorized"
 FORBIDDEN = "forbidden"
+NO_SUCH_KEY = "no active channel has this API key"
+
+#: seconds a worker trusts a channel it has authenticated without reading it again
+CHANNEL_TTL = 5.0
 
 #: the HTTP status of each refusal code
 STATUS: dict[str, int] = {
@@ -106,12 +117,43 @@ class Refusal(Exception):
         self.detail = detail
 
 
+class Channels:
+    """The channels this worker has authenticated, by (the SHA-256 of) their API keys, each
+    trusted for ``ttl`` seconds (at most ``most`` kept; an unknown key is never kept)."""
+
+    def __init__(self, db: Database, ttl: float = CHANNEL_TTL, most: int = 4096) -> None:
+        self.db = db
+        self.ttl = ttl
+        self.most = most
+        self._known: dict[bytes, tuple[ChannelView, float]] = {}
+
+    async def get(self, key: str) -> ChannelView | None:
+        digest = hashlib.sha256(key.encode()).digest()
+        now = time.monotonic()
+        known = self._known.get(digest)
+        if known is not None and now - known[1] < self.ttl:
+            return known[0]
+        channel = await channel_for_key(self.db, key)
+        if channel is None:
+            self._known.pop(digest, None)
+            return None
+        if len(self._known) >= self.most:
+            self._known.clear()
+        self._known[digest] = (channel, now)
+        return channel
+
+    def forget(self, key: str) -> None:
+        """Read the channel of ``key`` again at its next request."""
+        self._known.pop(hashlib.sha256(key.encode()).digest(), None)
+
+
 @dataclass(frozen=True, slots=True)
 class ApiState:
     db: Database
     clock: Clock
     #: concurrent payments written together (group commit), each answered as pay() would
     intake: PaymentIntake
+    channels: Channels
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -145,9 +187,9 @@ async def authenticate(
     state: ApiState = request.app.state.hes
     if credentials is None:
         raise Refusal(UNAUTHORIZED, "send Authorization: Bearer <the channel's API key>")
-    channel = await channel_for_key(state.db, credentials.credentials)
+    channel = await state.channels.get(credentials.credentials)
     if channel is None:
-        raise Refusal(UNAUTHORIZED, "no active channel has this API key")
+        raise Refusal(UNAUTHORIZED, NO_SUCH_KEY)
     if channel.require_signature:
         assert channel.signing_secret is not None
         now = state.now()
@@ -170,6 +212,7 @@ async def authenticate(
                 "this signature was seen before: sign each request (a retry too) anew",
             )
     request.state.channel = channel
+    request.state.key = credentials.credentials
     return channel
 
 
@@ -239,9 +282,7 @@ async def _refused_attempt(
     ),
     summary="Take a payment",
 )
-async def post_payment(
-    body: PaymentIn, channel: Caller, state: State, response: Response
-) -> dict[str, Any]:
+async def post_payment(body: PaymentIn, channel: Caller, state: State, http: Request) -> Response:
     """Take a payment for a meter (or an account's one meter): split it, post it to the
     ledger, number its receipt and owe the meter its credit (a transfer, or an STS token in
     the answer). The same body again under a used reference gets the first answer (200);
@@ -278,12 +319,18 @@ async def post_payment(
             body=body.model_dump(mode="json"),
         )
         raise
-    answer = await state.intake.pay(
-        request, state.now(), actor=f"channel:{channel.name}", source="api"
-    )
-    if answer.replayed:
-        response.status_code = 200
-    return answer.answer
+    key: str = http.state.key
+    try:
+        answer = await state.intake.pay(
+            request, state.now(), actor=f"channel:{channel.name}", source="api", key=key
+        )
+    except PaymentRefused as refused:
+        if refused.code != Code.UNKNOWN_CHANNEL:
+            raise
+        state.channels.forget(key)  # suspended, or given another key, since it was kept
+        raise Refusal(UNAUTHORIZED, NO_SUCH_KEY) from refused
+    # the answer as stored (a PaymentOut's fields, made by the storage), not validated again
+    return JSONResponse(answer.answer, status_code=200 if answer.replayed else 201)
 
 
 @router.get(
@@ -567,7 +614,7 @@ def create_app(db: Database, clock: Clock | None = None) -> FastAPI:
     """The API over ``db`` (which the caller opens and closes), on ``clock`` (default: the
     system's)."""
     app = _app()
-    app.state.hes = ApiState(db, clock or SystemClock(), PaymentIntake(db))
+    app.state.hes = ApiState(db, clock or SystemClock(), PaymentIntake(db), Channels(db))
     return app
 
 

@@ -2,7 +2,8 @@
 
 ``sqlite:///hes.db`` (the default, a file in the current directory) and
 ``postgresql://user@host/db`` are the URLs an operator writes; the async drivers (aiosqlite,
-psycopg) are chosen here. Every SQLAlchemy exception that leaves this package is a
+with one trip to its thread per statement: :mod:`headend.storage.sqlite`; psycopg) are chosen
+here. Every SQLAlchemy exception that leaves this package is a
 :class:`~protocols.errors.StorageError`.
 """
 
@@ -33,6 +34,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 
+from headend.storage import sqlite as sqlite_driver
 from headend.storage.schema import Base
 from protocols.errors import ConfigError, StorageError
 
@@ -41,7 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_URL = "sqlite:///hes.db"
 ENV_VAR = "HES_DB"
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+psycopg"}
+_DRIVERS = {"sqlite": sqlite_driver.DRIVER, "postgresql": "postgresql+psycopg"}
 
 
 #: the transaction handle services pass to storage functions (they never use it themselves)
@@ -99,7 +101,7 @@ def head_revision() -> str:
     return head
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_connection: Any, record: Any) -> None:
     # The driver's own transaction handling starts a transaction only at the first write, so a
     # SAVEPOINT could open (and its RELEASE commit) the outermost one: take it over, as
     # SQLAlchemy's SQLite notes advise, and begin every transaction ourselves (_sqlite_begin).
@@ -110,21 +112,39 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=10000")
     cursor.close()
+    record.info[_SYNCHRONOUS] = "NORMAL"
 
 
 def _sqlite_begin(conn: Connection) -> None:
     # IMMEDIATE: take the write lock at the start, so two writers wait for each other (up to
     # busy_timeout) instead of one failing when its read turns into a write; a read-only
     # transaction (Database.read) begins deferred and never waits for a writer (WAL)
-    if conn.get_execution_options().get(_READ_ONLY):
+    options = conn.get_execution_options()
+    if options.get(_READ_ONLY):
         conn.exec_driver_sql("BEGIN")
-    else:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        return
+    # Durability. In WAL mode a commit survives a crash of the process whatever the setting;
+    # with synchronous=NORMAL the WAL is synced only at checkpoints, so a power cut or a crash
+    # of the machine can lose the last commits. That is fine for readings (read again at the
+    # next poll) but not for a payment the channel was answered 201 for: a durable transaction
+    # (Database.begin(durable=True)) commits with synchronous=FULL, the WAL synced before
+    # COMMIT returns (one sync for a whole group of payments).
+    wanted = "FULL" if options.get(DURABLE) else "NORMAL"
+    if conn.info.get(_SYNCHRONOUS) != wanted:
+        conn.exec_driver_sql(f"PRAGMA synchronous={wanted}")
+        conn.info[_SYNCHRONOUS] = wanted
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 _READ_ONLY = "hes_read_only"
+#: the execution option of a transaction whose commit must survive a power cut (see
+#: _sqlite_begin; PostgreSQL's commits always do)
+DURABLE = "hes_durable"
+_SYNCHRONOUS = "hes_synchronous"
 #: seconds a writer of this process waits for SQLite's write lock (as busy_timeout does)
 WRITE_WAIT = 10.0
+#: SQLite connections a process keeps open (and as many more while it needs them)
+SQLITE_POOL = 32
 
 
 @dataclass(slots=True)
@@ -135,6 +155,7 @@ class Database:
     engine: AsyncEngine
     sessions: async_sessionmaker[AsyncSession]
     _writers: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+    _writing: asyncio.Task[Any] | None = field(default=None, repr=False)
 
     @property
     def shown_url(self) -> str:
@@ -146,10 +167,14 @@ class Database:
         return self.engine.dialect.name
 
     @contextlib.asynccontextmanager
-    async def begin(self) -> AsyncIterator[AsyncSession]:
-        """One transaction: committed when the block ends, rolled back if it raises."""
+    async def begin(self, *, durable: bool = False) -> AsyncIterator[AsyncSession]:
+        """One transaction: committed when the block ends, rolled back if it raises. A
+        ``durable`` one's commit survives a power cut too (on SQLite, see _sqlite_begin):
+        for what a third party is told is done."""
         with storage_errors("database"):
             async with self.writing(), self.sessions() as session, session.begin():
+                if durable:
+                    await session.connection(execution_options={DURABLE: True})
                 yield session
 
     @contextlib.asynccontextmanager
@@ -157,8 +182,11 @@ class Database:
         """Hold this process's turn to write (around a write transaction). SQLite has one
         writer at a time: the writers of a process wait for it here, each taking it the
         moment it is free, rather than in SQLite's busy handler, which sleeps and tries
-        again (many writers then leave the lock idle between them). On PostgreSQL, nothing."""
-        if self.engine.dialect.name != "sqlite":
+        again (many writers then leave the lock idle between them). The task that holds the
+        turn may ask for it again (its transactions follow each other within it). On
+        PostgreSQL, nothing."""
+        task = asyncio.current_task()
+        if self.engine.dialect.name != "sqlite" or (task is not None and self._writing is task):
             yield
             return
         try:
@@ -169,9 +197,11 @@ class Database:
                 f"database: no turn to write within {WRITE_WAIT:g} s (another writer of this "
                 "process holds it)"
             ) from exc
+        self._writing = task
         try:
             yield
         finally:
+            self._writing = None
             self._writers.release()
 
     @contextlib.asynccontextmanager
@@ -219,6 +249,11 @@ def _engine(text: str) -> AsyncEngine:
             parent = Path(database).expanduser().resolve().parent
             if not parent.is_dir():
                 raise ConfigError(f"database {text!r}: the directory {parent} does not exist")
+            # every request, poll and step of a busy process holds a connection at once;
+            # one made past the pool's size is closed when returned, and a new aiosqlite
+            # connection is a thread, a file opened and the pragmas run again
+            options["pool_size"] = SQLITE_POOL
+            options["max_overflow"] = SQLITE_POOL
     else:
         options["pool_pre_ping"] = True
     with storage_errors("opening the database"):

@@ -53,7 +53,13 @@ from headend.domain.pricing import (
 )
 from headend.domain.registry import TariffRecord
 from headend.storage import audit
-from headend.storage.database import Database, insert_ignore, insert_new, storage_errors
+from headend.storage.database import (
+    DURABLE,
+    Database,
+    insert_ignore,
+    insert_new,
+    storage_errors,
+)
 from headend.storage.registry import tariff_record
 from headend.storage.schema import (
     Account,
@@ -577,8 +583,10 @@ async def post_many(session: AsyncSession, postings: Sequence[_Posting]) -> list
     )
     refs = [leg.account for p in postings for leg in p.transaction.postings]
     ids = await _account_ids(session, refs, min(p.at for p in postings))
+    # one multi-row INSERT; each id found by its (unique) audit position, as SQLite promises
+    # no order of RETURNING rows (sort_by_parameter_order would insert them one at a time)
     inserted = await session.execute(
-        insert(_TRANSACTIONS).returning(_TRANSACTIONS.c.id, sort_by_parameter_order=True),
+        insert(_TRANSACTIONS).returning(_TRANSACTIONS.c.audit_position, _TRANSACTIONS.c.id),
         [
             {
                 "kind": str(p.transaction.kind),
@@ -590,7 +598,8 @@ async def post_many(session: AsyncSession, postings: Sequence[_Posting]) -> list
             for p, entry in zip(postings, entries, strict=True)
         ],
     )
-    transaction_ids = [int(i) for i in inserted.scalars().all()]
+    by_position = {int(position): int(i) for position, i in inserted.all()}
+    transaction_ids = [by_position[entry.position] for entry in entries]
     rows = []
     moved: dict[int, int] = {}
     for p, transaction_id in zip(postings, transaction_ids, strict=True):
@@ -964,7 +973,15 @@ class PaymentIntake:
     and one per channel and reference (a repeat gets the first one's answer); receipts are
     numbered in the order the payments came. When a group's transaction fails, each of its
     payments is taken again alone (a reference taken meanwhile by another worker), and a
-    storage failure reaches every caller of the group with nothing of it written."""
+    storage failure reaches every caller of the group with nothing of it written.
+
+    On SQLite a group is made up once this process's turn to write has come
+    (:meth:`Database.writing`), so the payments that arrive while another writer of the
+    process holds it join the group instead of waiting for the next.
+
+    A caller that authenticated its channel by an API key earlier (``key``) has the key
+    checked again in the group's transaction: a channel no longer active, or whose key was
+    replaced, is refused (unknown_channel) with nothing written."""
 
     def __init__(self, db: Database, most: int = 64) -> None:
         self.db = db
@@ -974,10 +991,17 @@ class PaymentIntake:
         self._writer: asyncio.Task[None] | None = None
 
     async def pay(
-        self, request: PaymentRequest, now: datetime, *, actor: str, source: str = "api"
+        self,
+        request: PaymentRequest,
+        now: datetime,
+        *,
+        actor: str,
+        source: str = "api",
+        key: str | None = None,
     ) -> PaymentAnswer:
         future: asyncio.Future[_Taking] = asyncio.get_running_loop().create_future()
-        self._waiting.append((_Taking(request, now, actor, source), future))
+        key_hash = None if key is None else _key_hash(key)
+        self._waiting.append((_Taking(request, now, actor, source, key_hash), future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="payment groups")
         taking = await asyncio.shield(future)
@@ -985,10 +1009,12 @@ class PaymentIntake:
 
     async def _write(self) -> None:
         while self._waiting:
-            await asyncio.sleep(0)  # the callers running now add theirs to this group
-            batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
             try:
-                await _take(self.db, [taking for taking, _ in batch])
+                async with self.db.writing():
+                    await asyncio.sleep(0)  # the callers running now add theirs to this group
+                    batch = self._waiting[: self.most]
+                    self._waiting = self._waiting[self.most :]
+                    await _take(self.db, [taking for taking, _ in batch])
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
@@ -1009,6 +1035,7 @@ class _Taking:
     now: datetime
     actor: str
     source: str
+    key_hash: str | None = None  # the API key the channel authenticated with, to check again
     outcome: PaymentAnswer | PaymentRefused | None = None
 
     def answer(self) -> PaymentAnswer:
@@ -1060,6 +1087,7 @@ async def _group_transaction(db: Database, group: Sequence[_Taking]) -> tuple[bo
     with storage_errors("taking a payment"):
         try:
             async with db.writing(), db.sessions() as session, session.begin():
+                await session.connection(execution_options={DURABLE: True})  # answered 201
                 return False, await _pay_group(session, group)
         except IntegrityError:
             for taking in group:
@@ -1107,6 +1135,10 @@ async def _pay_group(session: AsyncSession, group: Sequence[_Taking]) -> list[_T
             if named is not None and await session.get(Meter, named) is None:
                 detail += f"; no meter {named!r} is registered"  # name every unknown at once
             taking.outcome = PaymentRefused(Code.UNKNOWN_CHANNEL, detail)
+        elif taking.key_hash is not None and taking.key_hash != channel.key_hash:
+            taking.outcome = PaymentRefused(
+                Code.UNKNOWN_CHANNEL, f"channel {channel.name} has another API key now"
+            )
         elif (channel.id, taking.request.reference) in seen:
             later.append(taking)  # a repeat: the first one's answer, once it is taken
         else:
@@ -1201,21 +1233,19 @@ async def _deliver(session: AsyncSession, owed: Sequence[_Accepted]) -> None:
     payment). The meters' vending rows are locked (created when new) and their numbers kept;
     each payment's ``delivery`` row is written by the caller with its payment id."""
     meter_ids = sorted({a.vendee.meter.id for a in owed})
-    await insert_ignore(
-        session, MeterVending, [{"meter_id": m, "last_transfer": 0} for m in meter_ids]
+    locked = (
+        select(MeterVending)
+        .where(MeterVending.meter_id.in_(meter_ids))
+        .order_by(MeterVending.meter_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
-    vending = {
-        row.meter_id: row
-        for row in (
-            await session.scalars(
-                select(MeterVending)
-                .where(MeterVending.meter_id.in_(meter_ids))
-                .order_by(MeterVending.meter_id)
-                .with_for_update()
-                .execution_options(populate_existing=True)
-            )
-        ).all()
-    }
+    vending = {row.meter_id: row for row in (await session.scalars(locked)).all()}
+    if len(vending) < len(meter_ids):  # a meter's first credit: its row made, then locked
+        await insert_ignore(
+            session, MeterVending, [{"meter_id": m, "last_transfer": 0} for m in meter_ids]
+        )
+        vending = {row.meter_id: row for row in (await session.scalars(locked)).all()}
     keypads = {a.vendee.meter.id for a in owed if a.vendee.keypad}
     remote = [m for m in meter_ids if m not in keypads]
     reported: dict[str, int] = {}
@@ -1305,8 +1335,8 @@ async def _write_payments(session: AsyncSession, accepted: Sequence[_Accepted]) 
             )
         )
     transaction_ids = await post_many(session, postings)
-    inserted = await session.execute(
-        insert(_PAYMENTS).returning(_PAYMENTS.c.id, sort_by_parameter_order=True),
+    inserted = await session.execute(  # one multi-row INSERT, ids found by their references
+        insert(_PAYMENTS).returning(_PAYMENTS.c.channel_id, _PAYMENTS.c.reference, _PAYMENTS.c.id),
         [
             {
                 "channel_id": a.channel.id,
@@ -1338,7 +1368,8 @@ async def _write_payments(session: AsyncSession, accepted: Sequence[_Accepted]) 
             for a, transaction_id in zip(accepted, transaction_ids, strict=True)
         ],
     )  # a reference taken meanwhile by another worker fails here: IntegrityError
-    payment_ids = [int(i) for i in inserted.scalars().all()]
+    by_reference = {(int(c), str(r)): int(i) for c, r, i in inserted.all()}
+    payment_ids = [by_reference[a.channel.id, a.taking.request.reference] for a in accepted]
     last = await _next_numbers(session, "receipt", len(accepted))
     receipts = range(last - len(accepted) + 1, last + 1)
     await session.execute(
@@ -1559,7 +1590,7 @@ async def reverse_payment(
     becomes the account's debt, recovered from the next payments."""
     if not reason.strip():
         raise ValidationError("--reason: a reversal says why")
-    async with db.begin() as session:
+    async with db.begin(durable=True) as session:
         payment = await session.get(Payment, payment_id, with_for_update=True)
         if payment is None:
             raise StorageError(f"no payment {payment_id}")

@@ -1,0 +1,144 @@
+"""SQLite through aiosqlite with one trip to its thread per statement.
+
+aiosqlite runs each call of the sqlite3 module in a thread of its connection; SQLAlchemy's
+cursor for it makes three or four such calls for a statement (open a cursor, execute, fetch
+the rows, close the cursor), and each wakes that thread and then the event loop again, which
+costs more than most statements themselves. This dialect's cursor does the four in one call
+and keeps the rows, the description, the row count and the last row id it gave; everything
+else is SQLAlchemy's aiosqlite dialect. URLs name it ``sqlite+hes_aiosqlite``
+(:mod:`headend.storage.database` does).
+"""
+
+from __future__ import annotations
+
+import collections
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import aiosqlite
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.sqlite.aiosqlite import (
+    AsyncAdapt_aiosqlite_connection,
+    AsyncAdapt_aiosqlite_cursor,
+    AsyncAdapt_aiosqlite_dbapi,
+    SQLiteDialect_aiosqlite,
+)
+from sqlalchemy.util import EMPTY_DICT
+from sqlalchemy.util.concurrency import await_
+
+DRIVER = "sqlite+hes_aiosqlite"
+
+#: what a statement gave: (description, row count, last row id, rows)
+_Outcome = tuple[Any, int, int | None, list[Any]]
+
+
+def _execute(conn: sqlite3.Connection, operation: str, parameters: Any) -> _Outcome:
+    cursor = conn.cursor()
+    try:
+        if parameters is None:
+            cursor.execute(operation)
+        else:
+            cursor.execute(operation, parameters)
+        rows = cursor.fetchall() if cursor.description else []
+        return cursor.description, cursor.rowcount, cursor.lastrowid, rows
+    finally:
+        cursor.close()
+
+
+def _executemany(conn: sqlite3.Connection, operation: str, parameters: Any) -> _Outcome:
+    cursor = conn.cursor()
+    try:
+        cursor.executemany(operation, parameters)
+        return cursor.description, cursor.rowcount, cursor.lastrowid, []
+    finally:
+        cursor.close()
+
+
+class _Cursor(AsyncAdapt_aiosqlite_cursor):
+    """A statement's results, fetched whole in the call that executed it."""
+
+    __slots__ = ("_description", "_lastrowid", "_rowcount")
+
+    def __init__(self, adapt_connection: AsyncAdapt_aiosqlite_connection) -> None:
+        # no driver cursor is kept between calls: each statement opens and closes its own
+        self._adapt_connection = adapt_connection
+        self._connection = adapt_connection._connection
+        self._cursor = None  # type: ignore[assignment]
+        self._rows = collections.deque()
+        self._soft_closed_memoized = EMPTY_DICT
+        self._description: Any = None
+        self._rowcount = -1
+        self._lastrowid: int | None = None
+
+    @property
+    def description(self) -> Any:
+        return self._description
+
+    @property
+    def rowcount(self) -> int:
+        return self._rowcount
+
+    @property
+    def lastrowid(self) -> int:
+        return self._lastrowid  # type: ignore[return-value]
+
+    @property
+    def arraysize(self) -> int:
+        return 1
+
+    @arraysize.setter
+    def arraysize(self, value: int) -> None:
+        pass  # the rows are all fetched at once
+
+    async def _async_soft_close(self) -> None:
+        pass  # nothing is open: the rows are kept already
+
+    def close(self) -> None:
+        self._rows.clear()
+
+    def execute(self, operation: Any, parameters: Any = None) -> Any:
+        try:
+            return await_(self._run(_execute, operation, parameters))
+        except Exception as error:
+            self._adapt_connection._handle_exception(error)
+
+    def executemany(self, operation: Any, seq_of_parameters: Sequence[Any]) -> Any:
+        try:
+            return await_(self._run(_executemany, operation, seq_of_parameters))
+        except Exception as error:
+            self._adapt_connection._handle_exception(error)
+
+    async def _run(self, fn: Any, operation: Any, parameters: Any) -> None:
+        connection = self._connection
+        async with self._adapt_connection._execute_mutex:
+            outcome: _Outcome = await connection._execute(
+                fn, connection._conn, operation, parameters
+            )
+        self._description, self._rowcount, self._lastrowid, rows = outcome
+        self._rows = collections.deque(rows)
+
+
+class _Connection(AsyncAdapt_aiosqlite_connection):
+    __slots__ = ()
+    _cursor_cls = _Cursor  # type: ignore[assignment]
+
+
+class _Dbapi(AsyncAdapt_aiosqlite_dbapi):
+    def connect(self, *arg: Any, **kw: Any) -> AsyncAdapt_aiosqlite_connection:
+        adapted = super().connect(*arg, **kw)
+        return _Connection(self, adapted._connection)
+
+
+class Dialect(SQLiteDialect_aiosqlite):
+    """SQLAlchemy's aiosqlite dialect with :class:`_Cursor`."""
+
+    driver = "hes_aiosqlite"
+    supports_statement_cache = True
+
+    @classmethod
+    def import_dbapi(cls) -> AsyncAdapt_aiosqlite_dbapi:
+        return _Dbapi(aiosqlite, sqlite3)
+
+
+registry.register("sqlite.hes_aiosqlite", __name__, "Dialect")
