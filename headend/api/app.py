@@ -112,6 +112,8 @@ class ApiState:
     clock: Clock
     #: concurrent payments written together (group commit), each answered as pay() would
     intake: PaymentIntake
+    #: called once a new payment is committed (the credit deliverer of this process wakes)
+    taken: Callable[[], None] | None = None
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -283,6 +285,8 @@ async def post_payment(
     )
     if answer.replayed:
         response.status_code = 200
+    elif state.taken is not None:
+        state.taken()
     return answer.answer
 
 
@@ -563,11 +567,13 @@ def _app() -> FastAPI:
     return app
 
 
-def create_app(db: Database, clock: Clock | None = None) -> FastAPI:
+def create_app(
+    db: Database, clock: Clock | None = None, *, taken: Callable[[], None] | None = None
+) -> FastAPI:
     """The API over ``db`` (which the caller opens and closes), on ``clock`` (default: the
-    system's)."""
+    system's); ``taken`` is called after each new payment is committed."""
     app = _app()
-    app.state.hes = ApiState(db, clock or SystemClock(), PaymentIntake(db))
+    app.state.hes = ApiState(db, clock or SystemClock(), PaymentIntake(db), taken)
     return app
 
 
