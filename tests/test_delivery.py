@@ -717,3 +717,38 @@ async def test_the_api_calls_its_hook_once_per_new_payment(db: Database) -> None
         refused = await client.post("/v1/payments", json=body | {"meter_id": "NOPE"})
         assert refused.status_code >= 400
     assert len(calls) == 1
+
+
+async def test_a_payment_another_worker_commits_wakes_a_deliverer_on_postgresql(
+    db: Database,
+) -> None:
+    if db.dialect != "postgresql":
+        pytest.skip("commits notify listeners on PostgreSQL; SQLite is woken in process")
+    from sqlalchemy import text
+
+    clock, links = _setup()
+    deliverer = _deliverer(db, links, clock)
+    stop = asyncio.Event()
+    running = asyncio.create_task(deliverer.run(stop, tick=3600.0))
+    other = await open_database(db.url)  # another worker's
+    try:
+
+        async def listening() -> bool:
+            async with other.read() as session:
+                found = await session.scalar(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE query = :q"),
+                    {"q": "LISTEN hes_credit_transfers"},
+                )
+            return bool(found)
+
+        async with asyncio.timeout(30):
+            while not await listening():  # noqa: ASYNC110 - nothing else tells
+                await asyncio.sleep(0.01)
+        payment = await _pay(other, clock, "R-O", "MTR-3", "30.00")
+        await _until_delivered(db, payment)  # the tick is an hour away
+        assert _credit(links, "MTR-3") == START + 3_000
+    finally:
+        stop.set()
+        await running
+        await other.close()
+    await _consistent(db)

@@ -28,9 +28,10 @@ turn held only while the link is used, not while a step is written. The steps of
 attempts are written together (:class:`~headend.storage.delivery.GroupWriter`).
 
 :meth:`Deliverer.run` keeps up to ``batch`` transfers in flight, claiming more as soon as it is
-woken (:meth:`Deliverer.wake`: a payment that wrote a transfer, or a transfer that ended and
-freed a place or its meter's next transfer) and on its tick otherwise, which also covers the
-transfers other processes wrote and those falling due after a back-off.
+woken (:meth:`Deliverer.wake`: a payment of its process that wrote a transfer, on PostgreSQL
+the notification of any worker's commit that wrote one, or a transfer that ended and freed a
+place or its meter's next transfer) and on its tick otherwise, which also covers those falling
+due after a back-off and a notification lost with its connection.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from headend.storage.delivery import (
     claim_transfers,
     confirm,
     give_up,
+    listen_for_transfers,
     retry_later,
     start_attempt,
 )
@@ -322,6 +324,10 @@ class Deliverer:
                 failures.append(task.exception())  # type: ignore[arg-type]
             self._woken.set()  # a place is free, and the meter's next transfer may be due
 
+        # other workers' payments (PostgreSQL): their commits notify this one
+        listener = asyncio.create_task(
+            listen_for_transfers(self.db, self.wake, stop), name="credit transfers written"
+        )
         try:
             while not stop.is_set() and not failures:
                 self._woken.clear()
@@ -359,8 +365,10 @@ class Deliverer:
                     for waiter in waiting:
                         waiter.cancel()
         finally:
+            listener.cancel()
             if working:
                 await asyncio.gather(*working, return_exceptions=True)
+            await asyncio.gather(listener, return_exceptions=True)
         if failures:
             raise failures[0]
 

@@ -23,12 +23,16 @@ and writing each step behind a fence, with its audit entry, its ledger posting a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar, cast
 
+import psycopg
 from sqlalchemy import and_, exists, func, literal_column, or_, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
@@ -67,6 +71,10 @@ from protocols.readings import EventCode
 from protocols.units import decimal_text
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: the channel a commit that writes credit transfers notifies on PostgreSQL (migration 0009)
+TRANSFERS_CHANNEL = "hes_credit_transfers"
 
 #: the command states in which a command may still go out under its (lower) sequence
 _MAY_SEND = (CommandState.QUEUED.value, CommandState.SENT.value, CommandState.RETRYING.value)
@@ -748,6 +756,30 @@ async def give_up(
     return await _write(db, writer, _Job(held, step))
 
 
+async def listen_for_transfers(
+    db: Database, written: Callable[[], None], stop: asyncio.Event, *, again: float = 5.0
+) -> None:
+    """On PostgreSQL, call ``written`` each time a commit of any worker wrote credit
+    transfers (the notifications of migration 0009), until ``stop``; a lost connection is
+    logged and opened again after ``again`` seconds (``written`` is called once it listens
+    again, for what it may have missed). Returns at once on SQLite."""
+    if db.dialect != "postgresql":
+        return
+    conninfo = make_url(db.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    while not stop.is_set():
+        try:
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {TRANSFERS_CHANNEL}")
+                written()
+                while not stop.is_set():
+                    async for _ in conn.notifies(timeout=1.0):
+                        written()
+        except psycopg.Error as exc:
+            log.warning("listening for credit transfers: %s; again in %g s", exc, again)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), again)
+
+
 # -- tokens ---------------------------------------------------------------------------------------
 
 
@@ -872,6 +904,7 @@ __all__ = [
     "get_transfer",
     "give_up",
     "list_transfers",
+    "listen_for_transfers",
     "retry_later",
     "start_attempt",
     "workable_count",
