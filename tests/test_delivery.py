@@ -659,3 +659,96 @@ async def test_payments_reach_a_meter_over_modbus_tcp_once(tmp_path: Path) -> No
     finally:
         stop.set()
         await db.close()
+
+
+async def _state_of(db: Database, payment_id: int) -> str:
+    (view,) = [t for t in await list_transfers(db) if t.payment_id == payment_id]
+    return view.state
+
+
+async def _until_delivered(db: Database, payment_id: int) -> None:
+    async with asyncio.timeout(30):  # the tick is an hour: only a wake-up gets it there
+        while await _state_of(db, payment_id) != "delivered":  # noqa: ASYNC110 - no signal
+            await asyncio.sleep(0.01)
+
+
+async def test_a_woken_deliverer_delivers_at_once_and_a_meters_next_transfer_follows(
+    db: Database,
+) -> None:
+    clock, links = _setup()
+    first = [await _pay(db, clock, f"R-{n}", "MTR-1", "10.00") for n in range(3)]
+    deliverer = _deliverer(db, links, clock)
+    stop = asyncio.Event()
+    running = asyncio.create_task(deliverer.run(stop, tick=3600.0))
+    try:
+        # one at a time, each claimed as soon as the one before it ended
+        await _until_delivered(db, first[-1])
+        assert links.links["MTR-1"].meter.snapshot().last_transfer == 3
+        # a payment written while the deliverer waits for its tick: the wake-up brings it
+        later = await _pay(db, clock, "R-L", "MTR-2", "20.00")
+        deliverer.wake()
+        await _until_delivered(db, later)
+        assert _credit(links, "MTR-2") == START + 2_000
+    finally:
+        stop.set()
+        await running
+    assert links.links["MTR-1"].executed == 3
+    await _consistent(db)
+
+
+async def test_the_api_calls_its_hook_once_per_new_payment(db: Database) -> None:
+    import httpx
+
+    from headend.api import create_app
+
+    clock = ManualClock(T0)
+    _, key = await add_channel(db, "WALLET-1", "mobile", _now(clock), actor="t")
+    calls: list[None] = []
+    app = create_app(db, clock, taken=lambda: calls.append(None))
+    body = {"reference": "W-1", "meter_id": "MTR-1", "amount": 10_000, "currency": "KES",
+            "paid_at": _now(clock).isoformat()}  # fmt: skip
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app),
+        base_url="http://hes",
+        headers={"Authorization": f"Bearer {key}"},
+    ) as client:
+        assert (await client.post("/v1/payments", json=body)).status_code == 201
+        assert (await client.post("/v1/payments", json=body)).status_code == 200  # a repeat
+        refused = await client.post("/v1/payments", json=body | {"meter_id": "NOPE"})
+        assert refused.status_code >= 400
+    assert len(calls) == 1
+
+
+async def test_a_payment_another_worker_commits_wakes_a_deliverer_on_postgresql(
+    db: Database,
+) -> None:
+    if db.dialect != "postgresql":
+        pytest.skip("commits notify listeners on PostgreSQL; SQLite is woken in process")
+    from sqlalchemy import text
+
+    clock, links = _setup()
+    deliverer = _deliverer(db, links, clock)
+    stop = asyncio.Event()
+    running = asyncio.create_task(deliverer.run(stop, tick=3600.0))
+    other = await open_database(db.url)  # another worker's
+    try:
+
+        async def listening() -> bool:
+            async with other.read() as session:
+                found = await session.scalar(
+                    text("SELECT count(*) FROM pg_stat_activity WHERE query = :q"),
+                    {"q": "LISTEN hes_credit_transfers"},
+                )
+            return bool(found)
+
+        async with asyncio.timeout(30):
+            while not await listening():  # noqa: ASYNC110 - nothing else tells
+                await asyncio.sleep(0.01)
+        payment = await _pay(other, clock, "R-O", "MTR-3", "30.00")
+        await _until_delivered(db, payment)  # the tick is an hour away
+        assert _credit(links, "MTR-3") == START + 3_000
+    finally:
+        stop.set()
+        await running
+        await other.close()
+    await _consistent(db)

@@ -154,6 +154,8 @@ class ApiState:
     #: concurrent payments written together (group commit), each answered as pay() would
     intake: PaymentIntake
     channels: Channels
+    #: called once a new payment is committed (the credit deliverer of this process wakes)
+    taken: Callable[[], None] | None = None
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -329,8 +331,12 @@ async def post_payment(body: PaymentIn, channel: Caller, state: State, http: Req
             raise
         state.channels.forget(key)  # suspended, or given another key, since it was kept
         raise Refusal(UNAUTHORIZED, NO_SUCH_KEY) from refused
+    if answer.replayed:
+        return JSONResponse(answer.answer, status_code=200)
+    if state.taken is not None:
+        state.taken()
     # the answer as stored (a PaymentOut's fields, made by the storage), not validated again
-    return JSONResponse(answer.answer, status_code=200 if answer.replayed else 201)
+    return JSONResponse(answer.answer, status_code=201)
 
 
 @router.get(
@@ -610,11 +616,13 @@ def _app() -> FastAPI:
     return app
 
 
-def create_app(db: Database, clock: Clock | None = None) -> FastAPI:
+def create_app(
+    db: Database, clock: Clock | None = None, *, taken: Callable[[], None] | None = None
+) -> FastAPI:
     """The API over ``db`` (which the caller opens and closes), on ``clock`` (default: the
-    system's)."""
+    system's); ``taken`` is called after each new payment is committed."""
     app = _app()
-    app.state.hes = ApiState(db, clock or SystemClock(), PaymentIntake(db), Channels(db))
+    app.state.hes = ApiState(db, clock or SystemClock(), PaymentIntake(db), Channels(db), taken)
     return app
 
 

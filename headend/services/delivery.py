@@ -23,8 +23,15 @@ the same posting and notice, once the meter reports its TID accepted (an event t
 MQTT ingest stored).
 
 One transfer per meter is in flight at a time, in transfer-number order; at most
-``per_gateway`` meters of one gateway at once (one per serial line). The steps of concurrent
+``per_gateway`` meters of one gateway on the wire at once (one per serial line), a gateway's
+turn held only while the link is used, not while a step is written. The steps of concurrent
 attempts are written together (:class:`~headend.storage.delivery.GroupWriter`).
+
+:meth:`Deliverer.run` keeps up to ``batch`` transfers in flight, claiming more as soon as it is
+woken (:meth:`Deliverer.wake`: a payment of its process that wrote a transfer, on PostgreSQL
+the notification of any worker's commit that wrote one, or a transfer that ended and freed a
+place or its meter's next transfer) and on its tick otherwise, which also covers those falling
+due after a back-off and a notification lost with its connection.
 """
 
 from __future__ import annotations
@@ -37,10 +44,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from headend.domain.delivery import TransferState, Verdict, judge, read_back, retry_delay
+from headend.domain.delivery import (
+    Judgement,
+    TransferState,
+    Verdict,
+    judge,
+    read_back,
+    retry_delay,
+)
 from headend.domain.notices import QuietHours
 from headend.links.base import MeterLink, RetryPolicy, execute_confirmed
-from headend.services.links import GatewayLines
+from headend.services.links import GatewayLines, raise_unless_storage
 from headend.services.poller import LinkSource
 from headend.storage import Database
 from headend.storage.delivery import (
@@ -50,6 +64,7 @@ from headend.storage.delivery import (
     claim_transfers,
     confirm,
     give_up,
+    listen_for_transfers,
     retry_later,
     start_attempt,
 )
@@ -74,6 +89,15 @@ class DeliverySettings:
     per_gateway: int = 4  # transfers in flight per gateway (a serial line takes one)
     batch: int = 64  # transfers claimed at a time
     notice_expiry: timedelta = timedelta(hours=24)
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    """A definite refusal of an attempt, and what the read-back after it showed."""
+
+    reason: str
+    last_transfer: int
+    credit: int
 
 
 @dataclass(slots=True)
@@ -105,6 +129,12 @@ class Deliverer:
         self.retry = retry
         self._lines = GatewayLines(self.settings.per_gateway)
         self.writer = GroupWriter(db)
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """Look for transfers to claim now, not at the next tick (call it once a transfer was
+        committed; from the event loop's thread)."""
+        self._woken.set()
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -129,23 +159,25 @@ class Deliverer:
         )
         if not claimed:
             return result
-        await self._lines.work_all(claimed, self._work, result.outcomes, "transfer")
+        await self._lines.work_all(claimed, self._work, result.outcomes, "transfer", guard=False)
         return result
 
     async def _work(self, held: Held) -> str:
-        """One transfer as far as it goes now; returns the state it is left in."""
+        """One transfer as far as it goes now; returns the state it is left in. The
+        gateway's line is held while the link is used, between the steps' writes."""
+        line = self._lines.line(held)
         target = PollTarget(held.meter_id, held.endpoint, held.transport, "", 0, "")
         try:
-            link = await self.links.link(target)
+            async with line:
+                link = await self.links.link(target)
         except LinkError as exc:
             return await self._later(held, f"the meter cannot be reached: {exc}")
         if held.state is TransferState.SENDING:
             # it may be on the meter already: read back before any resend
-            try:
-                snapshot = await self._snapshot(link)
-            except (LinkError, DecodeError, TimeoutError) as exc:
-                await self.links.discard(target)
-                return await self._later(held, f"reading back the last transfer: {exc}")
+            async with line:
+                snapshot = await self._read_back(link, target)
+            if isinstance(snapshot, str):
+                return await self._later(held, snapshot)
             if read_back(held.number, snapshot.last_transfer):
                 why = f"read back: the meter's last transfer is {snapshot.last_transfer}"
                 return await self._delivered(held, why, snapshot.credit)
@@ -161,32 +193,66 @@ class Deliverer:
                     held, "a command to the meter may still go out first", self.settings.busy_wait
                 )
             held = started
-            assert held.envelope is not None
-            try:
-                result = await execute_confirmed(
-                    link, held.envelope, self.settings.attempt_timeout, policy=self.retry
-                )
-            except DeviceException as exc:  # (an answer that does not decode is asked about)
-                await self.links.discard(target)
-                why = f"the meter's answer: {exc}"
-                try:
-                    link = await self.links.link(target)  # a new one, to read back over
-                except LinkError as again:
-                    return await self._later(held, f"{why}; reconnecting: {again}")
-                return await self._refused(held, link, why)
-            except LinkError as exc:
-                await self.links.discard(target)
-                return await self._later(held, str(exc))
-            verdict = judge(held.number, result)
+            async with line:
+                sent = await self._send(held, link, target)
+            if isinstance(sent, str):
+                return await self._later(held, sent)
+            if isinstance(sent, Refused):
+                return await self._judged_refusal(held, sent)
+            verdict, credit, link = sent
             if verdict.verdict is Verdict.DELIVERED:
-                return await self._delivered(held, verdict.reason, await self._credit(link))
+                return await self._delivered(held, verdict.reason, credit)
             if verdict.verdict is Verdict.RETRY:
                 return await self._later(held, verdict.reason)
-            if verdict.verdict is Verdict.FAILED:
-                return await self._refused(held, link, verdict.reason)
             log.info("%s: transfer %d: %s", held.meter_id, held.number, verdict.reason)
             resign = True
         return await self._later(held, "commands to the meter keep passing its sequence")
+
+    async def _read_back(self, link: MeterLink, target: PollTarget) -> MeterSnapshot | str:
+        """The meter's snapshot (under the gateway's line); a string: why it was not read."""
+        try:
+            return await self._snapshot(link)
+        except (LinkError, DecodeError, TimeoutError) as exc:
+            await self.links.discard(target)
+            return f"reading back the last transfer: {exc}"
+
+    async def _send(
+        self, held: Held, link: MeterLink, target: PollTarget
+    ) -> tuple[Judgement, int | None, MeterLink] | Refused | str:
+        """The link part of an attempt (under the gateway's line): the envelope sent and
+        confirmed, and then the meter's credit read for the notice when it was delivered, or
+        a definite refusal read back; a string: why to retry later."""
+        assert held.envelope is not None
+        try:
+            result = await execute_confirmed(
+                link, held.envelope, self.settings.attempt_timeout, policy=self.retry
+            )
+        except DeviceException as exc:  # (an answer that does not decode is asked about)
+            await self.links.discard(target)
+            why = f"the meter's answer: {exc}"
+            try:
+                link = await self.links.link(target)  # a new one, to read back over
+            except LinkError as again:
+                return f"{why}; reconnecting: {again}"
+            return await self._read_refusal(link, why)
+        except LinkError as exc:
+            await self.links.discard(target)
+            return str(exc)
+        verdict = judge(held.number, result)
+        if verdict.verdict is Verdict.FAILED:
+            return await self._read_refusal(link, verdict.reason)
+        if verdict.verdict is Verdict.DELIVERED:
+            return verdict, await self._credit(link), link
+        return verdict, None, link
+
+    async def _read_refusal(self, link: MeterLink, reason: str) -> Refused | str:
+        """A definite refusal, with the read-back that shows whether an earlier attempt
+        reached the meter; a string (retry later) when the read-back fails."""
+        try:
+            snapshot = await self._snapshot(link)
+        except (LinkError, DecodeError, TimeoutError) as exc:
+            return f"{reason}; reading back the last transfer: {exc}"
+        return Refused(reason, snapshot.last_transfer, snapshot.credit)
 
     async def _snapshot(self, link: MeterLink) -> MeterSnapshot:
         async with asyncio.timeout(self.settings.attempt_timeout):
@@ -216,16 +282,13 @@ class Deliverer:
         log.info("%s: transfer %d delivered (%s)", held.meter_id, held.number, how)
         return TransferState.DELIVERED.value
 
-    async def _refused(self, held: Held, link: MeterLink, reason: str) -> str:
-        """A definite refusal: failed, once a read-back shows the meter does not have it (an
-        earlier attempt may have reached it); retried when the read-back fails."""
-        try:
-            snapshot = await self._snapshot(link)
-        except (LinkError, DecodeError, TimeoutError) as exc:
-            return await self._later(held, f"{reason}; reading back the last transfer: {exc}")
-        if read_back(held.number, snapshot.last_transfer):
-            why = f"read back: the meter's last transfer is {snapshot.last_transfer}"
-            return await self._delivered(held, why, snapshot.credit)
+    async def _judged_refusal(self, held: Held, refused: Refused) -> str:
+        """A definite refusal: failed, once the read-back shows the meter does not have it (an
+        earlier attempt may have reached it)."""
+        reason = refused.reason
+        if read_back(held.number, refused.last_transfer):
+            why = f"read back: the meter's last transfer is {refused.last_transfer}"
+            return await self._delivered(held, why, refused.credit)
         done = await give_up(
             self.db, held, self.now(), reason, expiry=self.settings.notice_expiry,
             writer=self.writer,
@@ -245,18 +308,91 @@ class Deliverer:
         return held.state.value if done else "lost"
 
     async def run(self, stop: asyncio.Event, tick: float = 1.0) -> None:
-        """Deliver until ``stop``; the attempts in flight finish before it returns."""
-        delay = tick
-        while not stop.is_set():
-            try:
-                result = await self.deliver_once()
-                delay = tick if not result.outcomes else 0.0
-            except StorageError as exc:
-                log.error("credit deliverer: %s", exc)
-                delay = min(max(delay, tick) * 2, 30.0)
-            if delay:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), delay)
+        """Deliver until ``stop``, up to ``batch`` transfers in flight: claim more when woken
+        (:meth:`wake`, or a transfer ending) and every ``tick`` seconds, when the tokens
+        reported accepted are marked too; the attempts in flight finish before it
+        returns."""
+        loop = asyncio.get_running_loop()
+        working: set[asyncio.Task[str]] = set()
+        failures: list[BaseException] = []
+        tokens_due = loop.time()
+        delay = 0.0  # after a storage error: the wait before trying again
+
+        def ended(task: asyncio.Task[str]) -> None:
+            working.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                failures.append(task.exception())  # type: ignore[arg-type]
+            self._woken.set()  # a place is free, and the meter's next transfer may be due
+
+        # other workers' payments (PostgreSQL): their commits notify this one
+        listener = asyncio.create_task(
+            listen_for_transfers(self.db, self.wake, stop), name="credit transfers written"
+        )
+        try:
+            while not stop.is_set() and not failures:
+                self._woken.clear()
+                try:
+                    if loop.time() >= tokens_due:
+                        tokens_due = loop.time() + tick
+                        await self._accept_tokens()
+                    room = self.settings.batch - len(working)
+                    if room > 0:
+                        for held in await self._claim(room):
+                            task = asyncio.create_task(
+                                self._work_logged(held), name=f"transfer {held.id}"
+                            )
+                            working.add(task)
+                            task.add_done_callback(ended)
+                    delay = 0.0
+                except StorageError as exc:
+                    log.error("credit deliverer: %s", exc)
+                    delay = min(max(delay * 2, tick), 30.0)
+                if delay:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                    continue
+                waiting = [
+                    asyncio.ensure_future(stop.wait()),
+                    asyncio.ensure_future(self._woken.wait()),
+                ]
+                try:
+                    await asyncio.wait(
+                        waiting,
+                        timeout=max(0.0, tokens_due - loop.time()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                finally:
+                    for waiter in waiting:
+                        waiter.cancel()
+        finally:
+            listener.cancel()
+            if working:
+                await asyncio.gather(*working, return_exceptions=True)
+            await asyncio.gather(listener, return_exceptions=True)
+        if failures:
+            raise failures[0]
+
+    async def _accept_tokens(self) -> None:
+        await accept_tokens(
+            self.db,
+            self.now(),
+            actor=self.worker,
+            quiet=self.quiet,
+            expiry=self.settings.notice_expiry,
+        )
+
+    async def _claim(self, limit: int) -> list[Held]:
+        now = self.now()
+        lease_until = now + timedelta(seconds=self.settings.lease * clock_speed(self.clock))
+        return await claim_transfers(self.db, self.worker, now, lease_until, limit)
+
+    async def _work_logged(self, held: Held) -> str:
+        """One transfer, a storage error logged (its lease will expire)."""
+        try:
+            return await self._work(held)
+        except StorageError as exc:
+            raise_unless_storage(exc, "transfer", held.id)
+            return "storage error"
 
 
 __all__ = ["Deliverer", "DeliveryRound", "DeliverySettings"]

@@ -85,7 +85,12 @@ C = TypeVar("C", bound=_Claim)
 
 class GatewayLines:
     """Work claimed items (commands, credit transfers) concurrently, at most ``per_gateway`` at
-    a time on one gateway and one at a time on a serial line, and count how each one ended."""
+    a time on one gateway and one at a time on a serial line, and count how each one ended.
+
+    By default an item holds its gateway's line for the whole of its work; a worker that
+    writes to the database between its link operations may instead work ``guard=False`` and
+    hold :meth:`line` only around those operations, so a gateway's turns are not spent
+    waiting for a commit."""
 
     def __init__(self, per_gateway: int) -> None:
         self.per_gateway = per_gateway
@@ -97,27 +102,40 @@ class GatewayLines:
         work: Callable[[C], Awaitable[str]],
         outcomes: Counter[str],
         what: str,
+        *,
+        guard: bool = True,
     ) -> None:
         """``work`` each of ``claimed`` (returning the state it was left in) into
         ``outcomes``; a storage error is logged and counted (its lease will expire), anything
         else is raised."""
         ended = await asyncio.gather(
-            *(self._guarded(item, work) for item in claimed), return_exceptions=True
+            *(self._guarded(item, work) if guard else work(item) for item in claimed),
+            return_exceptions=True,
         )
         for item, outcome in zip(claimed, ended, strict=True):
             if isinstance(outcome, BaseException):
-                if not isinstance(outcome, StorageError):
-                    raise outcome
-                log.error("%s %d: %s (its lease will expire)", what, item.id, outcome)
+                raise_unless_storage(outcome, what, item.id)
                 outcomes["storage error"] += 1
             else:
                 outcomes[outcome] += 1
 
-    async def _guarded(self, item: C, work: Callable[[C], Awaitable[str]]) -> str:
+    def line(self, item: _Claim) -> asyncio.Semaphore:
+        """The turns of ``item``'s gateway (of its serial line: one)."""
         gateway = item.gateway or item.endpoint
         line = self._lines.get(gateway)
         if line is None:
             line = asyncio.Semaphore(1 if item.transport == "rtu" else self.per_gateway)
             self._lines[gateway] = line
-        async with line:
+        return line
+
+    async def _guarded(self, item: C, work: Callable[[C], Awaitable[str]]) -> str:
+        async with self.line(item):
             return await work(item)
+
+
+def raise_unless_storage(error: BaseException, what: str, item_id: int) -> None:
+    """Log a storage error that ended the work of item ``item_id`` (its lease will expire);
+    raise anything else."""
+    if not isinstance(error, StorageError):
+        raise error
+    log.error("%s %d: %s (its lease will expire)", what, item_id, error)

@@ -171,8 +171,17 @@ async def serve(
         meters = len(await active_targets(db))
         housekeeping = _Housekeeping(db, metrics, ingest)
         await housekeeping.once()
+        deliverer = None
+        if settings.delivery is not None:
+            deliverer = Deliverer(
+                db, links, clock, worker=settings.worker, settings=settings.delivery
+            )
         if settings.api_port is not None:
-            api = ApiServer(create_app(db, clock), settings.api_host, settings.api_port)
+            # a payment the API commits wakes this process's deliverer at once
+            taken = None if deliverer is None else deliverer.wake
+            api = ApiServer(
+                create_app(db, clock, taken=taken), settings.api_host, settings.api_port
+            )
             await api.start()
         log.info("serving %d meter(s) as worker %s", meters, settings.worker)
         if ready is not None:
@@ -204,10 +213,7 @@ async def serve(
                 group.create_task(
                     dispatcher.run(stop, policy_every=settings.policy_every), name="dispatcher"
                 )
-            if settings.delivery is not None:
-                deliverer = Deliverer(
-                    db, links, clock, worker=settings.worker, settings=settings.delivery
-                )
+            if deliverer is not None:
                 group.create_task(deliverer.run(stop), name="credit deliverer")
             if ingest is not None and sink is not None:
                 group.create_task(_stop_ingest(ingest, sink, stop), name="ingest stop")

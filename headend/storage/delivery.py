@@ -23,24 +23,36 @@ and writing each step behind a fence, with its audit entry, its ledger posting a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar, cast
 
+import psycopg
 from sqlalchemy import and_, exists, func, literal_column, or_, select, update
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
 
 from headend.domain.commands import CommandState, pack_envelope, unpack_envelope
 from headend.domain.delivery import WORKABLE, TransferState
-from headend.domain.ledger import AccountKind, TransactionKind, build, prepaid, utility
+from headend.domain.ledger import (
+    AccountKind,
+    Transaction,
+    TransactionKind,
+    build,
+    prepaid,
+    utility,
+)
 from headend.domain.notices import Channel, QuietHours, deliver_at
 from headend.domain.notices import Kind as NoticeKind
 from headend.storage import audit
 from headend.storage.commands import claim_rows, recipients
 from headend.storage.database import Database, insert_ignore, storage_errors
-from headend.storage.ledger import post
+from headend.storage.ledger import _Posting as Posting
+from headend.storage.ledger import post, post_many
 from headend.storage.notices import notice_row
 from headend.storage.schema import (
     CommandRow,
@@ -48,6 +60,7 @@ from headend.storage.schema import (
     KeyMaterial,
     Meter,
     MeterEvent,
+    MeterStateRow,
     Notification,
     Payment,
     Reading,
@@ -58,8 +71,10 @@ from protocols.readings import EventCode
 from protocols.units import decimal_text
 
 T = TypeVar("T")
-#: one step's writes, run in the session of a transaction
-Step = Callable[[AsyncSession], Awaitable[T]]
+log = logging.getLogger(__name__)
+
+#: the channel a commit that writes credit transfers notifies on PostgreSQL (migration 0009)
+TRANSFERS_CHANNEL = "hes_credit_transfers"
 
 #: the command states in which a command may still go out under its (lower) sequence
 _MAY_SEND = (CommandState.QUEUED.value, CommandState.SENT.value, CommandState.RETRYING.value)
@@ -228,80 +243,174 @@ async def claim_transfers(
     ]
 
 
-async def _fenced(session: AsyncSession, held: Held) -> CreditTransfer | None:
-    """The transfer's row, locked, if it is still in the state and under the lease the worker
-    holds it in."""
-    row = (
-        await session.scalars(
-            select(CreditTransfer)
-            .where(CreditTransfer.id == held.id)
-            .with_for_update()
-            .execution_options(populate_existing=True)
+class _Batch:
+    """One transaction's steps of the deliverer: the rows they need read once for all of them
+    (the transfers locked, and for the ones that sign or post, their meters, payments, the
+    meters' pending commands, last seen sequences and keys), and what they write besides the
+    transfers themselves (audit entries, ledger postings, notices) gathered and written at the
+    end with one statement per table."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+        self.transfers: dict[int, CreditTransfer] = {}
+        self.meters: dict[str, Meter] = {}
+        self.payments: dict[int, Payment] = {}
+        self.commanded: set[str] = set()  # meters with a command that may still go out
+        self.seen: dict[str, int] = {}  # a meter's command sequence at its latest reading
+        self.keys: dict[int, bytes] = {}
+        self.audit: list[audit.Pending] = []
+        self.postings: list[Posting] = []
+        self.notices: list[dict[str, Any]] = []
+        self.told: list[_Told] = []
+
+    async def load(self, jobs: Sequence[_Job[Any]]) -> None:
+        session = self.session
+        ids = sorted({job.held.id for job in jobs})
+        self.transfers = {
+            row.id: row
+            for row in (
+                await session.scalars(
+                    select(CreditTransfer)
+                    .where(CreditTransfer.id.in_(ids))
+                    .order_by(CreditTransfer.id)
+                    .with_for_update()
+                    .execution_options(populate_existing=True)
+                )
+            ).all()
+        }
+        signing = sorted({job.held.meter_id for job in jobs if job.signs})
+        others = sorted({job.held.meter_id for job in jobs if job.posts} - set(signing))
+        if signing:
+            # FOR NO KEY UPDATE: it guards the sequence without blocking a payment that inserts
+            # rows naming the meter (their foreign keys' KEY SHARE), which, holding the audit
+            # trail's lock this transaction waits for, would deadlock
+            locked = await session.scalars(
+                select(Meter)
+                .where(Meter.id.in_(signing))
+                .order_by(Meter.id)
+                .with_for_update(key_share=True)
+                .execution_options(populate_existing=True)
+            )
+            self.meters.update({m.id: m for m in locked.all()})
+            self.commanded = set(
+                (
+                    await session.scalars(
+                        select(CommandRow.meter_id)
+                        .where(CommandRow.meter_id.in_(signing))
+                        .where(CommandRow.state.in_(_MAY_SEND))
+                        .distinct()
+                    )
+                ).all()
+            )
+            self.seen = {
+                str(m): int(s)
+                for m, s in (
+                    await session.execute(
+                        select(MeterStateRow.meter_id, MeterStateRow.last_command_seq).where(
+                            MeterStateRow.meter_id.in_(signing)
+                        )
+                    )
+                ).all()
+            }
+            key_ids = sorted(
+                {m.command_key_id for m in self.meters.values() if m.command_key_id is not None}
+            )
+            if key_ids:
+                found = await session.execute(
+                    select(KeyMaterial.id, KeyMaterial.secret).where(KeyMaterial.id.in_(key_ids))
+                )
+                self.keys = {int(i): bytes(k) for i, k in found.all()}
+        if others:
+            plain = await session.scalars(select(Meter).where(Meter.id.in_(others)))
+            self.meters.update({m.id: m for m in plain.all()})
+        payment_ids = sorted({job.held.payment_id for job in jobs if job.posts})
+        if payment_ids:
+            paid = await session.scalars(select(Payment).where(Payment.id.in_(payment_ids)))
+            self.payments = {p.id: p for p in paid.all()}
+
+    def fenced(self, held: Held) -> CreditTransfer | None:
+        """The transfer's row, locked, if it is still in the state and under the lease the
+        worker holds it in."""
+        row = self.transfers.get(held.id)
+        if row is None or row.state != held.state.value or row.lease_owner != held.worker:
+            return None
+        return row
+
+    def sign(self, row: CreditTransfer) -> CommandEnvelope | None:
+        """The transfer's envelope under the meter's next command sequence, taken from the
+        counter the command store uses (the meter's row locked); None while one of the meter's
+        commands may still go out under a lower sequence."""
+        if row.meter_id in self.commanded:
+            return None
+        meter = self.meters[row.meter_id]
+        sequence = max(meter.last_command_seq, self.seen.get(row.meter_id, 0)) + 1
+        meter.last_command_seq = sequence
+        key = None if meter.command_key_id is None else self.keys.get(meter.command_key_id)
+        return CommandEnvelope.signed(
+            row.meter_id, sequence, Command.credit_transfer(row.number, row.amount), key
         )
-    ).first()
-    if row is None or row.state != held.state.value or row.lease_owner != held.worker:
-        return None
-    return row
+
+    def post_delivery(
+        self, row: CreditTransfer, payment: Payment, now: datetime, *, actor: str, how: str
+    ) -> None:
+        """The delivery's ledger transaction (see :func:`_post_delivery`), written at the
+        end."""
+        detail = {"transfer": row.id, "kind": row.kind, "number": row.number,
+                  "payment": payment.id}  # fmt: skip
+        if row.value <= 0:
+            self.audit.append(
+                audit.Pending(now, actor, "transfer.deliver", row.meter_id, how,
+                              TransferState.DELIVERED.value, detail)
+            )  # fmt: skip
+            return
+        self.postings.append(
+            Posting(_delivery(row, payment), now, actor, row.meter_id, how, detail)
+        )
+
+    async def flush(self) -> None:
+        session = self.session
+        await audit.append_many(session, self.audit)  # (flushes the rows changed in place)
+        await post_many(session, self.postings)
+        if self.told:
+            found = await recipients(session, {told.row.meter_id for told in self.told})
+            for told in self.told:
+                target = found.get(told.row.meter_id)
+                if target is not None:
+                    self.notices.append(_payment_notice_row(told, target))
+        if self.notices:
+            await insert_ignore(session, Notification, self.notices)
 
 
-async def _sign(session: AsyncSession, row: CreditTransfer) -> CommandEnvelope | None:
-    """The transfer's envelope under the meter's next command sequence, taken from the
-    counter the command store uses (the meter's row locked); None while one of the meter's
-    commands may still go out under a lower sequence."""
-    # FOR NO KEY UPDATE: it guards the sequence without blocking a payment that inserts rows
-    # naming the meter (their foreign keys' KEY SHARE), which, holding the audit trail's lock
-    # this transaction waits for, would deadlock
-    meter = (
-        await session.scalars(
-            select(Meter)
-            .where(Meter.id == row.meter_id)
-            .with_for_update(key_share=True)
-            .execution_options(populate_existing=True)
-        )
-    ).one()
-    waiting = await session.scalar(
-        select(CommandRow.id)
-        .where(CommandRow.meter_id == row.meter_id, CommandRow.state.in_(_MAY_SEND))
-        .limit(1)
-    )
-    if waiting is not None:
-        return None
-    seen = await session.scalar(
-        select(Reading.last_command_seq)
-        .where(Reading.meter_id == row.meter_id)
-        .order_by(Reading.meter_time.desc())
-        .limit(1)
-    )
-    sequence = max(meter.last_command_seq, int(seen or 0)) + 1
-    meter.last_command_seq = sequence
-    key = None
-    if meter.command_key_id is not None:
-        key = await session.scalar(
-            select(KeyMaterial.secret).where(KeyMaterial.id == meter.command_key_id)
-        )
-    return CommandEnvelope.signed(
-        row.meter_id, sequence, Command.credit_transfer(row.number, row.amount), key
-    )
+@dataclass(frozen=True, slots=True)
+class _Job(Generic[T]):
+    """A step for the group writer: what it does in a batch, and what it needs loaded (a
+    signature: the meter's sequence; a posting: its payment and meter)."""
+
+    held: Held
+    step: Callable[[_Batch], Awaitable[T]]
+    signs: bool = False
+    posts: bool = False
 
 
 class GroupWriter:
     """Group commit of the deliverer's steps: the ones concurrent attempts ask for while a
     write is under way go into the next transaction together (at most ``most``), each behind
-    its own fence, so a deliverer working many meters at once makes a few transactions, not
-    one per step (on SQLite, many writers waiting for its one lock). Each caller gets its own
-    step's result; when a batch's transaction fails, every caller in it gets the StorageError
-    and nothing of the batch is written."""
+    its own fence, with the rows they read read once and what they write written with one
+    statement per table, so a deliverer working many meters at once makes a few transactions
+    of a few statements each, not one transaction of some twenty statements per step. Each
+    caller gets its own step's result; when a batch's transaction fails, every caller in it
+    gets the StorageError and nothing of the batch is written."""
 
     def __init__(self, db: Database, most: int = 256) -> None:
         self.db = db
         self.most = most
         self.transactions = 0  # how many it made, for measurements
-        self._waiting: list[tuple[Step[Any], asyncio.Future[Any]]] = []
+        self._waiting: list[tuple[_Job[Any], asyncio.Future[Any]]] = []
         self._writer: asyncio.Task[None] | None = None
 
-    async def run(self, step: Step[T]) -> T:
+    async def run(self, job: _Job[T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiting.append((step, future))
+        self._waiting.append((job, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write(), name="credit transfer steps")
         return await asyncio.shield(future)
@@ -311,9 +420,7 @@ class GroupWriter:
             await asyncio.sleep(0)  # the callers running now add theirs to this batch
             batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
             try:
-                with storage_errors("writing credit transfer steps"):
-                    async with self.db.begin() as session:
-                        results = [await step(session) for step, _ in batch]
+                results = await _run_jobs(self.db, [job for job, _ in batch])
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
@@ -326,13 +433,22 @@ class GroupWriter:
                     future.set_result(result)
 
 
-async def _write(db: Database, writer: GroupWriter | None, what: str, step: Step[T]) -> T:
-    """Run ``step`` in a transaction of its own, or in ``writer``'s next group."""
-    if writer is not None:
-        return await writer.run(step)
-    with storage_errors(what):
+async def _run_jobs(db: Database, jobs: Sequence[_Job[Any]]) -> list[Any]:
+    with storage_errors("writing credit transfer steps"):
         async with db.begin() as session:
-            return await step(session)
+            batch = _Batch(session)
+            await batch.load(jobs)
+            results = [await job.step(batch) for job in jobs]
+            await batch.flush()
+            return results
+
+
+async def _write(db: Database, writer: GroupWriter | None, job: _Job[T]) -> T:
+    """Run ``job`` in a transaction of its own, or in ``writer``'s next group."""
+    if writer is not None:
+        return await writer.run(job)
+    (result,) = await _run_jobs(db, [job])
+    return cast(T, result)
 
 
 async def start_attempt(
@@ -346,39 +462,41 @@ async def start_attempt(
     """Mark the transfer ``sending`` (one more attempt) before its envelope goes out, signing
     the envelope first when it has none or ``resign``; "busy" (nothing written) while one of
     the meter's commands may still go out; None when the fence did not hold."""
+    signs = held.envelope is None or resign
 
-    async def step(session: AsyncSession) -> Held | Literal["busy"] | None:
-        row = await _fenced(session, held)
+    async def step(batch: _Batch) -> Held | Literal["busy"] | None:
+        row = batch.fenced(held)
         if row is None:
             return None
         envelope = held.envelope
         if envelope is None or resign:
-            envelope = await _sign(session, row)
+            envelope = batch.sign(row)
             if envelope is None:
                 return "busy"
             row.envelope = pack_envelope(envelope)
         row.state = TransferState.SENDING.value
         row.attempts += 1
         row.updated_at = now
-        await audit.append(
-            session,
-            at=now,
-            actor=held.worker,
-            action="transfer.send",
-            subject=held.meter_id,
-            reason="first attempt" if row.attempts == 1 else f"attempt {row.attempts}",
-            outcome=TransferState.SENDING.value,
-            detail={
-                "transfer": held.id,
-                "number": held.number,
-                "sequence": envelope.sequence,
-                "resigned": resign,
-            },
+        batch.audit.append(
+            audit.Pending(
+                now,
+                held.worker,
+                "transfer.send",
+                held.meter_id,
+                "first attempt" if row.attempts == 1 else f"attempt {row.attempts}",
+                TransferState.SENDING.value,
+                {
+                    "transfer": held.id,
+                    "number": held.number,
+                    "sequence": envelope.sequence,
+                    "resigned": resign,
+                },
+            )
         )
         return replace(held, state=TransferState.SENDING, attempts=row.attempts,
                        envelope=envelope)  # fmt: skip
 
-    return await _write(db, writer, "starting a credit transfer's attempt", step)
+    return await _write(db, writer, _Job(held, step, signs=signs))
 
 
 def _balance_text(unit: str, credit: int, scale: int, currency: str) -> str:
@@ -402,26 +520,38 @@ async def confirm(
     entry and the customer's "payment received" notice (``credit``: the meter's credit
     afterwards, if it was read); False when the fence did not hold (nothing written)."""
 
-    async def step(session: AsyncSession) -> bool:
-        row = await _fenced(session, held)
+    async def step(batch: _Batch) -> bool:
+        row = batch.fenced(held)
         if row is None:
             return False
-        payment = await session.get(Payment, row.payment_id)
-        meter = await session.get(Meter, row.meter_id)
+        payment = batch.payments.get(row.payment_id)
+        meter = batch.meters.get(row.meter_id)
         if payment is None or meter is None:  # pragma: no cover - foreign keys keep them
             raise StorageError(f"transfer {row.id} names no payment or meter")
+        after = credit if credit is not None else await _credit_after(batch.session, row)
         row.state = TransferState.DELIVERED.value
         row.delivered_at = row.updated_at = now
         row.lease_owner = row.lease_until = None
         row.next_attempt_at = None
-        await _post_delivery(session, row, payment, now, actor=held.worker, how=how)
-        after = credit if credit is not None else await _credit_after(session, row)
-        await _payment_notice(
-            session, row, payment, meter, after, now=now, quiet=quiet, expiry=expiry
-        )
+        batch.post_delivery(row, payment, now, actor=held.worker, how=how)
+        batch.told.append(_Told(row, payment, meter, after, now, quiet, expiry))
         return True
 
-    return await _write(db, writer, "confirming a credit transfer", step)
+    return await _write(db, writer, _Job(held, step, posts=True))
+
+
+def _delivery(row: CreditTransfer, payment: Payment) -> Transaction:
+    """A delivery's ledger transaction: the credit's value from the customer's prepaid balance
+    to revenue."""
+    currency = payment.currency
+    return build(
+        TransactionKind.DELIVERY,
+        [
+            (prepaid(payment.account_id, currency), row.value),
+            (utility(AccountKind.REVENUE, currency), -row.value),
+        ],
+        f"delivery of {row.kind} {row.number} to {row.meter_id} (payment {payment.id})",
+    )
 
 
 async def _post_delivery(
@@ -448,18 +578,9 @@ async def _post_delivery(
             detail=detail,
         )
         return
-    currency = payment.currency
-    transaction = build(
-        TransactionKind.DELIVERY,
-        [
-            (prepaid(payment.account_id, currency), row.value),
-            (utility(AccountKind.REVENUE, currency), -row.value),
-        ],
-        f"delivery of {row.kind} {row.number} to {row.meter_id} (payment {payment.id})",
-    )
     await post(
         session,
-        transaction,
+        _delivery(row, payment),
         now,
         actor=actor,
         subject=row.meter_id,
@@ -492,20 +613,21 @@ async def _credit_after(
     return int(credit)
 
 
-async def _payment_notice(
-    session: AsyncSession,
-    row: CreditTransfer,
-    payment: Payment,
-    meter: Meter,
-    credit: int | None,
-    *,
-    now: datetime,
-    quiet: QuietHours,
-    expiry: timedelta,
-) -> None:
-    target = (await recipients(session, {row.meter_id})).get(row.meter_id)
-    if target is None:
-        return
+@dataclass(frozen=True, slots=True)
+class _Told:
+    """A "payment received" notice to write, once its customer is looked up."""
+
+    row: CreditTransfer
+    payment: Payment
+    meter: Meter
+    credit: int | None  # the meter's credit after the transfer, if known
+    now: datetime
+    quiet: QuietHours
+    expiry: timedelta
+
+
+def _payment_notice_row(told: _Told, target: tuple[str, str, str, str | None]) -> dict[str, Any]:
+    row, payment, meter, credit, now = told.row, told.payment, told.meter, told.credit, told.now
     channel, address, language, account_id = target
     balance = (
         "not read yet"
@@ -520,25 +642,25 @@ async def _payment_notice(
         "token_line": token,
     }
     kind = NoticeKind.PAYMENT_RECEIVED
-    await insert_ignore(
-        session,
-        Notification,
-        [
-            notice_row(
-                key=f"{kind.value}:payment:{payment.id}",
-                kind=kind.value,
-                channel=channel,
-                address=address,
-                language=language,
-                values=values,
-                now=now,
-                deliver_at=deliver_at(kind, Channel(channel), now, quiet),
-                expires_at=now + expiry,
-                meter_id=row.meter_id,
-                account_id=account_id,
-            )
-        ],
+    return notice_row(
+        key=f"{kind.value}:payment:{payment.id}",
+        kind=kind.value,
+        channel=channel,
+        address=address,
+        language=language,
+        values=values,
+        now=now,
+        deliver_at=deliver_at(kind, Channel(channel), now, told.quiet),
+        expires_at=now + told.expiry,
+        meter_id=row.meter_id,
+        account_id=account_id,
     )
+
+
+async def _payment_notice(session: AsyncSession, told: _Told) -> None:
+    target = (await recipients(session, {told.row.meter_id})).get(told.row.meter_id)
+    if target is not None:
+        await insert_ignore(session, Notification, [_payment_notice_row(told, target)])
 
 
 async def retry_later(
@@ -554,8 +676,8 @@ async def retry_later(
     last error (an audit entry for a transfer that was sent); False when the fence did not
     hold."""
 
-    async def step(session: AsyncSession) -> bool:
-        row = await _fenced(session, held)
+    async def step(batch: _Batch) -> bool:
+        row = batch.fenced(held)
         if row is None:
             return False
         row.lease_owner = row.lease_until = None
@@ -563,20 +685,20 @@ async def retry_later(
         row.last_error = why
         row.updated_at = now
         if held.state is TransferState.SENDING:
-            await audit.append(
-                session,
-                at=now,
-                actor=held.worker,
-                action="transfer.retry",
-                subject=held.meter_id,
-                reason=why,
-                outcome=f"again at {when.isoformat()}",
-                detail={"transfer": held.id, "number": held.number,
-                        "attempts": held.attempts},
-            )  # fmt: skip
+            batch.audit.append(
+                audit.Pending(
+                    now,
+                    held.worker,
+                    "transfer.retry",
+                    held.meter_id,
+                    why,
+                    f"again at {when.isoformat()}",
+                    {"transfer": held.id, "number": held.number, "attempts": held.attempts},
+                )
+            )
         return True
 
-    return await _write(db, writer, "releasing a credit transfer", step)
+    return await _write(db, writer, _Job(held, step))
 
 
 async def give_up(
@@ -592,49 +714,70 @@ async def give_up(
     entry and a notice to operators; the payment may then be reversed (its credit is
     cancelled). False when the fence did not hold."""
 
-    async def step(session: AsyncSession) -> bool:
-        row = await _fenced(session, held)
+    async def step(batch: _Batch) -> bool:
+        row = batch.fenced(held)
         if row is None:
             return False
         row.state = TransferState.FAILED.value
         row.lease_owner = row.lease_until = None
         row.last_error = why
         row.updated_at = now
-        await audit.append(
-            session,
-            at=now,
-            actor=held.worker,
-            action="transfer.fail",
-            subject=held.meter_id,
-            reason=why,
-            outcome=TransferState.FAILED.value,
-            detail={"transfer": held.id, "number": held.number, "payment": held.payment_id},
+        batch.audit.append(
+            audit.Pending(
+                now,
+                held.worker,
+                "transfer.fail",
+                held.meter_id,
+                why,
+                TransferState.FAILED.value,
+                {"transfer": held.id, "number": held.number, "payment": held.payment_id},
+            )
         )
-        await insert_ignore(
-            session,
-            Notification,
-            [
-                notice_row(
-                    key=f"{NoticeKind.COMMAND_FAILED.value}:transfer:{held.id}",
-                    kind=NoticeKind.COMMAND_FAILED.value,
-                    channel="webhook",
-                    address="operators",
-                    language="en",
-                    values={
-                        "meter": held.meter_id,
-                        "command": f"credit transfer {held.number}",
-                        "reason": why,
-                    },
-                    now=now,
-                    deliver_at=now,
-                    expires_at=now + expiry,
-                    meter_id=held.meter_id,
-                )
-            ],
+        batch.notices.append(
+            notice_row(
+                key=f"{NoticeKind.COMMAND_FAILED.value}:transfer:{held.id}",
+                kind=NoticeKind.COMMAND_FAILED.value,
+                channel="webhook",
+                address="operators",
+                language="en",
+                values={
+                    "meter": held.meter_id,
+                    "command": f"credit transfer {held.number}",
+                    "reason": why,
+                },
+                now=now,
+                deliver_at=now,
+                expires_at=now + expiry,
+                meter_id=held.meter_id,
+            )
         )
         return True
 
-    return await _write(db, writer, "failing a credit transfer", step)
+    return await _write(db, writer, _Job(held, step))
+
+
+async def listen_for_transfers(
+    db: Database, written: Callable[[], None], stop: asyncio.Event, *, again: float = 5.0
+) -> None:
+    """On PostgreSQL, call ``written`` each time a commit of any worker wrote credit
+    transfers (the notifications of migration 0009), until ``stop``; a lost connection is
+    logged and opened again after ``again`` seconds (``written`` is called once it listens
+    again, for what it may have missed). Returns at once on SQLite."""
+    if db.dialect != "postgresql":
+        return
+    conninfo = make_url(db.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    while not stop.is_set():
+        try:
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+                await conn.execute(f"LISTEN {TRANSFERS_CHANNEL}")
+                written()
+                while not stop.is_set():
+                    async for _ in conn.notifies(timeout=1.0):
+                        written()
+        except psycopg.Error as exc:
+            log.warning("listening for credit transfers: %s; again in %g s", exc, again)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), again)
 
 
 # -- tokens ---------------------------------------------------------------------------------------
@@ -700,7 +843,7 @@ async def accept_tokens(
                 await _post_delivery(session, row, payment, now, actor=actor, how=how)
                 credit = await _credit_after(session, row, meter_time)
                 await _payment_notice(
-                    session, row, payment, meter, credit, now=now, quiet=quiet, expiry=expiry
+                    session, _Told(row, payment, meter, credit, now, quiet, expiry)
                 )
                 done += 1
         return done
@@ -761,6 +904,7 @@ __all__ = [
     "get_transfer",
     "give_up",
     "list_transfers",
+    "listen_for_transfers",
     "retry_later",
     "start_attempt",
     "workable_count",
