@@ -576,7 +576,7 @@ class MeterSnapshot:
         kwargs: dict[str, Any] = {}
         for name in SNAPSHOT_VALUE_FIELDS:
             value = values[name]
-            convert = _CONVERT.get(name)
+            convert = SNAPSHOT_CONVERTERS.get(name)
             kwargs[name] = convert(value) if convert is not None else value
         kwargs["energy_rates_wh"] = tuple(kwargs["energy_rates_wh"])
         return cls(meter_id=meter_id, **kwargs)
@@ -646,7 +646,8 @@ def snapshot_values(snapshot: MeterSnapshot) -> SnapshotValues:
     )
 
 
-_CONVERT: dict[str, Callable[[Any], Any]] = {
+#: field name -> what rebuilds its enum member or flags from the number carried
+SNAPSHOT_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     name: spec.enum for name, spec in SNAPSHOT_FIELDS if spec.enum is not None
 }
-_CONVERT["status"] = StatusFlag
+SNAPSHOT_CONVERTERS["status"] = StatusFlag

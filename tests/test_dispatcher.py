@@ -67,6 +67,9 @@ class Links:
     async def discard(self, target: PollTarget) -> None:
         return None
 
+    def lanes(self, target: PollTarget) -> int | None:
+        return None  # every link is a meter of its own
+
 
 def _meter(meter_id: str, clock: ManualClock, **kw: object) -> Meter:
     config = MeterConfig(meter_id, **({"initial_credit": 10_000, "auth_key": KEY.hex()} | kw))  # type: ignore[arg-type]

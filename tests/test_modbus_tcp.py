@@ -761,6 +761,42 @@ async def test_reads_reconnect_after_the_connection_drops(
         await link.close()
 
 
+async def test_a_drop_ends_the_request_without_spending_a_cancellation(
+    server: Any, meters: list[MeterRuntime]
+) -> None:
+    """The drop ends the request by cancelling the task it waits in; that cancellation is
+    taken back, so a time-out around the read still fires as a time-out, and a caller's own
+    cancellation still goes through."""
+    task = asyncio.current_task()
+    assert task is not None
+    once = LinkSettings(timeout=2.0, retries=0)
+    async with DroppingProxy(server.port, function=0x04, drops=10) as proxy:
+        link = ModbusTcpLink("127.0.0.1", proxy.port, 1, settings=once)
+        try:
+            async with asyncio.timeout(5.0):
+                with pytest.raises(LinkClosed, match="connection lost during the request"):
+                    await link.read_snapshot()
+            assert task.cancelling() == 0
+        finally:
+            await link.close()
+    async with SilentServer() as silent:
+        link = ModbusTcpLink("127.0.0.1", silent.port, 1, settings=once)
+        link.identification = rm.Identification("MTR-0001", "x", "y", "z", "s")  # skip the read
+        try:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.1):
+                    await link.read_snapshot()
+            assert task.cancelling() == 0
+            reading = asyncio.create_task(link.read_snapshot())
+            await asyncio.sleep(0.05)
+            reading.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reading
+            assert not link.channel.connected  # a caller giving up drops the connection
+        finally:
+            await link.close()
+
+
 class SilentServer:
     """A loopback TCP server that accepts connections and never answers."""
 

@@ -5,6 +5,7 @@ on SQLite and PostgreSQL)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -69,6 +70,9 @@ class Fleet:
 
     async def discard(self, target: PollTarget) -> None:
         return None
+
+    def lanes(self, target: PollTarget) -> int | None:
+        return None  # every link is a meter of its own
 
 
 def _config(meter_id: str) -> MeterConfig:
@@ -191,3 +195,107 @@ async def test_reads_that_finish_together_share_a_transaction(db: Database) -> N
     assert poller.counts["batches"] == batches + 1
     assert await _count(db, Reading) == 120
     assert await _count(db, Interval) == 120
+
+
+class PacedFleet(Fleet):
+    """A fleet whose reads take ``pace`` seconds (``slow`` meters ``slow_seconds``), with the
+    most reads it saw in flight at once and the lanes it tells the poller."""
+
+    def __init__(
+        self, clock: ManualClock, meter_ids: list[str], lanes: int | None, pace: float = 0.02
+    ) -> None:
+        super().__init__(clock, meter_ids)
+        self.lane_count = lanes
+        self.pace = pace
+        self.slow: set[str] = set()
+        self.slow_seconds = 30.0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.reading = asyncio.Event()  # set once a read is in flight
+
+    async def link(self, target: PollTarget) -> MemoryLink:
+        delay = self.slow_seconds if target.meter_id in self.slow else self.pace
+        return PacedLink(self, self.meters[target.meter_id], delay, self.clock)
+
+    def lanes(self, target: PollTarget) -> int | None:
+        return self.lane_count
+
+
+class PacedLink(MemoryLink):
+    def __init__(self, fleet: PacedFleet, meter: Meter, delay: float, clock: ManualClock):
+        super().__init__(meter, clock=clock, timeout=60.0)
+        self.fleet = fleet
+        self.delay = delay
+
+    async def read_snapshot(self) -> MeterSnapshot:
+        fleet = self.fleet
+        fleet.in_flight += 1
+        fleet.reading.set()
+        fleet.most_in_flight = max(fleet.most_in_flight, fleet.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+            return await super().read_snapshot()
+        finally:
+            fleet.in_flight -= 1
+
+
+@pytest.mark.parametrize(("lanes", "most"), [(None, 3), (1, 1), (2, 2), (8, 3)])
+async def test_a_gateway_gets_no_more_readers_than_its_links_carry(
+    db: Database, lanes: int | None, most: int
+) -> None:
+    clock = ManualClock(T0)
+    ids = [f"REQ-{n}" for n in range(1, 7)]  # all behind one gateway
+    fleet = PacedFleet(clock, ids, lanes)
+    await _register(db, ids)
+    plan = PollPlan(read_deadline=3.0, lease=10.0, per_gateway={"tcp": 3})
+    poller = Poller(db, fleet, clock, plan=plan)
+    clock.advance(300)
+    summary = await poller.poll_once()
+    assert summary.read == 6
+    assert fleet.most_in_flight == most
+
+
+async def test_a_read_past_its_deadline_ends_and_its_gateway_reads_on(db: Database) -> None:
+    """The round's reader of a gateway reads its meters under one deadline timer: a meter
+    that does not answer in time fails at its own deadline, the ones after it still get
+    theirs in full, and the time-out spends none of the task's cancellations."""
+    clock = ManualClock(T0)
+    ids = [f"REQ-{n}" for n in range(1, 6)]
+    fleet = PacedFleet(clock, ids, lanes=1, pace=0.0)
+    await _register(db, ids)
+    plan = PollPlan(read_deadline=1.0, attempts=1, lease=10.0)
+    poller = Poller(db, fleet, clock, plan=plan)
+    clock.advance(300)
+    assert (await poller.poll_once()).read == 5  # known to the poller: no query in a read
+    fleet.pace = 0.4  # three reads take more than one deadline together
+    fleet.slow = {"REQ-2", "REQ-4"}
+    clock.advance(100)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    summary = await poller.poll_once()
+    assert loop.time() - started < 10.0  # not the 30 s a slow meter would take
+    failures = summary.as_dict()["failures"]
+    assert failures == {m: "no complete read within 1 s (slow)" for m in ("REQ-2", "REQ-4")}
+    assert summary.read == 3
+    task = asyncio.current_task()
+    assert task is not None
+    assert task.cancelling() == 0
+    target = PollTarget("REQ-4", "tcp://127.0.0.1:1/4", "tcp", "127.0.0.1:1", 900, "")
+    read = await poller.read(target)  # a scheduled read: the same deadline
+    assert read.error == "no complete read within 1 s (slow)"
+
+
+async def test_a_cancelled_round_stops_at_once(db: Database) -> None:
+    clock = ManualClock(T0)
+    ids = ["REQ-1", "REQ-2"]
+    fleet = PacedFleet(clock, ids, lanes=1)
+    fleet.slow = set(ids)
+    await _register(db, ids)
+    poller = Poller(db, fleet, clock, plan=PollPlan(read_deadline=20.0, lease=40.0))
+    clock.advance(300)
+    round_ = asyncio.create_task(poller.poll_once())
+    await fleet.reading.wait()
+    round_.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await round_
+    assert fleet.in_flight == 0

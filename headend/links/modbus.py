@@ -135,24 +135,36 @@ EXCEPTION_NAMES: Final[dict[int, str]] = {
 }
 
 
+def modbus_error(name: str, timeout: float, exc: BaseException) -> HesError | None:
+    """The project's error for a pymodbus, pyserial or socket exception (see the module's
+    docstring), naming the channel ``name``; None for anything else (the project's own errors,
+    cancellation, bugs), which goes on as it is."""
+    if isinstance(exc, HesError):
+        return None
+    if isinstance(exc, ModbusIOException | TimeoutError):
+        return LinkTimeout(f"{name}: no answer within {timeout:g} s")
+    if isinstance(exc, ConnectionException):
+        return LinkClosed(f"{name}: connection lost")
+    if isinstance(exc, OSError | serial.SerialException):
+        return LinkClosed(f"{name}: {exc}")
+    if isinstance(exc, ModbusException):
+        return LinkError(f"{name}: {exc}")
+    if isinstance(exc, ValueError):  # pyserial refusing a URL or a setting
+        return ConfigError(f"{name}: {exc}")
+    return None
+
+
 @contextlib.contextmanager
 def map_modbus_errors(name: str, timeout: float) -> Iterator[None]:
     """Translate pymodbus, pyserial and socket exceptions raised inside the block into the
-    project's tree (see the module's docstring), naming the channel ``name``."""
+    project's tree (:func:`modbus_error`), naming the channel ``name``."""
     try:
         yield
-    except HesError:
-        raise
-    except (ModbusIOException, TimeoutError) as exc:
-        raise LinkTimeout(f"{name}: no answer within {timeout:g} s") from exc
-    except ConnectionException as exc:
-        raise LinkClosed(f"{name}: connection lost") from exc
-    except (OSError, serial.SerialException) as exc:
-        raise LinkClosed(f"{name}: {exc}") from exc
-    except ModbusException as exc:
-        raise LinkError(f"{name}: {exc}") from exc
-    except ValueError as exc:  # pyserial refusing a URL or a setting
-        raise ConfigError(f"{name}: {exc}") from exc
+    except Exception as exc:
+        error = modbus_error(name, timeout, exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 class Channel:
@@ -166,7 +178,8 @@ class Channel:
         self.connects = 0  # connections opened, over the channel's life
         self.corrupt = 0  # answers that did not decode, over the channel's life
         self._hooks = ClientHooks(self._trace_packet, self._trace_connect)
-        self._lost: asyncio.Future[None] | None = None  # while a request waits: the drop
+        self._waiting: asyncio.Task[Any] | None = None  # the task a request waits in
+        self._dropped = False  # the connection dropped while that request waited
         self._received = b""  # what arrived since the waiting request went out
 
     @property
@@ -176,58 +189,67 @@ class Channel:
     async def request(self, timeout: float, method: str, /, *args: Any, **kwargs: Any) -> Any:
         """Call the pymodbus client's ``method(*args, **kwargs)`` once, connecting first if
         need be; its exception response becomes DeviceException. Any failure, and a caller
-        giving up (cancellation), drops the connection."""
+        giving up (cancellation), drops the connection.
+
+        The call is awaited in the caller's task, and a drop of the connection meanwhile (see
+        the module's docstring) cancels that task: that cancellation (only that one: a
+        caller's own or a time-out's goes on) ends the request as LinkCorrupt when part of an
+        answer had come, else as LinkClosed."""
         async with self.lock:
             try:
-                with map_modbus_errors(self.name, timeout):
-                    client = self._client
-                    if client is None or not client.connected:
-                        client = await self._connect(timeout)
-                    response = await self._watched(getattr(client, method)(*args, **kwargs))
-            except BaseException:
+                client = self._client
+                if client is None or not client.connected:
+                    client = await self._connect(timeout)
+                call = getattr(client, method)(*args, **kwargs)
+                task = asyncio.current_task()
+                self._waiting, self._received, self._dropped = task, b"", False
+                lost = False
+                try:
+                    response = await call
+                except asyncio.CancelledError:
+                    if task is None or not self._dropped or task.uncancel() > 0:
+                        raise
+                    lost = True
+                finally:
+                    self._waiting = None
+                if lost:
+                    raise self._lost_answer()
+                if self._dropped and task is not None:
+                    task.uncancel()  # the answer was complete: pymodbus took the cancellation
+            except BaseException as exc:
                 self._drop()
-                raise
+                error = modbus_error(self.name, timeout, exc)
+                if error is None:
+                    raise
+                raise error from exc
         if response.isError():
             code = int(getattr(response, "exception_code", 0))
             meaning = EXCEPTION_NAMES.get(code, "unknown")
             raise DeviceException(f"{self.name}: Modbus exception {code:02X} ({meaning})", code)
         return response
 
-    async def _watched(self, call: Awaitable[Any]) -> Any:
-        """Await pymodbus' ``call``, ended early when the connection drops meanwhile (see the
-        module's docstring): LinkCorrupt when part of an answer had come, else LinkClosed."""
-        loop = asyncio.get_running_loop()
-        lost: asyncio.Future[None] = loop.create_future()
-        request = asyncio.ensure_future(call)
-        self._lost, self._received = lost, b""
-        try:
-            await asyncio.wait((request, lost), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            self._lost = None
-            if not request.done():
-                request.cancel()
-                await asyncio.gather(request, return_exceptions=True)
-        if request.done() and not request.cancelled():
-            return request.result()
+    def _lost_answer(self) -> LinkError:
+        """The error of a request whose connection dropped while it waited."""
         if not self._received:
-            raise LinkClosed(f"{self.name}: connection lost during the request")
+            return LinkClosed(f"{self.name}: connection lost during the request")
         self.corrupt += 1
         shown = self._received[:_SHOWN_BYTES].hex(" ")
         more = " ..." if len(self._received) > _SHOWN_BYTES else ""
         log.warning("%s: an answer that does not decode: %s%s", self.name, shown, more)
-        raise LinkCorrupt(
+        return LinkCorrupt(
             f"{self.name}: an answer that does not decode ({len(self._received)} bytes: "
             f"{shown}{more}); the connection was dropped"
         )
 
     def _trace_packet(self, sending: bool, data: bytes) -> bytes:
-        if not sending and self._lost is not None:
+        if not sending and self._waiting is not None:
             self._received = bytes(data)  # pymodbus hands over all it has not used yet
         return data
 
     def _trace_connect(self, connected: bool) -> None:
-        if not connected and self._lost is not None and not self._lost.done():
-            self._lost.set_result(None)
+        if not connected and self._waiting is not None and not self._dropped:
+            self._dropped = True
+            self._waiting.cancel()
 
     async def _connect(self, timeout: float) -> Any:
         if self.connected:
@@ -399,8 +421,16 @@ class ModbusLink(ConfirmedExecution):
         if self.settings.deadline is not None:
             deadline = asyncio.get_running_loop().time() + self.settings.deadline
         try:  # the common case without the retry machinery: polls are the hot path
-            async with asyncio.timeout_at(deadline):
-                response = await self._once(method, address, count=count, device_id=self.unit)
+            if self._closed:
+                raise LinkClosed(f"{self!r} is closed")
+            request = self.channel.request(
+                self.settings.timeout, method, address, count=count, device_id=self.unit
+            )
+            if deadline is None:
+                response = await request
+            else:
+                async with asyncio.timeout_at(deadline):
+                    response = await request
         except DeviceException:
             raise
         except TimeoutError as exc:

@@ -47,6 +47,11 @@ class EndpointLinks:
                 self._links[target.meter_id] = link
             return link
 
+    def lanes(self, target: PollTarget) -> int | None:
+        """One request at a time to a Modbus gateway (its links share one TCP connection) and
+        on a serial line; no bound of its own over MQTT."""
+        return 1 if target.transport in ("tcp", "rtu") else None
+
     async def discard(self, target: PollTarget) -> None:
         link = self._links.pop(target.meter_id, None)
         if link is not None:

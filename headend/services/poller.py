@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from types import TracebackType
 from typing import Any, Protocol
 
 from headend.domain.schedule import next_due, retry_delay
@@ -79,6 +80,12 @@ class LinkSource(Protocol):
 
     async def discard(self, target: PollTarget) -> None:
         """Forget the meter's link after a failure, so the next read reconnects."""
+        ...
+
+    def lanes(self, target: PollTarget) -> int | None:
+        """How many requests the source's links carry to ``target``'s gateway at once (None:
+        no bound of the source's own). A round starts no more readers for a gateway than
+        that: one more would only wait for the connection."""
         ...
 
 
@@ -205,7 +212,9 @@ class Poller:
         self._gateway: dict[tuple[str, str], asyncio.Semaphore] = {}
         #: reads that succeeded and failed, and the transactions that stored them ("batches")
         self.counts: Counter[str] = Counter()
-        self._pending: list[tuple[PollTarget, _Fetched, ReadOutcome, asyncio.Future[None]]] = []
+        self._pending: list[
+            tuple[PollTarget, _Fetched, ReadOutcome, Callable[[BaseException | None], None]]
+        ] = []
         self._writer: asyncio.Task[None] | None = None
         self._fetching = 0  # reads talking to their meter now (their store may join a batch)
         self._flush = asyncio.Event()  # a batch is full, or no read is left to join it
@@ -243,52 +252,68 @@ class Poller:
     async def _round(
         self, targets: Sequence[PollTarget], progress: Callable[[ReadOutcome], None] | None
     ) -> RoundSummary:
-        """Read ``targets``: per gateway as many readers as it takes reads at once, each
-        reading its gateway's meters one after the other and handing each read to the batch
-        writer without waiting for it to be stored."""
+        """Read ``targets``: per gateway as many readers as it takes reads at once (and its
+        links carry), each holding its turn on the transport and the gateway while it reads
+        its gateway's meters one after the other, under one deadline timer, and hands each
+        read to the batch writer without waiting for it to be stored."""
         summary = RoundSummary()
         queues: dict[tuple[str, str], deque[PollTarget]] = {}
         for target in targets:
             queues.setdefault((target.transport, target.gateway), deque()).append(target)
-        storing: list[asyncio.Future[None]] = []
+        unstored = 0  # reads handed to the writer and not yet settled
+        all_stored = asyncio.Event()
 
         def finish(outcome: ReadOutcome) -> None:
             summary.outcomes.append(outcome)
             if progress is not None:
                 progress(outcome)
 
-        def stored(target: PollTarget, outcome: ReadOutcome, done: asyncio.Future[None]) -> None:
-            if done.cancelled():
-                return
-            error = done.exception()
+        def stored(target: PollTarget, outcome: ReadOutcome, error: BaseException | None) -> None:
+            nonlocal unstored
+            unstored -= 1
+            if not unstored:
+                all_stored.set()
             if error is None:
                 finish(self._stored(outcome))
             else:  # this meter's read is lost; the round goes on
                 log.error("storing a read of %s failed: %s", target.meter_id, error)
                 finish(ReadOutcome(target.meter_id, ok=False, error=f"storage: {error}"))
 
-        async def reader(queue: deque[PollTarget]) -> None:
-            while queue:
-                target = queue.popleft()
-                try:
-                    outcome, fetched = await self._fetch_retried(target)
-                    if fetched is None:
-                        finish(await self._failed(target, outcome))
-                        continue
-                except StorageError as exc:  # this meter's read is lost; the round goes on
-                    log.error("storing a read of %s failed: %s", target.meter_id, exc)
-                    finish(ReadOutcome(target.meter_id, ok=False, error=f"storage: {exc}"))
-                    continue
-                done = self._enqueue(target, fetched, outcome)
-                done.add_done_callback(partial(stored, target, outcome))
-                storing.append(done)
+        async def reader(
+            queue: deque[PollTarget], transport: asyncio.Semaphore, gateway: asyncio.Semaphore
+        ) -> None:
+            nonlocal unstored
+            deadline = _Deadline()
+            try:
+                async with transport, gateway:
+                    while queue:
+                        target = queue.popleft()
+                        try:
+                            outcome, fetched = await self._fetch_retried(target, deadline)
+                            if fetched is None:
+                                finish(await self._failed(target, outcome))
+                                continue
+                        except StorageError as exc:  # this meter's read is lost; the round goes on
+                            log.error("storing a read of %s failed: %s", target.meter_id, exc)
+                            finish(ReadOutcome(target.meter_id, ok=False, error=f"storage: {exc}"))
+                            continue
+                        unstored += 1
+                        self._enqueue(target, fetched, outcome, partial(stored, target, outcome))
+            finally:
+                deadline.close()
 
         async with asyncio.TaskGroup() as group:
             for (kind, _), queue in queues.items():
-                for _ in range(min(len(queue), self.plan.per_gateway.get(kind, 1))):
-                    group.create_task(reader(queue))
-        if storing:
-            await asyncio.wait(storing)
+                readers = min(len(queue), self.plan.per_gateway.get(kind, 1))
+                lanes = self.links.lanes(queue[0])
+                if lanes is not None:
+                    readers = max(1, min(readers, lanes))
+                transport, gateway = self._limits(queue[0])
+                for _ in range(readers):
+                    group.create_task(reader(queue, transport, gateway))
+        while unstored:
+            all_stored.clear()
+            await all_stored.wait()
         summary.outcomes.sort(key=lambda o: o.meter_id)
         return summary
 
@@ -299,10 +324,16 @@ class Poller:
         health; never raises for the meter's own failures (a StorageError when its read cannot
         be stored). The deadline runs from when the read first gets its turn on the transport
         and gateway, not while it queues."""
-        outcome, fetched = await self._fetch_retried(target)
+        deadline = _Deadline()
+        try:
+            outcome, fetched = await self._fetch_retried(target, deadline, self._limits(target))
+        finally:
+            deadline.close()
         if fetched is None:
             return await self._failed(target, outcome)
-        await self._enqueue(target, fetched, outcome)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._enqueue(target, fetched, outcome, partial(_settle, done))
+        await done
         return self._stored(outcome)
 
     def _stored(self, outcome: ReadOutcome) -> ReadOutcome:
@@ -310,29 +341,31 @@ class Poller:
         self.counts["read"] += 1
         return outcome
 
-    async def _fetch_retried(self, target: PollTarget) -> tuple[ReadOutcome, _Fetched | None]:
+    async def _fetch_retried(
+        self,
+        target: PollTarget,
+        deadline: _Deadline,
+        limits: tuple[asyncio.Semaphore, asyncio.Semaphore] | None = None,
+    ) -> tuple[ReadOutcome, _Fetched | None]:
         """The meter's read, tried again after link errors within the deadline; None (and
-        the outcome's error) when it failed."""
+        the outcome's error) when it failed. Each attempt takes its turn on ``limits`` (the
+        transport's and the gateway's) unless the caller holds it already (None)."""
         outcome = ReadOutcome(target.meter_id, ok=False)
-        transport, gateway = self._limits(target)
         loop = asyncio.get_running_loop()
-        deadline: float | None = None
+        until: float | None = None
         error = ""
         try:
             for attempt in range(self.plan.attempts):
                 outcome.attempts = attempt + 1
                 try:
-                    async with transport, gateway:
-                        if deadline is None:
-                            deadline = loop.time() + self.plan.read_deadline
-                        async with asyncio.timeout_at(deadline):
-                            self._fetching += 1
-                            try:
-                                return outcome, await self._fetch(target)
-                            finally:
-                                self._fetching -= 1
-                                if not self._fetching:
-                                    self._flush.set()
+                    if limits is None:
+                        if until is None:
+                            until = loop.time() + self.plan.read_deadline
+                        return outcome, await self._fetch_within(target, deadline, until)
+                    async with limits[0], limits[1]:
+                        if until is None:
+                            until = loop.time() + self.plan.read_deadline
+                        return outcome, await self._fetch_within(target, deadline, until)
                 except LinkError as exc:
                     error = str(exc) or type(exc).__name__
                     await self.links.discard(target)
@@ -341,7 +374,7 @@ class Poller:
                     )
                     if attempt + 1 >= self.plan.attempts:
                         break
-                    if deadline is not None and loop.time() + pause >= deadline:
+                    if until is not None and loop.time() + pause >= until:
                         raise TimeoutError from exc
                     await asyncio.sleep(pause)
         except TimeoutError:
@@ -354,6 +387,19 @@ class Poller:
             await self.links.discard(target)
         outcome.error = error
         return outcome, None
+
+    async def _fetch_within(
+        self, target: PollTarget, deadline: _Deadline, until: float
+    ) -> _Fetched:
+        """:meth:`_fetch` ended by TimeoutError at ``until`` (loop time)."""
+        self._fetching += 1
+        try:
+            with deadline.at(until):
+                return await self._fetch(target)
+        finally:
+            self._fetching -= 1
+            if not self._fetching:
+                self._flush.set()
 
     async def _failed(self, target: PollTarget, outcome: ReadOutcome) -> ReadOutcome:
         """Record a failed read in the meter's health."""
@@ -406,18 +452,20 @@ class Poller:
         return _Fetched(snapshot, profile, events, due <= snapshot.time, hint)
 
     def _enqueue(
-        self, target: PollTarget, fetched: _Fetched, outcome: ReadOutcome
-    ) -> asyncio.Future[None]:
-        """Hand one meter's read to the writer; the future is done once it is stored (or its
-        StorageError). Reads finishing together share one transaction (a group commit: one
-        writer, one commit for the batch), each still all or nothing."""
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((target, fetched, outcome, done))
+        self,
+        target: PollTarget,
+        fetched: _Fetched,
+        outcome: ReadOutcome,
+        settle: Callable[[BaseException | None], None],
+    ) -> None:
+        """Hand one meter's read to the writer; ``settle`` is called once it is stored (None)
+        or with its StorageError. Reads finishing together share one transaction (a group
+        commit: one writer, one commit for the batch), each still all or nothing."""
+        self._pending.append((target, fetched, outcome, settle))
         if len(self._pending) >= _BATCH or not self._fetching:
             self._flush.set()
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._write_batches())
-        return done
 
     async def _write_batches(self) -> None:
         while self._pending:
@@ -437,7 +485,7 @@ class Poller:
                 self.counts["batches"] += 1
             except HesError:
                 # one read spoiled the batch: store each on its own, so only it fails
-                for target, fetched, outcome, done in batch:
+                for target, fetched, outcome, settle in batch:
                     _reset(outcome)
                     try:
                         async with self.db.begin() as session:
@@ -446,16 +494,16 @@ class Poller:
                     except HesError as exc:
                         if not isinstance(exc, StorageError):
                             exc = StorageError(f"{type(exc).__name__}: {exc}")
-                        _settle(done, exc)
+                        settle(exc)
                     else:
-                        _settle(done, None)
+                        settle(None)
                 continue
             except BaseException as exc:
-                for *_, done in batch:
-                    _settle(done, exc)
+                for *_, settle in batch:
+                    settle(exc)
                 raise
-            for *_, done in batch:
-                _settle(done, None)
+            for *_, settle in batch:
+                settle(None)
 
     async def _store_batch(
         self, session: Session, items: Sequence[tuple[PollTarget, _Fetched, ReadOutcome]]
@@ -568,6 +616,73 @@ class Poller:
             await release(self.db, self.worker, target.meter_id, datetime.fromtimestamp(due, UTC))
         except StorageError as exc:
             log.error("releasing %s failed (its lease will expire): %s", target.meter_id, exc)
+
+
+class _Deadline:
+    """The deadline of the read a task is doing, for a task that does its reads one after
+    another: ``with deadline.at(when):`` ends the block with TimeoutError at loop time
+    ``when``, as ``asyncio.timeout_at`` does, but one timer serves all of the task's reads. It
+    is armed for the first read's deadline; when it fires it finds the read running then (if
+    any) and either ends it (its deadline has come) or moves on to that read's deadline, so a
+    read that ends in time arms and cancels no timer of its own. :meth:`close` disarms it."""
+
+    __slots__ = ("_armed", "_cancelling", "_expired", "_task", "_timer", "_when")
+
+    def __init__(self) -> None:
+        self._task: asyncio.Task[Any] | None = None
+        self._when: float | None = None  # the running read's deadline (None: no read runs)
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed = 0.0  # what the timer is armed for
+        self._cancelling = 0  # the task's cancellations pending when the read began
+        self._expired = False
+
+    def at(self, when: float) -> _Deadline:
+        self._when = when
+        return self
+
+    def __enter__(self) -> None:
+        task = asyncio.current_task()
+        if task is None or self._when is None:
+            raise RuntimeError("a deadline is entered by a task, with at(when)")
+        self._task = task
+        self._cancelling = task.cancelling()
+        self._expired = False
+        if self._timer is None or self._armed > self._when:
+            self._arm(self._when)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._when = None
+        if self._expired and self._task is not None:
+            self._expired = False
+            # this deadline's cancellation is taken back; another one still pending goes on
+            if self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
+                raise TimeoutError from exc
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self, when: float) -> None:
+        self.close()
+        self._armed = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        when, task = self._when, self._task
+        if when is None or task is None:
+            return  # no read runs: the next one arms the timer again
+        if when <= self._armed:
+            self._expired = True
+            task.cancel()
+        else:
+            self._arm(when)
 
 
 #: reads stored in one transaction at most

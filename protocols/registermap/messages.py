@@ -7,9 +7,13 @@ value or raises :class:`~protocols.errors.DecodeError` (a malformed command is a
 
 from __future__ import annotations
 
+import math
+import operator
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
+from functools import partial
 from typing import Any, Final
 
 from protocols.commands import (
@@ -23,7 +27,9 @@ from protocols.disconnect import output_state
 from protocols.errors import DecodeError, ValidationError
 from protocols.obis import Obis
 from protocols.readings import (
+    SNAPSHOT_CONVERTERS,
     SNAPSHOT_FIELDS,
+    SNAPSHOT_VALUE_FIELDS,
     Event,
     EventCode,
     MeterSnapshot,
@@ -39,6 +45,7 @@ from protocols.registermap.datatypes import (
     TYPE_CODECS,
     WORD_ORDERS,
     Block,
+    DataType,
     Row,
     WordOrder,
     check_order,
@@ -303,6 +310,23 @@ def encode_snapshot_values(values: SnapshotValues, order: WordOrder = "big") -> 
 def decode_snapshot(
     registers: Sequence[int], meter_id: str, order: WordOrder = "big"
 ) -> MeterSnapshot:
+    """The snapshot in the MEASUREMENTS, ACCOUNT and STATUS blocks; DecodeError otherwise.
+
+    Decoded by :class:`SnapshotReader` (one ``struct`` unpack straight into the snapshot's
+    fields, what the head-end does on every poll); whatever that path does not take as it is
+    goes through :func:`decode_snapshot_rows`, which gives the same snapshot or names the
+    problem."""
+    try:
+        return _SNAPSHOT_READER.read(registers, meter_id, order)
+    except _NOT_FAST:
+        return decode_snapshot_rows(registers, meter_id, order)
+
+
+def decode_snapshot_rows(
+    registers: Sequence[int], meter_id: str, order: WordOrder = "big"
+) -> MeterSnapshot:
+    """:func:`decode_snapshot` row by row: the general path, and the one whose errors are
+    reported."""
     values = _SNAPSHOT_CODEC.decode(registers, order)
     control_state = values["control_state"]
     if values["output_state"] != int(output_state(control_state)):
@@ -323,6 +347,111 @@ def decode_snapshot(
         return MeterSnapshot.from_values(meter_id, fields)
     except (TypeError, ValueError) as exc:
         raise DecodeError(f"not a snapshot: {exc}") from exc
+
+
+class SnapshotReader:
+    """:func:`decode_snapshot_rows` compiled for registers that decode cleanly: the snapshot
+    rows' ``struct`` format (:class:`RowsCodec`) unpacked in one call, the items picked in the
+    order of the snapshot's fields (:data:`~protocols.readings.SNAPSHOT_VALUE_FIELDS`), the few
+    that need it converted (text, enumerations, flags), the ranges and the relay checked, and
+    the snapshot built from them positionally.
+
+    :meth:`read` raises one of :data:`_NOT_FAST` for anything it does not take as it is (a
+    register that is no 16-bit int, a value out of range, a meter id the snapshot refuses...);
+    :func:`decode_snapshot` then asks the general path, which is the one that explains."""
+
+    def __init__(self, codec: RowsCodec) -> None:
+        self.codec = codec
+        item_of: dict[str, int] = {}
+        position = 0
+        for row, row_codec in zip(codec.rows, codec.codecs, strict=True):
+            if row_codec.items != 1:
+                raise ValidationError(f"{row.name}: one struct item per snapshot row")
+            item_of[row.name] = position
+            position += row_codec.items
+        by_name = {row.name: row for row in codec.rows}
+        picked: list[int] = []
+        converts: list[tuple[int, Callable[[Any], Any]]] = []
+        groups: list[tuple[int, int]] = []
+        ranges: list[tuple[int, int | float, int | float]] = []
+        control = -1
+        spec_of = dict(SNAPSHOT_FIELDS)
+        where = dict(_SNAPSHOT_ROW_NAMES)
+        for name in SNAPSHOT_VALUE_FIELDS:
+            if name not in where:
+                raise ValidationError(f"the snapshot field {name} has no register row")
+            row_names = where[name]
+            if len(row_names) > 1:
+                groups.append((len(picked), len(row_names)))
+            for row_name in row_names:
+                row = by_name[row_name]
+                convert = _item_converter(row, SNAPSHOT_CONVERTERS.get(name))
+                if convert is not None:
+                    converts.append((len(picked), convert))
+                if row_name == "control_state":
+                    control = len(picked)
+                picked.append(item_of[row_name])
+            spec = spec_of[name]
+            if spec.minimum is not None or spec.maximum is not None:
+                if len(row_names) != 1:
+                    raise ValidationError(f"the snapshot field {name}: a range on one row only")
+                low = spec.minimum if spec.minimum is not None else -math.inf
+                high = spec.maximum if spec.maximum is not None else math.inf
+                ranges.append((len(picked) - 1, low, high))
+        self._pick = operator.itemgetter(*picked)
+        self._converts = tuple(converts)
+        self._groups = tuple(reversed(groups))  # from the end, so earlier positions hold
+        self._ranges = tuple(ranges)
+        self._output = item_of["output_state"]
+        self._control = control
+
+    def read(self, registers: Sequence[int], meter_id: str, order: WordOrder) -> MeterSnapshot:
+        codec = self.codec
+        if len(registers) != codec.size:
+            raise DecodeError(f"{codec.size} registers expected, got {len(registers)}")
+        if order == "little":
+            registers = [registers[index] for index in codec.little]
+        elif order != "big":
+            raise ValidationError(f"word order is big or little, got {order!r}")
+        raw = codec.values.unpack(codec.words.pack(*registers))
+        args = list(self._pick(raw))
+        for position, convert in self._converts:
+            args[position] = convert(args[position])
+        for position, low, high in self._ranges:
+            if not low <= args[position] <= high:
+                raise DecodeError(f"item {position} is {low}..{high}")
+        if raw[self._output] != output_state(args[self._control]):
+            raise DecodeError("output_state contradicts control_state")
+        for position, count in self._groups:
+            args[position : position + count] = [tuple(args[position : position + count])]
+        return MeterSnapshot(meter_id, *args)
+
+
+def _item_converter(row: Row, rebuild: Callable[[Any], Any] | None) -> Callable[[Any], Any] | None:
+    """What turns the struct item of ``row`` into the snapshot's value (None: taken as it is):
+    an enumeration row's member, a flags field's flags (both looked up among the members made
+    so far: KeyError for a number not met yet, which the general path then makes), a text
+    row's text."""
+    codec = TYPE_CODECS[row.dtype]
+    if row.dtype in INTEGER_TYPES and not row.optional:
+        enum = row.enum if row.enum is not None else rebuild
+        if enum is None:
+            return None
+        if not isinstance(enum, type) or not issubclass(enum, Enum):
+            raise ValidationError(f"{row.name}: an enumeration or flags expected")
+        return enum._value2member_map_.__getitem__
+    if row.dtype is DataType.STRING and rebuild is None:
+        return partial(_from_item, codec.from_raw, row)
+    raise ValidationError(f"{row.name}: a {row.dtype} row in the snapshot")
+
+
+def _from_item(from_raw: Callable[[Row, tuple[Any, ...]], Any], row: Row, item: Any) -> Any:
+    return from_raw(row, (item,))
+
+
+#: what SnapshotReader.read raises for registers it leaves to the general path
+_NOT_FAST: Final = (struct.error, TypeError, ValueError, KeyError, DecodeError)
+_SNAPSHOT_READER: Final = SnapshotReader(_SNAPSHOT_CODEC)
 
 
 def float_values(snapshot: MeterSnapshot) -> dict[str, float]:
