@@ -28,7 +28,7 @@ from typing import Any
 from meter_sim import gateways as gw
 from meter_sim.config import FaultsConfig, FleetConfig
 from meter_sim.faults import FleetFaults
-from meter_sim.fleet import Fleet
+from meter_sim.fleet import Fleet, keep_for_good
 from meter_sim.modbus_server import serve_rtu, serve_tcp, serve_tcp_per_meter
 from meter_sim.mqtt_agent import AgentOptions, run_agents
 from protocols.errors import ConfigError
@@ -312,6 +312,7 @@ async def _serve_endpoints(
                     len(runtimes),
                     endpoints.mqtt,
                 )
+        keep_for_good()  # the meters and their listeners, built: out of the collector's walks
         if ready is not None:
             ready(endpoints)
         await fleet.run(stop, final_save=False)
