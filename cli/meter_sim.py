@@ -557,8 +557,10 @@ def serve(
         False,
         "--ready-json",
         help="Print one JSON line with the endpoints once serving: each gateway's name, host, "
-        "port and meters with their unit ids (docs/register-map.md#addressing-a-fleet), and "
-        "the meters' faults; and one line with the faults injected when serving ends.",
+        "port and meters with their unit ids (docs/register-map.md#addressing-a-fleet), the "
+        "meters' faults, and the simulated time then with the clock's speed and the "
+        'integration ("simulation": {"time", "speed", "integration"}); and one line with the '
+        "faults injected when serving ends.",
     ),
 ) -> None:
     """Run the fleet and serve it over Modbus TCP, Modbus RTU and MQTT until Ctrl-C."""
