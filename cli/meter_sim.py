@@ -620,6 +620,7 @@ def serve(
             AcceleratedClock(sim_speed, resume_time(config, directory)),
             directory,
             integration,
+            save=False,  # the first save runs once serving: answering does not wait for it
         )
         try:
             asyncio.run(_serve(fleet, options, ready))

@@ -122,6 +122,8 @@ class Fleet:
         self.state_dir = state_dir
         #: periodic saves that failed since the last one that succeeded
         self.save_failures = 0
+        #: whether every meter was saved since it was opened (else :meth:`run` saves at once)
+        self.saved = True
 
     @classmethod
     def from_config(
@@ -130,8 +132,15 @@ class Fleet:
         clock: Clock | None = None,
         state_dir: Path | None = None,
         integration: Integration = "fixed",
+        *,
+        save: bool = True,
     ) -> Fleet:
         """Open every meter of ``config``; ``state_dir`` defaults to ``simulation.state_dir``.
+
+        The meters are saved as powered up, in one transaction, unless ``save`` is False: then
+        :meth:`run` saves them first thing (a server that answers before; a meter killed before
+        that save starts again from its state before, as after any power cut, and every command
+        it acknowledged was saved with it).
 
         Without a clock, an accelerated one at ``simulation.speed`` starts at
         ``simulation.start``, or where the fleet's last run left off, or now. ``integration``
@@ -157,7 +166,9 @@ class Fleet:
             }
             del states
             fleet = cls(config, clock, runtimes, state_dir=directory, integration=integration)
-            _write(rt.prepare_save() for rt in runtimes.values())  # powered up: one transaction
+            if save:
+                _write(rt.prepare_save() for rt in runtimes.values())
+            fleet.saved = save
             # before the collector resumes: its first collections would walk every meter built
             keep_for_good()
         return fleet
@@ -174,6 +185,7 @@ class Fleet:
         fleet's time."""
         _write(rt.prepare_save() for rt in self.runtimes.values())
         self._write_clock(self.clock.now())
+        self.saved = True
 
     async def save_all_async(self) -> None:
         """:meth:`save_all` off the event loop: the meters' states are taken and encoded on the
@@ -198,6 +210,7 @@ class Fleet:
                 self._write_clock(now)
 
             await asyncio.to_thread(write)
+        self.saved = True
 
     def _write_clock(self, now: float) -> None:
         if self.state_dir is not None:
@@ -260,7 +273,7 @@ class Fleet:
         event loop for long: the Modbus and MQTT adapters keep answering during a tick.
         """
         tick = self.config.simulation.tick_seconds
-        next_save = time.monotonic() + self.save_interval
+        next_save = time.monotonic() + (self.save_interval if self.saved else 0.0)
         try:
             while not stop.is_set():
                 started = time.monotonic()

@@ -419,3 +419,26 @@ def test_the_last_save_is_retried_and_its_failure_raised(tmp_path: Path) -> None
     flaky.failures = 3
     with pytest.raises(StateFileError, match="disk full"):
         fleet.final_save(attempts=3, pause=0)
+
+
+async def test_a_fleet_opened_unsaved_is_saved_first_thing_when_it_runs(tmp_path: Path) -> None:
+    """``meter-sim serve`` answers before the meters' first save: the fleet saves them as soon
+    as it runs, not a save interval later."""
+    fleet = Fleet.from_config(
+        _fleet(3, save_seconds=3600), ManualClock(START), tmp_path, save=False
+    )
+    assert not fleet.saved
+    assert FleetStore(tmp_path).load_many(["MTR-0001"]) == {}
+    stop = asyncio.Event()
+    task = asyncio.create_task(fleet.run(stop, final_save=False))
+    try:
+        deadline = time.monotonic() + 30
+        while not fleet.saved:
+            assert time.monotonic() < deadline, "the fleet was not saved"
+            await asyncio.sleep(0.01)
+        saved = FleetStore(tmp_path).load_many(["MTR-0001", "MTR-0002", "MTR-0003"])
+        assert sorted(saved) == ["MTR-0001", "MTR-0002", "MTR-0003"]
+        assert saved["MTR-0001"]["true_time"] == START
+    finally:
+        stop.set()
+        await task
