@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/fleet_serve.py                       # 1,000 and 10,000 meters
     .venv/bin/python bench/fleet_serve.py --meters 1000 --stall-seconds 10
+    .venv/bin/python bench/fleet_serve.py --meters 10000 --speed 3600     # keeps up?
 
 For each N the real command runs as a child process (``meter-sim serve --modbus-port 0
 --ready-json`` on a fresh fleet file of N meters, state in a temporary directory), and this
@@ -16,6 +17,13 @@ process measures:
 * the longest stall: one reader polls one meter in a loop on one connection for
   ``--stall-seconds`` while the fleet saves every ``--save-seconds``; the longest gap between
   two answers (and the 99th percentile);
+* the clock: one reader reads one meter's snapshot in a loop for ``--lag-seconds`` and compares
+  the meter's clock with the simulated time the ready line gave plus ``--speed`` times the real
+  seconds since, at the request's sending (the meter must never be behind it; the line reaches
+  us a little after it was written, which only makes the check stricter) and at the answer's
+  arrival (the reader's latency times the speed); and the fleet's ticks that overran their
+  interval (the meters advanced less often than every tick), with the longest, from the
+  child's log;
 * shutdown: seconds from SIGTERM to the exit (the last save included).
 
 Bounded: N <= 20,000, loopback only, every phase has a time-out. Figures from a shared
@@ -28,6 +36,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import statistics
 import sys
@@ -137,13 +146,56 @@ async def stall(target: Target, seconds: float) -> tuple[float, float, int]:
     return gaps[-1], gaps[int(len(gaps) * 0.99)], len(gaps)
 
 
+async def clock_lag(
+    target: Target, seconds: float, ready_time: float, line_at: float, speed: float
+) -> tuple[float, float, int]:
+    """One reader reading one meter's clock for ``seconds``, each read against the simulated
+    time the ready line gave plus ``speed`` x the real seconds since: (the least the clock
+    shown was ahead of that time at the request's sending, the most it was behind it at the
+    answer's arrival, reads), in simulated seconds. The first is >= 0 when the meter is never
+    behind; the second is what a master sees of its own latency, times the speed."""
+    meter_id, port, unit = target
+    client = AsyncModbusTcpClient(HOST, port=port, timeout=10, retries=0)
+    if not await client.connect():
+        raise SystemExit(f"cannot connect to {HOST}:{port}")
+    ahead: list[float] = []
+    behind: list[float] = []
+    try:
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            sent = time.perf_counter()
+            response = await client.read_input_registers(
+                rm.SNAPSHOT_START, count=rm.SNAPSHOT_SIZE, device_id=unit
+            )
+            arrived = time.perf_counter()
+            if response.isError():
+                raise SystemExit(f"read failed: {response}")
+            shown = rm.decode_snapshot(response.registers, meter_id).time
+            ahead.append(shown + 1 - (ready_time + speed * (sent - line_at)))  # whole seconds
+            behind.append(ready_time + speed * (arrived - line_at) - shown)
+    finally:
+        client.close()
+    return min(ahead), max(behind), len(ahead)
+
+
+def _overruns(log: Path, since: int) -> list[float]:
+    """The durations of the fleet ticks that overran, logged after byte ``since`` of ``log``."""
+    with log.open("rb") as handle:
+        handle.seek(since)
+        text = handle.read().decode(errors="replace")
+    return [float(m) for m in re.findall(r"a fleet tick took ([0-9.]+) s", text)]
+
+
 async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fleet-serve-") as work:
         fleet = Path(work) / "fleet.toml"
         fleet.write_text(
             f'[simulation]\nstate_dir = "{work}/state"\nsave_seconds = {args.save_seconds}\n'
-            f"speed = 60\n\n[defaults]\ninitial_credit = 1000000\n\n[[meters]]\ncount = {count}\n"
+            f"speed = {args.speed}\n\n[defaults]\ninitial_credit = 1000000\n\n"
+            f"[[meters]]\ncount = {count}\n"
         )
+        log = Path(work) / "serve.log"
+        log_file = log.open("wb")
         spawned = time.perf_counter()
         child = await asyncio.create_subprocess_exec(
             sys.executable,
@@ -155,8 +207,11 @@ async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
             "--modbus-port",
             "0",
             "--ready-json",
+            "--integration",
+            args.integration,
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
             limit=2**24,  # the ready line names every meter
         )
         assert child.stdout is not None
@@ -164,7 +219,8 @@ async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
             line = await asyncio.wait_for(child.stdout.readline(), 300)
             if not line:
                 raise SystemExit(f"meter-sim serve exited with {await child.wait()}")
-            ready = time.perf_counter() - spawned
+            line_at = time.perf_counter()
+            ready = line_at - spawned
             shape = json.loads(line)
             targets: list[Target] = [
                 (meter_id, gateway["port"], unit)
@@ -185,14 +241,30 @@ async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
             }
             link_runs: list[float] = []
             bare_runs: list[float] = []
-            for _ in range(args.repeat):
+            for _ in range(0 if args.no_poll else args.repeat):
                 link_runs.append(await link_poll(targets, args.concurrency))
                 bare_runs.append(await bare_poll(targets, args.concurrency))
-            results["poll_link_s"] = statistics.median(link_runs)
-            results["poll_bare_s"] = statistics.median(bare_runs)
+            results["poll_link_s"] = statistics.median(link_runs) if link_runs else None
+            results["poll_bare_s"] = statistics.median(bare_runs) if bare_runs else None
             results["poll_runs"] = {"link": link_runs, "bare": bare_runs}
             longest, p99, reads = await stall(targets[len(targets) // 2], args.stall_seconds)
             results.update(stall_max_s=longest, stall_p99_s=p99, stall_reads=reads)
+            logged = log.stat().st_size
+            simulation = shape["simulation"]
+            ahead, behind, reads = await clock_lag(
+                targets[-1], args.lag_seconds, simulation["time"], line_at, simulation["speed"]
+            )
+            overran = _overruns(log, logged)
+            results.update(
+                speed=simulation["speed"],
+                integration=simulation["integration"],
+                clock_ahead_at_send_s=ahead,
+                clock_behind_at_arrival_s=behind,
+                lag_reads=reads,
+                ticks_overran=len(overran),
+                longest_tick_s=max(overran, default=0.0),
+                rss_kib_per_meter_later=_rss(child.pid) / 1024 / count,
+            )
             stopping = time.perf_counter()
             child.send_signal(signal.SIGTERM)
             code = await asyncio.wait_for(child.wait(), 120)
@@ -203,18 +275,12 @@ async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
             if child.returncode is None:
                 child.kill()
                 await child.wait()
+            log_file.close()
 
 
-def report(results: dict[str, Any], args: argparse.Namespace) -> None:
-    n = results["meters"]
-    print(f"== {n:,} meters behind {results['gateways']} gateway(s)")
-    print(
-        f"ready after {results['ready_s']:.2f} s; RSS {results['rss_mib']:.0f} MiB "
-        f"({results['rss_kib_per_meter']:.1f} KiB per meter); idle CPU "
-        f"{100 * results['idle_core']:.0f} % of a core"
-    )
-    link, bare = results["poll_link_s"], results["poll_bare_s"]
-    runs = results["poll_runs"]
+def _report_poll(
+    n: int, link: float, bare: float, runs: dict[str, list[float]], args: argparse.Namespace
+) -> None:
     print(
         f"full poll (connect, identify, snapshot, close; {args.concurrency} at a time), "
         f"median of {args.repeat}:"
@@ -228,10 +294,38 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         + ", ".join(f"{r:.2f}" for r in runs["bare"])
     )
     print(f"  ratio link / bare time: {link / bare:.2f}")
+
+
+def report(results: dict[str, Any], args: argparse.Namespace) -> None:
+    n = results["meters"]
+    print(f"== {n:,} meters behind {results['gateways']} gateway(s)")
+    print(
+        f"ready after {results['ready_s']:.2f} s; RSS {results['rss_mib']:.0f} MiB "
+        f"({results['rss_kib_per_meter']:.1f} KiB per meter); idle CPU "
+        f"{100 * results['idle_core']:.0f} % of a core"
+    )
+    link, bare = results["poll_link_s"], results["poll_bare_s"]
+    runs = results["poll_runs"]
+    if link is None or bare is None:
+        print("full poll: not measured (--no-poll)")
+    else:
+        _report_poll(n, link, bare, runs, args)
     print(
         f"one reader polling one meter for {args.stall_seconds:.0f} s, saves every "
         f"{args.save_seconds:g} s: longest gap {1000 * results['stall_max_s']:.0f} ms, "
         f"p99 {1000 * results['stall_p99_s']:.1f} ms over {results['stall_reads']:,} reads"
+    )
+    print(
+        f"clock at speed {results['speed']:g} ({results['integration']} integration), one "
+        f"reader for {args.lag_seconds:g} s over {results['lag_reads']:,} reads: the meter's "
+        f"clock at least {results['clock_ahead_at_send_s']:.1f} simulated s ahead of the ready "
+        f"line's time + speed x real time at each request's sending, at most "
+        f"{results['clock_behind_at_arrival_s']:.1f} s behind it at the answer's arrival"
+    )
+    print(
+        f"  {results['ticks_overran']} fleet tick(s) overran their interval in that window "
+        f"(longest {results['longest_tick_s']:.2f} s); RSS then "
+        f"{results['rss_kib_per_meter_later']:.1f} KiB per meter"
     )
     print(f"shutdown after SIGTERM: {results['shutdown_s']:.2f} s, exit {results['exit']}")
 
@@ -246,12 +340,18 @@ def main() -> None:
     parser.add_argument("--save-seconds", type=float, default=5.0)
     parser.add_argument("--stall-seconds", type=float, default=15.0)
     parser.add_argument("--idle-seconds", type=float, default=5.0)
+    parser.add_argument("--lag-seconds", type=float, default=15.0)
+    parser.add_argument("--speed", type=float, default=60.0, help="simulated s per real s")
+    parser.add_argument("--integration", choices=["events", "fixed"], default="events")
+    parser.add_argument("--no-poll", action="store_true", help="leave the full polls out")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON too")
     args = parser.parse_args()
     if not all(1 <= n <= 20_000 for n in args.meters) or not 1 <= args.repeat <= 9:
         parser.error("--meters are 1..20000, --repeat 1..9")
     if not 1 <= args.concurrency <= 1000 or not 0 < args.stall_seconds <= 300:
         parser.error("--concurrency is 1..1000, --stall-seconds 0..300")
+    if not 0 < args.lag_seconds <= 300 or not 0 < args.speed <= 1e6:
+        parser.error("--lag-seconds is 0..300, --speed 0..1e6")
     for count in args.meters:
         results = asyncio.run(measure(count, args))
         report(results, args)

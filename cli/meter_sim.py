@@ -91,6 +91,12 @@ StateDirOption = typer.Option(
     None, "--state-dir", help="Where meters keep their state (default: simulation.state_dir)."
 )
 JsonOption = typer.Option(False, "--json", help="Print JSON instead of a table.")
+IntegrationOption: Any = typer.Option(
+    "events",
+    "--integration",
+    help="events: integrate whole runs of steps between the moments where something can "
+    "change; fixed: one step at a time. Both give the same energy, credit and events.",
+)
 MIN_SPEED, MAX_SPEED = 0.001, 1e9
 
 
@@ -200,12 +206,7 @@ def run(
     batch: bool = typer.Option(
         False, "--batch", help="Run --for as fast as possible instead of at --speed."
     ),
-    integration: Integration = typer.Option(
-        "events",
-        "--integration",
-        help="events: integrate whole runs of steps between the moments where something can "
-        "change; fixed: one step at a time. Both give the same energy, credit and events.",
-    ),
+    integration: Integration = IntegrationOption,
     state_dir: Path | None = StateDirOption,
     as_json: bool = JsonOption,
 ) -> None:
@@ -551,12 +552,15 @@ def serve(
         help="Seed of every meter's fault draws (instead of the file's or --faults' seed): "
         "the same requests meet the same faults.",
     ),
+    integration: Integration = IntegrationOption,
     ready_json: bool = typer.Option(
         False,
         "--ready-json",
         help="Print one JSON line with the endpoints once serving: each gateway's name, host, "
-        "port and meters with their unit ids (docs/register-map.md#addressing-a-fleet), and "
-        "the meters' faults; and one line with the faults injected when serving ends.",
+        "port and meters with their unit ids (docs/register-map.md#addressing-a-fleet), the "
+        "meters' faults, and the simulated time then with the clock's speed and the "
+        'integration ("simulation": {"time", "speed", "integration"}); and one line with the '
+        "faults injected when serving ends.",
     ),
 ) -> None:
     """Run the fleet and serve it over Modbus TCP, Modbus RTU and MQTT until Ctrl-C."""
@@ -612,7 +616,11 @@ def serve(
     with StateDirLock(directory):
         sim_speed = config.simulation.speed if speed is None else speed
         fleet = Fleet.from_config(
-            config, AcceleratedClock(sim_speed, resume_time(config, directory)), directory
+            config,
+            AcceleratedClock(sim_speed, resume_time(config, directory)),
+            directory,
+            integration,
+            save=False,  # the first save runs once serving: answering does not wait for it
         )
         try:
             asyncio.run(_serve(fleet, options, ready))

@@ -1339,8 +1339,10 @@ class Meter:
             "keypad": self.keypad.to_state() if self.keypad is not None else None,
             "topups_via_tokens": self.topups_via_tokens,
             "cleared_total": self.cleared_total,
-            "events": [list(row) for row in self.event_log],
-            "profile": [list(row) for row in self.load_profile],
+            # the rows are tuples of ints that are never changed in place: shared, not copied
+            # (a save takes every meter's state, up to thousands of rows each)
+            "events": list(self.event_log.buffer),
+            "profile": list(self.load_profile.buffer),
         }
 
     @classmethod

@@ -139,14 +139,19 @@ class ResidentialLoad:
         draw = random.Random((self.seed << 32) ^ (day & _MASK64)).random
         scale = self._scale
         spike = self.mean_watts * _SPIKE_SIZE
-        total = 0
-        table = array("q", [0])
-        for base in _SLOT_BASE[(day + 3) % 7 >= 5]:  # 1970-01-01 was a Thursday
-            watts = scale * base * (0.75 + 0.5 * draw())
+        size = self.SLOT
+        # every term is >= 0 (a mean of at least 0 W, a positive shape, draws in [0, 1)), so
+        # no slot's watts round below 0; scale * base is what ``scale * base * x`` multiplies
+        # first, so taking it from a table changes no bit
+        weekend = (day + 3) % 7 >= 5  # 1970-01-01 was a Thursday
+        slots: list[int] = []
+        append = slots.append
+        for scaled in (scale * base for base in _SLOT_BASE[weekend]):
+            watts = scaled * (0.75 + 0.5 * draw())
             if draw() < _SPIKE_CHANCE:  # an appliance for this slot
                 watts += spike * (1 + draw())
-            total += max(0, round(watts)) * self.SLOT
-            table.append(total)
+            append(round(watts) * size)
+        table = array("q", itertools.accumulate(slots, initial=0))
         if len(self._days) >= 2:
             del self._days[next(iter(self._days))]
         self._days[day] = table

@@ -28,9 +28,10 @@ from typing import Any
 from meter_sim import gateways as gw
 from meter_sim.config import FaultsConfig, FleetConfig
 from meter_sim.faults import FleetFaults
-from meter_sim.fleet import Fleet
+from meter_sim.fleet import Fleet, keep_for_good
 from meter_sim.modbus_server import serve_rtu, serve_tcp, serve_tcp_per_meter
 from meter_sim.mqtt_agent import AgentOptions, run_agents
+from protocols.clock import clock_speed
 from protocols.errors import ConfigError
 from protocols.mqtt import DEFAULT_PREFIX, BrokerSettings
 
@@ -102,6 +103,19 @@ class GatewayEndpoint:
         return {"name": self.name, "host": self.host, "port": self.port, "meters": self.meters}
 
 
+@dataclass(frozen=True, slots=True)
+class SimulationClock:
+    """Where the fleet's simulated time stood when it was ready: a master expects
+    ``time + speed x (real seconds since)`` from any meter's clock from then on."""
+
+    time: float  # simulated epoch seconds
+    speed: float  # simulated seconds per real second
+    integration: str  # how the meters integrate: "events" or "fixed"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"time": self.time, "speed": self.speed, "integration": self.integration}
+
+
 @dataclass(slots=True)
 class Endpoints:
     """Where the fleet can be reached once it is served (printed by ``meter-sim serve``).
@@ -116,9 +130,11 @@ class Endpoints:
     mqtt: str | None = None
     meters: dict[str, int] = field(default_factory=dict)  # meter id -> Modbus unit id
     faults: FleetFaults = field(default_factory=FleetFaults)  # the meters that inject faults
+    simulation: SimulationClock | None = None  # set once every transport listens
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "simulation": self.simulation.as_dict() if self.simulation else None,
             "modbus_tcp": self.modbus_tcp,
             "gateways": [gateway.as_dict() for gateway in self.gateways],
             "modbus_ports": self.modbus_ports,
@@ -312,6 +328,10 @@ async def _serve_endpoints(
                     len(runtimes),
                     endpoints.mqtt,
                 )
+        keep_for_good()  # the meters and their listeners, built: out of the collector's walks
+        endpoints.simulation = SimulationClock(
+            fleet.clock.now(), clock_speed(fleet.clock), fleet.integration
+        )
         if ready is not None:
             ready(endpoints)
         await fleet.run(stop, final_save=False)

@@ -8,12 +8,14 @@ meter. Each row holds the state's canonical JSON and its SHA-256, checked on loa
 checksum does not match, or a file that is not a readable database, raises StateFileError and
 the meter does not start (it never silently starts from zero).
 
-A save is split so that nothing slow runs on the event loop: :meth:`MeterStore.prepare` takes
-the state where it is taken (a fresh dict, numbered in the order taken), and
-:meth:`FleetStore.write` encodes, checksums and commits any number of them from any thread.
-Writes are serialised per database; a prepared state never replaces a newer one already
-committed, and a meter whose encoded state did not change since its last write is not written
-again.
+A save is split so that nothing slow runs on the event loop: :meth:`MeterStore.prepare` encodes
+the state where it is taken, numbered in the order taken (msgspec writes the canonical JSON,
+keys sorted and no spaces, in a tenth of the standard library's time, and leaves one bytes
+object instead of a tree of containers for the garbage collector to walk), and
+:meth:`FleetStore.write` checksums and commits any number of them from any thread, holding the
+GIL only briefly. Writes are serialised per database; a prepared state never replaces a newer
+one already committed, and a meter whose encoded state did not change since its last write is
+not written again.
 
 A state directory written before this store (one ``<meter id>.json`` per meter, meter_sim/nvm.py)
 is read as it is: a meter without a row loads from its JSON file, and its next save goes to the
@@ -26,7 +28,6 @@ store's lock): it holds its descriptors, so a save needs none when the process h
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import sqlite3
@@ -35,6 +36,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from meter_sim.nvm import StateStore
 from protocols.errors import StateFileError
@@ -54,17 +57,22 @@ _UPSERT = (
 )
 
 
+_ENCODER = msgspec.json.Encoder(order="sorted")
+_DECODER = msgspec.json.Decoder()
+
+
 def _canonical(state: dict[str, Any]) -> bytes:
-    return json.dumps(state, sort_keys=True, separators=(",", ":")).encode()
+    """The state's canonical JSON: keys sorted, no spaces (what the checksum is taken of)."""
+    return _ENCODER.encode(state)
 
 
 @dataclass(frozen=True, slots=True)
 class PreparedState:
-    """A meter's state as taken, numbered in the order it was taken."""
+    """A meter's state as taken, encoded, numbered in the order it was taken."""
 
     store: MeterStore
     generation: int
-    state: dict[str, Any]
+    body: bytes  # the canonical JSON
 
 
 class FleetStore:
@@ -171,8 +179,8 @@ class FleetStore:
         if hashlib.sha256(body).hexdigest() != digest:
             raise StateFileError(f"{where}: checksum mismatch, the stored state is corrupt")
         try:
-            state = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            state = _DECODER.decode(body)
+        except msgspec.DecodeError as exc:
             raise StateFileError(f"{where}: corrupt state: {exc}") from exc
         if not isinstance(state, dict):
             raise StateFileError(f"{where}: the state is missing")
@@ -211,11 +219,10 @@ class FleetStore:
             rows: list[tuple[str, int, str, bytes]] = []
             digests: list[tuple[PreparedState, str]] = []
             for item in newest.values():
-                body = _canonical(item.state)
-                digest = hashlib.sha256(body).hexdigest()
+                digest = hashlib.sha256(item.body).hexdigest()
                 digests.append((item, digest))
                 if digest != item.store.digest:
-                    rows.append((item.store.meter_id, FORMAT, digest, body))
+                    rows.append((item.store.meter_id, FORMAT, digest, item.body))
             if rows:
                 try:
                     connection = self._connect()
@@ -260,9 +267,10 @@ class MeterStore:
         return state
 
     def prepare(self, state: dict[str, Any]) -> PreparedState:
-        """``state`` (a dict no one else changes) ready for :meth:`FleetStore.write`."""
+        """``state`` encoded for :meth:`FleetStore.write`; call it where the state is taken."""
+        body = _canonical(state)
         self._taken += 1
-        return PreparedState(self, self._taken, state)
+        return PreparedState(self, self._taken, body)
 
     def write(self, prepared: PreparedState) -> None:
         self.fleet.write([prepared])

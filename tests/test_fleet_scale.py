@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -184,6 +185,7 @@ async def test_serve_puts_300_meters_behind_two_gateways(tmp_path: Path) -> None
         ]
         first, second = shape["gateways"]
         assert shape["modbus_tcp"] == f"127.0.0.1:{first['port']}"
+        assert shape["simulation"] == {"time": START, "speed": 1.0, "integration": "fixed"}
         assert second["meters"]["MTR-0300"] == 53
         pool = LinkPool()
         try:
@@ -201,6 +203,61 @@ async def test_serve_puts_300_meters_behind_two_gateways(tmp_path: Path) -> None
     finally:
         stop.set()
         await task
+
+
+def _serve_ready(tmp_path: Path, *options: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    """``meter-sim serve --ready-json`` of three meters at speed 3600, and its ready line."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        f'[simulation]\nstate_dir = "{tmp_path / "state"}"\n\n[[meters]]\ncount = 3\n'
+    )
+    command = [sys.executable, "-m", "cli.meter_sim", "serve", "--config", str(config)]
+    command += ["--modbus-port", "0", "--ready-json", "--speed", "3600", *options]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait(timeout=30)
+        raise AssertionError(f"serve exited: {proc.stderr.read() if proc.stderr else ''}")
+    return proc, json.loads(line)
+
+
+async def _meter_time(address: str, unit: int) -> int:
+    pool = LinkPool()
+    try:
+        link = await open_link(f"tcp://{address}/{unit}", pool=pool)
+        return (await link.read_snapshot()).time
+    finally:
+        await pool.close()
+
+
+def test_serve_integrates_the_event_driven_way_unless_told_and_its_clock_keeps_pace(
+    tmp_path: Path,
+) -> None:
+    """The ready line tells the simulated time, the clock's speed and the integration (events
+    unless --integration fixed); a meter's clock read later is at least that time plus speed
+    times the real seconds since the line came."""
+    served = [
+        _serve_ready(tmp_path / "events"),
+        _serve_ready(tmp_path / "fixed", "--integration", "fixed"),
+    ]
+    try:
+        for (proc, ready), way in zip(served, ["events", "fixed"], strict=True):
+            read_at = time.monotonic()
+            simulation = ready["simulation"]
+            assert (simulation["speed"], simulation["integration"]) == (3600.0, way)
+            time.sleep(0.5)  # half a simulated hour
+            expected = simulation["time"] + 3600 * (time.monotonic() - read_at)
+            shown = asyncio.run(_meter_time(ready["modbus_tcp"], 1))
+            assert shown >= int(expected) - 1  # the clock register holds whole seconds
+            assert proc.poll() is None
+    finally:
+        for proc, _ in served:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _ in served:
+            _, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, stderr
 
 
 # -- never die of load ---------------------------------------------------------------------------
@@ -362,3 +419,26 @@ def test_the_last_save_is_retried_and_its_failure_raised(tmp_path: Path) -> None
     flaky.failures = 3
     with pytest.raises(StateFileError, match="disk full"):
         fleet.final_save(attempts=3, pause=0)
+
+
+async def test_a_fleet_opened_unsaved_is_saved_first_thing_when_it_runs(tmp_path: Path) -> None:
+    """``meter-sim serve`` answers before the meters' first save: the fleet saves them as soon
+    as it runs, not a save interval later."""
+    fleet = Fleet.from_config(
+        _fleet(3, save_seconds=3600), ManualClock(START), tmp_path, save=False
+    )
+    assert not fleet.saved
+    assert FleetStore(tmp_path).load_many(["MTR-0001"]) == {}
+    stop = asyncio.Event()
+    task = asyncio.create_task(fleet.run(stop, final_save=False))
+    try:
+        deadline = time.monotonic() + 30
+        while not fleet.saved:
+            assert time.monotonic() < deadline, "the fleet was not saved"
+            await asyncio.sleep(0.01)
+        saved = FleetStore(tmp_path).load_many(["MTR-0001", "MTR-0002", "MTR-0003"])
+        assert sorted(saved) == ["MTR-0001", "MTR-0002", "MTR-0003"]
+        assert saved["MTR-0001"]["true_time"] == START
+    finally:
+        stop.set()
+        await task

@@ -33,6 +33,19 @@ def test_residential_is_deterministic_and_shaped() -> None:
     assert evening > night
 
 
+def test_residential_days_are_the_same_draws_as_ever() -> None:
+    """Fixed vectors: the watt-seconds of a weekday (2026-01-01, a Thursday) and a weekend
+    day (2026-01-03, a Saturday) of a 400 W household of seed 7, 3 h ahead of UTC, as the
+    slot-by-slot drawing first gave them."""
+    load = ResidentialLoad(400, 7, 180)
+    for day, end, samples in [
+        (20454, 33_952_800, (33_600, 9_086_100, 18_999_000)),
+        (20456, 36_126_600, (38_400, 10_907_400, 23_840_100)),
+    ]:
+        table = load._table(day)
+        assert (table[-1], (table[1], table[100], table[200])) == (end, samples)
+
+
 def test_residential_timezone_shifts_the_shape() -> None:
     utc = ResidentialLoad(450, seed=1)
     east = ResidentialLoad(450, seed=1, timezone_minutes=180)
