@@ -101,7 +101,10 @@ async def _run(url: str, ops: list[Operation]) -> None:
                 assert again.answer["payment_id"] == payment_id
             elif kind == "conflict":
                 request, _ = taken[index % len(taken)]
-                other = PaymentRequest(request.channel, request.reference, request.meter_id, "9.99")
+                changed = "9.98" if request.amount == "9.99" else "9.99"  # never the same body
+                other = PaymentRequest(
+                    request.channel, request.reference, request.meter_id, changed
+                )
                 try:
                     await pay(database, other, now, actor="t")
                 except PaymentRefused as refused:
