@@ -14,7 +14,6 @@ claims the dispatcher works under, and every transition with its audit entry and
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -37,6 +36,7 @@ from headend.domain.commands import (
 )
 from headend.storage import audit
 from headend.storage.database import Database, storage_errors
+from headend.storage.groups import GroupCommit
 from headend.storage.notices import notice_row
 from headend.storage.readings import insert_all, insert_rows, update_rows
 from headend.storage.schema import (
@@ -578,9 +578,13 @@ async def record_in(
     return done
 
 
+#: one transition asked for: the claimed command, its step, the step's options
+Job = tuple[Claimed, Transition, dict[str, Any]]
+
+
 async def record_many(
     session: Any,
-    jobs: Sequence[tuple[Claimed, Transition, dict[str, Any]]],
+    jobs: Sequence[Job],
     writes: Writes,
 ) -> list[Claimed | None]:
     """Write each job's step for its claimed command in ``session``'s transaction, with its
@@ -644,58 +648,32 @@ class Recorder:
 
     def __init__(self, db: Database, most: int = 256) -> None:
         self.db = db
-        self.most = most
-        self.transactions = 0  # how many it made, for measurements
-        self._waiting: list[tuple[Claimed, Transition, dict[str, Any], asyncio.Future[Any]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[Job, Claimed | None] = GroupCommit(
+            self._write, most=most, name="command transitions"
+        )
+
+    @property
+    def transactions(self) -> int:
+        """How many transactions it made, for measurements."""
+        return self._group.batches
 
     async def record(self, command: Claimed, step: Transition, **options: Any) -> Claimed | None:
-        future: asyncio.Future[Claimed | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((command, step, options, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="command transitions")
-        return await asyncio.shield(future)
+        return await self._group.submit((command, step, options))
 
-    async def record_steps(
-        self, jobs: Sequence[tuple[Claimed, Transition, dict[str, Any]]]
-    ) -> Claimed | None:
+    async def record_steps(self, jobs: Sequence[Job]) -> Claimed | None:
         """Several steps of one command, in order, in one transaction when they fit in one
         batch (each behind its fence); the command after the last, or None if a fence did not
         hold."""
-        loop = asyncio.get_running_loop()
-        futures: list[asyncio.Future[Claimed | None]] = []
-        for command, step, options in jobs:
-            futures.append(loop.create_future())
-            self._waiting.append((command, step, options, futures[-1]))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="command transitions")
-        results = await asyncio.gather(*(asyncio.shield(future) for future in futures))
+        results = await self._group.submit_all(jobs)
         return None if any(r is None for r in results) else results[-1]
 
-    async def _write(self) -> None:
-        while self._waiting:
-            await asyncio.sleep(0)  # the callers running now add theirs to this batch
-            batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
-            try:
-                with storage_errors("recording command transitions"):
-                    async with self.db.begin() as session:
-                        writes = Writes()
-                        results = await record_many(
-                            session,
-                            [(command, step, options) for command, step, options, _ in batch],
-                            writes,
-                        )
-                        await writes.flush(session)
-            except Exception as exc:
-                for *_, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            finally:
-                self.transactions += 1
-            for (*_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+    async def _write(self, jobs: Sequence[Job]) -> list[Claimed | None]:
+        with storage_errors("recording command transitions"):
+            async with self.db.begin() as session:
+                writes = Writes()
+                results = await record_many(session, jobs, writes)
+                await writes.flush(session)
+                return results
 
 
 async def release_command(db: Database, command: Claimed, when: datetime, why: str) -> bool:

@@ -51,6 +51,7 @@ from headend.domain.notices import Kind as NoticeKind
 from headend.storage import audit
 from headend.storage.commands import claim_rows, recipients
 from headend.storage.database import Database, insert_ignore, storage_errors
+from headend.storage.groups import GroupCommit
 from headend.storage.ledger import _Posting as Posting
 from headend.storage.ledger import post, post_many
 from headend.storage.notices import notice_row
@@ -403,34 +404,17 @@ class GroupWriter:
 
     def __init__(self, db: Database, most: int = 256) -> None:
         self.db = db
-        self.most = most
-        self.transactions = 0  # how many it made, for measurements
-        self._waiting: list[tuple[_Job[Any], asyncio.Future[Any]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[_Job[Any], Any] = GroupCommit(
+            lambda jobs: _run_jobs(db, jobs), most=most, name="credit transfer steps"
+        )
+
+    @property
+    def transactions(self) -> int:
+        """How many transactions it made, for measurements."""
+        return self._group.batches
 
     async def run(self, job: _Job[T]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._waiting.append((job, future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="credit transfer steps")
-        return await asyncio.shield(future)
-
-    async def _write(self) -> None:
-        while self._waiting:
-            await asyncio.sleep(0)  # the callers running now add theirs to this batch
-            batch, self._waiting = self._waiting[: self.most], self._waiting[self.most :]
-            try:
-                results = await _run_jobs(self.db, [job for job, _ in batch])
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            finally:
-                self.transactions += 1
-            for (_, future), result in zip(batch, results, strict=True):
-                if not future.done():
-                    future.set_result(result)
+        return cast(T, await self._group.submit(job))
 
 
 async def _run_jobs(db: Database, jobs: Sequence[_Job[Any]]) -> list[Any]:

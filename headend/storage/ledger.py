@@ -15,7 +15,6 @@ statement per table.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import secrets
@@ -60,6 +59,7 @@ from headend.storage.database import (
     insert_new,
     storage_errors,
 )
+from headend.storage.groups import GroupCommit
 from headend.storage.registry import tariff_record
 from headend.storage.schema import (
     Account,
@@ -985,10 +985,14 @@ class PaymentIntake:
 
     def __init__(self, db: Database, most: int = 64) -> None:
         self.db = db
-        self.most = most
-        self.groups = 0  # how many groups it took, for measurements
-        self._waiting: list[tuple[_Taking, asyncio.Future[_Taking]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._group: GroupCommit[_Taking, _Taking] = GroupCommit(
+            lambda takings: _take(db, takings), most=most, name="payment groups", turn=db.writing
+        )
+
+    @property
+    def groups(self) -> int:
+        """How many groups it took, for measurements."""
+        return self._group.batches
 
     async def pay(
         self,
@@ -999,32 +1003,9 @@ class PaymentIntake:
         source: str = "api",
         key: str | None = None,
     ) -> PaymentAnswer:
-        future: asyncio.Future[_Taking] = asyncio.get_running_loop().create_future()
         key_hash = None if key is None else _key_hash(key)
-        self._waiting.append((_Taking(request, now, actor, source, key_hash), future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write(), name="payment groups")
-        taking = await asyncio.shield(future)
+        taking = await self._group.submit(_Taking(request, now, actor, source, key_hash))
         return taking.answer()
-
-    async def _write(self) -> None:
-        while self._waiting:
-            try:
-                async with self.db.writing():
-                    await asyncio.sleep(0)  # the callers running now add theirs to this group
-                    batch = self._waiting[: self.most]
-                    self._waiting = self._waiting[self.most :]
-                    await _take(self.db, [taking for taking, _ in batch])
-            except Exception as exc:
-                for _, future in batch:
-                    if not future.done():
-                        future.set_exception(exc)
-                continue
-            finally:
-                self.groups += 1
-            for taking, future in batch:
-                if not future.done():
-                    future.set_result(taking)
 
 
 @dataclass(slots=True)
