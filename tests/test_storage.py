@@ -189,6 +189,55 @@ async def test_a_statement_gives_its_rows_row_count_and_errors(db_url: str) -> N
         await db.close()
 
 
+async def test_a_write_transaction_runs_its_small_statements_in_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # headend/storage/sqlite.py: after BEGIN IMMEDIATE, small statements skip the trip to the
+    # connection's thread; large ones, reads and the commit still take it
+    import aiosqlite
+
+    from headend.storage import sqlite as hes_sqlite
+
+    db = await open_database(f"sqlite:///{tmp_path / 'hes.db'}", check=False)
+    await db.upgrade()
+    trips: list[str] = []
+    real = aiosqlite.Connection._execute
+
+    async def counted(
+        self: aiosqlite.Connection, fn: object, *args: object, **kwargs: object
+    ) -> object:
+        trips.append(str(args[1]) if len(args) > 1 else getattr(fn, "__name__", "?"))
+        return await real(self, fn, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    monkeypatch.setattr(hes_sqlite, "IN_PLACE_MOST", 5 * 16)  # a reading has 15 values
+    try:
+        await _meter(db.url)
+        async with db.begin() as session:
+            await session.connection()  # BEGIN IMMEDIATE, in the thread
+            trips.clear()
+            await insert_ignore(session, Reading, [_reading(t, t) for t in (100, 200)])
+            await session.execute(update(Reading).values(energy_import_wh=7))
+            assert trips == []  # in place
+            await insert_ignore(session, Reading, [_reading(t, t) for t in range(300, 1300, 100)])
+            assert len(trips) == 1  # 150 values: to the thread
+        assert "commit" in trips  # and its sync, in the thread
+        async with db.read() as session:
+            trips.clear()
+            assert await session.scalar(select(func.count()).select_from(Reading)) == 12
+            assert any("SELECT count" in t for t in trips)  # a read goes to the thread
+        with pytest.raises(StorageError, match="IntegrityError"):
+            async with db.begin() as session:
+                await session.execute(insert(Reading), [_reading(100, 1)])  # in place, fails
+        async with db.begin() as session:  # the connection is clean again
+            await session.execute(update(Reading).values(energy_import_wh=8))
+        async with db.read() as session:
+            found = await session.scalars(select(Reading.energy_import_wh).distinct())
+            assert found.all() == [8]
+    finally:
+        await db.close()
+
+
 async def test_a_durable_transaction_syncs_its_commit_and_the_others_do_not(
     tmp_path: Path,
 ) -> None:

@@ -244,6 +244,9 @@ def _engine(text: str) -> AsyncEngine:
     async_url = _async_url(text)
     options: dict[str, Any] = {}
     if async_url.get_backend_name() == "sqlite":
+        # a write transaction's small statements run on the event loop's thread, the rest on
+        # the connection's own (headend.storage.sqlite): never both at once
+        options["connect_args"] = {"check_same_thread": False}
         database = async_url.database
         if database and database != ":memory:":
             parent = Path(database).expanduser().resolve().parent
