@@ -70,6 +70,11 @@ class Pending:
     detail: dict[str, Any]
 
 
+_CHAIN_END = (
+    select(AuditEntry.position, AuditEntry.hash).order_by(AuditEntry.position.desc()).limit(1)
+)
+
+
 async def append_many(session: AsyncSession, pending: Sequence[Pending]) -> list[Entry]:
     """Append several entries in ``session``'s transaction, in order, with one read of the
     chain's end and one insert (the same chain as that many :func:`append` calls)."""
@@ -85,13 +90,7 @@ async def append_many(session: AsyncSession, pending: Sequence[Pending]) -> list
     if kept is not None and kept[0] is transaction:
         position, previous = kept[1] + 1, kept[2]
     else:
-        last = (
-            await session.execute(
-                select(AuditEntry.position, AuditEntry.hash)
-                .order_by(AuditEntry.position.desc())
-                .limit(1)
-            )
-        ).first()
+        last = (await session.execute(_CHAIN_END)).first()
         position, previous = (1, GENESIS) if last is None else (last[0] + 1, last[1])
     entries: list[Entry] = []
     rows: list[dict[str, Any]] = []

@@ -496,8 +496,7 @@ async def _account_ids(
     """The ledger accounts' ids, creating the ones that are new (a look first: they exist
     but for an account's first payments)."""
     codes = {a.code: a for a in accounts}
-    query = select(LedgerAccount.code, LedgerAccount.id)
-    found = await session.execute(query.where(LedgerAccount.code.in_(list(codes))))
+    found = await session.execute(_ACCOUNT_IDS, {"codes": list(codes)})
     ids: dict[str, int] = {code: account_id for code, account_id in found}
     new = [a for code, a in codes.items() if code not in ids]
     if new:
@@ -513,7 +512,7 @@ async def _account_ids(
             for a in new
         ]
         await insert_ignore(session, LedgerAccount, rows)
-        found = await session.execute(query.where(LedgerAccount.code.in_([a.code for a in new])))
+        found = await session.execute(_ACCOUNT_IDS, {"codes": [a.code for a in new]})
         ids.update({code: account_id for code, account_id in found})
     return {a: ids[a.code] for a in accounts}
 
@@ -540,6 +539,21 @@ def _table(model: type[Base]) -> Table:
 _TRANSACTIONS = _table(LedgerTransaction)
 _POSTINGS = _table(LedgerPosting)
 _ACCOUNTS = _table(LedgerAccount)
+
+# The statements of the payment path, built once: building one costs more CPU than running it
+# on SQLite (see headend/storage/sqlite.py).
+_ACCOUNT_IDS = select(_ACCOUNTS.c.code, _ACCOUNTS.c.id).where(
+    _ACCOUNTS.c.code.in_(bindparam("codes", expanding=True))
+)
+_INSERT_TRANSACTIONS = insert(_TRANSACTIONS).returning(
+    _TRANSACTIONS.c.audit_position, _TRANSACTIONS.c.id
+)
+_INSERT_POSTINGS = insert(_POSTINGS)
+_MOVE_BALANCES = (
+    update(_ACCOUNTS)
+    .where(_ACCOUNTS.c.id == bindparam("account"))
+    .values(balance=_ACCOUNTS.c.balance + bindparam("moved"))
+)
 
 
 async def post(
@@ -586,7 +600,7 @@ async def post_many(session: AsyncSession, postings: Sequence[_Posting]) -> list
     # one multi-row INSERT; each id found by its (unique) audit position, as SQLite promises
     # no order of RETURNING rows (sort_by_parameter_order would insert them one at a time)
     inserted = await session.execute(
-        insert(_TRANSACTIONS).returning(_TRANSACTIONS.c.audit_position, _TRANSACTIONS.c.id),
+        _INSERT_TRANSACTIONS,
         [
             {
                 "kind": str(p.transaction.kind),
@@ -609,15 +623,10 @@ async def post_many(session: AsyncSession, postings: Sequence[_Posting]) -> list
                 {"transaction_id": transaction_id, "account_id": account_id, "amount": leg.amount}
             )
             moved[account_id] = moved.get(account_id, 0) + leg.amount
-    await session.execute(insert(_POSTINGS), rows)
+    await session.execute(_INSERT_POSTINGS, rows)
     balances = [{"account": a, "moved": n} for a, n in sorted(moved.items()) if n]
     if balances:  # in the accounts' order: two writers lock their rows in the same order
-        await session.execute(
-            update(_ACCOUNTS)
-            .where(_ACCOUNTS.c.id == bindparam("account"))
-            .values(balance=_ACCOUNTS.c.balance + bindparam("moved")),
-            balances,
-        )
+        await session.execute(_MOVE_BALANCES, balances)
     return transaction_ids
 
 
@@ -687,12 +696,7 @@ async def _vendees(
     session: AsyncSession, meter_ids: Sequence[str]
 ) -> dict[str, Vendee | PaymentRefused]:
     """Each meter's :class:`Vendee`, or why it cannot be paid for; one query."""
-    found = await session.execute(
-        select(Meter, Account, Tariff)
-        .outerjoin(Account, Account.id == Meter.account_id)
-        .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
-        .where(Meter.id.in_(sorted(set(meter_ids))))
-    )
+    found = await session.execute(_VENDEES, {"meters": sorted(set(meter_ids))})
     rows = {meter.id: (meter, account, tariff) for meter, account, tariff in found}
     out: dict[str, Vendee | PaymentRefused] = {}
     for meter_id in meter_ids:
@@ -701,6 +705,14 @@ async def _vendees(
         except PaymentRefused as refused:
             out[meter_id] = refused
     return out
+
+
+_VENDEES = (
+    select(Meter, Account, Tariff)
+    .outerjoin(Account, Account.id == Meter.account_id)
+    .outerjoin(Tariff, Tariff.id == Meter.tariff_id)
+    .where(Meter.id.in_(bindparam("meters", expanding=True)))
+)
 
 
 def _vendee_of(meter_id: str, row: tuple[Meter, Account | None, Tariff | None] | None) -> Vendee:
@@ -786,6 +798,33 @@ def _month_start(now: datetime, tariff: TariffRecord) -> datetime:
     return local.replace(day=1, hour=0, minute=0, second=0, microsecond=0) - offset
 
 
+_MONTH_SO_FAR = (
+    select(
+        Payment.account_id,
+        func.coalesce(func.sum(Payment.service_charge), 0),
+        func.coalesce(func.sum(Payment.wh), 0),
+    )
+    .where(
+        Payment.account_id.in_(bindparam("accounts", expanding=True)),
+        Payment.state == "accepted",
+        Payment.paid_at >= bindparam("since"),
+    )
+    .group_by(Payment.account_id)
+)
+_UNDELIVERED = (
+    select(Payment.account_id, func.coalesce(func.sum(CreditTransfer.value), 0))
+    .join(Payment, Payment.id == CreditTransfer.payment_id)
+    .where(
+        Payment.account_id.in_(bindparam("accounts", expanding=True)),
+        CreditTransfer.state.in_(HELD),
+    )
+    .group_by(Payment.account_id)
+)
+_BALANCES = select(LedgerAccount.code, LedgerAccount.balance).where(
+    LedgerAccount.code.in_(bindparam("codes", expanding=True))
+)
+
+
 async def _situations(
     session: AsyncSession, vendees: Sequence[Vendee], now: datetime
 ) -> dict[str, Situation]:
@@ -798,35 +837,16 @@ async def _situations(
         by_start.setdefault(_month_start(now, v.tariff), []).append(v.account)
     month: dict[str, tuple[int, int]] = {}
     for since, named in by_start.items():
-        found = await session.execute(
-            select(
-                Payment.account_id,
-                func.coalesce(func.sum(Payment.service_charge), 0),
-                func.coalesce(func.sum(Payment.wh), 0),
-            )
-            .where(
-                Payment.account_id.in_(named),
-                Payment.state == "accepted",
-                Payment.paid_at >= since,
-            )
-            .group_by(Payment.account_id)
-        )
+        found = await session.execute(_MONTH_SO_FAR, {"accounts": named, "since": since})
         month.update({a: (int(s), int(w)) for a, s, w in found})
-    undelivered = await session.execute(
-        select(Payment.account_id, func.coalesce(func.sum(CreditTransfer.value), 0))
-        .join(Payment, Payment.id == CreditTransfer.payment_id)
-        .where(Payment.account_id.in_(accounts), CreditTransfer.state.in_(HELD))
-        .group_by(Payment.account_id)
-    )
+    undelivered = await session.execute(_UNDELIVERED, {"accounts": accounts})
     owed = {a: int(n) for a, n in undelivered}
     refs = {
         v.account: (prepaid(v.account, v.tariff.currency), debt(v.account, v.tariff.currency))
         for v in vendees
     }
     balances = await session.execute(
-        select(LedgerAccount.code, LedgerAccount.balance).where(
-            LedgerAccount.code.in_([ref.code for pair in refs.values() for ref in pair])
-        )
+        _BALANCES, {"codes": [ref.code for pair in refs.values() for ref in pair]}
     )
     cached = {code: int(balance) for code, balance in balances}
     out: dict[str, Situation] = {}
@@ -1092,6 +1112,14 @@ class _Accepted:
     token: str | None = None
 
 
+_CHANNELS = select(PaymentChannel).where(
+    PaymentChannel.name.in_(bindparam("names", expanding=True))
+)
+_EXISTING = select(Payment).where(
+    tuple_(Payment.channel_id, Payment.reference).in_(bindparam("keys", expanding=True))
+)
+
+
 async def _pay_group(session: AsyncSession, group: Sequence[_Taking]) -> list[_Taking]:
     """Take the payments of ``group`` in ``session``'s transaction: every check first (a
     refusal writes nothing), then the accepted ones' rows, one statement per table. Returns
@@ -1099,12 +1127,7 @@ async def _pay_group(session: AsyncSession, group: Sequence[_Taking]) -> list[_T
     request under one reference)."""
     requests = [t.request for t in group]
     names = sorted({r.channel for r in requests})
-    channels = {
-        c.name: c
-        for c in (
-            await session.scalars(select(PaymentChannel).where(PaymentChannel.name.in_(names)))
-        ).all()
-    }
+    channels = {c.name: c for c in (await session.scalars(_CHANNELS, {"names": names})).all()}
     later: list[_Taking] = []
     seen: set[tuple[int, str]] = set()
     open_: list[tuple[_Taking, PaymentChannel]] = []
@@ -1129,13 +1152,7 @@ async def _pay_group(session: AsyncSession, group: Sequence[_Taking]) -> list[_T
         return later
     existing = {
         (p.channel_id, p.reference): p
-        for p in (
-            await session.scalars(
-                select(Payment).where(
-                    tuple_(Payment.channel_id, Payment.reference).in_(sorted(seen))
-                )
-            )
-        ).all()
+        for p in (await session.scalars(_EXISTING, {"keys": sorted(seen)})).all()
     }
     checked: list[tuple[_Taking, PaymentChannel, str, datetime, str]] = []
     for taking, channel in open_:
@@ -1214,28 +1231,18 @@ async def _deliver(session: AsyncSession, owed: Sequence[_Accepted]) -> None:
     payment). The meters' vending rows are locked (created when new) and their numbers kept;
     each payment's ``delivery`` row is written by the caller with its payment id."""
     meter_ids = sorted({a.vendee.meter.id for a in owed})
-    locked = (
-        select(MeterVending)
-        .where(MeterVending.meter_id.in_(meter_ids))
-        .order_by(MeterVending.meter_id)
-        .with_for_update()
-        .execution_options(populate_existing=True)
-    )
-    vending = {row.meter_id: row for row in (await session.scalars(locked)).all()}
+    named = {"meters": meter_ids}
+    vending = {row.meter_id: row for row in (await session.scalars(_LOCK_VENDING, named)).all()}
     if len(vending) < len(meter_ids):  # a meter's first credit: its row made, then locked
         await insert_ignore(
             session, MeterVending, [{"meter_id": m, "last_transfer": 0} for m in meter_ids]
         )
-        vending = {row.meter_id: row for row in (await session.scalars(locked)).all()}
+        vending = {row.meter_id: row for row in (await session.scalars(_LOCK_VENDING, named)).all()}
     keypads = {a.vendee.meter.id for a in owed if a.vendee.keypad}
     remote = [m for m in meter_ids if m not in keypads]
     reported: dict[str, int] = {}
     if remote:
-        found = await session.execute(
-            select(Reading.meter_id, func.max(Reading.last_transfer))
-            .where(Reading.meter_id.in_(remote))
-            .group_by(Reading.meter_id)
-        )
+        found = await session.execute(_REPORTED, {"meters": remote})
         reported = {m: int(n or 0) for m, n in found}
     changed: list[dict[str, Any]] = []
     for a in owed:
@@ -1272,18 +1279,38 @@ async def _deliver(session: AsyncSession, owed: Sequence[_Accepted]) -> None:
             "updated_at": now,
         }
     if changed:
-        await session.execute(
-            update(_VENDING)
-            .where(_VENDING.c.meter_id == bindparam("meter"))
-            .values(last_transfer=bindparam("transfer"), last_tid=bindparam("tid")),
-            changed,
-        )
+        await session.execute(_NEXT_NUMBERS, changed)
 
 
 _VENDING = _table(MeterVending)
 _PAYMENTS = _table(Payment)
 _RECEIPTS = _table(Receipt)
 _TRANSFERS = _table(CreditTransfer)
+_LOCK_VENDING = (
+    select(MeterVending)
+    .where(MeterVending.meter_id.in_(bindparam("meters", expanding=True)))
+    .order_by(MeterVending.meter_id)
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
+_REPORTED = (
+    select(Reading.meter_id, func.max(Reading.last_transfer))
+    .where(Reading.meter_id.in_(bindparam("meters", expanding=True)))
+    .group_by(Reading.meter_id)
+)
+_NEXT_NUMBERS = (
+    update(_VENDING)
+    .where(_VENDING.c.meter_id == bindparam("meter"))
+    .values(last_transfer=bindparam("transfer"), last_tid=bindparam("tid"))
+)
+_INSERT_PAYMENTS = insert(_PAYMENTS).returning(
+    _PAYMENTS.c.channel_id, _PAYMENTS.c.reference, _PAYMENTS.c.id
+)
+_INSERT_RECEIPTS = insert(_RECEIPTS)
+_INSERT_TRANSFERS = insert(_TRANSFERS)
+_KEEP_ANSWERS = (
+    update(_PAYMENTS).where(_PAYMENTS.c.id == bindparam("payment")).values(answer=bindparam("doc"))
+)
 
 
 async def _write_payments(session: AsyncSession, accepted: Sequence[_Accepted]) -> None:
@@ -1317,7 +1344,7 @@ async def _write_payments(session: AsyncSession, accepted: Sequence[_Accepted]) 
         )
     transaction_ids = await post_many(session, postings)
     inserted = await session.execute(  # one multi-row INSERT, ids found by their references
-        insert(_PAYMENTS).returning(_PAYMENTS.c.channel_id, _PAYMENTS.c.reference, _PAYMENTS.c.id),
+        _INSERT_PAYMENTS,
         [
             {
                 "channel_id": a.channel.id,
@@ -1354,7 +1381,7 @@ async def _write_payments(session: AsyncSession, accepted: Sequence[_Accepted]) 
     last = await _next_numbers(session, "receipt", len(accepted))
     receipts = range(last - len(accepted) + 1, last + 1)
     await session.execute(
-        insert(_RECEIPTS),
+        _INSERT_RECEIPTS,
         [
             {"number": number, "payment_id": payment_id, "issued_at": a.taking.now}
             for a, payment_id, number in zip(accepted, payment_ids, receipts, strict=True)
@@ -1366,7 +1393,7 @@ async def _write_payments(session: AsyncSession, accepted: Sequence[_Accepted]) 
         if a.delivery is not None
     ]
     if transfers:
-        await session.execute(insert(_TRANSFERS), transfers)
+        await session.execute(_INSERT_TRANSFERS, transfers)
     answers = []
     for a, payment_id, receipt in zip(accepted, payment_ids, receipts, strict=True):
         request, tariff = a.taking.request, a.vendee.tariff
@@ -1390,28 +1417,26 @@ async def _write_payments(session: AsyncSession, accepted: Sequence[_Accepted]) 
         }
         answers.append({"payment": payment_id, "doc": json.dumps(answer, sort_keys=True)})
         a.taking.outcome = PaymentAnswer(answer, replayed=False)
-    await session.execute(
-        update(_PAYMENTS)
-        .where(_PAYMENTS.c.id == bindparam("payment"))
-        .values(answer=bindparam("doc")),
-        answers,
-    )
+    await session.execute(_KEEP_ANSWERS, answers)
+
+
+_TAKE_NUMBERS = (
+    update(LedgerCounter)
+    .where(LedgerCounter.name == bindparam("counter"))
+    .values(value=LedgerCounter.value + bindparam("count"))
+    .returning(LedgerCounter.value)
+)
 
 
 async def _next_numbers(session: AsyncSession, name: str, count: int = 1) -> int:
     """Take the next ``count`` numbers of the gapless counter ``name`` in this transaction;
     the last of them (its row is locked until the transaction ends, so numbers are never
     skipped or shared)."""
-    statement = (
-        update(LedgerCounter)
-        .where(LedgerCounter.name == name)
-        .values(value=LedgerCounter.value + count)
-        .returning(LedgerCounter.value)
-    )
-    value = await session.scalar(statement)
+    named = {"counter": name, "count": count}
+    value = await session.scalar(_TAKE_NUMBERS, named)
     if value is None:  # the counter's first use
         await insert_ignore(session, LedgerCounter, [{"name": name, "value": 0}])
-        value = await session.scalar(statement)
+        value = await session.scalar(_TAKE_NUMBERS, named)
     assert value is not None
     return int(value)
 
