@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, or_, select, update
 from sqlalchemy.orm import aliased
 
 from headend.domain.commands import (
@@ -432,27 +432,42 @@ async def _queue_all(
     return queued
 
 
-async def claim_rows(db: Database, table: Any, due: Any, lease: Any, doing: str) -> Sequence[Any]:
-    """Lease due rows of ``table`` (commands, credit transfers): look first with ``due`` (nothing
-    due, the usual case, takes no write lock), then run ``lease`` (an UPDATE … RETURNING the
-    ids) and read the leased rows back, by id, each with its meter's endpoint, transport and
-    gateway."""
+async def claim_rows(
+    db: Database,
+    table: Any,
+    due: Any,
+    lease: Any,
+    doing: str,
+    *,
+    parameters: dict[str, Any] | None = None,
+) -> Sequence[Any]:
+    """Lease due rows of ``table`` (commands, credit transfers): look first with ``due`` (a
+    select of at most one row; nothing due, the usual case, takes no write lock), then run
+    ``lease`` (an UPDATE … RETURNING the ids) and read the leased rows back, by id, each with
+    its meter's endpoint, transport and gateway. ``parameters`` are the bind parameters of
+    ``due`` and ``lease``."""
+    named = parameters or {}
     with storage_errors(doing):
         async with db.read() as session:
-            if (await session.execute(due.limit(1))).first() is None:
+            if (await session.execute(due, named)).first() is None:
                 return []
         async with db.begin() as session:
-            ids = (await session.execute(lease)).scalars().all()
+            ids = (await session.execute(lease, named)).scalars().all()
             if not ids:
                 return []
-            return (
-                await session.execute(
+            leased = _LEASED.get(table)
+            if leased is None:
+                leased = _LEASED[table] = (
                     select(table, Meter.endpoint, Meter.transport, Meter.gateway)
                     .join(Meter, Meter.id == table.meter_id)
-                    .where(table.id.in_(ids))
+                    .where(table.id.in_(bindparam("ids", expanding=True)))
                     .order_by(table.id)
                 )
-            ).all()
+            return (await session.execute(leased, {"ids": list(ids)})).all()
+
+
+#: the read-back of :func:`claim_rows`, by table, built once
+_LEASED: dict[Any, Any] = {}
 
 
 async def claim_commands(
@@ -499,7 +514,7 @@ async def claim_commands(
     )
     if meter_ids is not None:
         due = due.where(CommandRow.meter_id.in_(list(meter_ids)))
-    rows = await claim_rows(db, CommandRow, due, statement, "claiming commands")
+    rows = await claim_rows(db, CommandRow, due.limit(1), statement, "claiming commands")
     return [
         Claimed(
             row.id,

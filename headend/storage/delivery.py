@@ -31,7 +31,7 @@ from datetime import datetime, timedelta
 from typing import Any, Generic, Literal, TypeVar, cast
 
 import psycopg
-from sqlalchemy import and_, exists, func, literal_column, or_, select, update
+from sqlalchemy import and_, bindparam, exists, func, literal_column, or_, select, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import aliased
@@ -174,8 +174,50 @@ def _view(row: CreditTransfer) -> TransferView:
     )
 
 
-def _due(now: datetime) -> Any:
-    return or_(CreditTransfer.next_attempt_at.is_(None), CreditTransfer.next_attempt_at <= now)
+def _claim_statements(narrowed: bool) -> tuple[Any, Any]:
+    """The look (is anything due?) and the lease (UPDATE … RETURNING the ids) of
+    :func:`claim_transfers`, with bind parameters ``now``, ``until``, ``worker``, ``most`` (and
+    ``meters`` when ``narrowed``): built once, as building them costs more than running them."""
+    lower = aliased(CreditTransfer)
+    workable = [s.value for s in WORKABLE]
+    now: Any = bindparam("now")
+    due_now = or_(CreditTransfer.next_attempt_at.is_(None), CreditTransfer.next_attempt_at <= now)
+    candidates = (
+        select(CreditTransfer.id)
+        .where(CreditTransfer.kind == "transfer")
+        .where(CreditTransfer.state.in_(workable))
+        .where(due_now)
+        .where(or_(CreditTransfer.lease_until.is_(None), CreditTransfer.lease_until < now))
+        .where(
+            ~exists().where(
+                and_(
+                    lower.meter_id == CreditTransfer.meter_id,
+                    lower.kind == "transfer",
+                    lower.number < CreditTransfer.number,
+                    lower.state.in_(workable),
+                )
+            )
+        )
+        .order_by(CreditTransfer.id)
+        .limit(bindparam("most"))
+        .with_for_update(skip_locked=True, of=CreditTransfer)
+    )
+    due = select(CreditTransfer.id).where(
+        CreditTransfer.kind == "transfer", CreditTransfer.state.in_(workable), due_now
+    )
+    if narrowed:
+        meters = CreditTransfer.meter_id.in_(bindparam("meters", expanding=True))
+        candidates, due = candidates.where(meters), due.where(meters)
+    lease = (
+        update(CreditTransfer)
+        .where(CreditTransfer.id.in_(candidates.scalar_subquery()))
+        .values(lease_owner=bindparam("worker"), lease_until=bindparam("until"))
+        .returning(CreditTransfer.id)
+    )
+    return due.limit(1), lease
+
+
+_CLAIM = {narrowed: _claim_statements(narrowed) for narrowed in (False, True)}
 
 
 async def claim_transfers(
@@ -189,41 +231,13 @@ async def claim_transfers(
 ) -> list[Held]:
     """Claim up to ``limit`` due transfers, the lowest-numbered unfinished one of each meter,
     not leased by a live worker; ``meter_ids`` narrows it to those meters."""
-    lower = aliased(CreditTransfer)
-    workable = [s.value for s in WORKABLE]
-    candidates = (
-        select(CreditTransfer.id)
-        .where(CreditTransfer.kind == "transfer")
-        .where(CreditTransfer.state.in_(workable))
-        .where(_due(now))
-        .where(or_(CreditTransfer.lease_until.is_(None), CreditTransfer.lease_until < now))
-        .where(
-            ~exists().where(
-                and_(
-                    lower.meter_id == CreditTransfer.meter_id,
-                    lower.kind == "transfer",
-                    lower.number < CreditTransfer.number,
-                    lower.state.in_(workable),
-                )
-            )
-        )
-        .order_by(CreditTransfer.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True, of=CreditTransfer)
-    )
-    due = select(CreditTransfer.id).where(
-        CreditTransfer.kind == "transfer", CreditTransfer.state.in_(workable), _due(now)
-    )
+    due, statement = _CLAIM[meter_ids is not None]
+    named: dict[str, Any] = {"now": now, "until": lease_until, "worker": worker, "most": limit}
     if meter_ids is not None:
-        candidates = candidates.where(CreditTransfer.meter_id.in_(list(meter_ids)))
-        due = due.where(CreditTransfer.meter_id.in_(list(meter_ids)))
-    statement = (
-        update(CreditTransfer)
-        .where(CreditTransfer.id.in_(candidates.scalar_subquery()))
-        .values(lease_owner=worker, lease_until=lease_until)
-        .returning(CreditTransfer.id)
+        named["meters"] = list(meter_ids)
+    rows = await claim_rows(
+        db, CreditTransfer, due, statement, "claiming credit transfers", parameters=named
     )
-    rows = await claim_rows(db, CreditTransfer, due, statement, "claiming credit transfers")
     return [
         Held(
             row.id,
