@@ -258,6 +258,34 @@ async def claim_transfers(
     ]
 
 
+# what a batch of steps reads (see _Batch.load), built once
+_LOCK_TRANSFERS = (
+    select(CreditTransfer)
+    .where(CreditTransfer.id.in_(bindparam("ids", expanding=True)))
+    .order_by(CreditTransfer.id)
+    .with_for_update()
+    .execution_options(populate_existing=True)
+)
+_LOCK_METERS = (
+    select(Meter)
+    .where(Meter.id.in_(bindparam("meters", expanding=True)))
+    .order_by(Meter.id)
+    .with_for_update(key_share=True)
+    .execution_options(populate_existing=True)
+)
+_COMMANDED = (
+    select(CommandRow.meter_id)
+    .where(CommandRow.meter_id.in_(bindparam("meters", expanding=True)))
+    .where(CommandRow.state.in_(_MAY_SEND))
+    .distinct()
+)
+_SEEN = select(MeterStateRow.meter_id, MeterStateRow.last_command_seq).where(
+    MeterStateRow.meter_id.in_(bindparam("meters", expanding=True))
+)
+_METERS = select(Meter).where(Meter.id.in_(bindparam("meters", expanding=True)))
+_PAYMENTS = select(Payment).where(Payment.id.in_(bindparam("ids", expanding=True)))
+
+
 class _Batch:
     """One transaction's steps of the deliverer: the rows they need read once for all of them
     (the transfers locked, and for the ones that sign or post, their meters, payments, the
@@ -282,16 +310,7 @@ class _Batch:
         session = self.session
         ids = sorted({job.held.id for job in jobs})
         self.transfers = {
-            row.id: row
-            for row in (
-                await session.scalars(
-                    select(CreditTransfer)
-                    .where(CreditTransfer.id.in_(ids))
-                    .order_by(CreditTransfer.id)
-                    .with_for_update()
-                    .execution_options(populate_existing=True)
-                )
-            ).all()
+            row.id: row for row in (await session.scalars(_LOCK_TRANSFERS, {"ids": ids})).all()
         }
         signing = sorted({job.held.meter_id for job in jobs if job.signs})
         others = sorted({job.held.meter_id for job in jobs if job.posts} - set(signing))
@@ -299,34 +318,11 @@ class _Batch:
             # FOR NO KEY UPDATE: it guards the sequence without blocking a payment that inserts
             # rows naming the meter (their foreign keys' KEY SHARE), which, holding the audit
             # trail's lock this transaction waits for, would deadlock
-            locked = await session.scalars(
-                select(Meter)
-                .where(Meter.id.in_(signing))
-                .order_by(Meter.id)
-                .with_for_update(key_share=True)
-                .execution_options(populate_existing=True)
-            )
+            named = {"meters": signing}
+            locked = await session.scalars(_LOCK_METERS, named)
             self.meters.update({m.id: m for m in locked.all()})
-            self.commanded = set(
-                (
-                    await session.scalars(
-                        select(CommandRow.meter_id)
-                        .where(CommandRow.meter_id.in_(signing))
-                        .where(CommandRow.state.in_(_MAY_SEND))
-                        .distinct()
-                    )
-                ).all()
-            )
-            self.seen = {
-                str(m): int(s)
-                for m, s in (
-                    await session.execute(
-                        select(MeterStateRow.meter_id, MeterStateRow.last_command_seq).where(
-                            MeterStateRow.meter_id.in_(signing)
-                        )
-                    )
-                ).all()
-            }
+            self.commanded = set((await session.scalars(_COMMANDED, named)).all())
+            self.seen = {str(m): int(s) for m, s in (await session.execute(_SEEN, named)).all()}
             key_ids = sorted(
                 {m.command_key_id for m in self.meters.values() if m.command_key_id is not None}
             )
@@ -336,11 +332,11 @@ class _Batch:
                 )
                 self.keys = {int(i): bytes(k) for i, k in found.all()}
         if others:
-            plain = await session.scalars(select(Meter).where(Meter.id.in_(others)))
+            plain = await session.scalars(_METERS, {"meters": others})
             self.meters.update({m.id: m for m in plain.all()})
         payment_ids = sorted({job.held.payment_id for job in jobs if job.posts})
         if payment_ids:
-            paid = await session.scalars(select(Payment).where(Payment.id.in_(payment_ids)))
+            paid = await session.scalars(_PAYMENTS, {"ids": payment_ids})
             self.payments = {p.id: p for p in paid.all()}
 
     def fenced(self, held: Held) -> CreditTransfer | None:
