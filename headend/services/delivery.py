@@ -108,6 +108,10 @@ class DeliveryRound:
     outcomes: Counter[str] = field(default_factory=Counter)
 
 
+#: seconds between two claims of a deliverer while transfers are in flight
+CLAIM_GAP = 0.01
+
+
 class Deliverer:
     def __init__(
         self,
@@ -130,6 +134,7 @@ class Deliverer:
         self._lines = GatewayLines(self.settings.per_gateway)
         self.writer = GroupWriter(db)
         self._woken = asyncio.Event()
+        self._claim_room = max(1, self.settings.batch // 4)  # places a claim waits for
 
     def wake(self) -> None:
         """Look for transfers to claim now, not at the next tick (call it once a transfer was
@@ -316,6 +321,7 @@ class Deliverer:
         working: set[asyncio.Task[str]] = set()
         failures: list[BaseException] = []
         tokens_due = loop.time()
+        claimed_at = -CLAIM_GAP
         delay = 0.0  # after a storage error: the wait before trying again
 
         def ended(task: asyncio.Task[str]) -> None:
@@ -336,7 +342,16 @@ class Deliverer:
                         tokens_due = loop.time() + tick
                         await self._accept_tokens()
                     room = self.settings.batch - len(working)
-                    if room > 0:
+                    # claim for several places at once (a claim costs as much as a step):
+                    # when a quarter of the batch is free, or nothing is in flight; and while
+                    # transfers are in flight, at most once every CLAIM_GAP, so the payments
+                    # and transfer ends of those milliseconds are claimed together
+                    if room > 0 and (room >= self._claim_room or not working):
+                        gap = claimed_at + CLAIM_GAP - loop.time()
+                        if working and gap > 0:
+                            await asyncio.sleep(gap)
+                            room = self.settings.batch - len(working)
+                        claimed_at = loop.time()
                         for held in await self._claim(room):
                             task = asyncio.create_task(
                                 self._work_logged(held), name=f"transfer {held.id}"
