@@ -31,7 +31,13 @@ from headend.services.delivery import Deliverer, DeliverySettings
 from headend.services.registry import route_of
 from headend.storage import Database, open_database
 from headend.storage.audit import verify_chain, verify_ledger
-from headend.storage.delivery import Held, claim_transfers, list_transfers, start_attempt
+from headend.storage.delivery import (
+    Held,
+    claim_transfers,
+    list_transfers,
+    start_attempt,
+    workable_count,
+)
 from headend.storage.ledger import (
     PaymentRequest,
     add_channel,
@@ -54,6 +60,7 @@ KEY = bytes.fromhex("00112233445566778899aabbccddeeff")
 METERS = ("MTR-1", "MTR-2")
 CHANNELS = ("WALLET", "BANK", "AGENT")
 START = 10_000  # each meter's credit at the start, minor units
+STEPS = 20  # rules a run takes at most
 QUICK = RetryPolicy(backoff=0.001, max_backoff=0.004)
 SETTINGS = DeliverySettings(attempt_timeout=0.08, lease=60.0, retry_base=timedelta(seconds=30))
 FAULTS = FaultPlan(drop_request=0.25, drop_answer=0.25, disconnect=0.1, seed=7)
@@ -245,9 +252,13 @@ class PaymentLoop(RuleBasedStateMachine):
     def teardown(self) -> None:
         try:
             self.faults(on=False)
-            for _ in range(12):
+            # a pass delivers one transfer a meter (the lowest-numbered unfinished): as many
+            # passes as a run can leave transfers for one meter, and a few for retries
+            for _ in range(STEPS + 12):
                 self.clock.advance(700)
                 self.run(self.deliverer.deliver_once())
+                if not self.run(workable_count(self.db)):
+                    break
             self.run(self.settled())
         finally:
             self.run(self.db.close())
@@ -278,7 +289,7 @@ class PaymentLoop(RuleBasedStateMachine):
 
 PaymentLoop.TestCase.settings = settings(
     max_examples=8,
-    stateful_step_count=20,
+    stateful_step_count=STEPS,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
