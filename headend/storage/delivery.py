@@ -415,7 +415,10 @@ class GroupWriter:
     def __init__(self, db: Database, most: int = 256) -> None:
         self.db = db
         self._group: GroupCommit[_Job[Any], Any] = GroupCommit(
-            lambda jobs: _run_jobs(db, jobs), most=most, name="credit transfer steps"
+            lambda jobs: _run_jobs(db, jobs),
+            most=most,
+            name="credit transfer steps",
+            turn=db.writing,  # on SQLite: made up once the process's turn to write comes
         )
 
     @property
