@@ -246,7 +246,8 @@ Caller = Annotated[ChannelView, Depends(caller)]
 ReferencePath = Annotated[str, Path(min_length=1, max_length=128, pattern=REFERENCE_PATTERN)]
 
 
-def _state(request: Request) -> ApiState:
+async def _state(request: Request) -> ApiState:
+    # async, though it never waits: FastAPI runs a plain function dependency in a thread
     state: ApiState = request.app.state.hes
     return state
 
