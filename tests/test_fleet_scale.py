@@ -357,7 +357,11 @@ def test_serve_outlives_descriptor_exhaustion_and_failing_saves(tmp_path: Path) 
         burst.clear()
         closed = time.time()
         _wait_for(lambda: log.stat().st_mtime > closed, 30, "a save after the burst")
-        with socket.create_connection(address, timeout=10) as fresh:
+        # the new connection waits in the backlog behind the burst's closed ones, which the
+        # listener accepts (and drops at their end of file) a few at a time, pausing a second
+        # whenever the descriptors run out again: give it the time that takes
+        # (about 12 s for the 40 here)
+        with socket.create_connection(address, timeout=40) as fresh:
             assert _ask(fresh, 3, 3)[7] == 4
         assert _ask(steady, 4, 4)[7] == 4
         steady.close()
