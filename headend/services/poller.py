@@ -58,7 +58,9 @@ from headend.storage.readings import (
     insert_rows,
     interval_row,
     last_event_seq,
+    last_event_seqs,
     last_interval,
+    last_intervals,
     reading_row,
     record_read,
     record_reads_ok,
@@ -257,6 +259,7 @@ class Poller:
         its gateway's meters one after the other, under one deadline timer, and hands each
         read to the batch writer without waiting for it to be stored."""
         summary = RoundSummary()
+        await self._learn([t.meter_id for t in targets if t.meter_id not in self._known])
         queues: dict[tuple[str, str], deque[PollTarget]] = {}
         for target in targets:
             queues.setdefault((target.transport, target.gateway), deque()).append(target)
@@ -316,6 +319,20 @@ class Poller:
             await all_stored.wait()
         summary.outcomes.sort(key=lambda o: o.meter_id)
         return summary
+
+    async def _learn(self, meter_ids: Sequence[str], chunk: int = 500) -> None:
+        """What the store holds last of meters this poller has not stored yet (their latest
+        interval and event sequence), a few queries for all of them: a round's first reads
+        then do not each ask the store on their own."""
+        for start in range(0, len(meter_ids), chunk):
+            ids = meter_ids[start : start + chunk]
+            async with self.db.read() as session:
+                intervals = await last_intervals(session, ids)
+                seqs = await last_event_seqs(session, ids)
+            for meter_id in ids:
+                self._known.setdefault(
+                    meter_id, _Hint(intervals.get(meter_id), seqs.get(meter_id, 0))
+                )
 
     # -- one meter ------------------------------------------------------------------------------
 
