@@ -12,16 +12,19 @@ Inside a write transaction (after ``BEGIN IMMEDIATE``, until its commit or rollb
 connection holds SQLite's write lock, so no statement can wait for another writer: a small
 statement then runs in place, on the event loop's thread, which costs a few microseconds
 where the trip to the connection's thread and back costs some hundred. A large one (more
-than :data:`IN_PLACE_MOST` bound values) and everything outside a write transaction (reads,
-``BEGIN``, ``COMMIT`` and its sync to disk) still go to the thread, where SQLite works beside
-the event loop. The sqlite3 connection is opened with ``check_same_thread=False`` for this;
-its two users never overlap (each waits for the other's call to end).
+than :data:`IN_PLACE_MOST` bound values, or one whose SQL once took more than
+:data:`IN_PLACE_SLOW` in place: a query over many rows) and everything outside a write
+transaction (reads, ``BEGIN``, ``COMMIT`` and its sync to disk) still go to the thread, where
+SQLite works beside the event loop. The sqlite3 connection is opened with
+``check_same_thread=False`` for this; its two users never overlap (each waits for the other's
+call to end).
 """
 
 from __future__ import annotations
 
 import collections
 import sqlite3
+import time
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -40,6 +43,11 @@ DRIVER = "sqlite+hes_aiosqlite"
 
 #: the most bound values of a statement run in place in a write transaction (see the module)
 IN_PLACE_MOST = 500
+#: seconds a statement may hold the event loop: one that took longer (a query over many rows)
+#: runs in the connection's thread from then on
+IN_PLACE_SLOW = 0.002
+_SLOW: set[str] = set()  # the statements (their SQL) that took longer in place
+_SLOW_MOST = 1024
 _BEGIN_WRITE = "BEGIN IMMEDIATE"
 
 #: what a statement gave: (description, row count, last row id, rows)
@@ -113,7 +121,11 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
     def execute(self, operation: Any, parameters: Any = None) -> Any:
         adapted = cast("_Connection", self._adapt_connection)
         try:
-            if adapted._writing and (parameters is None or len(parameters) <= IN_PLACE_MOST):
+            if (
+                adapted._writing
+                and (parameters is None or len(parameters) <= IN_PLACE_MOST)
+                and operation not in _SLOW
+            ):
                 await_(self._in_place(_execute, operation, parameters))
                 return None
             await_(self._run(_execute, operation, parameters))
@@ -126,7 +138,11 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
     def executemany(self, operation: Any, seq_of_parameters: Sequence[Any]) -> Any:
         adapted = cast("_Connection", self._adapt_connection)
         try:
-            if adapted._writing and _values(seq_of_parameters) <= IN_PLACE_MOST:
+            if (
+                adapted._writing
+                and _values(seq_of_parameters) <= IN_PLACE_MOST
+                and operation not in _SLOW
+            ):
                 await_(self._in_place(_executemany, operation, seq_of_parameters))
                 return None
             await_(self._run(_executemany, operation, seq_of_parameters))
@@ -137,7 +153,14 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
     async def _in_place(self, fn: Any, operation: Any, parameters: Any) -> None:
         # awaited though it never waits: SQLAlchemy's async engine insists that a statement
         # awaits; a coroutine that returns at once costs two greenlet switches, no loop turn
-        self._keep(fn(self._connection._conn, operation, parameters))
+        began = time.perf_counter()
+        try:
+            self._keep(fn(self._connection._conn, operation, parameters))
+        finally:
+            if time.perf_counter() - began > IN_PLACE_SLOW:  # a big query: the thread's, from now
+                if len(_SLOW) >= _SLOW_MOST:
+                    _SLOW.clear()
+                _SLOW.add(operation)
 
     def _keep(self, outcome: _Outcome) -> None:
         self._description, self._rowcount, self._lastrowid, rows = outcome
