@@ -13,7 +13,7 @@ connection holds SQLite's write lock, so no statement can wait for another write
 statement then runs in place, on the event loop's thread, which costs a few microseconds
 where the trip to the connection's thread and back costs some hundred. A large one (more
 than :data:`IN_PLACE_MOST` bound values, or one whose SQL once took more than
-:data:`IN_PLACE_SLOW` in place: a query over many rows) and everything outside a write
+:data:`IN_PLACE_SLOW` in place twice: a query over many rows) and everything outside a write
 transaction (reads, ``BEGIN``, ``COMMIT`` and its sync to disk) still go to the thread, where
 SQLite works beside the event loop. The sqlite3 connection is opened with
 ``check_same_thread=False`` for this; its two users never overlap (each waits for the other's
@@ -46,7 +46,11 @@ IN_PLACE_MOST = 500
 #: seconds a statement may hold the event loop: one that took longer (a query over many rows)
 #: runs in the connection's thread from then on
 IN_PLACE_SLOW = 0.002
+#: how often a statement must take longer before it leaves the loop (once may be a pause of
+#: the garbage collector's during a quick one)
+IN_PLACE_SLOW_RUNS = 2
 _SLOW: set[str] = set()  # the statements (their SQL) that took longer in place
+_SLOWER: dict[str, int] = {}  # the others that did, how often
 _SLOW_MOST = 1024
 _BEGIN_WRITE = "BEGIN IMMEDIATE"
 
@@ -157,10 +161,8 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
         try:
             self._keep(fn(self._connection._conn, operation, parameters))
         finally:
-            if time.perf_counter() - began > IN_PLACE_SLOW:  # a big query: the thread's, from now
-                if len(_SLOW) >= _SLOW_MOST:
-                    _SLOW.clear()
-                _SLOW.add(operation)
+            if time.perf_counter() - began > IN_PLACE_SLOW:
+                _slower(operation)
 
     def _keep(self, outcome: _Outcome) -> None:
         self._description, self._rowcount, self._lastrowid, rows = outcome
@@ -173,6 +175,21 @@ class _Cursor(AsyncAdapt_aiosqlite_cursor):
                 fn, connection._conn, operation, parameters
             )
         self._keep(outcome)
+
+
+def _slower(operation: str) -> None:
+    """``operation`` took longer than IN_PLACE_SLOW in place: after IN_PLACE_SLOW_RUNS such
+    runs (a query over many rows), it runs in the connection's thread from then on."""
+    runs = _SLOWER.get(operation, 0) + 1
+    if runs < IN_PLACE_SLOW_RUNS:
+        if len(_SLOWER) >= _SLOW_MOST:
+            _SLOWER.clear()
+        _SLOWER[operation] = runs
+        return
+    _SLOWER.pop(operation, None)
+    if len(_SLOW) >= _SLOW_MOST:
+        _SLOW.clear()
+    _SLOW.add(operation)
 
 
 def _values(seq_of_parameters: Sequence[Any]) -> int:
