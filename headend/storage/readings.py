@@ -184,7 +184,9 @@ async def update_meter_state(
             if dialect == "postgresql":
                 await conn.execute(statement, {k: [s[k] for s in states] for k in _STATE_KEYS})
             else:
-                await conn.execute(statement, states)
+                text, order = _sqlite_state_upsert(conn.dialect, carry, statement)
+                values = [tuple(s[k] if k else v for k, v in order) for s in states]
+                await conn.exec_driver_sql(text, values)
 
 
 _STATE_KEYS = (*_STATE_COLUMNS, "exhausted_since")
@@ -220,6 +222,27 @@ def _state_upsert(dialect: str, carry: bool) -> Any:
 
 
 _STATE_UPSERTS: dict[tuple[str, bool], Any] = {}
+
+
+def _sqlite_state_upsert(
+    dialect: Dialect, carry: bool, statement: Any
+) -> tuple[str, list[tuple[str | None, Any]]]:
+    """The SQLite state upsert as SQL text and, per ``?`` in it, the state key its value comes
+    from (or None and the constant it binds), compiled once: the rows then go to the driver's
+    executemany as plain tuples, without SQLAlchemy's handling of each row (every column is an
+    integer or text, which the driver binds as it is)."""
+    compiled = _SQLITE_STATE_UPSERTS.get(carry)
+    if compiled is None:
+        done = statement.compile(dialect=dialect, column_keys=list(_STATE_KEYS))
+        order = [
+            (name, None) if name in _STATE_KEYS else (None, done.params[name])
+            for name in done.positiontup
+        ]
+        compiled = _SQLITE_STATE_UPSERTS[carry] = (done.string, order)
+    return compiled
+
+
+_SQLITE_STATE_UPSERTS: dict[bool, tuple[str, list[tuple[str | None, Any]]]] = {}
 
 
 def interval_row(meter_id: str, interval: CheckedInterval) -> dict[str, Any]:
