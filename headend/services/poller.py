@@ -57,9 +57,7 @@ from headend.storage.readings import (
     gap_row,
     insert_rows,
     interval_row,
-    last_event_seq,
     last_event_seqs,
-    last_interval,
     last_intervals,
     reading_row,
     record_read,
@@ -441,13 +439,9 @@ class Poller:
             raise LinkError(
                 f"{target.endpoint} answers as {snapshot.meter_id}, not {target.meter_id}"
             )
-        hint = self._known.get(target.meter_id)
-        if hint is None:  # this poller has not stored the meter yet: ask the store
-            async with self.db.read() as session:
-                hint = _Hint(
-                    await last_interval(session, target.meter_id),
-                    await last_event_seq(session, target.meter_id),
-                )
+        if target.meter_id not in self._known:  # not stored by this poller yet: ask the store
+            await self._learn([target.meter_id])
+        hint = self._known[target.meter_id]
         period = target.profile_period
         if hint.last is not None:
             start = hint.last.start + 2 * period  # the next interval's end

@@ -177,14 +177,13 @@ async def update_meter_state(
         for states, carry in ((carried, True), (settled, False)):
             if not states:
                 continue
-            statement = _STATE_UPSERTS.get((dialect, carry))
-            if statement is None:
-                statement = _state_upsert(dialect, carry)
-                _STATE_UPSERTS[(dialect, carry)] = statement
             if dialect == "postgresql":
+                statement = _STATE_UPSERTS.get(carry)
+                if statement is None:
+                    statement = _STATE_UPSERTS[carry] = _state_upsert(dialect, carry)
                 await conn.execute(statement, {k: [s[k] for s in states] for k in _STATE_KEYS})
             else:
-                text, order = _sqlite_state_upsert(conn.dialect, carry, statement)
+                text, order = _sqlite_state_upsert(conn.dialect, carry)
                 values = [tuple(s[k] if k else v for k, v in order) for s in states]
                 await conn.exec_driver_sql(text, values)
 
@@ -221,18 +220,17 @@ def _state_upsert(dialect: str, carry: bool) -> Any:
     )
 
 
-_STATE_UPSERTS: dict[tuple[str, bool], Any] = {}
+_STATE_UPSERTS: dict[bool, Any] = {}  # PostgreSQL's, by carry
 
 
-def _sqlite_state_upsert(
-    dialect: Dialect, carry: bool, statement: Any
-) -> tuple[str, list[tuple[str | None, Any]]]:
+def _sqlite_state_upsert(dialect: Dialect, carry: bool) -> tuple[str, list[tuple[str | None, Any]]]:
     """The SQLite state upsert as SQL text and, per ``?`` in it, the state key its value comes
     from (or None and the constant it binds), compiled once: the rows then go to the driver's
     executemany as plain tuples, without SQLAlchemy's handling of each row (every column is an
     integer or text, which the driver binds as it is)."""
     compiled = _SQLITE_STATE_UPSERTS.get(carry)
     if compiled is None:
+        statement = _state_upsert("sqlite", carry)
         done = statement.compile(dialect=dialect, column_keys=list(_STATE_KEYS))
         order = [
             (name, None) if name in _STATE_KEYS else (None, done.params[name])
