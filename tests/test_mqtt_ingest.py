@@ -15,7 +15,13 @@ from headend.ingest import Ingest, MemorySink, SinkStopped
 from headend.transport.mqtt import publish_properties
 from protocols import mqtt
 from protocols.errors import StorageError, ValidationError
-from protocols.mqtt import BrokerSettings, Telemetry, TopicScheme
+from protocols.mqtt import (
+    SCHEMA_PROPERTY,
+    SCHEMA_PROPERTY_VALUE,
+    BrokerSettings,
+    Telemetry,
+    TopicScheme,
+)
 from protocols.readings import Event, EventCode
 from tests.mqtt_broker import TEST_METERS
 from tests.test_mqtt_payloads import SNAPSHOT
@@ -280,3 +286,36 @@ async def test_a_stopped_sink_leaves_its_messages_for_the_next_ingest(
     async with Ingest(broker.settings(), second, client_id="hes-ingest-stop"):
         await second.wait_until(lambda s: len(s.telemetry_messages) == 2, 5)
     assert [t.n for t in second.telemetry_messages] == [3, 4]
+
+
+def test_a_received_message_keeps_the_properties_it_needs_and_not_pahos_object() -> None:
+    """An unacknowledged message waits while its burst is stored: it keeps the three
+    properties the head-end reads as plain values, and no paho ``Properties`` (about eighty
+    lists and tuples each, walked by every garbage collection while the message waits)."""
+    import gc
+
+    import paho.mqtt.client as paho
+
+    from headend.transport.mqtt import Incoming
+
+    message = paho.MQTTMessage(mid=7, topic=b"hes/v1/meters/x/telemetry")
+    message.payload = b"{}"
+    message.qos = 1
+    message.properties = publish_properties(
+        correlation=b"\x01\x02", response_topic="hes/v1/answers", user=[("x", "1"), ("x", "2")]
+    )
+    incoming = Incoming.of(message, message.topic, generation=3)
+    assert incoming.user_properties("x") == ["1", "2"]
+    assert incoming.user_properties(SCHEMA_PROPERTY) == [SCHEMA_PROPERTY_VALUE]
+    assert incoming.user_properties("other") == []
+    assert incoming.correlation_data == b"\x01\x02"
+    assert incoming.response_topic == "hes/v1/answers"
+    assert (incoming.mid, incoming.qos, incoming.generation) == (7, 1, 3)
+    assert not any(isinstance(r, Properties) for r in gc.get_referents(incoming))
+    plain = paho.MQTTMessage(mid=8, topic=b"t")
+    bare = Incoming.of(plain, "t", generation=1)
+    assert (bare.user_property_pairs, bare.correlation_data, bare.response_topic) == (
+        (),
+        None,
+        None,
+    )

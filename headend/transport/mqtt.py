@@ -34,7 +34,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Literal
 
@@ -172,7 +172,12 @@ def _tls_pending(sock: Any) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    """A message as received; ``generation`` names the connection it came on (for acks)."""
+    """A message as received; ``generation`` names the connection it came on (for acks).
+
+    The MQTT 5 properties the head-end reads are copied out of paho's ``Properties`` at
+    receipt and the object is not kept: paho builds each one with about eighty lists and
+    tuples of its own, and a message waiting for its acknowledgement (a burst being stored)
+    would keep them all for the garbage collector to walk again and again."""
 
     topic: str
     payload: bytes
@@ -180,22 +185,32 @@ class Incoming:
     retain: bool
     mid: int
     generation: int
-    properties: Any = field(default=None, repr=False)  # paho Properties, read through the helpers
+    user_property_pairs: tuple[tuple[str, str], ...] = ()
+    correlation_data: bytes | None = None
+    response_topic: str | None = None
 
     def user_properties(self, name: str) -> list[str]:
         """The values of the user property ``name`` (MQTT 5 allows it more than once)."""
-        pairs = getattr(self.properties, "UserProperty", None) or ()
-        return [str(value) for key, value in pairs if key == name]
+        return [value for key, value in self.user_property_pairs if key == name]
 
-    @property
-    def correlation_data(self) -> bytes | None:
-        value = getattr(self.properties, "CorrelationData", None)
-        return bytes(value) if value is not None else None
-
-    @property
-    def response_topic(self) -> str | None:
-        value = getattr(self.properties, "ResponseTopic", None)
-        return str(value) if value is not None else None
+    @classmethod
+    def of(cls, message: mqtt.MQTTMessage, topic: str, generation: int) -> Incoming:
+        """The message paho received, with the properties the head-end reads."""
+        properties = message.properties
+        pairs = getattr(properties, "UserProperty", None) or ()
+        correlation = getattr(properties, "CorrelationData", None)
+        response = getattr(properties, "ResponseTopic", None)
+        return cls(
+            topic,
+            bytes(message.payload),
+            message.qos,
+            bool(message.retain),
+            message.mid,
+            generation,
+            tuple((str(key), str(value)) for key, value in pairs),
+            bytes(correlation) if correlation is not None else None,
+            str(response) if response is not None else None,
+        )
 
 
 @dataclass(slots=True)
@@ -566,15 +581,7 @@ class MqttConnection:
             topic = message.topic
         except UnicodeDecodeError:
             topic = bytes(message._topic).decode("utf-8", "replace")
-        incoming = Incoming(
-            topic,
-            bytes(message.payload),
-            message.qos,
-            bool(message.retain),
-            message.mid,
-            self.generation,
-            message.properties,
-        )
+        incoming = Incoming.of(message, topic, self.generation)
         try:
             self.on_message(incoming)
         except Exception:
