@@ -234,7 +234,7 @@ def decode_identification(registers: Sequence[int]) -> Identification:
     if order_index not in (0, 1):
         raise DecodeError(f"word_order is 0 or 1, got {order_index}")
     order = WORD_ORDERS[order_index]
-    values = decode_rows(spec.rows, regs, order)
+    values = _CODECS[Block.IDENTIFICATION].decode(regs, order)  # one struct unpack
     if values["order_probe"] != ORDER_PROBE:
         raise DecodeError(f"order probe reads {values['order_probe']:#x}, not {ORDER_PROBE:#x}")
     if not values["meter_id"]:
