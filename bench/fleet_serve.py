@@ -10,10 +10,15 @@ process measures:
 
 * ready: seconds from the spawn to the ready line; RSS of the child, in total and per meter;
   the child's CPU while idle (share of one core over ``--idle-seconds``);
-* a full poll, as a head-end reads a fleet: for every meter connect, identify, read the
-  snapshot, close; once by the head-end's ``ModbusTcpLink`` and once by a bare pymodbus client
-  issuing the same reads (the identification block, then the snapshot block), ``--concurrency``
-  meters at a time, alternately ``--repeat`` times; medians and their ratio;
+* a full poll, two ways, each by the head-end and by a bare pymodbus client issuing the same
+  reads (the identification block, then the snapshot block), alternately ``--repeat`` times;
+  medians and their ratio:
+  - a connection per meter: for every meter connect, identify, read the snapshot, close
+    (the head-end's ``ModbusTcpLink`` with a connection of its own), ``--concurrency`` meters
+    at a time;
+  - a connection per gateway, as the head-end's poller reads a fleet behind gateways (its
+    ``LinkPool`` shares one connection per gateway: ``open_link`` identifies each meter, then
+    its snapshot is read), one request at a time per gateway, every gateway at once;
 * the longest stall: one reader polls one meter in a loop on one connection for
   ``--stall-seconds`` while the fleet saves every ``--save-seconds``; the longest gap between
   two answers (and the 99th percentile);
@@ -48,7 +53,9 @@ from typing import Any
 
 from pymodbus.client import AsyncModbusTcpClient
 
+from headend.links.endpoint import LinkOptions, open_link
 from headend.links.modbus import LinkSettings, ModbusTcpLink
+from headend.links.pool import LinkPool
 from protocols import registermap as rm
 
 HOST = "127.0.0.1"
@@ -120,6 +127,62 @@ async def bare_poll(targets: list[Target], concurrency: int) -> float:
             client.close()
 
     return await _bounded(targets, concurrency, one)
+
+
+def _by_gateway(targets: list[Target]) -> list[list[Target]]:
+    gateways: dict[int, list[Target]] = {}
+    for target in targets:
+        gateways.setdefault(target[1], []).append(target)
+    return list(gateways.values())
+
+
+async def gateway_link_poll(targets: list[Target]) -> float:
+    """The head-end's own way behind gateways: its link pool holds one connection per gateway
+    (``open_link`` over a ``LinkPool``, as the poller's ``EndpointLinks`` does), each meter's
+    link identifies the meter and reads its snapshot, one request at a time per gateway, the
+    gateways at once; the connections are opened at the start and closed at the end."""
+    options = LinkOptions(timeout=10, retries=1)
+
+    async def gateway(meters: list[Target]) -> None:
+        for meter_id, port, unit in meters:
+            link = await open_link(f"tcp://{HOST}:{port}/{unit}", options, pool=pool)
+            snapshot = await link.read_snapshot()
+            await link.close()
+            if snapshot.meter_id != meter_id:
+                raise SystemExit(f"{HOST}:{port}/{unit} is {snapshot.meter_id}, not {meter_id}")
+
+    pool = LinkPool()
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(gateway(meters) for meters in _by_gateway(targets)))
+    finally:
+        await pool.close()
+    return time.perf_counter() - started
+
+
+async def gateway_bare_poll(targets: list[Target]) -> float:
+    """The bare loop behind gateways: one pymodbus client per gateway issuing the same two
+    reads per unit id (identification block, snapshot block), the gateways at once."""
+
+    async def gateway(meters: list[Target]) -> None:
+        client = AsyncModbusTcpClient(HOST, port=meters[0][1], timeout=10, retries=0)
+        try:
+            if not await client.connect():
+                raise SystemExit(f"cannot connect to {HOST}:{meters[0][1]}")
+            for _, _, unit in meters:
+                for start, count in (
+                    (IDENT.start, IDENT.end - IDENT.start),
+                    (rm.SNAPSHOT_START, rm.SNAPSHOT_SIZE),
+                ):
+                    response = await client.read_input_registers(start, count=count, device_id=unit)
+                    if response.isError():
+                        raise SystemExit(f"bare read failed: {response}")
+        finally:
+            client.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(gateway(meters) for meters in _by_gateway(targets)))
+    return time.perf_counter() - started
 
 
 async def stall(target: Target, seconds: float) -> tuple[float, float, int]:
@@ -239,14 +302,15 @@ async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
                 "rss_kib_per_meter": rss / 1024 / count,
                 "idle_core": idle,
             }
-            link_runs: list[float] = []
-            bare_runs: list[float] = []
+            runs: dict[str, list[float]] = {"link": [], "bare": [], "gw_link": [], "gw_bare": []}
             for _ in range(0 if args.no_poll else args.repeat):
-                link_runs.append(await link_poll(targets, args.concurrency))
-                bare_runs.append(await bare_poll(targets, args.concurrency))
-            results["poll_link_s"] = statistics.median(link_runs) if link_runs else None
-            results["poll_bare_s"] = statistics.median(bare_runs) if bare_runs else None
-            results["poll_runs"] = {"link": link_runs, "bare": bare_runs}
+                runs["link"].append(await link_poll(targets, args.concurrency))
+                runs["bare"].append(await bare_poll(targets, args.concurrency))
+                runs["gw_link"].append(await gateway_link_poll(targets))
+                runs["gw_bare"].append(await gateway_bare_poll(targets))
+            for name, times in runs.items():
+                results[f"poll_{name}_s"] = statistics.median(times) if times else None
+            results["poll_runs"] = runs
             longest, p99, reads = await stall(targets[len(targets) // 2], args.stall_seconds)
             results.update(stall_max_s=longest, stall_p99_s=p99, stall_reads=reads)
             logged = log.stat().st_size
@@ -278,22 +342,31 @@ async def measure(count: int, args: argparse.Namespace) -> dict[str, Any]:
             log_file.close()
 
 
-def _report_poll(
-    n: int, link: float, bare: float, runs: dict[str, list[float]], args: argparse.Namespace
-) -> None:
-    print(
-        f"full poll (connect, identify, snapshot, close; {args.concurrency} at a time), "
-        f"median of {args.repeat}:"
-    )
-    print(
-        f"  head-end link     {link:6.2f} s  ({n / link:,.0f} meters/s)  runs "
-        + ", ".join(f"{r:.2f}" for r in runs["link"])
-    )
-    print(
-        f"  bare pymodbus     {bare:6.2f} s  ({n / bare:,.0f} meters/s)  runs "
-        + ", ".join(f"{r:.2f}" for r in runs["bare"])
-    )
-    print(f"  ratio link / bare time: {link / bare:.2f}")
+def _report_poll(n: int, results: dict[str, Any], args: argparse.Namespace) -> None:
+    runs = results["poll_runs"]
+    for title, link, bare in (
+        (
+            f"a connection per meter (connect, identify, snapshot, close; {args.concurrency} "
+            "meters at a time)",
+            "link",
+            "bare",
+        ),
+        (
+            "a connection per gateway, as the head-end's link pool holds them (identify, "
+            "snapshot; one request at a time per gateway, the gateways at once)",
+            "gw_link",
+            "gw_bare",
+        ),
+    ):
+        print(f"full poll over {title}, median of {args.repeat}:")
+        for name, key in (("head-end link", link), ("bare pymodbus", bare)):
+            seconds = results[f"poll_{key}_s"]
+            print(
+                f"  {name:<17} {seconds:6.2f} s  ({n / seconds:,.0f} meters/s)  runs "
+                + ", ".join(f"{r:.2f}" for r in runs[key])
+            )
+        ratio = results[f"poll_{link}_s"] / results[f"poll_{bare}_s"]
+        print(f"  ratio link / bare time: {ratio:.2f}")
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:
@@ -304,12 +377,10 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
         f"({results['rss_kib_per_meter']:.1f} KiB per meter); idle CPU "
         f"{100 * results['idle_core']:.0f} % of a core"
     )
-    link, bare = results["poll_link_s"], results["poll_bare_s"]
-    runs = results["poll_runs"]
-    if link is None or bare is None:
+    if results["poll_link_s"] is None:
         print("full poll: not measured (--no-poll)")
     else:
-        _report_poll(n, link, bare, runs, args)
+        _report_poll(n, results, args)
     print(
         f"one reader polling one meter for {args.stall_seconds:.0f} s, saves every "
         f"{args.save_seconds:g} s: longest gap {1000 * results['stall_max_s']:.0f} ms, "
