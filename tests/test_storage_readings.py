@@ -11,14 +11,16 @@ import pytest
 from sqlalchemy import select
 
 from headend.domain.health import Health
-from headend.domain.validation import Findings, Flag, check_intervals, estimate_gap
+from headend.domain.validation import Findings, Flag, Previous, check_intervals, estimate_gap
 from headend.storage import Database, open_database
 from headend.storage.readings import (
     health_of,
     insert_rows,
     last_event_seq,
     last_interval,
+    last_intervals,
     latest_reading,
+    latest_readings,
     reading_row,
     record_read,
     store_events,
@@ -143,3 +145,70 @@ async def test_health_changes_are_stored_as_events(db: Database) -> None:
             ("unknown", "online"), ("online", "degraded"), ("degraded", "unreachable"),
             ("unreachable", "online")]  # fmt: skip
         assert changes[2].reason == "3 consecutive failed read(s): timed out"
+
+
+async def test_the_latest_reading_and_interval_of_many_meters_at_once(db: Database) -> None:
+    """One look-up for many meters (a poll batch's): each meter's newest reading and
+    interval, meters without any left out, however the rows were stored."""
+    async with db.begin() as session:
+        for n in (2, 3):
+            session.add(
+                Meter(
+                    id=f"M-{n}", serial=f"S{n}", endpoint=f"tcp://127.0.0.1:5020/{n}",
+                    transport="tcp", gateway="127.0.0.1:5020", unit_id=n, control_mode=6,
+                    credit_unit="money", currency="KES", currency_scale=-2, created_at=NOW,
+                )
+            )  # fmt: skip
+    times = {"M-1": [T0 + 120, T0, T0 + 60], "M-2": [T0 + 30]}
+    async with db.begin() as session:
+        for meter_id, stamps in times.items():
+            rows = [
+                reading_row(
+                    replace(SNAP, meter_id=meter_id, time=t, energy_import_wh=1000 + t - T0),
+                    Findings(),
+                    NOW,
+                    "poll",
+                )
+                for t in stamps
+            ]
+            await store_readings(session, rows)
+        profile = [ProfileRow(T0 + 900 * k, 10, 10, 100, 1) for k in (1, 2, 3)]
+        checked, _ = check_intervals(profile, 900, None, LIMITS)
+        await store_intervals(session, "M-2", [checked[2], checked[0], checked[1]])
+    async with db.read() as session:
+        found = await latest_readings(session, ["M-1", "M-2", "M-3"])
+        assert found == {"M-1": Previous(T0 + 120, 1120), "M-2": Previous(T0 + 30, 1030)}
+        intervals = await last_intervals(session, ["M-1", "M-2", "M-3"])
+        assert intervals == {"M-2": checked[2]}
+
+
+async def test_many_new_health_rows_refresh_the_planners_statistics(db: Database) -> None:
+    """After a bulk registration the poller's first round adds a health row a meter; on
+    PostgreSQL it then analyses the fleet's tables rather than plan on empty ones until
+    autovacuum comes round."""
+    from sqlalchemy import text
+
+    from headend.storage.database import STATISTICS_AFTER
+    from headend.storage.polling import ensure_health_rows
+
+    async with db.begin() as session:
+        for n in range(STATISTICS_AFTER):
+            session.add(
+                Meter(
+                    id=f"B-{n:05d}", serial=f"B{n}", endpoint=f"tcp://127.0.0.1:5021/{n % 247 + 1}",
+                    transport="tcp", gateway="127.0.0.1:5021", unit_id=n % 247 + 1,
+                    control_mode=6, credit_unit="money", currency="KES", currency_scale=-2,
+                    created_at=NOW,
+                )
+            )  # fmt: skip
+    assert await ensure_health_rows(db) == STATISTICS_AFTER + 1
+    assert await ensure_health_rows(db) == 0
+    if db.dialect == "postgresql":
+        async with db.read() as session:
+            analysed = await session.scalar(
+                text(
+                    "SELECT count(*) FROM pg_stat_user_tables WHERE relname IN "
+                    "('poll_health', 'meters') AND last_analyze IS NOT NULL"
+                )
+            )
+        assert analysed == 2

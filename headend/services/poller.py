@@ -221,6 +221,7 @@ class Poller:
         #: per meter, what this poller stored last (saves two queries and, while the meter has
         #: captured no new interval, the profile request of a read)
         self._known: dict[str, _Hint] = {}
+        self._health_rows = False  # poll_once made sure every active meter has its row
 
     def _now(self) -> datetime:
         return datetime.fromtimestamp(self.clock.now(), UTC)
@@ -242,6 +243,9 @@ class Poller:
         progress: Callable[[ReadOutcome], None] | None = None,
     ) -> RoundSummary:
         """Read every active meter (or the ones named) once, now; for `hes poll --once`."""
+        if not self._health_rows:  # once per poller: meters registered since get theirs
+            await ensure_health_rows(self.db)
+            self._health_rows = True
         targets = await active_targets(self.db, meter_ids)
         if meter_ids is not None:
             missing = sorted(set(meter_ids) - {t.meter_id for t in targets})

@@ -8,7 +8,12 @@ from datetime import datetime
 from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from headend.storage.database import Database, storage_errors
+from headend.storage.database import (
+    STATISTICS_AFTER,
+    Database,
+    refresh_statistics,
+    storage_errors,
+)
 from headend.storage.schema import Meter, PollHealth
 
 
@@ -41,13 +46,22 @@ async def active_targets(db: Database, meter_ids: list[str] | None = None) -> li
     return [PollTarget(*row) for row in rows]
 
 
-async def ensure_health_rows(db: Database) -> None:
-    """A poll-health row for every active meter (new meters get theirs here)."""
+async def ensure_health_rows(db: Database) -> int:
+    """A poll-health row for every active meter (new meters get theirs here); how many were
+    added. After many, the planner's statistics of the fleet's tables are refreshed."""
     insert = postgresql.insert if db.dialect == "postgresql" else sqlite.insert
     source = select(Meter.id).where(Meter.status == "active")
-    statement = insert(PollHealth).from_select(["meter_id"], source).on_conflict_do_nothing()
+    statement = (
+        insert(PollHealth)
+        .from_select(["meter_id"], source)
+        .on_conflict_do_nothing()
+        .returning(PollHealth.meter_id)
+    )
     async with db.begin() as session:
-        await session.execute(statement)
+        added = len((await (await session.connection()).execute(statement)).all())
+    if added >= STATISTICS_AFTER:
+        await refresh_statistics(db, PollHealth.__tablename__, Meter.__tablename__)
+    return added
 
 
 async def claim_due(

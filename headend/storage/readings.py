@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Subquery, Table, bindparam, case, func, select, update
+from sqlalchemy import Subquery, Table, bindparam, case, func, select, true, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -385,7 +385,8 @@ def latest_times(*where: Any) -> Subquery:
 async def latest_readings(session: AsyncSession, meter_ids: Sequence[str]) -> dict[str, Previous]:
     """Each meter's latest stored reading, by meter time, in one query."""
     conn = await session.connection()
-    rows = await conn.execute(_LATEST_READINGS, {"ids": list(meter_ids)})
+    statement = _LATEST_READINGS_PG if conn.dialect.name == "postgresql" else _LATEST_READINGS
+    rows = await conn.execute(statement, {"ids": list(meter_ids)})
     return {meter_id: Previous(time, energy) for meter_id, time, energy in rows}
 
 
@@ -394,7 +395,8 @@ async def last_intervals(
 ) -> dict[str, CheckedInterval]:
     """Each meter's latest stored interval, in one query."""
     conn = await session.connection()
-    rows = await conn.execute(_LAST_INTERVALS, {"ids": list(meter_ids)})
+    statement = _LAST_INTERVALS_PG if conn.dialect.name == "postgresql" else _LAST_INTERVALS
+    rows = await conn.execute(statement, {"ids": list(meter_ids)})
     found: dict[str, CheckedInterval] = {}
     for meter_id, start, period, wh, register, credit, status, flags, reason, estimated in rows:
         reasons = tuple(reason.split("; ")) if reason else ()
@@ -450,6 +452,40 @@ _LAST_INTERVALS = select(
     _latest_interval,
     (Interval.meter_id == _latest_interval.c.meter_id)
     & (Interval.start == _latest_interval.c.latest),
+)
+
+
+def _latest_lateral(key: Any, order: Any, *columns: Any) -> Any:
+    """PostgreSQL's form of the look-ups above: ``(meter id, *columns)`` of each named meter's
+    row with the greatest ``order``, found by one backward step along the primary key's
+    index per meter (a LATERAL subquery with LIMIT 1). The join form above, which SQLite
+    answers from the index, PostgreSQL planned as a hash join over every row of the table
+    (the planner cannot estimate the join on the correlated maximum): a look-up of 200
+    meters' latest readings grew with the table, 10 ms at 40,000 readings."""
+    latest = select(*columns).where(key == Meter.id).order_by(order.desc()).limit(1).lateral()
+    return (
+        select(Meter.id, *(latest.c[c.key] for c in columns))
+        .select_from(Meter)
+        .join(latest, true())
+        .where(Meter.id.in_(_ids()))
+    )
+
+
+_LATEST_READINGS_PG = _latest_lateral(
+    Reading.meter_id, Reading.meter_time, Reading.meter_time, Reading.energy_import_wh
+)
+_LAST_INTERVALS_PG = _latest_lateral(
+    Interval.meter_id,
+    Interval.start,
+    Interval.start,
+    Interval.period,
+    Interval.energy_wh,
+    Interval.register_wh,
+    Interval.credit,
+    Interval.status,
+    Interval.flags,
+    Interval.flag_reason,
+    Interval.estimated,
 )
 _latest_seq = _latest_per_meter(MeterEvent.seq, MeterEvent.meter_id)
 _LAST_SEQS = select(_latest_seq.c.meter_id, _latest_seq.c.latest)
