@@ -30,6 +30,7 @@ from headend.storage.readings import (
     values_row,
 )
 from headend.storage.schema import HealthChange, Interval, Meter, Reading
+from protocols.errors import StorageError
 from protocols.mqtt import decode_telemetry, encode_telemetry
 from protocols.readings import Event, EventCode, ProfileRow
 from tests.databases import db_url, postgres_server
@@ -212,3 +213,16 @@ async def test_many_new_health_rows_refresh_the_planners_statistics(db: Database
                 )
             )
         assert analysed == 2
+
+
+async def test_a_naive_received_at_is_refused_and_nothing_is_stored(db: Database) -> None:
+    """Rows go to PostgreSQL as one JSON text: a datetime without a time zone is refused
+    there as the column's own type refuses it on SQLite, and the batch stores nothing."""
+    good = reading_row(SNAP, Findings(), NOW, "poll")
+    naive = {**reading_row(replace(SNAP, time=SNAP.time + 60), Findings(), NOW, "poll")}
+    naive["received_at"] = NOW.replace(tzinfo=None)
+    with pytest.raises(StorageError, match="naive datetime"):
+        async with db.begin() as session:
+            await insert_rows(session, Reading, [good, naive])
+    async with db.read() as session:
+        assert await latest_reading(session, "M-1") is None
