@@ -563,9 +563,10 @@ async def insert_all(
         key = (dialect, table.name, keys, ("insert all",))
         statement = _INSERTS.get(key)
         if statement is None:
-            statement = postgresql.insert(table).from_select(list(keys), _unnest(table, keys))
+            source, parameters = _pg_source(table, keys)
+            statement = postgresql.insert(table).from_select(list(keys), source), parameters
             _INSERTS[key] = statement
-        await conn.execute(statement, {f"new_{k}": [row[k] for row in rows] for k in keys})
+        await conn.execute(statement[0], statement[1](rows))
 
 
 async def update_rows(
@@ -582,14 +583,16 @@ async def update_rows(
     keys = tuple(rows[0])
     primary = [c.key for c in table.primary_key.columns]
     key = (dialect, table.name, keys, ("update",))
-    statement = _INSERTS.get(key)
+    statement: Any = _INSERTS.get(key)
     if statement is None:
         if dialect == "postgresql":
-            source = _unnest(table, keys).subquery("new")
+            selected, parameters = _pg_source(table, keys)
+            source = selected.subquery("new")
             statement = (
                 update(table)
                 .where(*(table.c[k] == source.c[k] for k in primary))
-                .values({k: source.c[k] for k in keys if k not in primary})
+                .values({k: source.c[k] for k in keys if k not in primary}),
+                parameters,
             )
         else:
             statement = (
@@ -600,7 +603,7 @@ async def update_rows(
         _INSERTS[key] = statement
     with storage_errors(f"updating {table.name}"):
         if dialect == "postgresql":
-            await conn.execute(statement, {f"new_{k}": [row[k] for row in rows] for k in keys})
+            await conn.execute(statement[0], statement[1](rows))
         else:
             await conn.execute(
                 statement,
@@ -609,6 +612,22 @@ async def update_rows(
                     for row in rows
                 ],
             )
+
+
+def _pg_source(
+    table: Table, keys: Sequence[str]
+) -> tuple[Any, Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]]:
+    """PostgreSQL's ``SELECT`` of rows given in one parameter set, and what makes that set
+    of the rows: one JSON text where the columns allow it (:class:`_JsonRows`), else one
+    array a column."""
+    if _json_ready(table, keys):
+        source = _json_source(table, keys)
+        return source, _JsonRows(source, table, keys).parameters
+
+    def arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {f"new_{k}": [row[k] for row in rows] for k in keys}
+
+    return _unnest(table, keys), arrays
 
 
 def _unnest(table: Table, keys: Sequence[str]) -> Any:
