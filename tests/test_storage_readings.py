@@ -226,3 +226,39 @@ async def test_a_naive_received_at_is_refused_and_nothing_is_stored(db: Database
             await insert_rows(session, Reading, [good, naive])
     async with db.read() as session:
         assert await latest_reading(session, "M-1") is None
+
+
+async def test_good_reads_of_many_meters_set_them_online_and_store_each_change(
+    db: Database,
+) -> None:
+    """One call for a poll batch: each meter online afterwards, a change stored for each that
+    was not (on PostgreSQL the update itself returns what each was), a meter without a
+    health row given one."""
+    from headend.storage.readings import record_reads_ok
+
+    async with db.begin() as session:
+        for n in (2, 3):
+            session.add(
+                Meter(
+                    id=f"M-{n}", serial=f"S{n}", endpoint=f"tcp://127.0.0.1:5020/{n}",
+                    transport="tcp", gateway="127.0.0.1:5020", unit_id=n, control_mode=6,
+                    credit_unit="money", currency="KES", currency_scale=-2, created_at=NOW,
+                )
+            )  # fmt: skip
+        await record_read(session, "M-1", True, now=NOW)
+        for _ in range(3):
+            await record_read(session, "M-2", False, now=NOW, error="timed out")
+    later = NOW + timedelta(minutes=15)
+    async with db.begin() as session:
+        changes = await record_reads_ok(session, ["M-1", "M-2", "M-3"], later)
+    assert sorted((m, c.old.value, c.new.value) for m, c in changes) == [
+        ("M-2", "unreachable", "online"), ("M-3", "unknown", "online")]  # fmt: skip
+    async with db.begin() as session:
+        for meter_id in ("M-1", "M-2", "M-3"):
+            state = await health_of(session, meter_id)
+            assert (state.health, state.failures) == (Health.ONLINE, 0)
+        rows = (await session.scalars(select(HealthChange).where(HealthChange.at == later))).all()
+        assert sorted((c.meter_id, c.old) for c in rows) == [
+            ("M-2", "unreachable"),
+            ("M-3", "unknown"),
+        ]

@@ -802,12 +802,17 @@ async def stored_before(
     *,
     intervals_of: Sequence[str] = (),
     events_of: Sequence[str] = (),
+    health_of: bool = True,
 ) -> StoredBefore:
-    """One to four queries: latest readings and health of ``meter_ids``; latest intervals of
-    ``intervals_of`` and latest event sequences of ``events_of`` only when those are given."""
+    """One to four queries: latest readings and (unless ``health_of`` is False) health of
+    ``meter_ids``; latest intervals of ``intervals_of`` and latest event sequences of
+    ``events_of`` only when those are given."""
     conn = await session.connection()
-    with storage_errors("reading what is stored"):
-        health = {m: h for m, h in await conn.execute(_HEALTH_OF, {"ids": list(meter_ids)})}
+    health: dict[str, str] = {}
+    if health_of:
+        with storage_errors("reading what is stored"):
+            rows = await conn.execute(_HEALTH_OF, {"ids": list(meter_ids)})
+            health = {m: h for m, h in rows}
     return StoredBefore(
         readings=await latest_readings(session, meter_ids),
         health=health,
@@ -828,7 +833,14 @@ async def record_reads_ok(
     if not meter_ids:
         return []
     conn = await session.connection()
-    if health is None:
+    updated = False
+    if health is None and conn.dialect.name == "postgresql":
+        # one statement: set them online and return what each was (the row locked first)
+        with storage_errors("recording read health"):
+            rows = await conn.execute(_READS_OK_PG, {"ids": list(meter_ids), "now": now})
+        health = {m: h for m, h in rows}
+        updated = True
+    elif health is None:
         health = {m: h for m, h in await conn.execute(_HEALTH_OF, {"ids": list(meter_ids)})}
     missing = [m for m in meter_ids if m not in health]
     if missing:
@@ -847,7 +859,10 @@ async def record_reads_ok(
         if health.get(m) != online
     ]
     with storage_errors("recording read health"):
-        await conn.execute(_READS_OK, {"ids": list(meter_ids), "now": now})
+        if not updated:
+            await conn.execute(_READS_OK, {"ids": list(meter_ids), "now": now})
+        elif missing:  # their rows are new: set them online too
+            await conn.execute(_READS_OK, {"ids": missing, "now": now})
     if changes:
         await insert_rows(
             session,
@@ -872,17 +887,28 @@ def _table(model: type[Any]) -> Table:
     return table
 
 
-_READS_OK = (
-    update(PollHealth)
+_ONLINE_NOW: dict[str, Any] = {
+    "health": Health.ONLINE.value,
+    "consecutive_failures": 0,
+    "last_attempt": bindparam("now"),
+    "last_seen": bindparam("now"),
+    "last_error": None,
+    "next_due": None,
+}
+_READS_OK = update(PollHealth).where(PollHealth.meter_id.in_(_ids())).values(_ONLINE_NOW)
+_health_before = (
+    select(PollHealth.meter_id, PollHealth.health)
     .where(PollHealth.meter_id.in_(_ids()))
-    .values(
-        health=Health.ONLINE.value,
-        consecutive_failures=0,
-        last_attempt=bindparam("now"),
-        last_seen=bindparam("now"),
-        last_error=None,
-        next_due=None,
-    )
+    .with_for_update()
+    .subquery("before")
+)
+#: PostgreSQL: the meters set online, each returned with its health before (UPDATE … FROM
+#: the rows as they were, locked; a concurrent change is waited for and read again)
+_READS_OK_PG = (
+    update(PollHealth)
+    .where(PollHealth.meter_id == _health_before.c.meter_id)
+    .values(_ONLINE_NOW)
+    .returning(PollHealth.meter_id, _health_before.c.health)
 )
 
 
