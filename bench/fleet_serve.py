@@ -109,6 +109,17 @@ async def link_poll(targets: list[Target], concurrency: int) -> float:
     return await _bounded(targets, concurrency, one)
 
 
+async def _bare_reads(client: AsyncModbusTcpClient, unit: int) -> None:
+    """The two reads of a full poll, bare: the identification block, then the snapshot."""
+    for start, count in (
+        (IDENT.start, IDENT.end - IDENT.start),
+        (rm.SNAPSHOT_START, rm.SNAPSHOT_SIZE),
+    ):
+        response = await client.read_input_registers(start, count=count, device_id=unit)
+        if response.isError():
+            raise SystemExit(f"bare read failed: {response}")
+
+
 async def bare_poll(targets: list[Target], concurrency: int) -> float:
     async def one(target: Target) -> None:
         _, port, unit = target
@@ -116,13 +127,7 @@ async def bare_poll(targets: list[Target], concurrency: int) -> float:
         try:
             if not await client.connect():
                 raise SystemExit(f"cannot connect to {HOST}:{port}")
-            for start, count in (
-                (IDENT.start, IDENT.end - IDENT.start),
-                (rm.SNAPSHOT_START, rm.SNAPSHOT_SIZE),
-            ):
-                response = await client.read_input_registers(start, count=count, device_id=unit)
-                if response.isError():
-                    raise SystemExit(f"bare read failed: {response}")
+            await _bare_reads(client, unit)
         finally:
             client.close()
 
@@ -170,13 +175,7 @@ async def gateway_bare_poll(targets: list[Target]) -> float:
             if not await client.connect():
                 raise SystemExit(f"cannot connect to {HOST}:{meters[0][1]}")
             for _, _, unit in meters:
-                for start, count in (
-                    (IDENT.start, IDENT.end - IDENT.start),
-                    (rm.SNAPSHOT_START, rm.SNAPSHOT_SIZE),
-                ):
-                    response = await client.read_input_registers(start, count=count, device_id=unit)
-                    if response.isError():
-                        raise SystemExit(f"bare read failed: {response}")
+                await _bare_reads(client, unit)
         finally:
             client.close()
 

@@ -59,6 +59,19 @@ async def db(db_url: str) -> AsyncIterator[Database]:
         await database.close()
 
 
+async def _add_meters(db: Database, *units: int) -> None:
+    """Meters M-<unit> behind the gateway of the fixture's M-1."""
+    async with db.begin() as session:
+        for n in units:
+            session.add(
+                Meter(
+                    id=f"M-{n}", serial=f"S{n}", endpoint=f"tcp://127.0.0.1:5020/{n}",
+                    transport="tcp", gateway="127.0.0.1:5020", unit_id=n, control_mode=6,
+                    credit_unit="money", currency="KES", currency_scale=-2, created_at=NOW,
+                )
+            )  # fmt: skip
+
+
 async def test_a_reading_is_stored_once_with_its_findings(db: Database) -> None:
     flagged = Findings().add(Flag.CLOCK_SKEW, "meter clock ahead by 90 s")
     async with db.begin() as session:
@@ -151,15 +164,7 @@ async def test_health_changes_are_stored_as_events(db: Database) -> None:
 async def test_the_latest_reading_and_interval_of_many_meters_at_once(db: Database) -> None:
     """One look-up for many meters (a poll batch's): each meter's newest reading and
     interval, meters without any left out, however the rows were stored."""
-    async with db.begin() as session:
-        for n in (2, 3):
-            session.add(
-                Meter(
-                    id=f"M-{n}", serial=f"S{n}", endpoint=f"tcp://127.0.0.1:5020/{n}",
-                    transport="tcp", gateway="127.0.0.1:5020", unit_id=n, control_mode=6,
-                    credit_unit="money", currency="KES", currency_scale=-2, created_at=NOW,
-                )
-            )  # fmt: skip
+    await _add_meters(db, 2, 3)
     times = {"M-1": [T0 + 120, T0, T0 + 60], "M-2": [T0 + 30]}
     async with db.begin() as session:
         for meter_id, stamps in times.items():
@@ -236,15 +241,8 @@ async def test_good_reads_of_many_meters_set_them_online_and_store_each_change(
     health row given one."""
     from headend.storage.readings import record_reads_ok
 
+    await _add_meters(db, 2, 3)
     async with db.begin() as session:
-        for n in (2, 3):
-            session.add(
-                Meter(
-                    id=f"M-{n}", serial=f"S{n}", endpoint=f"tcp://127.0.0.1:5020/{n}",
-                    transport="tcp", gateway="127.0.0.1:5020", unit_id=n, control_mode=6,
-                    credit_unit="money", currency="KES", currency_scale=-2, created_at=NOW,
-                )
-            )  # fmt: skip
         await record_read(session, "M-1", True, now=NOW)
         for _ in range(3):
             await record_read(session, "M-2", False, now=NOW, error="timed out")

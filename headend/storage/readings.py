@@ -453,8 +453,8 @@ _LATEST_READINGS = select(Reading.meter_id, Reading.meter_time, Reading.energy_i
     & (Reading.meter_time == _latest_reading.c.latest),
 )
 _latest_interval = _latest_per_meter(Interval.start, Interval.meter_id)
-_LAST_INTERVALS = select(
-    Interval.meter_id,
+#: an interval's columns as last_intervals reads them (after the meter id)
+_INTERVAL_COLUMNS = (
     Interval.start,
     Interval.period,
     Interval.energy_wh,
@@ -464,7 +464,8 @@ _LAST_INTERVALS = select(
     Interval.flags,
     Interval.flag_reason,
     Interval.estimated,
-).join(
+)
+_LAST_INTERVALS = select(Interval.meter_id, *_INTERVAL_COLUMNS).join(
     _latest_interval,
     (Interval.meter_id == _latest_interval.c.meter_id)
     & (Interval.start == _latest_interval.c.latest),
@@ -490,19 +491,7 @@ def _latest_lateral(key: Any, order: Any, *columns: Any) -> Any:
 _LATEST_READINGS_PG = _latest_lateral(
     Reading.meter_id, Reading.meter_time, Reading.meter_time, Reading.energy_import_wh
 )
-_LAST_INTERVALS_PG = _latest_lateral(
-    Interval.meter_id,
-    Interval.start,
-    Interval.start,
-    Interval.period,
-    Interval.energy_wh,
-    Interval.register_wh,
-    Interval.credit,
-    Interval.status,
-    Interval.flags,
-    Interval.flag_reason,
-    Interval.estimated,
-)
+_LAST_INTERVALS_PG = _latest_lateral(Interval.meter_id, Interval.start, *_INTERVAL_COLUMNS)
 _latest_seq = _latest_per_meter(MeterEvent.seq, MeterEvent.meter_id)
 _LAST_SEQS = select(_latest_seq.c.meter_id, _latest_seq.c.latest)
 _HEALTH_OF = select(PollHealth.meter_id, PollHealth.health).where(PollHealth.meter_id.in_(_ids()))
