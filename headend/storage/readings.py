@@ -759,7 +759,11 @@ class _JsonRows:
         for key in self._times:
             for row in rows:
                 value = row[key]
-                if value is not None and value.tzinfo is None:
+                if value is None:
+                    continue
+                if not isinstance(value, datetime):
+                    raise StorageError(f"{key}: a datetime expected, got {type(value).__name__}")
+                if value.tzinfo is None:
                     raise StorageError(
                         f"{key}: a naive datetime cannot be stored: give it a time zone"
                     )
