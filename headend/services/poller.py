@@ -529,14 +529,11 @@ class Poller:
         now = self._now()
         head_end_time = int(self.clock.now())
         ids = [target.meter_id for target, _, _ in items]
-        # PostgreSQL returns the health before from the update that sets it (one statement)
-        health_of = self.db.dialect != "postgresql"
         before = await stored_before(
             session,
             ids,
             intervals_of=[t.meter_id for t, f, _ in items if f.profile],
             events_of=[t.meter_id for t, f, _ in items if f.events],
-            health_of=health_of,
         )
         readings: list[dict[str, Any]] = []
         intervals: list[dict[str, Any]] = []
@@ -591,8 +588,7 @@ class Poller:
             outcome.duplicates += expected[meter_id] - stored[meter_id]
             outcome.events = stored_events[meter_id]
             outcome.gaps = stored_gaps[meter_id]
-        health = before.health if health_of else None
-        for meter_id, change in await record_reads_ok(session, ids, now, health):
+        for meter_id, change in await record_reads_ok(session, ids, now, before.health):
             log.info("meter %s is %s: %s", meter_id, change.new, change.reason)
         return hints
 

@@ -196,10 +196,10 @@ async def update_meter_state(
             if not states:
                 continue
             if dialect == "postgresql":
-                statement = _STATE_UPSERTS.get(carry)
-                if statement is None:
-                    statement = _STATE_UPSERTS[carry] = _state_upsert(dialect, carry)
-                await conn.execute(statement, {"rows": _JSON.encode(states).decode()})
+                upsert = _STATE_UPSERTS.get(carry)
+                if upsert is None:
+                    upsert = _STATE_UPSERTS[carry] = _pg_state_upsert(carry)
+                await conn.execute(upsert[0], upsert[1](states))
             else:
                 text, order = _sqlite_state_upsert(conn.dialect, carry)
                 values = [tuple(s[k] if k else v for k, v in order) for s in states]
@@ -209,16 +209,18 @@ async def update_meter_state(
 _STATE_KEYS = (*_STATE_COLUMNS, "exhausted_since")
 
 
-def _state_upsert(dialect: str, carry: bool) -> Any:
-    """The state upsert; ``carry``: the batch's run without credit may go on from the stored
-    state's."""
+def _pg_state_upsert(carry: bool) -> tuple[Any, _Parameters]:
+    """PostgreSQL's state upsert, and what makes its parameters of the states."""
     table = _table(MeterStateRow)
-    if dialect == "postgresql":  # the states as one JSON text (see _JsonRows)
-        assert _json_ready(table, _STATE_KEYS)
-        source = _json_source(table, _STATE_KEYS)
-        insert: Any = postgresql.insert(table).from_select(list(_STATE_KEYS), source)
-    else:
-        insert = sqlite.insert(table)
+    source, parameters = _pg_source(table, _STATE_KEYS)
+    insert = postgresql.insert(table).from_select(list(_STATE_KEYS), source)
+    return _state_upsert(insert, carry), parameters
+
+
+def _state_upsert(insert: Any, carry: bool) -> Any:
+    """The state upsert of ``insert`` (of the states' rows); ``carry``: the batch's run
+    without credit may go on from the stored state's."""
+    table = _table(MeterStateRow)
     new = insert.excluded
     since: Any = new.exhausted_since
     if carry:
@@ -236,7 +238,7 @@ def _state_upsert(dialect: str, carry: bool) -> Any:
     )
 
 
-_STATE_UPSERTS: dict[bool, Any] = {}  # PostgreSQL's, by carry
+_STATE_UPSERTS: dict[bool, tuple[Any, _Parameters]] = {}  # PostgreSQL's, by carry
 
 
 def _sqlite_state_upsert(dialect: Dialect, carry: bool) -> tuple[str, list[tuple[str | None, Any]]]:
@@ -246,7 +248,7 @@ def _sqlite_state_upsert(dialect: Dialect, carry: bool) -> tuple[str, list[tuple
     integer or text, which the driver binds as it is)."""
     compiled = _SQLITE_STATE_UPSERTS.get(carry)
     if compiled is None:
-        statement = _state_upsert("sqlite", carry)
+        statement = _state_upsert(sqlite.insert(_table(MeterStateRow)), carry)
         done = statement.compile(dialect=dialect, column_keys=list(_STATE_KEYS))
         order = [
             (name, None) if name in _STATE_KEYS else (None, done.params[name])
@@ -504,10 +506,11 @@ async def insert_rows(
     statement, without the ORM; returns, of each row that was new, its ``returning`` columns
     (default: the primary key).
 
-    On SQLite the rows go as multi-row INSERTs ("insertmanyvalues"). On PostgreSQL they go as
-    one array per column, ``INSERT … SELECT unnest(…), …``: the statement's text is the same
-    for any number of rows, so neither SQLAlchemy nor psycopg parse it again per batch (a
-    multi-row VALUES list of a few thousand parameters is parsed anew each time)."""
+    On SQLite the rows go as multi-row INSERTs (:class:`_SqliteInsert`). On PostgreSQL they go
+    as ``INSERT … SELECT`` from one parameter (:func:`_pg_source`: one JSON text, or one array
+    a column): the statement's text is the same for any number of rows, so neither
+    SQLAlchemy nor psycopg parse it again per batch (a multi-row VALUES list of a few
+    thousand parameters is parsed anew each time)."""
     if not rows:
         return []
     table = _table(model)
@@ -521,11 +524,8 @@ async def insert_rows(
         statement = _insert_statement(conn.dialect, table, keys, columns)
         _INSERTS[key] = statement
     with storage_errors(f"storing {table.name}"):
-        if isinstance(statement, _JsonRows):
-            result = await conn.execute(statement.statement, statement.parameters(rows))
-        elif dialect == "postgresql":
-            arrays = {k: [row[k] for row in rows] for k in keys}
-            result = await conn.execute(statement, arrays)
+        if dialect == "postgresql":
+            result = await conn.execute(statement[0], statement[1](rows))
         elif isinstance(statement, _SqliteInsert):
             return await statement.run(conn, rows)
         else:
@@ -603,15 +603,16 @@ async def update_rows(
             )
 
 
-def _pg_source(
-    table: Table, keys: Sequence[str]
-) -> tuple[Any, Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]]:
+#: what makes a PostgreSQL statement's parameters of its rows
+_Parameters = Callable[[Sequence[Mapping[str, Any]]], dict[str, Any]]
+
+
+def _pg_source(table: Table, keys: Sequence[str]) -> tuple[Any, _Parameters]:
     """PostgreSQL's ``SELECT`` of rows given in one parameter set, and what makes that set
     of the rows: one JSON text where the columns allow it (:class:`_JsonRows`), else one
     array a column."""
     if _json_ready(table, keys):
-        source = _json_source(table, keys)
-        return source, _JsonRows(source, table, keys).parameters
+        return _json_source(table, keys), _JsonRows(table, keys)
 
     def arrays(rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {f"new_{k}": [row[k] for row in rows] for k in keys}
@@ -702,24 +703,14 @@ def _insert_statement(
     if dialect.name != "postgresql":
         fast = _sqlite_insert(dialect, table, keys, returning) if dialect.name == "sqlite" else None
         return fast or sqlite.insert(table).on_conflict_do_nothing().returning(*returning)
-    if _json_ready(table, keys):
-        statement = (
-            postgresql.insert(table)
-            .from_select(list(keys), _json_source(table, keys))
-            .on_conflict_do_nothing()
-            .returning(*returning)
-        )
-        return _JsonRows(statement, table, keys)
-    arrays = [
-        func.unnest(bindparam(k, type_=postgresql.ARRAY(table.c[k].type))).label(k) for k in keys
-    ]
-    source = select(*arrays)
-    return (
+    source, parameters = _pg_source(table, keys)
+    statement = (
         postgresql.insert(table)
         .from_select(list(keys), source)
         .on_conflict_do_nothing()
         .returning(*returning)
     )
+    return statement, parameters
 
 
 def _json_ready(table: Table, keys: Sequence[str]) -> bool:
@@ -745,17 +736,16 @@ def _json_source(table: Table, keys: Sequence[str]) -> Any:
 
 
 class _JsonRows:
-    """A PostgreSQL statement that takes its rows as one JSON text (``:rows``), encoded by
-    msgspec: one parameter however many rows, where one array a column
-    (``unnest(:k1), unnest(:k2), …``) had psycopg adapt every value in Python (2.8 ms of CPU
-    for 200 readings, against 0.2 ms). Aware datetimes go as RFC 3339 text; a naive one is
-    refused, as the column's own type refuses it."""
+    """The parameters of a :func:`_json_source` statement: its rows as one JSON text
+    (``:rows``), encoded by msgspec. One parameter however many rows, where one array a
+    column (``unnest(:k1), unnest(:k2), …``) had psycopg adapt every value in Python (2.8 ms
+    of CPU for 200 readings, against 0.2 ms). Aware datetimes go as RFC 3339 text; a naive
+    one is refused, as the column's own type refuses it."""
 
-    def __init__(self, statement: Any, table: Table, keys: Sequence[str]) -> None:
-        self.statement = statement
+    def __init__(self, table: Table, keys: Sequence[str]) -> None:
         self._times = [k for k in keys if isinstance(table.c[k].type, UtcDateTime)]
 
-    def parameters(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         for key in self._times:
             for row in rows:
                 value = row[key]
@@ -780,11 +770,11 @@ _INSERTS: dict[tuple[str, str, tuple[str, ...], tuple[str, ...]], Any] = {}
 @dataclass(slots=True)
 class StoredBefore:
     """What the store holds of the meters of a batch before the batch is written: each
-    meter's latest reading, read health and, of the meters asked for, latest interval and
-    event sequence."""
+    meter's latest reading, read health (None on PostgreSQL: see :func:`stored_before`) and,
+    of the meters asked for, latest interval and event sequence."""
 
     readings: dict[str, Previous]
-    health: dict[str, str]
+    health: dict[str, str] | None
     intervals: dict[str, CheckedInterval]
     seqs: dict[str, int]
 
@@ -795,14 +785,14 @@ async def stored_before(
     *,
     intervals_of: Sequence[str] = (),
     events_of: Sequence[str] = (),
-    health_of: bool = True,
 ) -> StoredBefore:
-    """One to four queries: latest readings and (unless ``health_of`` is False) health of
-    ``meter_ids``; latest intervals of ``intervals_of`` and latest event sequences of
-    ``events_of`` only when those are given."""
+    """One to four queries: latest readings and health of ``meter_ids``; latest intervals of
+    ``intervals_of`` and latest event sequences of ``events_of`` only when those are given.
+    On PostgreSQL the health is left to :func:`record_reads_ok` (None), whose update returns
+    it."""
     conn = await session.connection()
-    health: dict[str, str] = {}
-    if health_of:
+    health: dict[str, str] | None = None
+    if conn.dialect.name != "postgresql":
         with storage_errors("reading what is stored"):
             rows = await conn.execute(_HEALTH_OF, {"ids": list(meter_ids)})
             health = {m: h for m, h in rows}
