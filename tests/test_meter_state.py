@@ -94,6 +94,27 @@ async def test_exhausted_since_is_the_first_reading_of_the_run_without_credit(
         assert (await _state(db, "M-1"))[2] == since, f"reading {n}"
 
 
+async def test_a_poll_batch_of_one_reading_a_meter(db: Database) -> None:
+    """A poll batch: one reading of each meter (on PostgreSQL one statement stores the readings
+    and the states), a repeated one and a late one among them."""
+    assert len(await _store(db, _row("M-1", 2, 0), _row("M-2", 2, 700))) == 2
+    assert await _state(db, "M-1") == (T0 + 1800, 0, T0 + 1800)
+    assert await _state(db, "M-2") == (T0 + 1800, 700, None)
+    # M-1's run without credit goes on; M-2's late reading is stored but leaves its state
+    assert sorted(await _store(db, _row("M-1", 3, -5), _row("M-2", 1, 0))) == [
+        ("M-1", T0 + 2700),
+        ("M-2", T0 + 900),
+    ]
+    assert await _state(db, "M-1") == (T0 + 2700, -5, T0 + 1800)
+    assert await _state(db, "M-2") == (T0 + 1800, 700, None)
+    # a repeat changes nothing; M-2 runs out
+    assert await _store(db, _row("M-1", 3, -5), _row("M-2", 3, 0)) == [("M-2", T0 + 2700)]
+    assert await _state(db, "M-1") == (T0 + 2700, -5, T0 + 1800)
+    assert await _state(db, "M-2") == (T0 + 2700, 0, T0 + 2700)
+    assert await _store(db, _row("M-1", 4, 50)) == [("M-1", T0 + 3600)]  # topped up
+    assert await _state(db, "M-1") == (T0 + 3600, 50, None)
+
+
 async def test_a_burst_of_readings_in_one_call(db: Database) -> None:
     """An MQTT burst: several readings of a meter (out of order) and of another meter at once."""
     rows = [_row("M-1", 3, 0), _row("M-1", 1, 400), _row("M-2", 1, 700), _row("M-1", 2, 0)]

@@ -21,6 +21,7 @@ from sqlalchemy import (
     cast,
     func,
     literal_column,
+    null,
     select,
     true,
     update,
@@ -31,7 +32,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from headend.domain.health import Change, Health, after_read
 from headend.domain.validation import CheckedInterval, Findings, Flag, Previous
-from headend.storage.database import insert_ignore, storage_errors
+from headend.storage.database import (
+    JsonList,
+    in_list,
+    insert_ignore,
+    list_values,
+    storage_errors,
+)
 from headend.storage.schema import (
     Gap,
     HealthChange,
@@ -139,10 +146,30 @@ async def store_new_readings(
     :class:`~headend.storage.schema.MeterStateRow` up to its newest new reading, in the caller's
     transaction: the one way readings are stored. Returns ``(meter_id, meter_time)`` of each
     row that was new."""
+    conn = await session.connection()
+    distinct = len({row["meter_id"] for row in rows}) == len(rows)
+    if conn.dialect.name == "postgresql" and rows and distinct:
+        return await _store_with_state_pg(conn, rows)
     stored = [(str(m), int(t)) for m, t in await insert_rows(session, Reading, rows)]
-    if stored:
+    if stored and distinct and conn.dialect.name == "sqlite":
+        with storage_errors("keeping the meters' latest state"):
+            await conn.execute(_STATE_FROM_READINGS_SQLITE, {"keys": stored})
+    elif stored:
         await update_meter_state(session, rows, set(stored))
     return stored
+
+
+async def _store_with_state_pg(conn: Any, rows: Sequence[dict[str, Any]]) -> list[tuple[str, int]]:
+    """PostgreSQL, at most one reading a meter (a poll batch): the insert-or-ignore and the
+    state upsert in one statement (:func:`_pg_readings_with_state`), which takes each
+    meter's state from its reading as inserted, so a repeated reading changes nothing."""
+    keys = tuple(rows[0])
+    statement = _WITH_STATE.get(keys)
+    if statement is None:
+        statement = _WITH_STATE[keys] = _pg_readings_with_state(keys)
+    with storage_errors("storing readings"):
+        result = await conn.execute(statement[0], statement[1](rows))
+        return [(str(m), int(t)) for m, t in result]
 
 
 #: the reading columns a meter's state keeps
@@ -215,6 +242,51 @@ def _pg_state_upsert(carry: bool) -> tuple[Any, _Parameters]:
     source, parameters = _pg_source(table, _STATE_KEYS)
     insert = postgresql.insert(table).from_select(list(_STATE_KEYS), source)
     return _state_upsert(insert, carry), parameters
+
+
+def _pg_readings_with_state(keys: tuple[str, ...]) -> tuple[Any, _Parameters]:
+    """``WITH new AS (INSERT INTO readings … ON CONFLICT DO NOTHING RETURNING …), state AS
+    (INSERT INTO meter_state SELECT … FROM new ON CONFLICT … DO UPDATE …) SELECT meter_id,
+    meter_time FROM new``, and what makes its parameters of the rows. For rows of distinct
+    meters only: a meter's one new reading is its state, exhausted since its own time when
+    it shows no credit, carried on from the stored state as :func:`update_meter_state` does.
+    The readings table is written before the meters' state, as on every other path."""
+    table, state = _table(Reading), _table(MeterStateRow)
+    source, parameters = _pg_source(table, keys)
+    new = (
+        postgresql.insert(table)
+        .from_select(list(keys), source)
+        .on_conflict_do_nothing()
+        .returning(*(table.c[k] for k in _STATE_COLUMNS))
+        .cte("new")
+    )
+    since = case((new.c.credit > 0, null()), else_=new.c.meter_time)
+    states = select(*(new.c[k] for k in _STATE_COLUMNS), since)
+    upsert = _state_upsert(postgresql.insert(state).from_select(list(_STATE_KEYS), states), True)
+    statement = select(new.c.meter_id, new.c.meter_time).add_cte(upsert.cte("state"))
+    return statement, parameters
+
+
+_WITH_STATE: dict[tuple[str, ...], tuple[Any, _Parameters]] = {}
+
+
+def _sqlite_state_from_readings() -> Any:
+    """SQLite's form of :func:`_pg_readings_with_state`'s state upsert, once the readings are
+    in: ``INSERT INTO meter_state SELECT … FROM json_each(:keys) JOIN readings … ON CONFLICT
+    … DO UPDATE …``, each meter's state taken from its one new reading, found by its key
+    (``[meter_id, meter_time]`` pairs as one JSON text) along the primary key."""
+    table, state = _table(Reading), _table(MeterStateRow)
+    pairs = list_values(bindparam("keys", type_=JsonList())).table_valued("value")
+    meter_id = func.json_extract(pairs.c.value, "$[0]")
+    meter_time = func.json_extract(pairs.c.value, "$[1]")
+    since = case((table.c.credit > 0, null()), else_=table.c.meter_time)
+    states = (
+        select(*(table.c[k] for k in _STATE_COLUMNS), since)
+        .select_from(pairs)
+        .join(table, (table.c.meter_id == meter_id) & (table.c.meter_time == meter_time))
+        .where(true())  # SQLite: a SELECT before ON CONFLICT needs a WHERE
+    )
+    return _state_upsert(sqlite.insert(state).from_select(list(_STATE_KEYS), states), True)
 
 
 def _state_upsert(insert: Any, carry: bool) -> Any:
@@ -431,8 +503,8 @@ async def last_event_seqs(session: AsyncSession, meter_ids: Sequence[str]) -> di
     return {meter_id: int(seq) for meter_id, seq in rows if seq is not None}
 
 
-def _ids() -> Any:
-    return bindparam("ids", expanding=True)
+def _ids(column: Any) -> Any:
+    return in_list(column, "ids")
 
 
 def _latest_per_meter(column: Any, key: Any) -> Subquery:
@@ -442,9 +514,7 @@ def _latest_per_meter(column: Any, key: Any) -> Subquery:
     (a GROUP BY over the table would visit every row the meters have)."""
     latest = select(func.max(column)).where(key == Meter.id).scalar_subquery()
     return (
-        select(Meter.id.label("meter_id"), latest.label("latest"))
-        .where(Meter.id.in_(_ids()))
-        .subquery()
+        select(Meter.id.label("meter_id"), latest.label("latest")).where(_ids(Meter.id)).subquery()
     )
 
 
@@ -453,6 +523,22 @@ _LATEST_READINGS = select(Reading.meter_id, Reading.meter_time, Reading.energy_i
     _latest_reading,
     (Reading.meter_id == _latest_reading.c.meter_id)
     & (Reading.meter_time == _latest_reading.c.latest),
+)
+#: SQLite: each named meter's latest reading (or NULLs) and read health (or NULL)
+_LATEST_WITH_HEALTH = (
+    select(
+        _latest_reading.c.meter_id,
+        Reading.meter_time,
+        Reading.energy_import_wh,
+        PollHealth.health,
+    )
+    .select_from(_latest_reading)
+    .outerjoin(
+        Reading,
+        (Reading.meter_id == _latest_reading.c.meter_id)
+        & (Reading.meter_time == _latest_reading.c.latest),
+    )
+    .outerjoin(PollHealth, PollHealth.meter_id == _latest_reading.c.meter_id)
 )
 _latest_interval = _latest_per_meter(Interval.start, Interval.meter_id)
 #: an interval's columns as last_intervals reads them (after the meter id)
@@ -486,7 +572,7 @@ def _latest_lateral(key: Any, order: Any, *columns: Any) -> Any:
         select(Meter.id, *(latest.c[c.key] for c in columns))
         .select_from(Meter)
         .join(latest, true())
-        .where(Meter.id.in_(_ids()))
+        .where(_ids(Meter.id))
     )
 
 
@@ -496,7 +582,7 @@ _LATEST_READINGS_PG = _latest_lateral(
 _LAST_INTERVALS_PG = _latest_lateral(Interval.meter_id, Interval.start, *_INTERVAL_COLUMNS)
 _latest_seq = _latest_per_meter(MeterEvent.seq, MeterEvent.meter_id)
 _LAST_SEQS = select(_latest_seq.c.meter_id, _latest_seq.c.latest)
-_HEALTH_OF = select(PollHealth.meter_id, PollHealth.health).where(PollHealth.meter_id.in_(_ids()))
+_HEALTH_OF = select(PollHealth.meter_id, PollHealth.health).where(_ids(PollHealth.meter_id))
 
 
 async def insert_rows(
@@ -792,12 +878,15 @@ async def stored_before(
     it."""
     conn = await session.connection()
     health: dict[str, str] | None = None
-    if conn.dialect.name != "postgresql":
+    if conn.dialect.name == "postgresql":
+        readings = await latest_readings(session, meter_ids)
+    else:  # the latest readings and the health in one query
         with storage_errors("reading what is stored"):
-            rows = await conn.execute(_HEALTH_OF, {"ids": list(meter_ids)})
-            health = {m: h for m, h in rows}
+            rows = (await conn.execute(_LATEST_WITH_HEALTH, {"ids": list(meter_ids)})).all()
+        readings = {m: Previous(t, e) for m, t, e, _ in rows if t is not None}
+        health = {m: h for m, _, _, h in rows if h is not None}
     return StoredBefore(
-        readings=await latest_readings(session, meter_ids),
+        readings=readings,
         health=health,
         intervals=await last_intervals(session, intervals_of) if intervals_of else {},
         seqs=await last_event_seqs(session, events_of) if events_of else {},
@@ -878,10 +967,10 @@ _ONLINE_NOW: dict[str, Any] = {
     "last_error": None,
     "next_due": None,
 }
-_READS_OK = update(PollHealth).where(PollHealth.meter_id.in_(_ids())).values(_ONLINE_NOW)
+_READS_OK = update(PollHealth).where(_ids(PollHealth.meter_id)).values(_ONLINE_NOW)
 _health_before = (
     select(PollHealth.meter_id, PollHealth.health)
-    .where(PollHealth.meter_id.in_(_ids()))
+    .where(_ids(PollHealth.meter_id))
     .with_for_update()
     .subquery("before")
 )
@@ -922,3 +1011,7 @@ async def meter_statuses(session: AsyncSession, meter_ids: Sequence[str]) -> dic
     """The registered meters' statuses (active, retired); unregistered ones are left out."""
     rows = await session.execute(select(Meter.id, Meter.status).where(Meter.id.in_(meter_ids)))
     return {meter_id: status for meter_id, status in rows}
+
+
+#: built once the helpers above are defined
+_STATE_FROM_READINGS_SQLITE = _sqlite_state_from_readings()
