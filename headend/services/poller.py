@@ -704,8 +704,11 @@ class _Deadline:
 #: 200 a transaction the round took 5 % longer on SQLite and 10 % on PostgreSQL, whose
 #: server shares the machine's cores with the meters)
 _BATCH = 500
-#: how long a batch waits for more reads to join it at most, s
-_LINGER = 0.05
+#: how long a batch waits for more reads to join it at most, s (while reads are finishing; the
+#: round's last reads are stored at once). 0.1 rather than 0.05: a round of 1,000 meters takes
+#: 3-4 transactions instead of 5-7, which on SQLite left the head-end 3 % less CPU a round and
+#: the round 8 % shorter (three pairs of runs, 2026-12-02)
+_LINGER = 0.1
 
 
 def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
