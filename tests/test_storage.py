@@ -346,3 +346,21 @@ def test_only_the_storage_package_imports_sqlalchemy() -> None:
                 )
                 bad = [n for n in names if n.split(".")[0] in {"sqlalchemy", "alembic"}]
                 assert not bad, f"{path.relative_to(root)} imports {bad}"
+
+
+async def test_an_sqlite_too_old_is_refused_with_its_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    from headend.storage import database
+
+    database._check_sqlite.cache_clear()
+    monkeypatch.setattr(sqlite3, "sqlite_version_info", (3, 31, 1))
+    monkeypatch.setattr(sqlite3, "sqlite_version", "3.31.1")
+    try:
+        with pytest.raises(ConfigError, match=r"SQLite is 3\.31\.1: hes needs 3\.35\.0 or newer"):
+            await open_database(f"sqlite:///{tmp_path / 'old.db'}", check=False)
+    finally:
+        database._check_sqlite.cache_clear()
+    assert not (tmp_path / "old.db").exists()

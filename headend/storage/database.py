@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
+import sqlite3
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,6 +261,7 @@ def _engine(text: str) -> AsyncEngine:
     async_url = _async_url(text)
     options: dict[str, Any] = {}
     if async_url.get_backend_name() == "sqlite":
+        _check_sqlite()
         # a write transaction's small statements run on the event loop's thread, the rest on
         # the connection's own (headend.storage.sqlite): never both at once
         options["connect_args"] = {"check_same_thread": False}
@@ -280,6 +283,28 @@ def _engine(text: str) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
     return engine
+
+
+#: the oldest SQLite the store runs on (RETURNING, DROP COLUMN)
+SQLITE_OLDEST = (3, 35, 0)
+
+
+@functools.cache
+def _check_sqlite() -> None:
+    """Refuse an SQLite library too old for the store, or built without its JSON functions
+    (lists of ids reach it as one JSON text), with one clear line rather than a syntax
+    error at the first poll."""
+    found = sqlite3.sqlite_version
+    if sqlite3.sqlite_version_info < SQLITE_OLDEST:
+        oldest = ".".join(map(str, SQLITE_OLDEST))
+        raise ConfigError(f"this Python's SQLite is {found}: hes needs {oldest} or newer")
+    try:
+        with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+            conn.execute("SELECT value FROM json_each('[1]')").fetchall()
+    except sqlite3.Error as exc:
+        raise ConfigError(
+            f"this Python's SQLite {found} has no JSON functions ({exc}): hes needs them"
+        ) from exc
 
 
 def _current_revision(conn: Connection) -> str | None:
