@@ -54,6 +54,12 @@ from protocols.errors import StorageError
 from protocols.readings import Event, MeterSnapshot
 
 
+def _table(model: type[Any]) -> Table:
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
 def reading_row(
     snapshot: MeterSnapshot, findings: Findings, received_at: datetime, source: str
 ) -> dict[str, Any]:
@@ -260,8 +266,7 @@ def _pg_readings_with_state(keys: tuple[str, ...]) -> tuple[Any, _Parameters]:
         .returning(*(table.c[k] for k in _STATE_COLUMNS))
         .cte("new")
     )
-    since = case((new.c.credit > 0, null()), else_=new.c.meter_time)
-    states = select(*(new.c[k] for k in _STATE_COLUMNS), since)
+    states = select(*(new.c[k] for k in _STATE_COLUMNS), _exhausted_since(new.c))
     upsert = _state_upsert(postgresql.insert(state).from_select(list(_STATE_KEYS), states), True)
     statement = select(new.c.meter_id, new.c.meter_time).add_cte(upsert.cte("state"))
     return statement, parameters
@@ -279,14 +284,20 @@ def _sqlite_state_from_readings() -> Any:
     pairs = list_values(bindparam("keys", type_=JsonList())).table_valued("value")
     meter_id = func.json_extract(pairs.c.value, "$[0]")
     meter_time = func.json_extract(pairs.c.value, "$[1]")
-    since = case((table.c.credit > 0, null()), else_=table.c.meter_time)
     states = (
-        select(*(table.c[k] for k in _STATE_COLUMNS), since)
+        select(*(table.c[k] for k in _STATE_COLUMNS), _exhausted_since(table.c))
         .select_from(pairs)
         .join(table, (table.c.meter_id == meter_id) & (table.c.meter_time == meter_time))
         .where(true())  # SQLite: a SELECT before ON CONFLICT needs a WHERE
     )
     return _state_upsert(sqlite.insert(state).from_select(list(_STATE_KEYS), states), True)
+
+
+def _exhausted_since(reading: Any) -> Any:
+    """``exhausted_since`` of a meter's state taken from one reading (``reading``: its
+    columns): the reading's own time when it shows no credit, else NULL; the upsert carries
+    on a run the stored state began."""
+    return case((reading.credit > 0, null()), else_=reading.meter_time)
 
 
 def _state_upsert(insert: Any, carry: bool) -> Any:
@@ -308,6 +319,9 @@ def _state_upsert(insert: Any, carry: bool) -> Any:
         set_=values,
         where=table.c.meter_time < new.meter_time,
     )
+
+
+_STATE_FROM_READINGS_SQLITE = _sqlite_state_from_readings()
 
 
 _STATE_UPSERTS: dict[bool, tuple[Any, _Parameters]] = {}  # PostgreSQL's, by carry
@@ -953,12 +967,6 @@ async def record_reads_ok(
     return changes
 
 
-def _table(model: type[Any]) -> Table:
-    table = model.__table__
-    assert isinstance(table, Table)
-    return table
-
-
 _ONLINE_NOW: dict[str, Any] = {
     "health": Health.ONLINE.value,
     "consecutive_failures": 0,
@@ -1011,7 +1019,3 @@ async def meter_statuses(session: AsyncSession, meter_ids: Sequence[str]) -> dic
     """The registered meters' statuses (active, retired); unregistered ones are left out."""
     rows = await session.execute(select(Meter.id, Meter.status).where(Meter.id.in_(meter_ids)))
     return {meter_id: status for meter_id, status in rows}
-
-
-#: built once the helpers above are defined
-_STATE_FROM_READINGS_SQLITE = _sqlite_state_from_readings()
